@@ -1,0 +1,97 @@
+"""Builds the inference core from plain settings (shared by the node, vla-eval and the demo)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vla_node.backends.base import Backend, BackendError
+from vla_node.pipeline import InferenceCore
+from vla_node.policy import SafetyPolicy
+from vla_node.prompt import PromptBuilder
+from vla_node.vocabulary import Vocabulary
+
+EMBEDDED_MODEL = "tabletop-tiny"
+EMBEDDED_ADAPTER = "tabletop-tiny-zh-lora"
+
+
+def package_data_dir(name: str) -> Path | None:
+    """`config`, `models` or `launch` from the source tree, else from the installed share dir."""
+    source = Path(__file__).resolve().parent.parent / name
+    if source.is_dir():
+        return source
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    except ImportError:
+        return None
+    try:
+        share = Path(get_package_share_directory("vla_node")) / name
+    except PackageNotFoundError:
+        return None
+    return share if share.is_dir() else None
+
+
+def embedded_path(name: str) -> Path:
+    models = package_data_dir("models")
+    if models is None or not (models / name).is_dir():
+        raise BackendError(f"the embedded model '{name}' is not installed (looked in {models}); "
+                           "pass model_path explicitly or build it: make models")
+    return models / name
+
+
+def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """["zh=/path/a", "/path/b"] -> {"zh": "/path/a", "b": "/path/b"} (name defaults to the dir name)."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        if path == "embedded":
+            path = str(embedded_path(EMBEDDED_ADAPTER))
+        name = name.strip() or Path(path).name
+        if name in adapters:
+            raise ValueError(f"adapter name '{name}' is given twice")
+        adapters[name] = path
+    return adapters
+
+
+@dataclass
+class RuntimeSettings:
+    model_path: str = ""          # "" -> the embedded tabletop-tiny model
+    adapters: list[str] = field(default_factory=list)  # "name=path" entries; "embedded" = bundled LoRA
+    active_adapter: str = ""      # name of the adapter to use; "" -> base model
+    backend: str = "transformers"
+    device: str = "auto"
+    dtype: str = "auto"
+    vocabulary_path: str = ""     # "" -> config/actions.yaml
+    max_new_tokens: int = 64
+    min_confidence: float | None = None  # overrides the vocabulary file's policy when set
+    max_steps: int | None = None
+
+
+def build_backend(settings: RuntimeSettings, vocab: Vocabulary) -> Backend:
+    if settings.backend != "transformers":
+        raise BackendError(f"unknown backend '{settings.backend}' (available: transformers)")
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    model_path = settings.model_path or str(embedded_path(EMBEDDED_MODEL))
+    backend = TransformersBackend(model_path, device=settings.device, dtype=settings.dtype,
+                                  max_new_tokens=settings.max_new_tokens,
+                                  vocab_fingerprint=vocab.fingerprint())
+    for name, path in parse_adapter_specs(settings.adapters).items():
+        backend.load_adapter(path, name)
+    backend.set_adapter(settings.active_adapter or None)
+    return backend
+
+
+def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> InferenceCore:
+    vocab = Vocabulary.load(settings.vocabulary_path or None)
+    policy = SafetyPolicy.from_config(vocab.policy_config, vocab)
+    if settings.min_confidence is not None:
+        policy.min_confidence = settings.min_confidence
+    if settings.max_steps is not None:
+        policy.max_steps = settings.max_steps
+    backend = backend or build_backend(settings, vocab)
+    return InferenceCore(backend, vocab, PromptBuilder(vocab), policy, settings.max_new_tokens)
