@@ -16,11 +16,11 @@ ARGUMENTS = {
     "model_path": ("", "Local Qwen-VL checkpoint directory ('' = embedded tabletop-tiny model)"),
     "adapter_path": ("", "LoRA adapter directory to load and activate ('' = none)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
-    "camera_topic": ("/camera/image_raw", "Camera topic (remapped onto the node's camera input)"),
+    "camera_topic": ("camera/image_raw", "Camera topic (remapped onto the node's camera input)"),
     "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)"),
-    "speech_topic": ("/speech/text", "Transcribed speech topic (std_msgs/String)"),
-    "action_topic": ("/vla/actions", "Action plan output topic"),
-    "status_topic": ("/vla/status", "Command status output topic"),
+    "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)"),
+    "action_topic": ("vla/actions", "Action plan output topic"),
+    "status_topic": ("vla/status", "Command status output topic"),
     "params_file": (os.path.join(SHARE, "config", "vla_node.yaml"), "Node parameters YAML"),
     "namespace": ("", "Namespace for the node (one per robot/camera)"),
     "log_level": ("info", "debug | info | warn | error"),
@@ -53,7 +53,8 @@ def _node(context, *args, **kwargs):
         output="screen",
         parameters=[value["params_file"], overrides],
         remappings=[("camera/image", value["camera_topic"]), ("speech/text", value["speech_topic"])],
-        arguments=(["--lifecycle"] if lifecycle else []) + ["--ros-args", "--log-level", value["log_level"]],
+        arguments=["--lifecycle"] if lifecycle else [],
+        ros_arguments=["--log-level", value["log_level"]],
     )
     return [LifecycleNode(**common) if lifecycle else Node(**common)]
 

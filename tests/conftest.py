@@ -9,3 +9,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(10, 99)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.fixtures_models import *  # noqa: E402,F401,F403  (tiny checkpoints and adapters)

@@ -10,16 +10,27 @@ launch_ros = pytest.importorskip("launch_ros", reason="launch_ros is not install
 LAUNCH_FILE = Path(__file__).resolve().parent.parent / "launch" / "robot.launch.py"
 
 
+class _Recorded:
+    """Mixin: keep the keyword arguments the launch file passed (launch_ros stores them privately)."""
+
+    def __init__(self, **kwargs):
+        self.launch_kwargs = kwargs
+        super().__init__(**kwargs)
+
+
 def _description():
     spec = importlib.util.spec_from_file_location("robot_launch", LAUNCH_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # Still the real launch_ros classes (isinstance holds), recording their constructor arguments.
+    module.Node = type("Node", (_Recorded, launch_ros.actions.Node), {})
+    module.LifecycleNode = type("LifecycleNode", (_Recorded, launch_ros.actions.LifecycleNode), {})
     return module.generate_launch_description()
 
 
-def _nodes(arguments: dict):
+def _nodes(arguments: dict, context=None):
     description = _description()
-    context = launch.LaunchContext()
+    context = launch.LaunchContext() if context is None else context
     for name, value in arguments.items():
         context.launch_configurations[name] = value
     entities = []
@@ -40,14 +51,19 @@ def test_declares_every_documented_argument():
 
 
 def test_arguments_become_parameters_and_remappings():
+    context = launch.LaunchContext()
     (node,) = _nodes({"model_path": "/models/qwen", "adapter_path": "/adapters/zh",
-                      "camera_topic": "/robot1/cam", "namespace": "robot1"})
+                      "camera_topic": "/robot1/cam", "namespace": "robot1"}, context)
     assert isinstance(node, launch_ros.actions.Node)
-    overrides = node._Node__parameters[-1]
+    # What launch_ros itself turns the parameters into (the values written to its params file).
+    parameters = launch_ros.utilities.evaluate_parameters(
+        context, launch_ros.utilities.normalize_parameters(node.launch_kwargs["parameters"]))
+    overrides = parameters[-1]
     assert overrides["model_path"] == "/models/qwen"
-    assert overrides["adapters"] == ["launch=/adapters/zh"]
+    assert list(overrides["adapters"]) == ["launch=/adapters/zh"]
     assert overrides["active_adapter"] == "launch"
-    assert ("camera/image", "/robot1/cam") in node._Node__remappings
+    assert ("camera/image", "/robot1/cam") in node.launch_kwargs["remappings"]
+    assert node.launch_kwargs["namespace"] == "robot1"
 
 
 def test_lifecycle_argument_starts_a_managed_node():

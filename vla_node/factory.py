@@ -88,10 +88,8 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary) -> Backend:
 
 def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> InferenceCore:
     vocab = Vocabulary.load(settings.vocabulary_path or None)
-    policy = SafetyPolicy.from_config(vocab.policy_config, vocab)
-    if settings.min_confidence is not None:
-        policy.min_confidence = settings.min_confidence
-    if settings.max_steps is not None:
-        policy.max_steps = settings.max_steps
+    overrides = {key: value for key, value in (("min_confidence", settings.min_confidence),
+                                              ("max_steps", settings.max_steps)) if value is not None}
+    policy = SafetyPolicy.from_config({**(vocab.policy_config or {}), **overrides}, vocab)
     backend = backend or build_backend(settings, vocab)
     return InferenceCore(backend, vocab, PromptBuilder(vocab), policy, settings.max_new_tokens)

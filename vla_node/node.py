@@ -27,6 +27,7 @@ from std_msgs.msg import String
 from vla_node import msg as vla_msg
 from vla_node.factory import RuntimeSettings, build_core, parse_adapter_specs
 from vla_node.pipeline import CommandPipeline, Frame, PipelineConfig
+from vla_node.text import DEFAULT_STOP_PHRASES
 from vla_node.ros_convert import image_decoder, plan_to_msg, status_to_msg, time_to_ns
 
 # name -> (default, description, read_only). Read-only ones take effect at configure.
@@ -38,11 +39,11 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "device": ("auto", "auto | cpu | cuda | cuda:N", True),
     "dtype": ("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", True),
     "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),
-    "camera_topic": ("/camera/image_raw", "Camera topic", True),
+    "camera_topic": ("camera/image_raw", "Camera topic (relative names follow the node namespace)", True),
     "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)", True),
-    "speech_topic": ("/speech/text", "Transcribed speech topic (std_msgs/String)", True),
-    "action_topic": ("/vla/actions", "Plans out (vla_node/ActionPlan)", True),
-    "status_topic": ("/vla/status", "One status per command (vla_node/CommandStatus)", True),
+    "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)", True),
+    "action_topic": ("vla/actions", "Plans out (vla_node/ActionPlan)", True),
+    "status_topic": ("vla/status", "One status per command (vla_node/CommandStatus)", True),
     "max_image_age_s": (2.0, "A command whose closest image is older than this gets STALE_IMAGE", True),
     "frame_buffer": (8, "Undecoded camera messages kept to pair a command with the closest frame", True),
     "queue_size": (4, "Commands waiting for the model at most", True),
@@ -50,7 +51,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "max_new_tokens": (64, "Upper bound on generated tokens per command", True),
     "generation_timeout_s": (30.0, "Watchdog: generation longer than this gives TIMEOUT", True),
     "max_command_bytes": (512, "Longer speech text is refused with BAD_COMMAND", True),
-    "stop_phrases": (["stop", "halt", "emergency stop", "停", "停下", "别动"],
+    "stop_phrases": (list(DEFAULT_STOP_PHRASES),
                      "Utterances that publish STOP at once, without the model, and cancel pending work", True),
     "min_confidence": (-1.0, "Refuse plans below this confidence; < 0 keeps the vocabulary file's value", True),
     "max_steps": (-1, "Refuse plans longer than this; < 0 keeps the vocabulary file's value", True),
@@ -60,6 +61,9 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
 
 _RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                        durability=QoSDurabilityPolicy.VOLATILE)
+# Commands are tiny and must not be lost while the executor is busy: a deep reader history.
+_SPEECH_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
+                         durability=QoSDurabilityPolicy.VOLATILE)
 _STATUS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.VOLATILE)
 
@@ -130,7 +134,7 @@ class VlaRuntime:
         camera_type = CompressedImage if self.param("camera_transport") == "compressed" else Image
         camera_sub = node.create_subscription(camera_type, self.param("camera_topic"), self._on_image,
                                               qos_profile_sensor_data)
-        speech_sub = node.create_subscription(String, self.param("speech_topic"), self._on_speech, _RELIABLE)
+        speech_sub = node.create_subscription(String, self.param("speech_topic"), self._on_speech, _SPEECH_QOS)
         timer = node.create_timer(self.param("diagnostics_period_s"), self._publish_diagnostics)
         self._entities = [self._plan_pub, self._status_pub, self._diag_pub, camera_sub, speech_sub, timer]
         self.pipeline.start()
@@ -176,8 +180,12 @@ class VlaRuntime:
         self._plan_pub.publish(plan_to_msg(plan))
 
     def _publish_status(self, status) -> None:
-        level = "info" if status.code.value in ("ACCEPTED", "STOPPED") else "warning"
-        getattr(self.log, level)(f"{status.command_id} {status.code.value}: {status.detail}")
+        line = f"{status.command_id} {status.code.value}: {status.detail}"
+        # rclpy fixes a call site's severity on first use: one call site per level.
+        if status.code.value in ("ACCEPTED", "STOPPED"):
+            self.log.info(line)
+        else:
+            self.log.warning(line)
         self._status_pub.publish(status_to_msg(status))
 
     def _publish_diagnostics(self) -> None:

@@ -24,7 +24,7 @@ from vla_node.image import ImageError, fit_to_limits
 from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
-from vla_node.text import CommandError, is_stop_phrase, sanitize_command
+from vla_node.text import DEFAULT_STOP_PHRASES, CommandError, StopPhraseDetector, sanitise_command
 from vla_node.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class PipelineConfig:
     frame_buffer: int = 8  # undecoded frames kept to pair a command with the closest one
     generation_timeout_s: float = 30.0
     max_command_bytes: int = 512
-    stop_phrases: tuple[str, ...] = ()
+    stop_phrases: tuple[str, ...] = DEFAULT_STOP_PHRASES  # () turns the STOP fast path off
 
     def __post_init__(self):
         if self.queue_policy not in QUEUE_POLICIES:
@@ -204,6 +204,7 @@ class CommandPipeline:
         self._running = False
         self._worker: threading.Thread | None = None
         self._ids = itertools.count(1)
+        self._stop_detector = StopPhraseDetector(config.stop_phrases)
         self.stats = PipelineStats()
 
     # ------------------------------------------------------------------ inputs
@@ -216,12 +217,12 @@ class CommandPipeline:
         command_id = command_id or f"cmd-{next(self._ids)}"
         received_ns = self._now_ns()
         try:
-            clean = sanitize_command(text, self.config.max_command_bytes)
+            clean = sanitise_command(text, self.config.max_command_bytes)
         except CommandError as error:
             self._emit_status(CommandStatus(command_id=command_id, command_text=text[:200],
                                             code=StatusCode.BAD_COMMAND, detail=str(error)), None)
             return command_id
-        if is_stop_phrase(clean, self.config.stop_phrases):
+        if self._stop_detector.is_stop(clean):
             self._stop_now(command_id, clean, received_ns)
             return command_id
         command = _Command(command_id, clean, received_ns)

@@ -1,0 +1,201 @@
+"""The vla node in a real rclpy graph: camera + speech in, plans + statuses out."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.fixtures_models import (  # noqa: F401
+    build_lora_adapter,
+    tiny_checkpoints,
+    tiny_model_dir,
+    tiny_qwen2_5_vl,
+)
+from tests.ros_helpers import ros_context, spin_until, wait_for_subscribers  # noqa: F401
+
+rclpy = pytest.importorskip("rclpy")
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+
+from vla_node import msg as vla_msg  # noqa: E402
+from vla_node.factory import EMBEDDED_MODEL, package_data_dir  # noqa: E402
+from vla_node.node import VlaNode  # noqa: E402
+
+
+class Graph:
+    """A camera+speech publisher node and a plan/status subscriber around a VlaNode."""
+
+    def __init__(self, context, overrides: dict):
+        params = [Parameter(name, value=value) for name, value in overrides.items()]
+        self.vla = VlaNode(context=context, parameter_overrides=params)
+        self.peer = rclpy.create_node("robot_peer", context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.vla)
+        self.executor.add_node(self.peer)
+        self.plans, self.statuses = [], []
+        self.peer.create_subscription(vla_msg.ActionPlan, "/vla/actions", self.plans.append, 10)
+        self.peer.create_subscription(vla_msg.CommandStatus, "/vla/status", self.statuses.append, 100)
+        self.camera = self.peer.create_publisher(Image, "/camera/image_raw", 10)
+        self.speech = self.peer.create_publisher(String, "/speech/text", 100)
+        wait_for_subscribers(self.executor, self.camera)
+        wait_for_subscribers(self.executor, self.speech)
+        assert spin_until(self.executor, lambda: self.peer.count_publishers("/vla/status") >= 1, 10)
+
+    def send_image(self, rgb: np.ndarray, stamp_ns: int | None = None) -> Image:
+        stamp_ns = stamp_ns if stamp_ns is not None else self.vla.get_clock().now().nanoseconds
+        message = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", is_bigendian=0,
+                        step=rgb.shape[1] * 3, data=rgb.tobytes())
+        message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        message.header.frame_id = "camera_optical"
+        self.camera.publish(message)
+        spin_until(self.executor, lambda: False, 0.2)  # let the frame arrive before a command
+        return message
+
+    def say(self, text: str) -> None:
+        self.speech.publish(String(data=text))
+
+    def wait_statuses(self, count: int, timeout_s: float = 60.0):
+        assert spin_until(self.executor, lambda: len(self.statuses) >= count, timeout_s), (
+            f"expected {count} statuses, got {[(s.command_id, s.code_name) for s in self.statuses]}")
+        return self.statuses
+
+    def close(self):
+        self.vla.shutdown()
+        self.executor.shutdown()
+        self.vla.destroy_node()
+        self.peer.destroy_node()
+
+
+@pytest.fixture
+def graph_factory(ros_context):
+    graphs = []
+
+    def make(**overrides):
+        graph = Graph(ros_context, {"warmup": False, "max_new_tokens": 12, **overrides})
+        graphs.append(graph)
+        return graph
+
+    yield make
+    for graph in graphs:
+        graph.close()
+
+
+def _scene(seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+def test_tiny_model_with_lora_answers_every_command_with_a_status(graph_factory, tiny_model_dir, tmp_path):
+    adapter = build_lora_adapter(tiny_model_dir, tmp_path / "lora", seed=3, manifest=False)
+    graph = graph_factory(model_path=str(tiny_model_dir), adapters=[f"test={adapter}"], active_adapter="test")
+    image = graph.send_image(_scene())
+    graph.say("put the red cube in the blue bowl")
+    (status,) = graph.wait_statuses(1)
+    assert status.command_id.startswith("cmd-")
+    assert status.command_text == "put the red cube in the blue bowl"
+    assert status.code_name in ("ACCEPTED", "PARSE_ERROR")
+    assert status.code == getattr(vla_msg.CommandStatus, status.code_name)
+    if status.code_name == "PARSE_ERROR":
+        assert status.detail, "a parse error says what the model wrote"
+        spin_until(graph.executor, lambda: False, 0.3)
+        assert graph.plans == []
+    else:
+        spin_until(graph.executor, lambda: graph.plans, 5)
+        (plan,) = graph.plans
+        assert plan.header.stamp == image.header.stamp and plan.command_id == status.command_id
+        assert plan.adapter_id.startswith("test")
+
+
+def test_no_image_then_stale_image(graph_factory, tiny_model_dir):
+    graph = graph_factory(model_path=str(tiny_model_dir), max_image_age_s=1.0)
+    graph.say("pick up the red cube")
+    graph.wait_statuses(1)
+    old = graph.vla.get_clock().now().nanoseconds - 5_000_000_000
+    graph.send_image(_scene(), stamp_ns=old)
+    graph.say("pick up the red cube")
+    statuses = graph.wait_statuses(2)
+    assert [s.code_name for s in statuses] == ["NO_IMAGE", "STALE_IMAGE"]
+    assert statuses[0].code == vla_msg.CommandStatus.NO_IMAGE
+    assert "max_image_age_s=1.0" in statuses[1].detail
+
+
+def test_command_flood_is_bounded_and_the_node_stays_alive(graph_factory, tiny_model_dir):
+    graph = graph_factory(model_path=str(tiny_model_dir), queue_size=2)
+    graph.send_image(_scene(), stamp_ns=graph.vla.get_clock().now().nanoseconds + 10**12)
+    for i in range(15):
+        graph.say(f"pick up the red cube number {i}")
+    statuses = graph.wait_statuses(15, timeout_s=180)
+    assert len({s.command_id for s in statuses}) == 15, "exactly one status per command"
+    assert sum(s.code_name == "BUSY" for s in statuses) >= 10
+    graph.say("stop")  # still alive and answering
+    statuses = graph.wait_statuses(16)
+    assert statuses[-1].code_name == "STOPPED"
+    assert spin_until(graph.executor, lambda: any(p.steps[0].verb == "STOP" for p in graph.plans), 5)
+
+
+def test_bad_parameter_value_is_refused_and_the_old_value_kept(graph_factory, tiny_model_dir):
+    graph = graph_factory(model_path=str(tiny_model_dir))
+    result = graph.vla.set_parameters([Parameter("active_adapter", value="nope")])[0]
+    assert not result.successful and "not loaded" in result.reason
+    assert graph.vla.get_parameter("active_adapter").value == ""
+
+
+def test_missing_model_dir_refuses_to_start_with_the_path(ros_context, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(Exception, match=str(missing)):
+        VlaNode(context=ros_context, parameter_overrides=[Parameter("model_path", value=str(missing))])
+
+
+embedded = package_data_dir("models")
+needs_embedded = pytest.mark.skipif(embedded is None or not (embedded / EMBEDDED_MODEL).is_dir(),
+                                    reason="the embedded model is not built (make models)")
+
+
+@needs_embedded
+def test_embedded_model_plan_fields_and_adapter_hot_swap(graph_factory, tmp_path):
+    # An identity LoRA (B = 0) keeps the embedded model's answers but has its own identity.
+    identity = tmp_path / "identity"
+    _identity_adapter(embedded / EMBEDDED_MODEL, identity)
+    graph = graph_factory(adapters=[f"identity={identity}"], active_adapter="identity", max_new_tokens=48)
+    backend = graph.vla.runtime.core.backend
+    base_model = id(backend.model)
+    image = graph.send_image(_embedded_scene())
+    graph.say("put the red cube in the blue bowl")
+    (status,) = graph.wait_statuses(1)
+    assert status.code_name == "ACCEPTED", status.detail
+    assert spin_until(graph.executor, lambda: graph.plans, 5)
+    plan = graph.plans[0]
+    assert plan.header.stamp == image.header.stamp
+    assert plan.header.frame_id == "camera_optical"
+    assert plan.command_id == status.command_id
+    assert plan.adapter_id.startswith("identity")
+    assert plan.steps and plan.steps[0].verb in ("MOVE_OBJECT", "CLARIFY", "PICK_OBJECT")
+    assert 0.0 < plan.steps[0].confidence <= 1.0
+    assert plan.latency.generate_ms > 0 and plan.latency.total_ms >= plan.latency.generate_ms
+
+    result = graph.vla.set_parameters([Parameter("active_adapter", value="")])[0]
+    assert result.successful
+    graph.say("put the red cube in the blue bowl")
+    graph.wait_statuses(2)
+    assert spin_until(graph.executor, lambda: len(graph.plans) >= 2, 10)
+    assert graph.plans[1].adapter_id == ""
+    assert id(backend.model) == base_model, "hot swap must not reload the base model"
+
+
+def _identity_adapter(base_dir, out_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from tests.fixtures_models import lora_target_modules
+
+    model = AutoModelForImageTextToText.from_pretrained(str(base_dir), local_files_only=True)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules())).save_pretrained(
+        str(out_dir))
+
+
+def _embedded_scene() -> np.ndarray:
+    from training.synth import render_demo_scene
+
+    return render_demo_scene(["red cube", "blue bowl"])

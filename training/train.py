@@ -1,0 +1,602 @@
+"""`vla-train CONFIG.yaml [key=value ...]`: LoRA (or full) fine-tuning of a Qwen-VL checkpoint.
+
+The loop is transformers' Trainer: checkpointing, resume, logging, mixed precision and
+distribution (`accelerate launch` / `torchrun` DDP) come from it unchanged. What this file adds:
+
+1. validate the dataset(s) before anything heavy (every bad sample listed as file:line);
+2. build prompts with vla_node.prompt (the serving prompt) via training.collate;
+3. LoRA on every linear layer of the LANGUAGE model only (vision tower, merger and lm_head stay
+   frozen), or full fine-tuning with the vision tower/projector frozen;
+4. samples/s in the logs and on the progress bar, TensorBoard, loss_curve.png;
+5. at the end: adapter (PEFT format) or full model + processor + vla_manifest.json.
+
+    from training.config import load_config
+    from training.train import train
+    result = train(load_config("training/configs/tiny_cpu.yaml", ["max_steps=20"]))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.config import ConfigError, TrainConfig, config_help, load_config
+
+log = logging.getLogger("vla_train")
+
+__all__ = ["TrainResult", "DataError", "train", "main", "lora_target_regex", "load_split", "build_model"]
+
+LOSS_CURVE = "loss_curve.png"
+
+
+class DataError(RuntimeError):
+    """The dataset failed validation (the message lists the bad samples)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    metrics: dict
+    log_history: list[dict] = field(default_factory=list)
+    manifest_path: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_file_ref(cfg: TrainConfig, name: str) -> Path | None:
+    """A dataset given as a .json/.jsonl path (as is, or relative to dataset_dir), else None."""
+    p = Path(name)
+    if p.suffix not in (".json", ".jsonl"):
+        return None
+    for cand in (p, Path(cfg.dataset_dir) / p):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _digest(samples: list, files: list[Path]) -> str:
+    """sha256 over the data files and every image the samples use (so re-rendered images count)."""
+    import hashlib
+
+    from training.sharegpt import dataset_sha256
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(f).name}:{dataset_sha256(f)}\n".encode())
+    seen: set[str] = set()
+    for s in samples:
+        for img in s.images:
+            key = str(img)
+            if key not in seen:
+                seen.add(key)
+                h.update(f"{Path(img).name}:{dataset_sha256(img)}\n".encode())
+    return h.hexdigest()
+
+
+def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[list, str]:
+    """Validated samples of ``names`` (dataset_info.json names or .json/.jsonl paths) + sha256.
+
+    Validation (training.sharegpt) happens before any model is loaded and fails with DataError
+    listing up to ``cfg.max_errors_shown`` problems as file:line:col, unless ``cfg.skip_invalid``:
+    then the bad samples are dropped and counted in the log.
+    """
+    from training import sharegpt
+
+    samples: list = []
+    files: list[Path] = []
+    for name in names:
+        ref = _is_file_ref(cfg, name)
+        try:
+            if ref is not None:
+                got = sharegpt.load_validated(ref, vocab=vocab, skip_invalid=cfg.skip_invalid,
+                                              max_listed=cfg.max_errors_shown)
+                files.append(ref)
+            else:
+                got = sharegpt.load_validated(cfg.dataset_dir, name, vocab=vocab, skip_invalid=cfg.skip_invalid,
+                                              max_listed=cfg.max_errors_shown)
+                files.extend(sharegpt.resolve_dataset(cfg.dataset_dir, name)[0])
+        except sharegpt.DatasetInvalid as e:
+            raise DataError(f"{what} dataset {name!r}: {e}") from None
+        if getattr(got, "dropped", 0):
+            log.warning("%s dataset %r: skipped %d invalid sample(s) (skip_invalid=true)", what, name, got.dropped)
+        samples.extend(got)
+    if not samples:
+        raise DataError(f"{what} dataset {', '.join(names)} has no samples")
+    return samples, _digest(samples, files)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+_NOT_LANGUAGE = re.compile(r"(^|\.)(visual|vision_tower|vision_model|merger|multi_modal_projector|lm_head)(\.|$)")
+
+
+def _language_model_prefix(model) -> str:
+    """Dotted name of the language model (decoder stack) inside a Qwen-VL model."""
+    candidates = [n for n, _ in model.named_modules() if n.split(".")[-1] == "language_model"]
+    if candidates:
+        return min(candidates, key=len)
+    raise ValueError("cannot find the language model (no module named 'language_model')")
+
+
+def lora_target_regex(model, target: str = "all") -> tuple[str, list[str]]:
+    """A PEFT ``target_modules`` regex (full match) selecting linear layers of the language model
+    only, and the module names it matches. ``target``: 'all' or a comma list of leaf names."""
+    import torch.nn as nn
+
+    prefix = _language_model_prefix(model)
+    linear = [
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(prefix + ".") and not _NOT_LANGUAGE.search(n[len(prefix):])
+    ]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if target.strip().lower() != "all":
+        wanted = [t.strip() for t in target.split(",") if t.strip()]
+        unknown = sorted(set(wanted) - set(leaves))
+        if unknown:
+            raise ConfigError(f"lora_target {unknown} not among the language model's linear layers {leaves}")
+        leaves = sorted(set(wanted))
+    if not leaves:
+        raise ConfigError("no linear layers to put LoRA on")
+    regex = rf"{re.escape(prefix)}\.(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})"
+    matched = [n for n in linear if re.fullmatch(regex, n)]
+    return regex, matched
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    import torch
+
+    flag = str(cfg.bf16).lower()
+    if flag == "false":
+        return False
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if flag == "true" and not gpu_bf16:
+        raise ConfigError("bf16=true needs a CUDA GPU with bf16 support (use bf16=auto to fall back to fp32)")
+    return gpu_bf16
+
+
+def build_model(cfg: TrainConfig, bf16: bool):
+    """Load the base model and make the right parameters trainable."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if (bf16 and cfg.finetuning_type == "lora") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input
+
+    if cfg.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        regex, matched = lora_target_regex(model, cfg.lora_target)
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=regex,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        for p in model.parameters():  # LoRA weights train in fp32 even when the base is bf16
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        log.info("LoRA r=%d alpha=%d on %d linear layers of the language model", cfg.lora_rank, cfg.lora_alpha,
+                 len(matched))
+    else:
+        for name, p in model.named_parameters():
+            frozen = (cfg.freeze_vision_tower and re.search(r"(^|\.)visual\.", name) and ".merger." not in name) or (
+                cfg.freeze_multi_modal_projector and re.search(r"(^|\.)(merger|multi_modal_projector)\.", name))
+            p.requires_grad_(not frozen)
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and cfg.finetuning_type == "lora"
+           and _NOT_LANGUAGE.search(n)]
+    if bad:
+        raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:5]}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d / %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def _trainer_classes():
+    """Defined lazily so `vla-train --help` does not import torch/transformers."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        """Length-grouped order drawn from seed + epoch (set by the Trainer through set_epoch), so a
+        resumed run sees the same batches as an uninterrupted one and DDP ranks agree."""
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed = int(seed)
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            import torch
+
+            self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return super().__iter__()
+
+    class ThroughputCallback(TrainerCallback):
+        """Measures training samples/s between two logs (time spent in evaluation excluded)."""
+
+        def __init__(self) -> None:
+            self._busy = 0.0
+            self._t = None
+            self._samples = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self._t is not None:
+                self._busy += time.perf_counter() - self._t
+                self._t = None
+            self._samples += args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+        def take(self) -> float | None:
+            """samples/s since the previous call."""
+            if self._busy <= 0 or self._samples == 0:
+                return None
+            rate = self._samples / self._busy
+            self._busy, self._samples = 0.0, 0
+            return round(rate, 3)
+
+    class LossProgressCallback(ProgressCallback):
+        """Trainer's tqdm bar, with the latest loss and samples/s as its postfix."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                post = {"loss": f"{logs['loss']:.4f}"}
+                if "samples_per_s" in logs:
+                    post["samples/s"] = f"{logs['samples_per_s']:.1f}"
+                self.training_bar.set_postfix(post, refresh=False)
+            return super().on_log(args, state, control, logs=logs, **kw)
+
+    class VLATrainer(Trainer):
+        def __init__(self, *a, throughput: ThroughputCallback | None = None, **kw):
+            super().__init__(*a, **kw)
+            self.throughput = throughput
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self.throughput is not None and "loss" in logs:
+                rate = self.throughput.take()
+                if rate is not None:
+                    logs["samples_per_s"] = rate
+            super().log(logs, start_time)
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = getattr(ds, "lengths", None)
+            grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length" or getattr(
+                self.args, "group_by_length", False)  # the latter: transformers before train_sampling_strategy
+            if grouped and lengths and all(lengths):
+                return SeededLengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths,
+                    seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                )
+            return super()._get_train_sampler(train_dataset)
+
+    return VLATrainer, ThroughputCallback, LossProgressCallback
+
+
+def _checkpointing_kwargs(args_cls, enabled: bool) -> dict:
+    """Activation (gradient) checkpointing under whichever name this transformers uses."""
+    if not enabled:
+        return {}
+    name = "activation_checkpointing" if "activation_checkpointing" in args_cls.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _sampling_kwargs(args_cls, group_by_length: bool) -> dict:
+    if "train_sampling_strategy" in args_cls.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
+def _training_args(cfg: TrainConfig, bf16: bool, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    report = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip().lower() != "none"]
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        prediction_loss_only=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        **_checkpointing_kwargs(TrainingArguments, cfg.gradient_checkpointing),
+        report_to=report or "none",
+        remove_unused_columns=False,  # the collator's output is exactly the model's input
+        **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
+        disable_tqdm=cfg.disable_tqdm,
+        save_only_model=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def plot_loss(log_history: list[dict], path: Path) -> Path | None:
+    """Write the training (and eval) loss curve as a PNG; None if nothing was logged."""
+    steps = [h["step"] for h in log_history if "loss" in h]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [h["loss"] for h in log_history if "loss" in h], label="train loss", lw=1.2)
+    ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if ev:
+        ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", label="eval loss", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _final_metrics(log_history: list[dict], train_output, eval_metrics: dict | None, n_train: int) -> dict:
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    m: dict[str, Any] = {
+        "global_step": int(train_output.global_step),
+        "train_samples": n_train,
+        "train_loss": float(train_output.training_loss),
+        "final_logged_loss": float(losses[-1]) if losses else None,
+    }
+    for k in ("train_runtime", "train_samples_per_second", "epoch"):
+        if k in train_output.metrics:
+            m[k] = float(train_output.metrics[k])
+    if eval_metrics and "eval_loss" in eval_metrics:
+        m["eval_loss"] = float(eval_metrics["eval_loss"])
+    return {k: v for k, v in m.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    cfg.check_runnable()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoProcessor, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
+    from vla_node.manifest import make_manifest, write_manifest
+    from vla_node.prompt import TEMPLATE_ID, PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    set_seed(cfg.seed)
+    vocab = Vocabulary.load(cfg.vocabulary)
+    prompt = PromptBuilder(vocab)
+
+    # 1. data first: a broken dataset fails before the model is loaded
+    train_samples, dataset_sha = load_split(cfg, cfg.datasets, vocab, "training")
+    if cfg.max_samples:
+        train_samples = train_samples[: cfg.max_samples]
+    eval_samples = load_split(cfg, cfg.eval_datasets, vocab, "eval")[0] if cfg.eval_datasets else None
+    log.info("training samples: %d%s", len(train_samples),
+             f", eval samples: {len(eval_samples)}" if eval_samples else "")
+
+    # 2. processor (pixel limits fixed here, saved with the adapter) + collator
+    processor = AutoProcessor.from_pretrained(cfg.model_path)
+    limits = pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels)
+    set_pixel_limits(processor, limits)
+    collator = VLACollator(processor, prompt, limits, builder_system=not cfg.keep_dataset_system)
+    differ = sum(system_differs(s, prompt) for s in train_samples)
+    if differ and cfg.keep_dataset_system:
+        log.warning("%d of %d training samples carry no or another system message than vla_node.prompt builds; "
+                    "kept (keep_dataset_system=true), so the robot will prompt differently from training",
+                    differ, len(train_samples))
+    elif differ:
+        log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
+                 "(the one the robot sends)", differ, len(train_samples))
+    train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
+    eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
+
+    # 3. model
+    bf16 = _use_bf16(cfg)
+    model = build_model(cfg, bf16)
+
+    # 4. trainer
+    VLATrainer, ThroughputCallback, LossProgressCallback = _trainer_classes()
+    from transformers.trainer_callback import ProgressCallback
+
+    args = _training_args(cfg, bf16, eval_ds is not None)
+    throughput = ThroughputCallback()
+    trainer = VLATrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[throughput],
+        throughput=throughput,
+    )
+    if not cfg.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgressCallback)
+
+    resume = cfg.resume_path()
+    if resume == "latest":
+        resume = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if resume is None:
+            log.warning("resume_from_checkpoint=true but no checkpoint in %s: starting fresh", cfg.output_dir)
+    elif resume is not None and not Path(resume).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {resume} is not a directory")
+    if resume:
+        log.info("resuming from %s", resume)
+
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if eval_ds is not None else None
+
+    # 5. save adapter/model + processor + manifest (rank 0 only)
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))  # PEFT adapter (adapter_config.json + safetensors) or full model, + processor
+    metrics = _final_metrics(trainer.state.log_history, train_output, eval_metrics, len(train_samples))
+    manifest_path = None
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(out))
+        manifest = make_manifest(
+            cfg.model_path,
+            min_pixels=limits.min_pixels,
+            max_pixels=limits.max_pixels,
+            vocabulary_version=vocab.version,
+            vocabulary_fingerprint=vocab.fingerprint(),
+            dataset_sha256=dataset_sha,
+            metrics=metrics,
+            template=TEMPLATE_ID,
+        )
+        manifest_path = write_manifest(out, manifest)
+        trainer.save_metrics("train", metrics)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        if cfg.plot_loss:
+            png = plot_loss(trainer.state.log_history, out / LOSS_CURVE)
+            if png:
+                log.info("loss curve: %s", png)
+        log.info("saved %s to %s (step %d, train_loss %.4f)",
+                 "LoRA adapter" if cfg.finetuning_type == "lora" else "model", out,
+                 train_output.global_step, train_output.training_loss)
+    return TrainResult(out, int(trainer.state.global_step), metrics, list(trainer.state.log_history), manifest_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Fine-tune a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint on ShareGPT (LLaMA-Factory format) data
+with LoRA on the language model (or full fine-tuning), using transformers' Trainer.
+
+The dataset is validated first; any invalid sample stops the run before the model is loaded
+(listing file:line of each) unless skip_invalid=true. Prompts come from vla_node.prompt, the same
+builder the robot uses. Runs unchanged under `accelerate launch` or `torchrun` (DDP).
+
+Writes to output_dir: checkpoint-N/ (resumable), runs/ (TensorBoard), loss_curve.png,
+train_results.json, and the final adapter (adapter_config.json + adapter_model.safetensors) or
+full model, the processor, and vla_manifest.json."""
+
+EPILOG = "examples:\n  vla-train training/configs/tiny_cpu.yaml\n" \
+         "  vla-train training/configs/qwen2_5_vl_3b_lora.yaml learning_rate=5e-5 max_steps=2000\n" \
+         "  vla-train my.yaml resume_from_checkpoint=true\n" \
+         "  accelerate launch -m training.train my.yaml   # multi-GPU DDP\n\nconfig keys:\n"
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vla-train",
+        description=DESCRIPTION,
+        epilog=EPILOG + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML file of config keys (see below)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key, e.g. max_steps=100")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--check-data", action="store_true", help="validate the dataset(s) and exit (no model load)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+            return 0
+        if args.check_data:
+            from vla_node.vocabulary import Vocabulary
+
+            vocab = Vocabulary.load(cfg.vocabulary)
+            samples, sha = load_split(cfg, cfg.datasets, vocab, "training")
+            print(f"training: {len(samples)} valid sample(s), sha256 {sha}")
+            if cfg.eval_datasets:
+                ev, esha = load_split(cfg, cfg.eval_datasets, vocab, "eval")
+                print(f"eval: {len(ev)} valid sample(s), sha256 {esha}")
+            return 0
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"vla-train: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"vla-train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _end_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, ensure_ascii=False))
+    return 0
+
+
+def _end_distributed() -> None:
+    """Close the process group torchrun/accelerate opened (Trainer leaves it open)."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

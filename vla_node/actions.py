@@ -1,0 +1,170 @@
+"""The action contract: pydantic models mirrored by msg/*.msg, and the canonical action text.
+
+Canonical text (what the model is trained to emit), one action per line:
+
+    MOVE_OBJECT(object="red cube", destination="blue bowl")
+    PICK_OBJECT(object="green ball", object_box=[12, 40, 88, 120])
+    STOP()
+    CLARIFY(reason="no red cube is visible")
+
+Values are JSON strings (Chinese kept readable); boxes are integers in the model's own
+coordinate convention (see parser.BoxCodec) and follow their argument; confidence is never rendered.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from typing import TYPE_CHECKING, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # imported for type hints only: vocabulary and parser import this module
+    from vla_node.parser import BoxCodec
+    from vla_node.vocabulary import Vocabulary
+
+BOX_SUFFIX = "_box"
+
+
+class ActionError(ValueError):
+    """A step that does not fit the vocabulary; the message names the exact problem."""
+
+
+class StatusCode(str, enum.Enum):
+    ACCEPTED = "ACCEPTED"
+    NO_IMAGE = "NO_IMAGE"
+    STALE_IMAGE = "STALE_IMAGE"
+    BAD_IMAGE = "BAD_IMAGE"
+    BAD_COMMAND = "BAD_COMMAND"
+    BUSY = "BUSY"
+    CANCELLED = "CANCELLED"
+    PARSE_ERROR = "PARSE_ERROR"
+    REJECTED_BY_POLICY = "REJECTED_BY_POLICY"
+    BACKEND_ERROR = "BACKEND_ERROR"
+    TIMEOUT = "TIMEOUT"
+    STOPPED = "STOPPED"
+
+
+# The uint8 constants of msg/CommandStatus.msg; declaration order above is the numbering.
+STATUS_CODE_NUMBERS: dict[StatusCode, int] = {code: number for number, code in enumerate(StatusCode)}
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt field is an error, not silently dropped data.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Box(_Strict):
+    """Pixels of the ORIGINAL camera image, x right, y down."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+    @model_validator(mode="after")
+    def _ordered_and_finite(self) -> "Box":
+        values = (self.x_min, self.y_min, self.x_max, self.y_max)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"box coordinates must be finite, got {list(values)}")
+        if self.x_min > self.x_max or self.y_min > self.y_max:
+            raise ValueError(f"box must have x_min<=x_max and y_min<=y_max, got {list(values)}")
+        return self
+
+    def as_list(self) -> list[float]:
+        return [self.x_min, self.y_min, self.x_max, self.y_max]
+
+
+class ActionStep(_Strict):
+    """Mirrors msg/ActionStep.msg field for field (boxes: None <-> has_*_box false)."""
+
+    verb: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
+    object: str = ""
+    destination: str = ""
+    reason: str = ""
+    object_box: Optional[Box] = None
+    destination_box: Optional[Box] = None
+    confidence: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+# Step fields that carry an argument value; the vocabulary's args must be among them.
+STEP_ARGUMENT_FIELDS = ("object", "destination", "reason")
+
+
+class StageLatency(_Strict):
+    """Mirrors msg/StageLatency.msg (milliseconds)."""
+
+    queue_ms: float = 0.0
+    decode_image_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    generate_ms: float = 0.0
+    parse_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class ActionPlan(_Strict):
+    """Mirrors msg/ActionPlan.msg; the ROS layer turns stamp_ns + frame_id into the header."""
+
+    stamp_ns: int = 0
+    frame_id: str = ""
+    command_id: str
+    command_text: str
+    steps: list[ActionStep]
+    raw_text: str = ""
+    model_id: str = ""
+    adapter_id: str = ""
+    latency: StageLatency = Field(default_factory=StageLatency)
+
+
+class CommandStatus(_Strict):
+    """Mirrors msg/CommandStatus.msg (code_name there is code.value here)."""
+
+    stamp_ns: int = 0
+    command_id: str
+    command_text: str = ""
+    code: StatusCode
+    detail: str = ""
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code_from_number(cls, value):
+        # Accept the msg's uint8 too, so ros_convert can round-trip without a lookup table.
+        if isinstance(value, int) and not isinstance(value, bool):
+            for code, number in STATUS_CODE_NUMBERS.items():
+                if number == value:
+                    return code
+            raise ValueError(f"unknown status code number {value}")
+        return value
+
+    @property
+    def code_number(self) -> int:
+        return STATUS_CODE_NUMBERS[self.code]
+
+
+def render_step(step: ActionStep, vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> str:
+    """One canonical line. Boxes go through `boxes.to_model`; without a codec they are rounded pixels.
+
+    The step is validated first (ActionError), so training targets can never hold an invalid action.
+    """
+    step = vocab.validate_step(step)
+    spec = vocab.verbs[step.verb]
+    parts = []
+    for arg in spec.args:
+        parts.append(f"{arg}={json.dumps(getattr(step, arg), ensure_ascii=False)}")
+        box = getattr(step, arg + BOX_SUFFIX, None) if arg in vocab.label_args else None
+        if box is not None:
+            numbers = boxes.to_model(box) if boxes is not None else [round(v) for v in box.as_list()]
+            parts.append(f"{arg}{BOX_SUFFIX}=[{', '.join(str(int(n)) for n in numbers)}]")
+    return f"{step.verb}({', '.join(parts)})"
+
+
+def render_steps(steps: list[ActionStep], vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> str:
+    return "\n".join(render_step(step, vocab, boxes) for step in steps)
+
+
+def parse_steps(text: str, vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> list[ActionStep]:
+    """The inverse of render_steps (delegates to parser.parse_actions, which accepts more forms)."""
+    from vla_node.parser import parse_actions  # late import: parser imports this module
+
+    return parse_actions(text, vocab, boxes)

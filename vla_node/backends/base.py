@@ -1,0 +1,75 @@
+"""Backend interface: one image + chat messages in, generated text (+ timing, confidence) out.
+
+Concrete backends (transformers+peft, onnxruntime, OpenAI-compatible server) implement
+:class:`Backend`. This module is torch-free so the pipeline and tests can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+try:  # the single definition lives in vla_node.image (CORE)
+    from vla_node.image import PixelLimits
+except ImportError:  # pragma: no cover - only while vla_node.image is not written yet
+    @dataclass
+    class PixelLimits:  # type: ignore[no-redef]
+        min_pixels: int
+        max_pixels: int
+        factor: int = 28
+
+__all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits"]
+
+
+class BackendError(Exception):
+    """The model/adapter cannot be loaded or run; the message says what and where."""
+
+
+@dataclass
+class GenerationRequest:
+    image: np.ndarray  # RGB uint8 HxWx3 (already fitted to pixel limits)
+    messages: list[dict]  # from PromptBuilder.chat_messages
+    max_new_tokens: int = 64
+    stop_event: threading.Event | None = None  # set -> abort generation as soon as possible
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    confidence: float  # geometric mean of chosen-token probabilities (1.0 if unknown)
+    model_input_size: tuple[int, int]  # (width, height) the model actually saw (for BoxCodec)
+    prompt_tokens: int
+    new_tokens: int
+    preprocess_ms: float
+    generate_ms: float
+
+
+class Backend(abc.ABC):
+    model_id: str
+    adapter_id: str  # "" when no adapter is active
+    coordinate_convention: str  # "absolute_resized" | "normalized_1000"
+    pixel_limits: PixelLimits
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    @abc.abstractmethod
+    def warmup(self) -> None: ...
+
+    @abc.abstractmethod
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        """Load an adapter (validating its manifest); return its name. Does not activate it."""
+
+    @abc.abstractmethod
+    def set_adapter(self, name: str | None) -> None:
+        """Activate a loaded adapter by name, or None for the bare base model (no base reload)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def adapter_names(self) -> list[str]:
+        """Names of the loaded adapters (load order). Backends without adapters: []."""
+        return []

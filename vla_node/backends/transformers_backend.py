@@ -1,0 +1,545 @@
+"""transformers + peft backend for local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints.
+
+Loads offline (``local_files_only=True``) with ``AutoModelForImageTextToText`` + ``AutoProcessor``,
+decodes greedily, reports a confidence (geometric mean of the chosen tokens' probabilities) and
+hot-swaps LoRA adapters without reloading the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vla_node import manifest as _manifest
+from vla_node.backends.base import (
+    Backend,
+    BackendError,
+    GenerationRequest,
+    GenerationResult,
+    PixelLimits,
+)
+
+__all__ = ["TransformersBackend"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _template_id() -> str:
+    """The prompt template id adapters must have been trained with (vla_node.prompt may define it)."""
+    try:
+        from vla_node import prompt as _prompt  # CORE module; optional here
+
+        for attr in ("TEMPLATE_ID", "PROMPT_TEMPLATE_ID", "TEMPLATE_VERSION"):
+            val = getattr(_prompt, attr, None)
+            if isinstance(val, str) and val:
+                return val
+    except Exception:  # pragma: no cover - prompt.py missing or broken must not block serving
+        pass
+    return _manifest.TEMPLATE_ID
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class _StopOnEvent:
+    """StoppingCriteria: stop every sequence once ``event`` is set (checked after each token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+        self.triggered = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = self.event.is_set()
+        self.triggered = self.triggered or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _AdapterInfo:
+    __slots__ = ("name", "path", "adapter_id", "manifest", "pixel_limits")
+
+    def __init__(self, name, path, adapter_id, manifest, pixel_limits):
+        self.name = name
+        self.path = path
+        self.adapter_id = adapter_id
+        self.manifest = manifest
+        self.pixel_limits = pixel_limits
+
+
+class TransformersBackend(Backend):
+    """Serve a local Qwen-VL checkpoint (+ optional LoRA adapters) with transformers.
+
+    Attributes for reuse (training, evaluation): ``processor``, ``model`` (the transformers model;
+    LoRA layers are injected into it in place when adapters are loaded), ``peft_model`` (the
+    ``PeftModel`` wrapper or None), ``family``, ``device``, ``dtype``, ``adapters`` (name -> info),
+    ``warnings`` (list of str: e.g. adapters loaded without a manifest).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        adapter_path: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype="auto",
+        max_new_tokens: int = 64,
+        attn_implementation: str | None = "sdpa",
+        vocab_fingerprint: str | None = None,
+    ):
+        import torch
+
+        self.warnings: list[str] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self.model_path = Path(model_path)
+        self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.vocab_fingerprint = vocab_fingerprint
+
+        cfg = self._read_config(self.model_path)
+        model_type = cfg.get("model_type")
+        if model_type not in _manifest.FAMILIES:
+            raise BackendError(
+                f"model directory '{self.model_path}': config.json model_type {model_type!r} is not a "
+                f"supported Qwen-VL family ({', '.join(sorted(_manifest.FAMILIES))})"
+            )
+        self.family: str = _manifest.FAMILIES[model_type]
+        self.coordinate_convention: str = _manifest.COORDINATE_CONVENTIONS[self.family]
+        self.config_sha256 = _manifest.config_sha256(self.model_path)
+
+        self.device = self._pick_device(device, torch)
+        self.dtype = self._pick_dtype(dtype, self.device, torch)
+
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
+        except Exception as e:
+            raise BackendError(f"model directory '{self.model_path}': cannot load processor: {e}") from e
+        kwargs = {"dtype": self.dtype, "local_files_only": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(str(self.model_path), **kwargs)
+        except Exception as e:
+            raise BackendError(f"model directory '{self.model_path}': cannot load model weights: {e}") from e
+        model.to(self.device)
+        model.eval()
+        self.model = model
+        self.base_model = model  # never replaced; LoRA layers get injected into it
+        self.peft_model = None
+
+        ip = self.processor.image_processor
+        self.patch_size = int(ip.patch_size)
+        self.merge_size = int(ip.merge_size)
+        self.base_pixel_limits = PixelLimits(
+            min_pixels=int(self._size_get(ip.size, "shortest_edge", "min_pixels")),
+            max_pixels=int(self._size_get(ip.size, "longest_edge", "max_pixels")),
+            factor=self.patch_size * self.merge_size,
+        )
+        self.pixel_limits: PixelLimits = self.base_pixel_limits
+        self.model_id = f"{self.model_path.name}@{self.config_sha256[:8]}"
+        self.adapter_id = ""
+        self.adapters: dict[str, _AdapterInfo] = {}
+        self._active: str | None = None
+
+        tok = self.processor.tokenizer
+        eos = []
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        for e in gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]:
+            if e is not None:
+                eos.append(int(e))
+        for t in ("<|im_end|>", "<|endoftext|>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i >= 0 and i not in eos:
+                eos.append(i)
+        self._eos_ids = eos
+        pad = getattr(model.generation_config, "pad_token_id", None)
+        self._pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+
+        if adapter_path is not None:
+            name = self.load_adapter(str(adapter_path))
+            self.set_adapter(name)
+
+    # ------------------------------------------------------------------------------ loading
+
+    @staticmethod
+    def _read_config(path: Path) -> dict:
+        if not path.exists():
+            raise BackendError(f"model directory '{path}' does not exist")
+        if not path.is_dir():
+            raise BackendError(f"model path '{path}' is not a directory")
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise BackendError(f"model directory '{path}' has no config.json (not a Hugging Face checkpoint)")
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BackendError(f"model directory '{path}': config.json is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise BackendError(f"model directory '{path}': config.json is not a JSON object")
+        return data
+
+    @staticmethod
+    def _pick_device(device: str, torch):
+        d = (device or "auto").lower()
+        if d == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but CUDA is not available")
+        try:
+            return torch.device(d)
+        except (RuntimeError, ValueError) as e:
+            raise BackendError(f"invalid device {device!r}: {e}") from e
+
+    @staticmethod
+    def _pick_dtype(dtype, device, torch):
+        if dtype is None or dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
+        if name is None:
+            raise BackendError(f"invalid dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        return getattr(torch, name)
+
+    @staticmethod
+    def _size_get(size, *keys):
+        for k in keys:
+            v = size.get(k) if isinstance(size, dict) else getattr(size, k, None)
+            if v is not None:
+                return v
+        raise BackendError(f"image processor size {size!r} has none of {keys}")
+
+    # ------------------------------------------------------------------------------ adapters
+
+    def _check_adapter_dir(self, path: Path) -> Path:
+        if not path.exists():
+            raise BackendError(f"adapter directory '{path}' does not exist")
+        if not path.is_dir():
+            raise BackendError(f"adapter path '{path}' is not a directory")
+        cfg = path / "adapter_config.json"
+        if not cfg.is_file():
+            raise BackendError(f"adapter directory '{path}' has no adapter_config.json")
+        try:
+            acfg = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BackendError(f"adapter '{cfg}' is not valid JSON: {e}") from e
+        if not isinstance(acfg, dict) or "peft_type" not in acfg:
+            raise BackendError(f"adapter '{cfg}' is not a peft adapter config (no peft_type)")
+        weights = next((path / w for w in _ADAPTER_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise BackendError(f"adapter directory '{path}' has no {' or '.join(_ADAPTER_WEIGHTS)}")
+        if weights.suffix == ".safetensors":
+            # read it fully now: a truncated/corrupt file must fail before peft touches the base model
+            try:
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(weights))
+            except Exception as e:
+                raise BackendError(f"adapter weights '{weights}' are corrupt or truncated: {e}") from e
+            if not tensors:
+                raise BackendError(f"adapter weights '{weights}' contain no tensors")
+        return weights
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        """Load a peft adapter; validate its vla_manifest.json against the base; return its name.
+
+        Loading does not change which adapter is active (use :meth:`set_adapter`); the
+        constructor's ``adapter_path`` is loaded and activated. Raises BackendError with the
+        path and the reason (missing, corrupt, manifest mismatch, duplicate name).
+        """
+        p = Path(path)
+        with self._lock:
+            self._ensure_open()
+            weights = self._check_adapter_dir(p)
+            if name is None:
+                name = (p.resolve().name or "adapter").replace(".", "_")
+            elif not name or "." in name:
+                # peft stores adapters as torch submodule keys, which cannot be empty or contain dots
+                raise BackendError(f"adapter name {name!r} for '{p}' must be non-empty and contain no '.'")
+            if name in self.adapters:
+                raise BackendError(f"adapter name {name!r} is already loaded (from '{self.adapters[name].path}')")
+
+            man = None
+            limits = self.base_pixel_limits
+            if _manifest.has_manifest(p):
+                expected = {
+                    "family": self.family,
+                    "template": _template_id(),
+                    "coordinate_convention": self.coordinate_convention,
+                    "vocabulary_fingerprint": self.vocab_fingerprint,
+                }
+                try:
+                    man = _manifest.read_manifest(p)
+                    _manifest.check_adapter_against_base(
+                        man, self.model_path, expected, source=p / _manifest.MANIFEST_NAME
+                    )
+                except _manifest.ManifestError as e:
+                    raise BackendError(f"adapter '{p}' refused: {e}") from e
+                limits = PixelLimits(
+                    min_pixels=int(man["image"]["min_pixels"]),
+                    max_pixels=int(man["image"]["max_pixels"]),
+                    factor=self.base_pixel_limits.factor,
+                )
+                if self.vocab_fingerprint is None:
+                    self.warnings.append(
+                        f"adapter '{p}': vocabulary fingerprint not checked (backend has no vocab_fingerprint)"
+                    )
+
+            try:
+                if self.peft_model is None:
+                    from peft import PeftModel
+
+                    self.peft_model = PeftModel.from_pretrained(
+                        self.base_model, str(p), adapter_name=name, is_trainable=False
+                    )
+                    self.peft_model.eval()
+                else:
+                    self.peft_model.load_adapter(str(p), adapter_name=name, is_trainable=False)
+            except Exception as e:
+                self._undo_failed_load(name)
+                raise BackendError(f"adapter '{p}': peft cannot load it: {e}") from e
+            if man is None:
+                msg = f"adapter '{p}' has no {_manifest.MANIFEST_NAME}; loaded without compatibility checks"
+                self.warnings.append(msg)
+                log.warning(msg)
+            self.base_model.to(self.device)  # new LoRA weights land on the base model's device
+            adapter_id = f"{name}@{_sha256_file(weights)[:8]}"
+            self.adapters[name] = _AdapterInfo(name, p, adapter_id, man, limits)
+            self._apply_active()  # peft activates the first adapter it loads; keep ours
+            return name
+
+    def _undo_failed_load(self, name: str) -> None:
+        """peft injects LoRA layers before it loads weights: remove them again after a failure."""
+        try:
+            if self.peft_model is not None:
+                if name in getattr(self.peft_model, "peft_config", {}):
+                    self.peft_model.delete_adapter(name)
+            else:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                model = self.base_model
+                for mod_name, module in list(model.named_modules()):
+                    if isinstance(module, BaseTunerLayer) and mod_name:
+                        parent_name, _, child = mod_name.rpartition(".")
+                        parent = model.get_submodule(parent_name) if parent_name else model
+                        if getattr(parent, child, None) is module:
+                            setattr(parent, child, module.get_base_layer())
+                for attr in ("peft_config", "_hf_peft_config_loaded"):
+                    if attr in model.__dict__:
+                        delattr(model, attr)
+        except Exception as e:  # pragma: no cover - best effort; report that the base may be dirty
+            msg = f"could not fully undo the failed load of adapter {name!r}: {e}"
+            self.warnings.append(msg)
+            log.error(msg)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate a loaded adapter, or None for the bare base model. No base reload."""
+        with self._lock:
+            self._ensure_open()
+            if name is not None and name not in self.adapters:
+                known = ", ".join(sorted(self.adapters)) or "none"
+                raise BackendError(f"adapter {name!r} is not loaded (loaded: {known})")
+            self._active = name
+            self._apply_active()
+
+    def _apply_active(self) -> None:
+        pm = self.peft_model
+        name = self._active
+        if pm is not None:
+            if name is None:
+                pm.base_model.disable_adapter_layers()
+            else:
+                pm.set_adapter(name)
+                pm.base_model.enable_adapter_layers()
+        if name is None:
+            self.adapter_id = ""
+            self.pixel_limits = self.base_pixel_limits
+        else:
+            info = self.adapters[name]
+            self.adapter_id = info.adapter_id
+            self.pixel_limits = info.pixel_limits
+
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the active adapter, None for the bare base model."""
+        return self._active
+
+    def adapter_names(self) -> list[str]:
+        with self._lock:
+            return list(self.adapters)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The (re-entrant) lock serialising generate/load_adapter/set_adapter; hold it to make
+        ``set_adapter(x)`` + ``generate()`` one atomic unit."""
+        return self._lock
+
+    # ------------------------------------------------------------------------------ generation
+
+    def _ensure_open(self):
+        if self._closed:
+            raise BackendError("backend is closed")
+
+    def prepare_inputs(self, image, messages: list[dict]) -> dict:
+        """Model inputs (tensors on the backend's device) for one image + chat messages.
+
+        The chat template is applied once, the image is resized by the processor within the
+        active pixel limits. Exactly what :meth:`generate` feeds the model.
+        """
+        import torch
+
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        lim = self.pixel_limits
+        inputs = self.processor(
+            text=[text],
+            images=[image],
+            return_tensors="pt",
+            images_kwargs={"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}},
+        )
+        out = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = v
+        return out
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        import torch
+
+        image = request.image
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise BackendError(
+                    f"request.image must be an RGB uint8 HxWx3 array, got shape {image.shape} dtype {image.dtype}"
+                )
+        n_max = int(request.max_new_tokens)
+        if n_max < 1:
+            raise BackendError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        n_max = min(n_max, self.max_new_tokens)
+
+        with self._lock:
+            self._ensure_open()
+            t0 = time.perf_counter()
+            try:
+                inputs = self.prepare_inputs(image, request.messages)
+            except Exception as e:
+                raise BackendError(f"preprocessing failed: {e}") from e
+            grid = inputs["image_grid_thw"][0].tolist()
+            size = (int(grid[2]) * self.patch_size, int(grid[1]) * self.patch_size)  # (width, height)
+            prompt_len = int(inputs["input_ids"].shape[1])
+            t1 = time.perf_counter()
+            preprocess_ms = (t1 - t0) * 1000.0
+
+            ev = request.stop_event
+            if ev is not None and ev.is_set():
+                return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
+
+            gc = copy.deepcopy(self.base_model.generation_config)
+            gc.do_sample = False
+            gc.num_beams = 1
+            gc.temperature = None
+            gc.top_p = None
+            gc.top_k = None
+            gc.max_new_tokens = n_max
+            gc.max_length = None
+            gc.eos_token_id = self._eos_ids
+            gc.pad_token_id = self._pad_id
+            gc.output_logits = True
+            gc.output_scores = False
+            gc.return_dict_in_generate = True
+            kwargs = {}
+            if ev is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(ev)])
+            try:
+                with torch.inference_mode():
+                    out = self.base_model.generate(**inputs, generation_config=gc, **kwargs)
+            except Exception as e:
+                raise BackendError(f"generation failed: {e}") from e
+            seq = out.sequences[0, prompt_len:]
+            logits = out.logits or ()
+            new_ids = seq.tolist()
+            # drop right padding (only when generation ended early with pad != eos; batch of 1: none)
+            n_new = min(len(new_ids), len(logits))
+            new_ids = new_ids[:n_new]
+            confidence = 1.0
+            if n_new:
+                logp = []
+                for i in range(n_new):
+                    lp = torch.log_softmax(logits[i][0].float(), dim=-1)[new_ids[i]]
+                    logp.append(float(lp))
+                confidence = float(math.exp(sum(logp) / len(logp)))
+                confidence = min(1.0, max(confidence, 1e-12))
+            text = self.processor.tokenizer.decode(
+                new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ).strip()
+            generate_ms = (time.perf_counter() - t1) * 1000.0
+            return GenerationResult(
+                text=text,
+                confidence=confidence,
+                model_input_size=size,
+                prompt_tokens=prompt_len,
+                new_tokens=n_new,
+                preprocess_ms=preprocess_ms,
+                generate_ms=generate_ms,
+            )
+
+    def warmup(self) -> None:
+        """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches."""
+        f = self.pixel_limits.factor
+        side = max(f, int(math.ceil(math.sqrt(self.pixel_limits.min_pixels) / f)) * f)
+        img = np.full((side, side, 3), 127, dtype=np.uint8)
+        msgs = [
+            {"role": "system", "content": [{"type": "text", "text": "warmup"}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warmup"}]},
+        ]
+        self.generate(GenerationRequest(image=img, messages=msgs, max_new_tokens=2))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.peft_model = None
+            self.model = None
+            self.base_model = None
+            self.adapters.clear()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # pragma: no cover
+                pass
