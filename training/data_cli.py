@@ -160,7 +160,7 @@ def _synth(args) -> int:
             boxes=args.boxes, vocab_path=args.vocab, name_prefix=args.name_prefix,
             **_pixel_limits(args),
         )
-        report = generate_dataset(args.out_dir, cfg, overwrite=args.overwrite)
+        report = generate_dataset(args.out_dir, cfg, overwrite=args.overwrite, workers=args.workers)
     except SynthError as e:
         print(f"vla-data synth: {e}", file=sys.stderr)
         return 2
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab", metavar="YAML", help="action vocabulary (default: config/actions.yaml)")
     s.add_argument("--name-prefix", default="tabletop", help="dataset name prefix in dataset_info.json (default tabletop)")
     s.add_argument("--overwrite", action="store_true", help="replace a previous synth output in OUT_DIR")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes drawing and encoding scenes (output is identical for any count)")
     s.set_defaults(func=_synth)
     return p
 

@@ -927,8 +927,28 @@ class SynthReport:
         return "\n".join(lines)
 
 
+_WORKER_SYNTH: Optional["Synthesizer"] = None
+
+
+def _init_worker(cfg: SynthConfig) -> None:
+    global _WORKER_SYNTH
+    _WORKER_SYNTH = Synthesizer(cfg, None)
+
+
+def _encode(syn: "Synthesizer", index: int) -> tuple[int, bytes, list, str, str]:
+    s = syn.sample(index)
+    ok, buf = cv2.imencode(".png", s.image, PNG_PARAMS)
+    if not ok:
+        raise SynthError(f"PNG encoding failed for sample {index}")
+    return index, buf.tobytes(), s.messages, s.kind, s.language
+
+
+def _encode_sample(index: int) -> tuple[int, bytes, list, str, str]:
+    return _encode(_WORKER_SYNTH, index)
+
+
 def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = None,
-                     overwrite: bool = False) -> SynthReport:
+                     overwrite: bool = False, workers: int = 1) -> SynthReport:
     """Write images/NNNNNN.png, train/val/test.json, dataset_info.json (``<prefix>_train`` ...)
     and synth_config.json (the options, model input size and vocabulary fingerprint) to out_dir.
 
@@ -947,23 +967,32 @@ def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = No
             (out / name).unlink(missing_ok=True)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    png = PNG_PARAMS
     kinds: dict[str, int] = {}
     languages: dict[str, int] = {}
     counts: dict[str, int] = {}
-    for split in SPLITS:
-        rows: list[Sample] = []
-        for s in syn.samples(syn.splits()[split]):
-            path = images / f"{s.index:06d}.png"
-            ok, buf = cv2.imencode(".png", s.image, png)
-            if not ok:
-                raise SynthError(f"PNG encoding failed for sample {s.index}")
-            path.write_bytes(buf.tobytes())
-            rows.append(Sample(messages=s.messages, images=[path], source=f"synth:{s.index}"))
-            kinds[s.kind] = kinds.get(s.kind, 0) + 1
-            languages[s.language] = languages.get(s.language, 0) + 1
-        write_sharegpt(out / f"{split}.json", rows, dataset_info_name=f"{cfg.name_prefix}_{split}")
-        counts[split] = len(rows)
+    pool = None
+    if workers > 1 and vocab is None:  # workers load the vocabulary themselves (cfg.vocab_path)
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (cfg,))
+    try:
+        for split in SPLITS:
+            rows: list[Sample] = []
+            indices = syn.splits()[split]
+            encoded = (pool.imap(_encode_sample, indices, chunksize=64) if pool is not None
+                       else (_encode(syn, i) for i in indices))
+            for index, png_bytes, messages, kind, language in encoded:  # in index order: deterministic
+                path = images / f"{index:06d}.png"
+                path.write_bytes(png_bytes)
+                rows.append(Sample(messages=messages, images=[path], source=f"synth:{index}"))
+                kinds[kind] = kinds.get(kind, 0) + 1
+                languages[language] = languages.get(language, 0) + 1
+            write_sharegpt(out / f"{split}.json", rows, dataset_info_name=f"{cfg.name_prefix}_{split}")
+            counts[split] = len(rows)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     meta = {
         "generator": "training.synth",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},

@@ -1,0 +1,68 @@
+"""Held-out metrics of the embedded model, base vs base+LoRA, written next to the models.
+
+    python -m training.embedded_metrics [--models models] [--limit 400] [--device cpu]
+
+Writes models/METRICS.json and models/METRICS.md; tests/test_embedded_model.py re-runs the
+same evaluation and checks that it reproduces the published numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
+
+SPLITS = ("test_en", "test_zh")
+HEADLINE = ("parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc", "object_acc",
+            "destination_acc", "box_iou50", "clarify_precision", "clarify_recall", "bleu4", "rouge_l",
+            "latency_p50_ms")
+
+
+def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu", write: bool = True) -> dict:
+    from training.evaluate import evaluate
+
+    results = {}
+    for split in SPLITS:
+        data = models / "heldout" / split
+        result = evaluate(model=str(models / EMBEDDED_MODEL), adapter=str(models / EMBEDDED_ADAPTER),
+                          dataset_dir=str(data), dataset="tabletop_test", compare_base=True, limit=limit,
+                          device=device)
+        results[split] = {run: {"n": metrics.get("n"), **{key: metrics.get(key) for key in HEADLINE}}
+                          for run, metrics in result["runs"].items()}
+    summary = {"device": device, "limit": limit, "splits": results,
+               "command": f"python -m training.embedded_metrics --models {models} --limit {limit} --device {device}"}
+    if write:
+        (models / "METRICS.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (models / "METRICS.md").write_text(markdown(summary), encoding="utf-8")
+    print(markdown(summary))
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# Embedded model: held-out metrics ({summary['device']}, up to {summary['limit']} samples a split)",
+             "", f"`{summary['command']}`", "",
+             "| split | model | " + " | ".join(HEADLINE) + " |",
+             "|---|---|" + "---|" * len(HEADLINE)]
+    for split, runs in summary["splits"].items():
+        for run, metrics in runs.items():
+            cells = [f"{metrics[k]:.3f}" if isinstance(metrics.get(k), float) else str(metrics.get(k))
+                     for k in HEADLINE]
+            lines.append(f"| {split} | {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.embedded_metrics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="models", help="folder with the embedded model (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=400, help="samples per split (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
+    args = parser.parse_args(argv)
+    evaluate_embedded(Path(args.models), args.limit, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
