@@ -15,10 +15,11 @@ EMBEDDED_ADAPTER = "tabletop-tiny-zh-lora"
 
 
 def package_data_dir(name: str) -> Path | None:
-    """`config`, `models` or `launch` from the source tree, else from the installed share dir."""
-    source = Path(__file__).resolve().parent.parent / name
-    if source.is_dir():
-        return source
+    """`config`, `models` or `launch`: source tree, installed share dir, or a wheel's copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / name, here / name):
+        if candidate.is_dir():
+            return candidate
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
     except ImportError:
