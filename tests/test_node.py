@@ -199,3 +199,51 @@ def _embedded_scene() -> np.ndarray:
     from training.synth import render_demo_scene
 
     return render_demo_scene(["red cube", "blue bowl"])
+
+
+def test_lifecycle_node_loads_on_configure_and_listens_on_activate(ros_context, tiny_model_dir):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from vla_node.node import _lifecycle_node_class
+
+    node = _lifecycle_node_class()(context=ros_context, parameter_overrides=[
+        Parameter("model_path", value=str(tiny_model_dir)), Parameter("warmup", value=False)])
+    peer = rclpy.create_node("lifecycle_peer", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(peer)
+    statuses = []
+    peer.create_subscription(vla_msg.CommandStatus, "/vla/status", statuses.append, 10)
+    speech = peer.create_publisher(String, "/speech/text", 10)
+    try:
+        assert node.runtime.core is None, "nothing is loaded before configure"
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.runtime.core is not None
+        assert speech.get_subscription_count() == 0, "topics open only on activate"
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        wait_for_subscribers(executor, speech)
+        speech.publish(String(data="pick up the red cube"))
+        assert spin_until(executor, lambda: statuses, 30)
+        assert statuses[0].code_name == "NO_IMAGE"
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert spin_until(executor, lambda: speech.get_subscription_count() == 0, 10)
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert node.runtime.core is None
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        peer.destroy_node()
+
+
+def test_lifecycle_configure_fails_cleanly_on_a_missing_model(ros_context, tmp_path):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from vla_node.node import _lifecycle_node_class
+
+    node = _lifecycle_node_class()(context=ros_context, parameter_overrides=[
+        Parameter("model_path", value=str(tmp_path / "missing"))])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.runtime.core is None
+    finally:
+        node.destroy_node()
