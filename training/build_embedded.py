@@ -85,10 +85,12 @@ def run_training(**overrides) -> Path:
     from training.config import TrainConfig
     from training.train import train
 
-    cfg = TrainConfig(**overrides)
-    final = Path(cfg.output_dir)
+    final = Path(overrides["output_dir"])
     if (final / "train_results.json").is_file():
         return final
+    if any(final.glob("checkpoint-*")):  # an interrupted run continues where it stopped
+        overrides["resume_from_checkpoint"] = "true"
+    cfg = TrainConfig(**overrides)
     result = train(cfg)
     log(f"trained {final}: step {result.global_step}, {result.metrics}")
     return final
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
                   dataloader_num_workers=args.workers, seed=args.seed, logging_steps=20,
-                  save_steps=100000, eval_steps=400, report_to="tensorboard", lr_scheduler_type="cosine",
+                  save_steps=500, save_total_limit=1, eval_steps=500, report_to="tensorboard", lr_scheduler_type="cosine",
                   image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
     base = run_training(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
                         freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset="tabletop_train",

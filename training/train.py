@@ -463,6 +463,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     from transformers.trainer_callback import ProgressCallback
 
     args = _training_args(cfg, bf16, eval_ds is not None)
+    if args.n_gpu > 1:
+        # Without torchrun/accelerate the Trainer would fall back to nn.DataParallel, whose
+        # replicas break Qwen-VL's vision dtype lookup; DDP is the supported multi-GPU path.
+        log.warning("%d GPUs visible but no distributed launch: training on one GPU. For all of them: "
+                    "torchrun --nproc_per_node %d -m training.train CONFIG.yaml", args.n_gpu, args.n_gpu)
+        args._n_gpu = 1
     throughput = ThroughputCallback()
     trainer = VLATrainer(
         model=model,
