@@ -1,0 +1,193 @@
+"""The README demo: replay the bundled demo bag through the real node on the embedded model.
+
+    python -m vla_node.demo [--out DIR] [--bag PATH]      (or: make demo)
+
+Starts vla_node.node.VlaNode in this process (own rclpy context, random free ROS domain,
+localhost only) with the embedded tabletop-tiny model and its Chinese LoRA adapter active
+(adapters=["zh=embedded"], active_adapter="zh"), plays tests/data/demo_bag (camera +
+English/Chinese speech) at recorded timing, prints command -> actions -> status -> latency,
+and writes one annotated PNG per command (boxes and labels drawn on the frame the command
+used) plus report.md / report.json / output_bag into the output folder (default out/demo).
+CPU only, no network.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from vla_node.report import CommandResult
+
+DEFAULT_OUT = Path("out") / "demo"
+DEMO_BAG = "demo_bag"
+PANEL_WIDTH = 640
+BOX_COLOURS = {"object_box": (40, 200, 40), "destination_box": (230, 120, 30)}  # BGR
+STATUS_COLOURS = {"ACCEPTED": (60, 170, 60), "STOPPED": (40, 140, 230)}
+_FONT_CANDIDATES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/arphic/uming.ttc",
+)
+
+
+def find_demo_bag() -> Path | None:
+    """tests/data/demo_bag in the source tree, else demo_bag in the installed models/ share dir."""
+    source = Path(__file__).resolve().parent.parent / "tests" / "data" / DEMO_BAG
+    if (source / "metadata.yaml").is_file():
+        return source
+    from vla_node.factory import package_data_dir
+
+    models = package_data_dir("models")
+    if models is not None and (models / DEMO_BAG / "metadata.yaml").is_file():
+        return models / DEMO_BAG
+    return None
+
+
+# ------------------------------------------------------------------------------- drawing
+def _cjk_font(size: int):
+    try:
+        from PIL import ImageFont
+    except ImportError:
+        return None
+    for path in _FONT_CANDIDATES:
+        if Path(path).is_file():
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    return None
+
+
+def _put_text(image: np.ndarray, text: str, origin: tuple[int, int], colour=(255, 255, 255),
+              scale: float = 0.5) -> None:
+    """ASCII with cv2's Hershey font; other scripts with OpenCV 5's Unicode font face, else through
+    PIL when a CJK font is installed, else '?'."""
+    if text.isascii():
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+        return
+    if hasattr(cv2, "FontFace"):  # OpenCV >= 5 ships a Unicode font (CJK included)
+        try:
+            cv2.putText(image, text, origin, colour, cv2.FontFace("uni"), int(round(32 * scale)))
+            return
+        except cv2.error:
+            pass
+    font = _cjk_font(int(28 * scale))
+    if font is None:
+        text = "".join(c if c.isascii() else "?" for c in text)
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+        return
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(image[:, :, ::-1])
+    ImageDraw.Draw(pil).text((origin[0], origin[1] - int(22 * scale)), text, font=font, fill=colour[::-1])
+    image[:] = np.asarray(pil)[:, :, ::-1]
+
+
+def _clip(text: str, width: int = 78) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def annotate(result: CommandResult) -> np.ndarray:
+    """BGR picture: the frame (scaled to 640 px wide) with the plan's boxes, and a text panel."""
+    from vla_node.report import steps_text
+
+    rgb = result.frame.decode() if result.frame is not None else None
+    if rgb is None:
+        frame = np.full((480, PANEL_WIDTH, 3), 60, np.uint8)
+        _put_text(frame, "no camera image before this command", (150, 240), scale=0.7)
+        scale = 1.0
+    else:
+        scale = PANEL_WIDTH / rgb.shape[1]
+        frame = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), None, fx=scale, fy=scale,
+                           interpolation=cv2.INTER_LINEAR)
+    for number, step in enumerate(result.steps, 1):
+        for key, colour in BOX_COLOURS.items():
+            box = getattr(step, key)
+            if box is None:
+                continue
+            x1, y1, x2, y2 = (int(round(v * scale)) for v in box.as_list())
+            cv2.rectangle(frame, (x1, y1), (x2, y2), colour, 2)
+            label = f"{number}:{step.object if key == 'object_box' else step.destination}"
+            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+            top = max(y1 - th - 6, 0)
+            cv2.rectangle(frame, (x1, top), (x1 + tw + 6, top + th + 6), colour, -1)
+            _put_text(frame, label, (x1 + 3, top + th + 2))
+    lines = [f"command: {result.text}"]
+    actions = steps_text(result.steps)
+    lines += [f"  {line}" for line in actions.splitlines()] or ["  (no plan)"]
+    if result.code != "ACCEPTED" and result.status is not None:
+        lines.append(f"  {_clip(result.status.detail, 74)}")
+    panel = np.full((34 + 22 * len(lines), frame.shape[1], 3), 30, np.uint8)
+    latency = f"{result.latency_ms:.0f} ms" if result.latency_ms is not None else "-"
+    header = f"#{result.index}  {result.code}  {latency}"
+    _put_text(panel, header, (10, 22), STATUS_COLOURS.get(result.code, (60, 60, 220)), 0.6)
+    for i, line in enumerate(lines):
+        _put_text(panel, _clip(line), (10, 46 + 22 * i))
+    return np.vstack([frame, panel])
+
+
+def write_annotations(directory: Path, results: list[CommandResult]) -> list[Path]:
+    paths = []
+    for result in results:
+        path = directory / f"command_{result.index:02d}_{result.code.lower()}.png"
+        if not cv2.imwrite(str(path), annotate(result)):
+            raise OSError(f"cannot write {path}")
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------- CLI
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vla_node.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--bag", type=Path, help="bag to replay (default: the bundled tests/data/demo_bag)")
+    p.add_argument("--model", default="", metavar="DIR", help="model_path ('' = the embedded tabletop-tiny)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="adapters (default: zh=embedded, the bundled Chinese LoRA)")
+    p.add_argument("--active-adapter", default=None, metavar="NAME",
+                   help="active adapter (default: zh; '' = base model)")
+    p.add_argument("--as-fast-as-possible", action="store_true", help="do not wait for the recorded timing")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the node's log output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vla_node.bag_io import BagError
+    from vla_node.replay import ReplayError, ReplayOptions, print_table, replay_bag
+
+    args = build_arg_parser().parse_args(argv)
+    bag = args.bag or find_demo_bag()
+    if bag is None:
+        print("demo: the demo bag is missing (tests/data/demo_bag); make it with "
+              "`python tests/data/make_golden.py` or pass --bag", file=sys.stderr)
+        return 2
+    adapters = args.adapter if args.adapter is not None else ["zh=embedded"]
+    active = args.active_adapter if args.active_adapter is not None else ("zh" if args.adapter is None else "")
+    parameters = {"model_path": args.model, "adapters": adapters or [""], "active_adapter": active}
+    options = ReplayOptions(bag=bag, out=args.out, node_parameters=parameters,
+                            as_fast_as_possible=args.as_fast_as_possible, verbose=args.verbose)
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    try:
+        result = replay_bag(options, log=log, finish=lambda directory, results: write_annotations(directory, results))
+    except (BagError, ReplayError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        if "embedded model" in str(error) or "tabletop-tiny" in str(error):
+            print("demo: build the embedded model first: make models", file=sys.stderr)
+        return 2
+    print()
+    print_table(result.results)
+    print(f"\nannotated frames, report.md and the output bag are in {result.out_dir}/")
+    for path in sorted(result.out_dir.glob("command_*.png")):
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
