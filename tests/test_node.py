@@ -247,3 +247,30 @@ def test_lifecycle_configure_fails_cleanly_on_a_missing_model(ros_context, tmp_p
         assert node.runtime.core is None
     finally:
         node.destroy_node()
+
+
+def test_adapter_hot_swap_by_parameter_shows_in_diagnostics_without_base_reload(graph_factory, tiny_model_dir,
+                                                                               tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    first = build_lora_adapter(tiny_model_dir, tmp_path / "a", seed=4, manifest=False)
+    second = build_lora_adapter(tiny_model_dir, tmp_path / "b", seed=5, manifest=False)
+    graph = graph_factory(model_path=str(tiny_model_dir), adapters=[f"a={first}"], active_adapter="a",
+                          diagnostics_period_s=0.1)
+    backend = graph.vla.runtime.core.backend
+    base_model = id(backend.model)
+    reports = []
+    graph.peer.create_subscription(DiagnosticArray, "/diagnostics", reports.append, 10)
+
+    def adapter_reported(prefix: str) -> bool:
+        values = [{kv.key: kv.value for kv in r.status[0].values} for r in reports[-3:]]
+        return any(v.get("adapter", "").startswith(prefix) for v in values)
+
+    assert spin_until(graph.executor, lambda: adapter_reported("a@"), 10)
+    # load a second adapter at runtime, then switch to it
+    assert graph.vla.set_parameters([Parameter("adapters", value=[f"a={first}", f"b={second}"])])[0].successful
+    assert graph.vla.set_parameters([Parameter("active_adapter", value="b")])[0].successful
+    assert backend.adapter_id.startswith("b@")
+    reports.clear()
+    assert spin_until(graph.executor, lambda: adapter_reported("b@"), 10)
+    assert id(backend.model) == base_model, "hot swap must not reload the base model"
