@@ -38,7 +38,8 @@ def embedded_model_ready() -> bool:
 
 def needs_embedded():
     if not embedded_model_ready():
-        pytest.skip("the embedded model is not built (models/tabletop-tiny + models/tabletop-tiny-zh-lora): make models")
+        pytest.skip("the embedded model is not built (models/tabletop-tiny + models/tabletop-tiny-zh-lora): "
+                    "make models")
 
 
 def model_args(expect: dict, request) -> list[str]:
@@ -238,6 +239,28 @@ def test_sqlite3_output_bag_and_keep_stamps(mini_run, tmp_path, tiny_model_dir):
     messages = read_messages(out / "output_bag")
     assert {type(m).__name__ for _, _, m in messages} == {"vla_node__msg__CommandStatus",
                                                            "vla_node__msg__ActionPlan"}
+
+
+def test_external_node_on_the_current_domain(mini_run, tmp_path, tiny_model_dir, monkeypatch):
+    """--external: a vla_node process started the way launch files start it, on its own domain."""
+    import subprocess
+
+    domain = replay.pick_free_domain()
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    log = tmp_path / "node.log"
+    with open(log, "wb") as handle:
+        node = subprocess.Popen([sys.executable, "-m", "vla_node.node", "--ros-args", "-p",
+                                 f"model_path:={tiny_model_dir}"], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        rc = replay.main([str(mini_run["bag"]), "--external", "--startup-timeout", "90", "--out",
+                          str(tmp_path / "out"), "--expect", str(mini_run["expect"]), "-q"])
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["node"]["mode"] == "external" and report["node"]["domain_id"] == domain
 
 
 # ------------------------------------------------------------------------------------- dataset export

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         result = replay_bag(options, log=log, finish=lambda directory, results: write_annotations(directory, results))
     except (BagError, ReplayError) as error:
         print(f"demo: {error}", file=sys.stderr)
-        if "embedded model" in str(error) or "tabletop-tiny" in str(error):
+        if "tabletop-tiny" in str(error) and "make models" not in str(error):
             print("demo: build the embedded model first: make models", file=sys.stderr)
         return 2
     print()

@@ -59,7 +59,8 @@ the vla node, record its plans (/vla/actions) and statuses (/vla/status) and rep
 By default the REAL node (vla_node.node.VlaNode) is started in this process, in its own rclpy
 context on a random free ROS domain 10..99 with localhost-only discovery; node parameters come
 from --model/--adapter/--active-adapter/-p (and from an --expect file's "node_parameters" for
-those not given). With --external an already running node on $ROS_DOMAIN_ID is used instead.
+those not given). With --external an already running node on $ROS_DOMAIN_ID is used instead
+(it keeps the frames it already has: NO_IMAGE is only seen by a freshly started node).
 
 Timing: at --rate R (default 1.0) each message goes out at its recorded time divided by R,
 and image header stamps are rewritten to the replay clock: now + (t - t0)/R for a frame

@@ -21,7 +21,7 @@ code always writes the same bags. Bags (320x240 images, a few frames each, all <
 
 The timing is chosen so the statuses do not depend on the model's speed beyond "one generation
 takes longer than 50 ms": a command follows its frame by 0.2-0.3 s and the next scene's frame
-comes >= 1 s later (the node pairs a command with the closest frame), bursts are 10 ms apart.
+comes >= 1 s later (the node pairs a command with the closest frame), bursts are 5 ms apart.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def golden_sqlite3(scenes: Scenes) -> Script:
     s.say(4.3, burst[0])  # taken by the worker at once
     designed = ["BUSY", "BUSY", None, None, None, None]  # queue of 4, drop_oldest: b2 and b3 dropped
     for i, (text, status) in enumerate(zip(burst[1:], designed)):
-        s.say(4.33 + 0.01 * i, text, status)
+        s.say(4.32 + 0.005 * i, text, status)
     return s
 
 
@@ -202,7 +202,7 @@ def write_script(script: Script, out_dir: Path) -> Path:
 
 def expectations(script: Script, bag: Path, model: str | None) -> None:
     """Replay the bag with --write-expect; with a non-embedded model keep model-independent statuses only."""
-    target = HERE / f"{script.name}.expect.json"
+    target = bag.parent / f"{script.name}.expect.json"
     scratch = REPO / "out" / "make_golden"
     raw = scratch / f"{script.name}.expect.json"
     argv = [sys.executable, "-m", "vla_node.replay", str(bag), "--out", str(scratch / script.name),
@@ -234,7 +234,7 @@ def expectations(script: Script, bag: Path, model: str | None) -> None:
         data["note"] = ("development expectations (random model): only the model-independent statuses "
                         "are pinned; regenerate with `python tests/data/make_golden.py --expect`")
     target.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {target.relative_to(REPO)}")
+    print(f"wrote {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
