@@ -424,8 +424,8 @@ def test_demo_replays_the_bundled_bag_and_draws_every_command(tmp_path, capsys):
     assert len(pngs) == report["summary"]["commands"] >= 4
     assert report["node"]["adapter_id"], "the demo runs with the zh adapter active"
     assert report["summary"]["by_status"].get("ACCEPTED", 0) >= 3
-    for command in report["commands"]:
-        assert command["text"] in out
+    for command in report["commands"]:  # the table shortens long commands to their column
+        assert command["text"][:30] in out
     import cv2
 
     assert cv2.imread(str(pngs[0])).shape[1] == demo.PANEL_WIDTH

@@ -40,6 +40,7 @@ MODEL_SIZES = dict(
     vision_num_heads=4,
     min_pixels=56 * 56,
     max_pixels=252 * 196,  # a 320x240 frame is seen as 252x196 (63 visual tokens)
+    vision_window_attention=False,  # 6 windows per frame would mean 6x the attention calls
 )
 IMAGE_SIZE = (320, 240)
 BOXES = "absolute_resized"  # the model answers with boxes in its own input pixels (Qwen2.5-VL style)
@@ -49,15 +50,20 @@ def log(message: str) -> None:
     print(f"[build_embedded {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def synth_config(num: int, seed: int, languages: tuple[str, ...]):
+    from training.synth import SynthConfig
+
+    return SynthConfig(num=num, seed=seed, size=IMAGE_SIZE, languages=languages, boxes=BOXES,
+                       min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"],
+                       val_frac=0.02, test_frac=0.03)
+
+
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int) -> Path:
-    from training.synth import SynthConfig, generate_dataset
+    from training.synth import generate_dataset
 
     if (out / "dataset_info.json").is_file():
         return out
-    cfg = SynthConfig(num=num, seed=seed, size=IMAGE_SIZE, languages=languages, boxes=BOXES,
-                      min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"],
-                      val_frac=0.02, test_frac=0.03)
-    report = generate_dataset(out, cfg, workers=workers)
+    report = generate_dataset(out, synth_config(num, seed, languages), workers=workers)
     log(f"synth {out.name}: {report.counts} in {report.seconds:.0f} s")
     return out
 
@@ -126,21 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
     parser.add_argument("--base-samples", type=int, default=40000, help="English synthetic samples (default: %(default)s)")
     parser.add_argument("--lora-samples", type=int, default=16000, help="Chinese+English samples (default: %(default)s)")
-    parser.add_argument("--base-epochs", type=float, default=4, help="full fine-tuning epochs (default: %(default)s)")
-    parser.add_argument("--lora-epochs", type=float, default=6, help="LoRA epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="per-device batch (default: %(default)s)")
+    parser.add_argument("--base-epochs", type=float, default=8, help="full fine-tuning epochs (default: %(default)s)")
+    parser.add_argument("--lora-epochs", type=float, default=4, help="LoRA epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch (default: %(default)s)")
+    parser.add_argument("--base-lr", type=float, default=1e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
+    parser.add_argument("--base-from", default=None,
+                        help="start full fine-tuning from this checkpoint instead of a random init (a second stage)")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="processes for data generation and loading (default: cores - 2, at most 12)")
     parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per evaluation (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
+    parser.add_argument("--stop-after", choices=("base", "all"), default="all",
+                        help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
-    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
-    init = base_init(work / "base_init", corpus([data_en, data_zh]), args.seed)
+    heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",)),
+               "test_zh": synth_config(args.lora_samples, args.seed + 1, ("zh", "en"))}
 
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
                   dataloader_num_workers=args.workers, seed=args.seed, logging_steps=20,
@@ -149,42 +159,39 @@ def main(argv: list[str] | None = None) -> int:
                   # the small model is bound by data loading, not by matmul speed.
                   bf16="false", report_to="tensorboard", lr_scheduler_type="cosine",
                   image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
-    base = run_training(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
-                        freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset="tabletop_train",
-                        eval_dataset="tabletop_val", output_dir=str(work / "base_train"), learning_rate=5e-4,
-                        weight_decay=0.01, warmup_ratio=0.03, num_train_epochs=args.base_epochs, **common)
-    export_model(base, out / EMBEDDED_MODEL)
+    if (out / EMBEDDED_MODEL / "config.json").is_file():  # exported by an earlier (maybe remote) run
+        log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")
+    else:
+        data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
+        data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
+        init = Path(args.base_from) if args.base_from else \
+            base_init(work / "base_init", corpus([data_en, data_zh]), args.seed)
+        base = run_training(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
+                            freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset="tabletop_train",
+                            eval_dataset="tabletop_val", output_dir=str(work / "base_train"), learning_rate=args.base_lr,
+                            weight_decay=0.01, warmup_ratio=0.03, num_train_epochs=args.base_epochs, **common)
+        export_model(base, out / EMBEDDED_MODEL)
+    if args.stop_after == "base":
+        log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
+        return 0
+    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
     lora = run_training(model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora", lora_rank=8, lora_alpha=16,
                         lora_dropout=0.0, dataset_dir=str(data_zh), dataset="tabletop_train",
                         eval_dataset="tabletop_val", output_dir=str(work / "lora_train"), learning_rate=2e-3,
                         warmup_ratio=0.05, num_train_epochs=args.lora_epochs, **common)
     export_model(lora, out / EMBEDDED_ADAPTER)
-    # Training data stays in the work folder; the held-out test splits travel with the models.
-    for name, data in (("test_en", data_en), ("test_zh", data_zh)):
-        copy_test_split(data, out / "heldout" / name)
+    # Training data stays in the work folder; the held-out test splits travel with the models
+    # as their recipe (a sample depends on seed and index alone): the images would be 160 MB.
+    from training.heldout import write_heldout_spec
+
+    for name, cfg in heldout.items():
+        write_heldout_spec(out / "heldout" / f"{name}.json", cfg)
     log(f"models written to {out} in {time.time() - started:.0f} s")
     if not args.skip_eval:
         from training.embedded_metrics import evaluate_embedded
 
         evaluate_embedded(out, limit=args.eval_limit)
     return 0
-
-
-def copy_test_split(data: Path, target: Path) -> None:
-    """The test split with its images, as a self-contained LLaMA-Factory dataset dir."""
-    from training.sharegpt import Sample, write_sharegpt
-
-    if target.exists():
-        shutil.rmtree(target)
-    (target / "images").mkdir(parents=True)
-    rows = []
-    for sample in json.loads((data / "test.json").read_text(encoding="utf-8")):
-        images = []
-        for image in sample["images"]:
-            shutil.copy2(data / image, target / "images" / Path(image).name)
-            images.append(target / "images" / Path(image).name)
-        rows.append(Sample(messages=sample["messages"], images=images, source="heldout"))
-    write_sharegpt(target / "test.json", rows, dataset_info_name="tabletop_test")
 
 
 if __name__ == "__main__":

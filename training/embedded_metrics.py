@@ -2,8 +2,10 @@
 
     python -m training.embedded_metrics [--models models] [--limit 400] [--device cpu]
 
-Writes models/METRICS.json and models/METRICS.md; tests/test_embedded_model.py re-runs the
-same evaluation and checks that it reproduces the published numbers.
+Writes models/METRICS.json and models/METRICS.md. The held-out samples are re-created from
+their recipes in models/heldout/ (training.heldout). METRICS.json also holds a `ci_check`:
+the same evaluation on the first --ci-limit samples, which tests/test_embedded_model.py
+re-runs and compares (quality figures only: latency depends on the machine).
 """
 from __future__ import annotations
 
@@ -15,28 +17,43 @@ from pathlib import Path
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
 SPLITS = ("test_en", "test_zh")
+CI_LIMIT = 12
+# What must reproduce: greedy decoding in fp32 on the CPU is deterministic.
+REPRODUCED = ("n", "parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc", "object_acc",
+              "destination_acc", "box_iou50", "bleu4", "rouge_l")
 HEADLINE = ("parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc", "object_acc",
             "destination_acc", "box_iou50", "clarify_precision", "clarify_recall", "bleu4", "rouge_l",
             "latency_p50_ms")
 
 
-def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu", write: bool = True) -> dict:
+def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu", write: bool = True,
+                      ci_limit: int | None = CI_LIMIT) -> dict:
+    import tempfile
+
     from training.evaluate import evaluate
+    from training.heldout import materialise_heldout
 
     results = {}
     for split in SPLITS:
-        data = models / "heldout" / split
-        result = evaluate(model=str(models / EMBEDDED_MODEL), adapter=str(models / EMBEDDED_ADAPTER),
-                          dataset_dir=str(data), dataset="tabletop_test", compare_base=True, limit=limit,
-                          device=device)
+        with tempfile.TemporaryDirectory(prefix=f"vla-{split}-") as tmp:
+            data = materialise_heldout(models / "heldout" / f"{split}.json", Path(tmp), limit=limit)
+            result = evaluate(model=str(models / EMBEDDED_MODEL), adapter=str(models / EMBEDDED_ADAPTER),
+                              dataset_dir=str(data), dataset="tabletop_test", compare_base=True, limit=limit,
+                              device=device)
         results[split] = {run: {"n": metrics.get("n"), **{key: metrics.get(key) for key in HEADLINE}}
                           for run, metrics in result["runs"].items()}
     summary = {"device": device, "limit": limit, "splits": results,
                "command": f"python -m training.embedded_metrics --models {models} --limit {limit} --device {device}"}
+    if ci_limit:
+        check = evaluate_embedded(models, ci_limit, device, write=False, ci_limit=None)
+        summary["ci_check"] = {"limit": ci_limit, "splits": {
+            split: {run: {key: metrics[key] for key in REPRODUCED} for run, metrics in runs.items()}
+            for split, runs in check["splits"].items()}}
     if write:
         (models / "METRICS.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (models / "METRICS.md").write_text(markdown(summary), encoding="utf-8")
-    print(markdown(summary))
+    if write:
+        print(markdown(summary))
     return summary
 
 
@@ -59,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="models", help="folder with the embedded model (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=400, help="samples per split (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
+    parser.add_argument("--ci-limit", type=int, default=CI_LIMIT,
+                        help="samples per split of the ci_check the tests reproduce (default: %(default)s)")
     args = parser.parse_args(argv)
-    evaluate_embedded(Path(args.models), args.limit, args.device)
+    evaluate_embedded(Path(args.models), args.limit, args.device, ci_limit=args.ci_limit)
     return 0
 
 

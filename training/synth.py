@@ -948,10 +948,13 @@ def _encode_sample(index: int) -> tuple[int, bytes, list, str, str]:
 
 
 def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = None,
-                     overwrite: bool = False, workers: int = 1) -> SynthReport:
+                     overwrite: bool = False, workers: int = 1,
+                     only: Optional[dict[str, list[int]]] = None) -> SynthReport:
     """Write images/NNNNNN.png, train/val/test.json, dataset_info.json (``<prefix>_train`` ...)
     and synth_config.json (the options, model input size and vocabulary fingerprint) to out_dir.
 
+    ``only`` ({split: indices}) writes just those samples of those splits: a sample depends on
+    (seed, index) alone, so a held-out split can be re-created without its whole dataset.
     Refuses a non-empty out_dir unless ``overwrite``, which removes only this generator's outputs.
     """
     from training.sharegpt import Sample, write_sharegpt
@@ -976,9 +979,10 @@ def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = No
 
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (cfg,))
     try:
-        for split in SPLITS:
+        wanted = only if only is not None else syn.splits()
+        for split in (split for split in SPLITS if split in wanted):
             rows: list[Sample] = []
-            indices = syn.splits()[split]
+            indices = wanted[split]
             encoded = (pool.imap(_encode_sample, indices, chunksize=64) if pool is not None
                        else (_encode(syn, i) for i in indices))
             for index, png_bytes, messages, kind, language in encoded:  # in index order: deterministic

@@ -8,7 +8,8 @@ recorded into an output bag and summarised in report.json / report.md (vla_node.
 --expect compares them with an expectation file, --export-dataset turns accepted (or
 corrected) plans into a LLaMA-Factory ShareGPT dataset.
 
-rclpy is imported inside functions only, so `vla-replay --help` is instant.
+Its rclpy side is vla_node.node.ReplaySession (the only module that imports rclpy),
+imported when a replay starts, so `vla-replay --help` is instant.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vla_node.bag_io import PLAN_TYPE, STATUS_TYPE, BagError, BagInfo, OutputBag, inspect_bag, iter_messages
+from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
@@ -41,6 +42,9 @@ from vla_node.report import (
     replace_dir,
     write_report,
 )
+
+if TYPE_CHECKING:  # the rclpy side, imported only when a replay runs
+    from vla_node.node import ReplaySession
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 AFAP_SETTLE_S = 0.05  # --as-fast-as-possible: pause between the last frame and a command
@@ -236,7 +240,7 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
 
 # ------------------------------------------------------------------------------- ROS session
 @contextmanager
-def _localhost_discovery():
+def localhost_discovery():
     """Localhost-only discovery while the isolated context and its nodes are created."""
     saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS")}
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -252,25 +256,9 @@ def _localhost_discovery():
 
 
 def _domain_is_quiet(domain: int, wait_s: float = 0.3) -> bool:
-    import rclpy
-    from rclpy.context import Context
+    from vla_node.node import domain_is_quiet  # rclpy lives in vla_node.node only
 
-    context = Context()
-    rclpy.init(args=["vla_replay"], context=context, domain_id=domain)
-    try:
-        probe = rclpy.create_node("vla_replay_probe", context=context, enable_rosout=False,
-                                  start_parameter_services=False, use_global_arguments=False)
-        try:
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if len(probe.get_node_names()) > 1:
-                    return False
-                time.sleep(0.05)
-            return True
-        finally:
-            probe.destroy_node()
-    finally:
-        rclpy.try_shutdown(context=context)
+    return domain_is_quiet(domain, wait_s)
 
 
 def pick_free_domain(rng: random.Random | None = None, tries: int = 8) -> int:
@@ -369,181 +357,6 @@ class Tracker:
                     result.plan = self.plans.get(result.status.command_id)
 
 
-class RosSession:
-    """The rclpy side: context, optional in-process VlaNode, the replay node, one executor thread."""
-
-    def __init__(self, options: ReplayOptions, info: BagInfo, tracker: Tracker, output: OutputBag):
-        self.options = options
-        self.info = info
-        self.tracker = tracker
-        self.output = output
-        self.context = None
-        self.vla = None
-        self.client = None
-        self.executor = None
-        self.thread: threading.Thread | None = None
-        self.domain_id: int | None = None
-        self.backend = BackendInfo()
-        self.max_image_age_s: float | None = None  # known for the in-process node only
-
-    # --------------------------------------------------------------- start / stop
-    def start(self) -> None:
-        import rclpy
-        from rclpy.context import Context
-
-        options = self.options
-        self.context = Context()
-        if options.external:
-            rclpy.init(args=["vla_replay"], context=self.context)
-            self._start_client()
-        else:
-            with _localhost_discovery():
-                self.domain_id = pick_free_domain()
-                rclpy.init(args=["vla_replay"], context=self.context, domain_id=self.domain_id)
-                self._start_vla_node()
-                self._start_client()
-        self.domain_id = self.context.get_domain_id()
-        self._wait_for_connections()
-
-    def node_parameters(self) -> dict[str, Any]:
-        from vla_node.node import PARAMETERS
-
-        params = {name: coerce_parameter(name, value) for name, value in self.options.node_parameters.items()}
-        unknown = sorted(set(params) - set(PARAMETERS))
-        if unknown:
-            raise ReplayError(f"unknown node parameters: {', '.join(unknown)}")
-        params.update({
-            "camera_topic": self.info.camera_topic,
-            "speech_topic": self.info.speech_topic,
-            "camera_transport": "compressed" if self.info.compressed else "raw",
-            "action_topic": self.options.action_topic,
-            "status_topic": self.options.status_topic,
-        })
-        return params
-
-    def _start_vla_node(self) -> None:
-        import rclpy.logging
-        from rclpy.parameter import Parameter
-
-        from vla_node.node import VlaNode
-
-        overrides = [Parameter(name, value=value) for name, value in self.node_parameters().items()]
-        if not self.options.verbose:
-            rclpy.logging.set_logger_level("vla_node", rclpy.logging.LoggingSeverity.ERROR)
-        try:
-            self.vla = VlaNode("vla_node", context=self.context, parameter_overrides=overrides,
-                               use_global_arguments=False)
-        except Exception as error:
-            raise ReplayError(f"cannot start the vla node: {type(error).__name__}: {error}") from None
-        self.max_image_age_s = float(self.vla.get_parameter("max_image_age_s").value)
-        backend = self.vla.runtime.core.backend
-        self.backend = BackendInfo(backend.model_id, backend.adapter_id, backend.coordinate_convention,
-                                   backend.pixel_limits)
-
-    def _start_client(self) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
-        from sensor_msgs.msg import CompressedImage, Image
-        from std_msgs.msg import String
-
-        from vla_node import msg as vla_msg
-
-        reliable = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
-                              durability=QoSDurabilityPolicy.VOLATILE)
-        options = self.options
-        node = rclpy.create_node("vla_replay", context=self.context, use_global_arguments=False,
-                                 start_parameter_services=False)
-        self.client = node
-        self.camera_type = CompressedImage if self.info.compressed else Image
-        camera_topic = (options.to_camera_topic if options.external else None) or self.info.camera_topic
-        speech_topic = (options.to_speech_topic if options.external else None) or self.info.speech_topic
-        self.camera_pub = node.create_publisher(self.camera_type, camera_topic, 10)
-        self.speech_pub = node.create_publisher(String, speech_topic, reliable)
-        self.output.add_topic(options.action_topic, PLAN_TYPE)
-        self.output.add_topic(options.status_topic, STATUS_TYPE)
-        self.plan_sub = node.create_subscription(vla_msg.ActionPlan, options.action_topic, self._on_plan,
-                                                 reliable, raw=True)
-        self.status_sub = node.create_subscription(vla_msg.CommandStatus, options.status_topic,
-                                                   self._on_status, reliable, raw=True)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        if self.vla is not None:
-            self.executor.add_node(self.vla)
-        self.executor.add_node(node)
-        self.thread = threading.Thread(target=self._spin, name="vla-replay-executor", daemon=True)
-        self.thread.start()
-
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception as error:  # shutdown races end the spin; anything else ends the replay
-            if self.context is not None and self.context.ok():
-                self.tracker.fail(f"the ROS executor stopped: {type(error).__name__}: {error}")
-
-    def _wait_for_connections(self) -> None:
-        checks = {
-            f"a subscriber of {self.camera_pub.topic_name} ({self.camera_type.__name__})":
-                lambda: self.camera_pub.get_subscription_count() >= 1,
-            f"a subscriber of {self.speech_pub.topic_name} (String)":
-                lambda: self.speech_pub.get_subscription_count() >= 1,
-            f"a publisher of {self.status_sub.topic_name} (CommandStatus)":
-                lambda: self.status_sub.get_publisher_count() >= 1,
-            f"a publisher of {self.plan_sub.topic_name} (ActionPlan)":
-                lambda: self.plan_sub.get_publisher_count() >= 1,
-        }
-        deadline = time.monotonic() + self.options.startup_timeout_s
-        while time.monotonic() < deadline and not all(check() for check in checks.values()):
-            time.sleep(0.02)
-        missing = [what for what, check in checks.items() if not check()]
-        if missing:
-            where = (f"on ROS domain {self.domain_id} (ROS_DOMAIN_ID)" if self.options.external
-                     else "from the in-process node")
-            raise ReplayError(f"no {'; no '.join(missing)} {where} within {self.options.startup_timeout_s} s"
-                              + ("; is the vla node running there, with these topics and camera_transport?"
-                                 if self.options.external else ""))
-        time.sleep(0.1)  # let the reliable readers finish their handshake
-
-    def stop(self) -> None:
-        import rclpy
-
-        if self.executor is not None:
-            self.executor.shutdown(timeout_sec=5.0)
-        if self.thread is not None:
-            self.thread.join(timeout=5.0)
-        if self.vla is not None:
-            try:
-                self.vla.shutdown()
-            finally:
-                self.vla.destroy_node()
-            self.vla = None
-        if self.client is not None:
-            self.client.destroy_node()
-            self.client = None
-        if self.context is not None:
-            rclpy.try_shutdown(context=self.context)
-            self.context = None
-
-    # --------------------------------------------------------------- callbacks (executor thread)
-    def _on_plan(self, raw: bytes) -> None:
-        from rclpy.serialization import deserialize_message
-
-        from vla_node import msg as vla_msg
-        from vla_node.ros_convert import msg_to_plan
-
-        self.output.write(self.options.action_topic, time.time_ns(), raw)
-        self.tracker.on_plan(msg_to_plan(deserialize_message(raw, vla_msg.ActionPlan)))
-
-    def _on_status(self, raw: bytes) -> None:
-        from rclpy.serialization import deserialize_message
-
-        from vla_node import msg as vla_msg
-        from vla_node.ros_convert import msg_to_status
-
-        now = time.time_ns()
-        self.output.write(self.options.status_topic, now, raw)
-        self.tracker.on_status(msg_to_status(deserialize_message(raw, vla_msg.CommandStatus)), now)
-
-
 # ------------------------------------------------------------------------------- playback
 def _camera_offset_ns(message, log_ns: int) -> int:
     """Recorded stamp-to-receive offset of a camera message (0 when the stamp is another clock)."""
@@ -562,12 +375,9 @@ def _sleep_until(target_monotonic: float) -> None:
         time.sleep(min(left, 0.05))
 
 
-def play(session: RosSession, info: BagInfo, options: ReplayOptions, tracker: Tracker,
+def play(session: ReplaySession, info: BagInfo, options: ReplayOptions, tracker: Tracker,
          log=print) -> list[CommandResult]:
     """Publish the bag's camera and speech messages; returns one result per command."""
-    from rclpy.serialization import deserialize_message
-    from std_msgs.msg import String
-
     from vla_node.ros_convert import image_decoder, ns_to_time, time_to_ns
 
     results = tracker.results
@@ -583,7 +393,7 @@ def play(session: RosSession, info: BagInfo, options: ReplayOptions, tracker: Tr
         if not afap:
             _sleep_until(origin_mono + bag_s / options.rate)
         if topic == info.camera_topic:
-            message = deserialize_message(raw, session.camera_type)
+            message = session.deserialize_camera(raw)
             offset = _camera_offset_ns(message, log_ns)
             last_frame_bag_ns = log_ns + offset
             if not options.keep_stamps:
@@ -606,7 +416,7 @@ def play(session: RosSession, info: BagInfo, options: ReplayOptions, tracker: Tr
                 _age_frame(last_frame, command.log_ns - last_frame_bag_ns, session.max_image_age_s)
         tracker.sent(result)
         result.sent_ns = time.time_ns()
-        session.speech_pub.publish(String(data=command.text))
+        session.publish_command(command.text)
         if afap and not tracker.wait(lambda r=result: r.status is not None, options.status_timeout_s):
             log(f"vla-replay: no status for command {command.index} ({command.text!r}) after "
                 f"{options.status_timeout_s} s; going on")
@@ -667,7 +477,9 @@ def replay_bag(options: ReplayOptions, log=print, finish=None) -> ReplayResult:
         results = [CommandResult(c.index, c.text, (c.log_ns - info.start_ns) / 1e9) for c in info.commands]
         tracker = Tracker(results)
         output = OutputBag(partial / "output_bag", options.out_storage, typestore=store)
-        session = RosSession(options, info, tracker, output)
+        from vla_node.node import ReplaySession  # rclpy lives in vla_node.node only
+
+        session = ReplaySession(options, info, tracker, output)
         started = time.time()
         try:
             session.start()

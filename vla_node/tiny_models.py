@@ -107,6 +107,10 @@ DEFAULT_SIZES: dict = {
     "vision_num_heads": 2,
     "min_pixels": 56 * 56,
     "max_pixels": 224 * 224,
+    # Qwen2.5-VL only: window attention in every vision block but the last (the real layout).
+    # False makes every block full attention: transformers runs non-flash vision attention once
+    # per window in a Python loop, so windows cost far more than they save on small images.
+    "vision_window_attention": True,
 }
 
 _PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
@@ -362,7 +366,7 @@ def _build_config(family: str, tokenizer, s: dict):
             spatial_merge_size=_MERGE,
             temporal_patch_size=_TEMPORAL,
             window_size=112,
-            fullatt_block_indexes=[vdepth - 1],
+            fullatt_block_indexes=[vdepth - 1] if s["vision_window_attention"] else list(range(vdepth)),
             tokens_per_second=2,
         )
     else:

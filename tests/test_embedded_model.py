@@ -1,0 +1,49 @@
+"""The embedded model reproduces its published held-out metrics (models/METRICS.json).
+
+The same evaluation code as `vla-eval` (prompt builder, backend, parser, policy) runs on the
+first `ci_check.limit` held-out samples of each split, re-created from their recipes, for the
+base model and base + LoRA; every quality figure must match what was published.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def published() -> dict:
+    path = MODELS / "METRICS.json"
+    if not (MODELS / EMBEDDED_MODEL / "config.json").is_file() or not path.is_file():
+        pytest.skip("the embedded model or its METRICS.json is not built: make models")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_heldout_recipes_recreate_unseen_samples(tmp_path):
+    from training.heldout import materialise_heldout
+
+    published()
+    data = materialise_heldout(MODELS / "heldout" / "test_zh.json", tmp_path / "zh", limit=5)
+    rows = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    assert len(rows) == 5 and all((data / row["images"][0]).is_file() for row in rows)
+    assert any(any("\u4e00" <= ch <= "\u9fff" for ch in row["messages"][-2]["content"]) for row in rows)
+
+
+def test_embedded_model_reproduces_its_published_metrics():
+    from training.embedded_metrics import REPRODUCED, evaluate_embedded
+
+    summary = published()
+    check = summary["ci_check"]
+    again = evaluate_embedded(MODELS, limit=check["limit"], write=False, ci_limit=None)
+    for split, runs in check["splits"].items():
+        assert set(runs) == {"base", "adapter"}, "base and base+LoRA are both evaluated"
+        for run, metrics in runs.items():
+            for key in REPRODUCED:
+                want, got = metrics[key], again["splits"][split][run][key]
+                if isinstance(want, float):
+                    assert got == pytest.approx(want, abs=1e-6), f"{split}/{run}/{key}"
+                else:
+                    assert got == want, f"{split}/{run}/{key}"
+    assert (MODELS / EMBEDDED_ADAPTER / "vla_manifest.json").is_file()
