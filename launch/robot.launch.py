@@ -15,7 +15,12 @@ SHARE = get_package_share_directory("vla_node")
 ARGUMENTS = {
     "model_path": ("", "Local Qwen-VL checkpoint directory ('' = embedded tabletop-tiny model)"),
     "adapter_path": ("", "LoRA adapter directory to load and activate ('' = none)"),
+    "adapter_name": ("launch", "Name of adapter_path; backend openai: the server's LoRA module name"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "backend": ("", "transformers | openai ('' = params_file value)"),
+    "server_url": ("", "backend openai: server base URL, e.g. http://gpu-host:8000/v1"),
+    "server_model": ("", "backend openai: served base model name"),
+    "api_key_env": ("", "backend openai: environment variable holding the API key"),
     "camera_topic": ("camera/image_raw", "Camera topic (remapped onto the node's camera input)"),
     "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)"),
     "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)"),
@@ -41,9 +46,12 @@ def _node(context, *args, **kwargs):
     }
     if value["model_path"]:
         overrides["model_path"] = value["model_path"]
+    for name in ("backend", "server_url", "server_model", "api_key_env"):
+        if value[name]:
+            overrides[name] = value[name]
     if value["adapter_path"]:
-        overrides["adapters"] = [f"launch={value['adapter_path']}"]
-        overrides["active_adapter"] = "launch"
+        overrides["adapters"] = [f"{value['adapter_name']}={value['adapter_path']}"]
+        overrides["active_adapter"] = value["adapter_name"]
     lifecycle = value["lifecycle"].lower() in ("1", "true", "yes")
     common = dict(
         package="vla_node",

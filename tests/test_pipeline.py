@@ -196,7 +196,8 @@ def test_backend_failure_gives_backend_error_and_the_next_command_works(core):
 
 
 def test_watchdog_turns_slow_generation_into_timeout(core, tiny_model_dir):
-    slow = build_core(RuntimeSettings(model_path=str(tiny_model_dir), max_new_tokens=4000))
+    # Unconstrained: the grammar would end the random model's answer early; this needs a long one.
+    slow = build_core(RuntimeSettings(model_path=str(tiny_model_dir), max_new_tokens=4000, constrained_decoding=False))
     recorder = Recorder()
     pipeline = _pipeline(slow, recorder, generation_timeout_s=0.3)
     pipeline.on_frame(_frame(time.time_ns() + 10**12))

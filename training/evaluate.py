@@ -327,7 +327,7 @@ def evaluate(
     compare_base: bool = False,
     out: str | None = None,
     limit: int | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 128,
     device: str = "auto",
     dtype: str = "auto",
     vocabulary: str | None = None,
@@ -419,7 +419,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action="store_true", help="also score the base model (adapter off) and tabulate both")
     p.add_argument("--out", help="write metrics.json, metrics.md and predictions_*.jsonl here")
     p.add_argument("--limit", type=int, help="only the first N samples")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation budget (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     p.add_argument("--vocabulary", help="actions.yaml (default: the packaged config/actions.yaml)")

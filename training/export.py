@@ -97,12 +97,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base Qwen-VL model (peft merge_and_unload) and save a plain\n"
         "safetensors checkpoint + processor + vla_manifest.json (with a 'merged' note) that loads\n"
         "without peft. The adapter's manifest is checked against the base first.",
-        epilog="example:\n  vla-export --model models/tabletop-tiny --adapter out/lora --out out/merged",
+        epilog="examples:\n  vla-export --model models/tabletop-tiny --adapter out/lora --out out/merged\n"
+        "  vla-export --model models/tabletop-tiny --onnx out/tabletop-tiny-onnx   # for backend: onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="base checkpoint directory the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory (adapter_config.json)")
-    p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
+    p.add_argument("--adapter", help="LoRA adapter directory (adapter_config.json); optional with --onnx")
+    p.add_argument("--out", help="output directory for the merged checkpoint")
+    p.add_argument("--onnx", metavar="OUT",
+                   help="instead: export to an onnxruntime folder OUT (vision encoder + KV-cache decoder + "
+                        "tokenizer + manifest; the adapter, if given, is merged first). Qwen2-VL / Qwen2.5-VL only")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the saved weights (default: %(default)s)")
     p.add_argument("--no-manifest-check", action="store_true",
                    help="merge even if the adapter's manifest does not match the base model")
@@ -110,9 +114,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    a = parser.parse_args(argv)
+    if a.onnx is None and (a.adapter is None or a.out is None):
+        parser.error("--adapter and --out are required (or use --onnx OUT)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if a.onnx is not None:
+        from training.onnx_export import export_onnx
+
+        try:
+            onnx_dir = export_onnx(a.model, a.onnx, adapter=a.adapter)
+        except (ValueError, OSError) as e:  # OnnxExportError is a ValueError
+            print(f"vla-export: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps({"onnx": str(onnx_dir)}))
+        return 0
     try:
         out = export_merged(a.model, a.adapter, a.out, dtype=a.dtype, check_manifest=not a.no_manifest_check)
     except (ValueError, OSError) as e:  # ManifestError is a ValueError

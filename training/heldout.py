@@ -26,9 +26,8 @@ def write_heldout_spec(path: Path, cfg: SynthConfig, split: str = "test") -> Pat
     return path
 
 
-def materialise_heldout(spec_path: Path, out_dir: Path, limit: int | None = None, workers: int = 1) -> Path:
-    """Write the first `limit` held-out samples of a spec as a LLaMA-Factory dataset dir
-    (dataset name ``tabletop_test``); returns out_dir."""
+def read_heldout_spec(spec_path: Path) -> tuple[SynthConfig, list[int]]:
+    """The synth options and held-out indices recorded by write_heldout_spec."""
     try:
         spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
         if spec.get("spec_version") != SPEC_VERSION:
@@ -41,6 +40,13 @@ def materialise_heldout(spec_path: Path, out_dir: Path, limit: int | None = None
         indices = [int(i) for i in spec["indices"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{spec_path}: not a held-out spec ({exc})") from exc
+    return cfg, indices
+
+
+def materialise_heldout(spec_path: Path, out_dir: Path, limit: int | None = None, workers: int = 1) -> Path:
+    """Write the first `limit` held-out samples of a spec as a LLaMA-Factory dataset dir
+    (dataset name ``tabletop_test``); returns out_dir."""
+    cfg, indices = read_heldout_spec(spec_path)
     if limit is not None:
         indices = indices[:limit]
     generate_dataset(out_dir, cfg, overwrite=True, workers=workers, only={"test": indices})

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vla_node.backends.base import Backend, BackendError
+from vla_node.backends.openai_backend import OpenAIBackend, ServerSettings
 from vla_node.pipeline import InferenceCore
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
@@ -67,20 +68,62 @@ class RuntimeSettings:
     device: str = "auto"
     dtype: str = "auto"
     vocabulary_path: str = ""     # "" -> config/actions.yaml
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     min_confidence: float | None = None  # overrides the vocabulary file's policy when set
     max_steps: int | None = None
+    constrained_decoding: bool = True   # only grammar-valid plans can be generated (vla_node.grammar)
+    constrain_to_policy: bool = False   # the grammar also applies the policy's allowed verbs/labels
+    server: ServerSettings = field(default_factory=ServerSettings)  # backend "openai" only
 
 
-def build_backend(settings: RuntimeSettings, vocab: Vocabulary) -> Backend:
-    if settings.backend != "transformers":
-        raise BackendError(f"unknown backend '{settings.backend}' (available: transformers)")
+BACKENDS = ("transformers", "openai", "onnx")
+
+
+def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPolicy | None = None) -> Backend:
+    if settings.backend not in BACKENDS:
+        raise BackendError(f"unknown backend '{settings.backend}' (available: {', '.join(BACKENDS)})")
+    if settings.backend == "openai":
+        return _build_server_backend(settings, vocab)
+    if settings.backend == "onnx":
+        return _build_onnx_backend(settings)
     from vla_node.backends.transformers_backend import TransformersBackend
 
     model_path = settings.model_path or str(embedded_path(EMBEDDED_MODEL))
     backend = TransformersBackend(model_path, device=settings.device, dtype=settings.dtype,
                                   max_new_tokens=settings.max_new_tokens,
                                   vocab_fingerprint=vocab.fingerprint())
+    for name, path in parse_adapter_specs(settings.adapters).items():
+        backend.load_adapter(path, name)
+    backend.set_adapter(settings.active_adapter or None)
+    if settings.constrained_decoding:
+        backend.enable_constrained_decoding(vocab, policy, restrict_to_policy=settings.constrain_to_policy)
+    return backend
+
+
+def _build_onnx_backend(settings: RuntimeSettings) -> Backend:
+    """onnxruntime: model_path is a `vla-export --onnx` folder; adapters must be merged at export."""
+    import logging
+
+    from vla_node.backends.onnx_backend import OnnxBackend
+
+    if not settings.model_path:
+        raise BackendError("backend 'onnx' needs model_path: a folder written by `vla-export --model DIR --onnx OUT`")
+    backend = OnnxBackend(settings.model_path, device=settings.device, max_new_tokens=settings.max_new_tokens)
+    for name, path in parse_adapter_specs(settings.adapters).items():
+        backend.load_adapter(path, name)  # raises: merge adapters at export time
+    backend.set_adapter(settings.active_adapter or None)
+    if settings.constrained_decoding:
+        # why not refuse: constrained decoding is on by default; the parser + safety gate still check every plan
+        logging.getLogger(__name__).warning(
+            "backend 'onnx' has no constrained decoding; generating unconstrained (parser and safety gate still apply)")
+    return backend
+
+
+def _build_server_backend(settings: RuntimeSettings, vocab: Vocabulary) -> Backend:
+    """Thin client: adapters are names the server serves (model_path: optional local config copy)."""
+    backend = OpenAIBackend(settings.server, model_path=settings.model_path,
+                            max_new_tokens=settings.max_new_tokens, json_schema=vocab.json_schema(),
+                            vocab_fingerprint=vocab.fingerprint())
     for name, path in parse_adapter_specs(settings.adapters).items():
         backend.load_adapter(path, name)
     backend.set_adapter(settings.active_adapter or None)
@@ -92,5 +135,5 @@ def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> Inf
     overrides = {key: value for key, value in (("min_confidence", settings.min_confidence),
                                               ("max_steps", settings.max_steps)) if value is not None}
     policy = SafetyPolicy.from_config({**(vocab.policy_config or {}), **overrides}, vocab)
-    backend = backend or build_backend(settings, vocab)
+    backend = backend or build_backend(settings, vocab, policy)
     return InferenceCore(backend, vocab, PromptBuilder(vocab), policy, settings.max_new_tokens)

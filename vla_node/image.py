@@ -14,6 +14,12 @@ import cv2
 import numpy as np
 
 MAX_SIDE = 16384
+# A compressed frame may claim any size in a few bytes of header; decoding a claimed 30000x30000 JPEG
+# would allocate gigabytes. 8K UHD (7680x4320, 33 Mpx) fits; more is refused before decoding.
+MAX_COMPRESSED_PIXELS = 40_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (SOF0..SOF15 except DHT C4, JPG C8, DAC CC) carry height and width.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class ImageError(ValueError):
@@ -151,9 +157,18 @@ def compressed_to_rgb(format: str, data) -> np.ndarray:
     fmt = str(format).lower()
     if "compresseddepth" in fmt:
         raise ImageError(f"compressed depth image ('{format}') cannot be used as the camera image")
-    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        buffer = np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"compressed image data is not a byte buffer ({type(data).__name__}): {exc}") from None
     if buffer.size == 0:
         raise ImageError("compressed image data is empty")
+    claimed = compressed_header_size(buffer)
+    if claimed is not None:
+        width, height = claimed
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or width * height > MAX_COMPRESSED_PIXELS:
+            raise ImageError(f"compressed image header claims {width}x{height} pixels: width and height must be "
+                             f"1..{MAX_SIDE} and the area at most {MAX_COMPRESSED_PIXELS} pixels")
     if buffer[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in bytes(buffer[-1024:]).rstrip(b"\x00")[-64:]:
         # libjpeg decodes a truncated file into a partly grey image and only warns; refuse it.
         # (Some cameras pad frames with zeros after the end-of-image marker; that is fine.)
@@ -163,6 +178,42 @@ def compressed_to_rgb(format: str, data) -> np.ndarray:
         raise ImageError(f"could not decode {buffer.size} bytes of '{format}' (corrupt or unsupported data)")
     _check_size(bgr.shape[1], bgr.shape[0])
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def compressed_header_size(buffer: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or a JPEG start-of-frame header, without decoding; None if not found."""
+    head = bytes(buffer[:24])
+    if head.startswith(_PNG_SIGNATURE):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    data = buffer.tobytes() if buffer.size <= 65536 else bytes(buffer[:65536])  # headers come first
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None  # not a marker where one must be: corrupt, cv2 will say so
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker in _JPEG_SOF:
+            if position + 9 > len(data):
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return width, height
+        if length < 2:
+            return None
+        position += 2 + length
+    return None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 from typing import Any
 
 import rclpy
@@ -20,11 +21,14 @@ import rclpy.utilities
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.serialization import deserialize_message
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from vla_node import msg as vla_msg
+from vla_node.backends.openai_backend import ServerSettings
 from vla_node.factory import RuntimeSettings, build_core, parse_adapter_specs
 from vla_node.pipeline import CommandPipeline, Frame, PipelineConfig
 from vla_node.text import DEFAULT_STOP_PHRASES
@@ -32,10 +36,24 @@ from vla_node.ros_convert import image_decoder, plan_to_msg, status_to_msg, time
 
 # name -> (default, description, read_only). Read-only ones take effect at configure.
 PARAMETERS: dict[str, tuple[Any, str, bool]] = {
-    "model_path": ("", "Local Qwen2-VL/Qwen2.5-VL/Qwen3-VL directory; '' = the embedded tabletop-tiny model", True),
+    "model_path": ("", "Local Qwen2-VL/Qwen2.5-VL/Qwen3-VL directory (backend onnx: a vla-export --onnx folder); '' = the embedded tabletop-tiny model", True),
     "adapters": ([""], "LoRA adapters to load, each 'name=path' (or 'embedded'); several may be loaded", False),
     "active_adapter": ("", "Name of the adapter to use ('' = base model); change it at runtime to hot-swap", False),
-    "backend": ("transformers", "Inference backend", True),
+    "backend": ("transformers", "Inference backend: transformers (local) | onnx (onnxruntime, no torch) | openai (OpenAI-compatible server)", True),
+    "server_url": ("", "backend openai: server base URL, e.g. http://gpu-host:8000/v1", True),
+    "server_model": ("", "backend openai: served base model name; adapters are requested by their served name", True),
+    "api_key_env": ("", "backend openai: environment variable holding the API key ('' = no key)", True),
+    "server_timeout_s": (10.0, "backend openai: hard deadline of one request attempt", True),
+    "server_max_retries": (2, "backend openai: retries after timeouts, connection errors, 408/429/5xx", True),
+    "server_retry_backoff_s": (0.25, "backend openai: first retry delay, doubling each retry", True),
+    "server_breaker_failures": (3, "backend openai: consecutive failures that open the circuit breaker", True),
+    "server_breaker_reset_s": (15.0, "backend openai: seconds the breaker fails fast before one trial", True),
+    "server_tls_verify": (True, "backend openai: verify https certificates", True),
+    "server_ca_file": ("", "backend openai: CA bundle for a private server certificate", True),
+    "server_structured_output": ("json_schema", "backend openai: json_schema | structured_outputs (vLLM >= 0.12) | guided_json (older vLLM) | none", True),
+    "server_model_family": ("", "backend openai: qwen2_vl | qwen2_5_vl | qwen3_vl ('' = from model_path)", True),
+    "server_min_pixels": (0, "backend openai: image pixel limits of the server's processor (0 = from model_path)", True),
+    "server_max_pixels": (0, "backend openai: must match the server, or boxes are scaled wrong", True),
     "device": ("auto", "auto | cpu | cuda | cuda:N", True),
     "dtype": ("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", True),
     "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),
@@ -48,13 +66,16 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "frame_buffer": (8, "Undecoded camera messages kept to pair a command with the closest frame", True),
     "queue_size": (4, "Commands waiting for the model at most", True),
     "queue_policy": ("drop_oldest", "drop_oldest (newest command wins) | reject_newest", True),
-    "max_new_tokens": (64, "Upper bound on generated tokens per command", True),
+    "max_new_tokens": (128, "Upper bound on generated tokens per command (a two-step plan with boxes is ~110 tokens)", True),
     "generation_timeout_s": (30.0, "Watchdog: generation longer than this gives TIMEOUT", True),
     "max_command_bytes": (512, "Longer speech text is refused with BAD_COMMAND", True),
     "stop_phrases": (list(DEFAULT_STOP_PHRASES),
                      "Utterances that publish STOP at once, without the model, and cancel pending work", True),
     "min_confidence": (-1.0, "Refuse plans below this confidence; < 0 keeps the vocabulary file's value", True),
     "max_steps": (-1, "Refuse plans longer than this; < 0 keeps the vocabulary file's value", True),
+    "constrained_decoding": (True, "Grammar-constrained decoding: only well-formed plans of the vocabulary can be generated", True),
+    "constrain_to_policy": (False, "The grammar also applies the policy's allowed verbs/objects/destinations "
+                                   "(off: a refused label is reported as REJECTED_BY_POLICY instead)", True),
     "warmup": (True, "Run one generation at configure so the first command is not slow", True),
     "diagnostics_period_s": (1.0, "Period of /diagnostics messages", True),
 }
@@ -107,6 +128,20 @@ class VlaRuntime:
             max_new_tokens=self.param("max_new_tokens"),
             min_confidence=self.param("min_confidence") if self.param("min_confidence") >= 0 else None,
             max_steps=self.param("max_steps") if self.param("max_steps") >= 0 else None,
+            constrained_decoding=self.param("constrained_decoding"),
+            constrain_to_policy=self.param("constrain_to_policy"),
+            server=ServerSettings(
+                url=self.param("server_url"), model=self.param("server_model"),
+                api_key_env=self.param("api_key_env"), timeout_s=self.param("server_timeout_s"),
+                max_retries=self.param("server_max_retries"),
+                retry_backoff_s=self.param("server_retry_backoff_s"),
+                breaker_failures=self.param("server_breaker_failures"),
+                breaker_reset_s=self.param("server_breaker_reset_s"),
+                tls_verify=self.param("server_tls_verify"), ca_file=self.param("server_ca_file"),
+                structured_output=self.param("server_structured_output"),
+                model_family=self.param("server_model_family"),
+                min_pixels=self.param("server_min_pixels"), max_pixels=self.param("server_max_pixels"),
+            ) if self.param("backend") == "openai" else ServerSettings(),
         )
         config = PipelineConfig(
             queue_size=self.param("queue_size"),
@@ -197,6 +232,9 @@ class VlaRuntime:
             "adapter": self.core.backend.adapter_id or "none",
             "queue_depth": str(self.pipeline.queue_depth()),
         }
+        breaker = getattr(self.core.backend, "breaker", None)  # backend openai: server health at a glance
+        if breaker is not None:
+            values["server_circuit"] = breaker.state
         values.update({f"latency_{k}_ms": f"{v:.1f}" for k, v in stats.latency_percentiles().items()})
         values.update({f"count_{code}": str(n) for code, n in sorted(stats.counts.items())})
         errors = stats.counts.get("BACKEND_ERROR", 0) + stats.counts.get("TIMEOUT", 0)
@@ -305,6 +343,203 @@ def _lifecycle_node_class():
             self.runtime.cleanup()
 
     return VlaLifecycleNode
+
+
+# ------------------------------------------------------------------------------- vla-replay's ROS side
+def domain_is_quiet(domain: int, wait_s: float = 0.3) -> bool:
+    """True when no other node shows up on `domain` within wait_s (localhost discovery)."""
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(args=["vla_replay"], context=context, domain_id=domain)
+    try:
+        probe = rclpy.create_node("vla_replay_probe", context=context, enable_rosout=False,
+                                  start_parameter_services=False, use_global_arguments=False)
+        try:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if len(probe.get_node_names()) > 1:
+                    return False
+                time.sleep(0.05)
+            return True
+        finally:
+            probe.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+class ReplaySession:
+    """vla-replay's rclpy side (the logic lives in vla_node.replay): context, optional
+    in-process VlaNode, the replay client node, one executor thread."""
+
+    def __init__(self, options, info, tracker, output):  # vla_node.replay types
+        from vla_node.replay import BackendInfo
+
+        self.options = options
+        self.info = info
+        self.tracker = tracker
+        self.output = output
+        self.context = None
+        self.vla = None
+        self.client = None
+        self.executor = None
+        self.thread: threading.Thread | None = None
+        self.domain_id: int | None = None
+        self.backend = BackendInfo()
+        self.max_image_age_s: float | None = None  # known for the in-process node only
+
+    # --------------------------------------------------------------- start / stop
+    def start(self) -> None:
+        from rclpy.context import Context
+
+        from vla_node.replay import localhost_discovery, pick_free_domain
+
+        options = self.options
+        self.context = Context()
+        if options.external:
+            rclpy.init(args=["vla_replay"], context=self.context)
+            self._start_client()
+        else:
+            with localhost_discovery():
+                self.domain_id = pick_free_domain()
+                rclpy.init(args=["vla_replay"], context=self.context, domain_id=self.domain_id)
+                self._start_vla_node()
+                self._start_client()
+        self.domain_id = self.context.get_domain_id()
+        self._wait_for_connections()
+
+    def node_parameters(self) -> dict[str, Any]:
+        from vla_node.replay import ReplayError, coerce_parameter
+
+        params = {name: coerce_parameter(name, value) for name, value in self.options.node_parameters.items()}
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise ReplayError(f"unknown node parameters: {', '.join(unknown)}")
+        params.update({
+            "camera_topic": self.info.camera_topic,
+            "speech_topic": self.info.speech_topic,
+            "camera_transport": "compressed" if self.info.compressed else "raw",
+            "action_topic": self.options.action_topic,
+            "status_topic": self.options.status_topic,
+        })
+        return params
+
+    def _start_vla_node(self) -> None:
+        import rclpy.logging
+
+        from vla_node.replay import BackendInfo, ReplayError
+
+        overrides = [Parameter(name, value=value) for name, value in self.node_parameters().items()]
+        if not self.options.verbose:
+            rclpy.logging.set_logger_level("vla_node", rclpy.logging.LoggingSeverity.ERROR)
+        try:
+            self.vla = VlaNode("vla_node", context=self.context, parameter_overrides=overrides,
+                               use_global_arguments=False)
+        except Exception as error:
+            raise ReplayError(f"cannot start the vla node: {type(error).__name__}: {error}") from None
+        self.max_image_age_s = float(self.vla.get_parameter("max_image_age_s").value)
+        backend = self.vla.runtime.core.backend
+        self.backend = BackendInfo(backend.model_id, backend.adapter_id, backend.coordinate_convention,
+                                   backend.pixel_limits)
+
+    def _start_client(self) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+
+        from vla_node.bag_io import PLAN_TYPE, STATUS_TYPE
+
+        reliable = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
+                              durability=QoSDurabilityPolicy.VOLATILE)
+        options = self.options
+        node = rclpy.create_node("vla_replay", context=self.context, use_global_arguments=False,
+                                 start_parameter_services=False)
+        self.client = node
+        self.camera_type = CompressedImage if self.info.compressed else Image
+        camera_topic = (options.to_camera_topic if options.external else None) or self.info.camera_topic
+        speech_topic = (options.to_speech_topic if options.external else None) or self.info.speech_topic
+        self.camera_pub = node.create_publisher(self.camera_type, camera_topic, 10)
+        self.speech_pub = node.create_publisher(String, speech_topic, reliable)
+        self.output.add_topic(options.action_topic, PLAN_TYPE)
+        self.output.add_topic(options.status_topic, STATUS_TYPE)
+        self.plan_sub = node.create_subscription(vla_msg.ActionPlan, options.action_topic, self._on_plan,
+                                                 reliable, raw=True)
+        self.status_sub = node.create_subscription(vla_msg.CommandStatus, options.status_topic,
+                                                   self._on_status, reliable, raw=True)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        if self.vla is not None:
+            self.executor.add_node(self.vla)
+        self.executor.add_node(node)
+        self.thread = threading.Thread(target=self._spin, name="vla-replay-executor", daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception as error:  # shutdown races end the spin; anything else ends the replay
+            if self.context is not None and self.context.ok():
+                self.tracker.fail(f"the ROS executor stopped: {type(error).__name__}: {error}")
+
+    def _wait_for_connections(self) -> None:
+        checks = {
+            f"a subscriber of {self.camera_pub.topic_name} ({self.camera_type.__name__})":
+                lambda: self.camera_pub.get_subscription_count() >= 1,
+            f"a subscriber of {self.speech_pub.topic_name} (String)":
+                lambda: self.speech_pub.get_subscription_count() >= 1,
+            f"a publisher of {self.status_sub.topic_name} (CommandStatus)":
+                lambda: self.status_sub.get_publisher_count() >= 1,
+            f"a publisher of {self.plan_sub.topic_name} (ActionPlan)":
+                lambda: self.plan_sub.get_publisher_count() >= 1,
+        }
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while time.monotonic() < deadline and not all(check() for check in checks.values()):
+            time.sleep(0.02)
+        missing = [what for what, check in checks.items() if not check()]
+        if missing:
+            where = (f"on ROS domain {self.domain_id} (ROS_DOMAIN_ID)" if self.options.external
+                     else "from the in-process node")
+            from vla_node.replay import ReplayError
+
+            raise ReplayError(f"no {'; no '.join(missing)} {where} within {self.options.startup_timeout_s} s"
+                              + ("; is the vla node running there, with these topics and camera_transport?"
+                                 if self.options.external else ""))
+        time.sleep(0.1)  # let the reliable readers finish their handshake
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(timeout_sec=5.0)
+        if self.thread is not None:
+            self.thread.join(timeout=5.0)
+        if self.vla is not None:
+            try:
+                self.vla.shutdown()
+            finally:
+                self.vla.destroy_node()
+            self.vla = None
+        if self.client is not None:
+            self.client.destroy_node()
+            self.client = None
+        if self.context is not None:
+            rclpy.try_shutdown(context=self.context)
+            self.context = None
+
+    def deserialize_camera(self, raw: bytes):
+        return deserialize_message(raw, self.camera_type)
+
+    def publish_command(self, text: str) -> None:
+        self.speech_pub.publish(String(data=text))
+
+    # --------------------------------------------------------------- callbacks (executor thread)
+    def _on_plan(self, raw: bytes) -> None:
+        from vla_node.ros_convert import msg_to_plan
+
+        self.output.write(self.options.action_topic, time.time_ns(), raw)
+        self.tracker.on_plan(msg_to_plan(deserialize_message(raw, vla_msg.ActionPlan)))
+
+    def _on_status(self, raw: bytes) -> None:
+        from vla_node.ros_convert import msg_to_status
+
+        now = time.time_ns()
+        self.output.write(self.options.status_topic, now, raw)
+        self.tracker.on_status(msg_to_status(deserialize_message(raw, vla_msg.CommandStatus)), now)
 
 
 def main(argv: list[str] | None = None) -> int:

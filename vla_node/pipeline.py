@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +37,12 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def _echo(text: object, limit: int = 200) -> str:
+    """A refused command as it may be echoed in a status: text, no control/surrogate characters."""
+    raw = text if isinstance(text, str) else repr(text)
+    return "".join(c for c in raw[:limit] if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
+
+
 @dataclass
 class Frame:
     """The newest camera message, kept undecoded until a command needs it."""
@@ -55,7 +62,7 @@ class InferenceCore:
         vocab: Vocabulary,
         prompt: PromptBuilder,
         policy: SafetyPolicy,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = 128,
     ):
         self.backend = backend
         self.vocab = vocab
@@ -80,7 +87,10 @@ class InferenceCore:
 
         started = time.perf_counter()
         original_size = (int(rgb.shape[1]), int(rgb.shape[0]))
-        fitted = fit_to_limits(rgb, self.backend.pixel_limits)
+        try:  # e.g. an aspect ratio the model cannot take (a 1x300 frame): the image's fault
+            fitted = fit_to_limits(rgb, self.backend.pixel_limits)
+        except ImageError as error:
+            return None, status(StatusCode.BAD_IMAGE, f"cannot fit the image to the model: {error}")
         request = GenerationRequest(
             image=fitted,
             messages=self.prompt.chat_messages(command),
@@ -90,7 +100,7 @@ class InferenceCore:
         resize_ms = _ms(time.perf_counter() - started)
         try:
             result = self.backend.generate(request)
-        except Exception as error:  # a backend failure must never kill the caller
+        except Exception as error:  # a backend failure (CUDA OOM included) must never kill the caller
             log.exception("backend failed on command %s", command_id)
             return None, status(StatusCode.BACKEND_ERROR, f"{type(error).__name__}: {error}")
         latency.preprocess_ms = resize_ms + result.preprocess_ms
@@ -149,7 +159,11 @@ class _Command:
     command_id: str
     text: str
     received_ns: int
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # by a stop command or shutdown
+    cancel_reason: str = ""
+    # Set -> the backend aborts this command's generation (stop command, watchdog, shutdown).
+    # One per command, so a late stop can never abort the NEXT command's generation.
+    abort: threading.Event = field(default_factory=threading.Event)
 
 
 class PipelineStats:
@@ -200,8 +214,8 @@ class CommandPipeline:
         self._queue_lock = threading.Lock()
         self._work_ready = threading.Condition(self._queue_lock)
         self._in_flight: _Command | None = None
-        self._stop_generation = threading.Event()
         self._running = False
+        self._stopped = False  # stop() was called: new commands are refused, not queued forever
         self._worker: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._stop_detector = StopPhraseDetector(config.stop_phrases)
@@ -219,7 +233,7 @@ class CommandPipeline:
         try:
             clean = sanitise_command(text, self.config.max_command_bytes)
         except CommandError as error:
-            self._emit_status(CommandStatus(command_id=command_id, command_text=text[:200],
+            self._emit_status(CommandStatus(command_id=command_id, command_text=_echo(text),
                                             code=StatusCode.BAD_COMMAND, detail=str(error)), None)
             return command_id
         if self._stop_detector.is_stop(clean):
@@ -229,14 +243,19 @@ class CommandPipeline:
         dropped: _Command | None = None
         rejected = False
         with self._queue_lock:
-            if len(self._queue) >= self.config.queue_size:
+            stopped = self._stopped
+            if stopped:
+                pass
+            elif len(self._queue) >= self.config.queue_size:
                 if self.config.queue_policy == "drop_oldest":
                     dropped = self._queue.popleft()
                 else:
                     rejected = True
-            if not rejected:
+            if not rejected and not stopped:
                 self._queue.append(command)
                 self._work_ready.notify()
+        if stopped:
+            self._emit_status(self._status(command, StatusCode.CANCELLED, "pipeline is shut down"), None)
         if dropped is not None:
             self._emit_status(self._status(dropped, StatusCode.BUSY,
                                            f"dropped: queue full ({self.config.queue_size}), "
@@ -263,10 +282,14 @@ class CommandPipeline:
         """Stop the worker; queued commands get CANCELLED statuses."""
         with self._queue_lock:
             self._running = False
+            self._stopped = True
             pending = list(self._queue)
             self._queue.clear()
+            if self._in_flight is not None:
+                self._in_flight.cancel_reason = "pipeline shutting down during generation"
+                self._in_flight.cancelled.set()
+                self._in_flight.abort.set()
             self._work_ready.notify_all()
-        self._stop_generation.set()
         for command in pending:
             self._emit_status(self._status(command, StatusCode.CANCELLED, "pipeline shutting down"), None)
         if self._worker is not None:
@@ -292,9 +315,10 @@ class CommandPipeline:
             pending = list(self._queue)
             self._queue.clear()
             in_flight = self._in_flight
-        if in_flight is not None:
-            in_flight.cancelled.set()
-            self._stop_generation.set()
+            if in_flight is not None:  # the backend's stopping criteria end its generate() early
+                in_flight.cancel_reason = f"cancelled by stop command {command_id} during generation"
+                in_flight.cancelled.set()
+                in_flight.abort.set()
         latest = self._frames[-1] if self._frames else None
         plan = ActionPlan(
             stamp_ns=latest.stamp_ns if latest else received_ns,
@@ -336,7 +360,6 @@ class CommandPipeline:
                     return
                 command = self._queue.popleft()
                 self._in_flight = command
-                self._stop_generation.clear()
             try:
                 self._handle(command)
             except Exception as error:  # last line of defence: the worker never dies
@@ -366,27 +389,31 @@ class CommandPipeline:
         except ImageError as error:
             self._emit_status(self._status(command, StatusCode.BAD_IMAGE, str(error)), None)
             return
+        except Exception as error:  # a decoder bug on hostile bytes is still the image's fault
+            log.exception("image decoder failed on command %s", command.command_id)
+            self._emit_status(self._status(command, StatusCode.BAD_IMAGE,
+                                           f"image could not be decoded: {type(error).__name__}: {error}"), None)
+            return
         latency.decode_image_ms = _ms(time.perf_counter() - decode_started)
 
         timed_out = threading.Event()
 
         def watchdog() -> None:
             timed_out.set()
-            self._stop_generation.set()
+            command.abort.set()
 
         timer = threading.Timer(self.config.generation_timeout_s, watchdog)
         timer.daemon = True
         timer.start()
         try:
             plan, status = self.core.infer(rgb, command.text, command.command_id, frame.stamp_ns,
-                                           frame.frame_id, self._stop_generation, latency)
+                                           frame.frame_id, command.abort, latency)
         finally:
             timer.cancel()
         status = status.model_copy(update={"stamp_ns": self._now_ns()})
         total_ms = _ms((self._now_ns() - command.received_ns) / 1e9)
         if command.cancelled.is_set():
-            self._emit_status(self._status(command, StatusCode.CANCELLED,
-                                           "cancelled by a stop command during generation"), None)
+            self._emit_status(self._status(command, StatusCode.CANCELLED, command.cancel_reason), None)
             return
         if timed_out.is_set():
             self._emit_status(self._status(command, StatusCode.TIMEOUT,

@@ -564,8 +564,10 @@ def _box_codec_factory(backend: BackendInfo):
 
 
 # ------------------------------------------------------------------------------- CLI
-def print_table(results: list[CommandResult], out=sys.stdout) -> None:
+def print_table(results: list[CommandResult], out=None) -> None:
     from vla_node.report import steps_text
+
+    out = out if out is not None else sys.stdout  # looked up now: callers may have redirected it
 
     rows = [("#", "command", "actions", "status", "latency")]
     for r in results:

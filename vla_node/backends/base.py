@@ -32,7 +32,7 @@ class BackendError(Exception):
 class GenerationRequest:
     image: np.ndarray  # RGB uint8 HxWx3 (already fitted to pixel limits)
     messages: list[dict]  # from PromptBuilder.chat_messages
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     stop_event: threading.Event | None = None  # set -> abort generation as soon as possible
 
 

@@ -27,6 +27,7 @@ from vla_node.backends.base import (
     GenerationResult,
     PixelLimits,
 )
+from vla_node.backends.frame_cache import VisionCache
 
 __all__ = ["TransformersBackend"]
 
@@ -110,7 +111,7 @@ class TransformersBackend(Backend):
         adapter_path: str | os.PathLike | None = None,
         device: str = "auto",
         dtype="auto",
-        max_new_tokens: int = 64,
+        max_new_tokens: int = 128,
         attn_implementation: str | None = "sdpa",
         vocab_fingerprint: str | None = None,
     ):
@@ -171,6 +172,8 @@ class TransformersBackend(Backend):
         self.adapter_id = ""
         self.adapters: dict[str, _AdapterInfo] = {}
         self._active: str | None = None
+        self.action_grammar = None  # vla_node.grammar.ActionGrammar when constrained decoding is on
+        self.vision_cache = VisionCache()  # one vision encoding per frame for commands about the same frame
 
         tok = self.processor.tokenizer
         eos = []
@@ -405,6 +408,42 @@ class TransformersBackend(Backend):
         ``set_adapter(x)`` + ``generate()`` one atomic unit."""
         return self._lock
 
+    # ------------------------------------------------------------------------------ constrained decoding
+
+    def enable_constrained_decoding(
+        self, vocab, policy=None, restrict_to_policy: bool = False, reason_max_chars: int | None = None
+    ) -> None:
+        """Constrain every generation to the action grammar of ``vocab`` (see vla_node.grammar).
+
+        The tokenizer is indexed once here; each grammar is compiled on first use per image size
+        (box bounds) and cached; every request gets fresh matchers. Raises BackendError.
+        """
+        from vla_node import grammar as _grammar
+
+        options = {} if reason_max_chars is None else {"reason_max_chars": reason_max_chars}
+        with self._lock:
+            self._ensure_open()
+            try:
+                spec = _grammar.GrammarSpec.from_vocabulary(vocab, policy, restrict_to_policy, **options)
+                _grammar.check_ebnf(_grammar.build_ebnf(spec.with_box_max((999, 999))))
+                vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
+                self.action_grammar = _grammar.ActionGrammar(
+                    self.processor.tokenizer, vocab_size, self._eos_ids, spec
+                )
+            except _grammar.GrammarError as e:
+                raise BackendError(f"constrained decoding: {e}") from e
+
+    def disable_constrained_decoding(self) -> None:
+        with self._lock:
+            self.action_grammar = None
+
+    def _box_bounds(self, model_input_size: tuple[int, int]) -> tuple[int, int]:
+        """Largest box coordinates that still map inside the image (one below the edge: no rounding
+        can push a box outside it)."""
+        if self.coordinate_convention == "normalized_1000":
+            return (999, 999)
+        return (max(1, model_input_size[0] - 1), max(1, model_input_size[1] - 1))
+
     # ------------------------------------------------------------------------------ generation
 
     def _ensure_open(self):
@@ -483,9 +522,18 @@ class TransformersBackend(Backend):
                 from transformers import StoppingCriteriaList
 
                 kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(ev)])
+            if self.action_grammar is not None:
+                from transformers import LogitsProcessorList
+
+                try:
+                    constraint = self.action_grammar.logits_processor(n_max, self._box_bounds(size))
+                except Exception as e:
+                    raise BackendError(f"constrained decoding: {e}") from e
+                kwargs["logits_processor"] = LogitsProcessorList([constraint])
             try:
                 with torch.inference_mode():
-                    out = self.base_model.generate(**inputs, generation_config=gc, **kwargs)
+                    model_inputs = self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id)
+                    out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             seq = out.sequences[0, prompt_len:]
@@ -536,6 +584,7 @@ class TransformersBackend(Backend):
             self.model = None
             self.base_model = None
             self.adapters.clear()
+            self.vision_cache.clear()
             try:
                 import torch
 

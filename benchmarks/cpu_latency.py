@@ -1,0 +1,176 @@
+"""Command latency of the embedded default model on a CPU: the node's pipeline vs a naive HF call.
+
+    source scripts/env.sh && python benchmarks/cpu_latency.py [--samples 8] [--repeats 2] [--threads 2]
+
+For each held-out command (models/heldout/test_{en,zh}.json: real synthetic table-top scenes the
+model never trained on, camera frame upscaled to --frame-size), three ways are timed in the same
+run, interleaved so a noisy neighbour hits all alike:
+
+  node      InferenceCore.infer, what the ROS node runs per command minus ROS: fit the frame to
+            the adapter's pixel limits, build the prompt, generate (max_new_tokens 64, greedy),
+            parse, safety gate. models/tabletop-tiny for English commands, + the LoRA adapter
+            models/tabletop-tiny-zh-lora for Chinese ones.
+  node, same frame again: the same command once more right after, about the same frame: the
+            backend's per-frame vision cache (vla_node/backends/frame_cache.py) skips the vision tower
+  baseline  what a plain transformers serving path does with the same weights: AutoProcessor on
+            the raw frame + model.generate (default dynamic cache, no compile, max_new_tokens
+            64, greedy) + tokenizer.decode, then the same parser.
+
+Prints end-to-end p50/p95 per model, new tokens per command, the statuses, and baseline/node.
+The machine is shared, so repeat runs vary by ~10-20%; compare the ratio, not absolute ms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=float), q))
+
+
+def heldout_commands(spec: Path, limit: int, frame_size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+    """(command, RGB frame) for the first `limit` samples of a held-out spec, frames resized."""
+    import cv2
+
+    from training.collate import load_rgb
+    from training.heldout import materialise_heldout
+
+    out = materialise_heldout(spec, Path(tempfile.mkdtemp(prefix="cpu_latency_")) / spec.stem, limit=limit)
+    samples = json.loads((out / "test.json").read_text(encoding="utf-8"))
+    commands = []
+    for sample in samples:
+        user = next(m["content"] for m in sample["messages"] if m["role"] == "user")
+        command = json.loads(user.split("Command: ", 1)[1])
+        rgb = load_rgb(out / sample["images"][0])
+        commands.append((command, cv2.resize(rgb, frame_size, interpolation=cv2.INTER_LINEAR)))
+    return commands
+
+
+def naive_generate(backend, core, rgb: np.ndarray, command: str, max_new_tokens: int) -> tuple[str, int]:
+    """Plain HF: processor on the raw frame, model.generate with its defaults, decode."""
+    import torch
+
+    processor = backend.processor
+    messages = core.prompt.chat_messages(command)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[rgb], return_tensors="pt")
+    with torch.inference_mode():
+        out = backend.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answer, int(new.shape[0])
+
+
+def naive_parse(core, answer: str, rgb: np.ndarray, backend) -> str:
+    from vla_node.parser import BoxCodec, ParseError, parse_actions
+
+    size = (rgb.shape[1], rgb.shape[0])
+    try:
+        parse_actions(answer, core.vocab, BoxCodec(backend.coordinate_convention, size, size))
+        return "parsed"
+    except ParseError:
+        return "PARSE_ERROR"
+
+
+def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
+    backend = core.backend
+    node_ms, again_ms, base_ms, base_tokens = [], [], [], []
+    statuses: Counter[str] = Counter()
+    baseline_parsed: Counter[str] = Counter()
+    # warm-up: first calls pay one-off allocation and kernel selection
+    core.infer(commands[0][1], commands[0][0])
+    naive_generate(backend, core, commands[0][1], commands[0][0], max_new_tokens)
+    for _ in range(repeats):
+        for command, rgb in commands:
+            started = time.perf_counter()
+            _, status = core.infer(rgb, command)
+            node_ms.append((time.perf_counter() - started) * 1000.0)
+            statuses[status.code.name] += 1
+
+            started = time.perf_counter()  # a second command about the same frame
+            core.infer(rgb, command)
+            again_ms.append((time.perf_counter() - started) * 1000.0)
+
+            started = time.perf_counter()
+            answer, n_new = naive_generate(backend, core, rgb, command, max_new_tokens)
+            baseline_parsed[naive_parse(core, answer, rgb, backend)] += 1
+            base_ms.append((time.perf_counter() - started) * 1000.0)
+            base_tokens.append(n_new)
+    return {"node": node_ms, "again": again_ms, "baseline": base_ms, "statuses": statuses, "baseline_parsed": baseline_parsed,
+            "baseline_tokens": base_tokens}
+
+
+def report(name: str, result: dict) -> list[str]:
+    node, base = result["node"], result["baseline"]
+    lines = [
+        f"{name}: {len(node)} commands",
+        f"  node pipeline (InferenceCore.infer)      p50 {statistics.median(node):8.1f} ms  "
+        f"p95 {percentile(node, 95):8.1f} ms",
+        f"  node, same frame again (vision cached)   p50 {statistics.median(result['again']):8.1f} ms  "
+        f"p95 {percentile(result['again'], 95):8.1f} ms",
+        f"  baseline (AutoProcessor + generate)      p50 {statistics.median(base):8.1f} ms  "
+        f"p95 {percentile(base, 95):8.1f} ms  (new tokens p50 {statistics.median(result['baseline_tokens']):.0f})",
+        f"  baseline p50 / node p50                  {statistics.median(base) / statistics.median(node):8.2f}x",
+        f"  node statuses: {dict(result['statuses'])}; baseline answers: {dict(result['baseline_parsed'])}",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=8, help="held-out commands per language (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the commands (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default %(default)s)")
+    parser.add_argument("--frame-size", default="640x480", help="camera frame WxH (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default %(default)s)")
+    parser.add_argument("--models", default=str(ROOT / "models"), help="folder with the embedded model + heldout/")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from vla_node.factory import RuntimeSettings, build_core
+
+    torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.frame_size.lower().split("x"))
+    models = Path(args.models)
+    runs = [
+        ("tabletop-tiny, English commands", models / "heldout" / "test_en.json", RuntimeSettings(
+            model_path=str(models / "tabletop-tiny"), device="cpu", max_new_tokens=args.max_new_tokens)),
+        ("tabletop-tiny + tabletop-tiny-zh-lora, Chinese commands", models / "heldout" / "test_zh.json",
+         RuntimeSettings(model_path=str(models / "tabletop-tiny"), device="cpu", max_new_tokens=args.max_new_tokens,
+                         adapters=[f"zh={models / 'tabletop-tiny-zh-lora'}"], active_adapter="zh")),
+    ]
+    lines = [
+        f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+        f"torch threads {args.threads}, no GPU; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        f"frames {width}x{height} RGB, greedy, max_new_tokens {args.max_new_tokens}, fp32",
+    ]
+    for name, spec, settings in runs:
+        commands = heldout_commands(spec, args.samples, (width, height))
+        core = build_core(settings)
+        lines += report(name, measure(core, commands, args.repeats, args.max_new_tokens))
+        core.backend.close()
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

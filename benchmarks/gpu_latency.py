@@ -1,0 +1,382 @@
+"""Command latency of the node's pipeline on a GPU vs a naive HF serving path and a hardware floor.
+
+    python3 benchmarks/gpu_latency.py --model qwen2_5_vl_3b [--iters 20] [--json OUT.json]
+    python3 benchmarks/gpu_latency.py --model qwen3_vl_2b
+    python3 benchmarks/gpu_latency.py --model qwen2_5_vl_3b --tiny      # CPU smoke run: shrunken dims, fp32
+
+Builds a random-weight checkpoint with the public Qwen2.5-VL-3B (or Qwen3-VL-2B) architecture on
+the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the same run, for one
+640x480 camera frame and one command:
+
+  baseline       AutoProcessor + model.generate (default dynamic cache, no compile) + decode +
+                 parse: what a plain HF / LLaMA-Factory serving path does
+  node           InferenceCore.infer (what the ROS node runs per command, minus ROS): fit the frame
+                 to the pixel limits, prompt, TransformersBackend.generate, parse, safety gate;
+                 constrained decoding off so it, like the baseline, emits exactly --new-tokens
+  node+grammar   the same with constrained decoding on (the runtime default); the grammar may end
+                 the plan before --new-tokens, the token count is printed
+  node+frame cache  `node` with the runtime's per-frame vision cache (vla_node/backends/frame_cache.py)
+                 on: every timed command is about the same frame, so the vision tower runs once;
+                 `node` and the others encode the frame for every command, like the baseline
+  node+static    `node` with generation_config.cache_implementation="static" on the loaded model
+                 (transformers then compiles the decode step on CUDA); a candidate runtime default,
+                 skipped with --no-static
+
+For each: end-to-end p50/p95, time to first token (the same call with 1 new token), decode
+ms/token ((p50 e2e - p50 ttft) / (tokens - 1)). Then the floor: (tokens - 1) decode steps, each
+reading every language-model weight byte plus the KV cache once at the measured device copy
+bandwidth, plus prefill and vision FLOPs at the measured bf16 matmul rate; and speed-up over the
+baseline and p50 / floor. --batches also times batched model.generate at batch 1, 4, 16
+(commands/s; the runtime itself serves one command at a time today).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COMMAND = "put the red cube in the blue bowl"
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return samples
+
+
+def p(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=float), q))
+
+
+# ---------------------------------------------------------------------------------------- hardware rates
+
+def copy_bandwidth(device: str, dtype, tiny: bool) -> float:
+    """Bytes/s of a device-to-device copy, counting read + write (what a weight read can reach)."""
+    import torch
+
+    n_bytes = (64 << 20) if tiny else (2 << 30)
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(timed(lambda: dst.copy_(src), device, iters=10 if tiny else 30, warmup=3))
+    return 2 * n_bytes / (ms / 1000.0)
+
+
+def matmul_rate(device: str, dtype, tiny: bool) -> float:
+    """FLOP/s of a large square matmul in the model's dtype."""
+    import torch
+
+    n = 1024 if tiny else 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ms = statistics.median(timed(lambda: a @ b, device, iters=5 if tiny else 30, warmup=2))
+    return 2 * n**3 / (ms / 1000.0)
+
+
+# ---------------------------------------------------------------------------------------- floor
+
+def count(module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def floor_terms(model, prompt_tokens: int, image_grid_thw, new_tokens: int) -> dict:
+    """Bytes read per decode step and FLOPs of prefill + vision for one command."""
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    element = next(model.parameters()).element_size()
+    embedding = model.get_input_embeddings().weight
+    lm_head = model.get_output_embeddings().weight
+    tied = embedding.data_ptr() == lm_head.data_ptr()
+    vision_params = count(model.model.visual)
+    language_params = count(model) - vision_params  # decoder + embedding (+ lm_head when untied)
+    # a decode step reads every decoder weight and the whole lm_head, but one embedding row only
+    step_weights = language_params - (0 if tied else embedding.numel())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
+    mean_context = prompt_tokens + new_tokens / 2
+    step_bytes = step_weights * element + kv_per_token * mean_context
+
+    decoder_params = language_params - embedding.numel() - (0 if tied else lm_head.numel())
+    attention = 2 * text.num_hidden_layers * prompt_tokens**2 * text.num_attention_heads * head_dim  # causal
+    prefill_flops = 2 * decoder_params * prompt_tokens + attention + 2 * lm_head.numel()  # logits: last token
+
+    t, h, w = (int(v) for v in image_grid_thw)
+    patches = t * h * w
+    width = vision.hidden_size
+    full_indexes = getattr(vision, "fullatt_block_indexes", None)  # Qwen2.5-VL: the rest use windows
+    full_blocks = len(full_indexes) if full_indexes else vision.depth
+    window = getattr(vision, "window_size", 0) // vision.patch_size
+    window_patches = min(patches, window * window) if window else patches
+    vision_attention = 4 * width * patches * (full_blocks * patches + (vision.depth - full_blocks) * window_patches)
+    vision_flops = 2 * vision_params * patches + vision_attention
+    return {"step_bytes": step_bytes, "prefill_flops": prefill_flops, "vision_flops": vision_flops,
+            "patches": patches, "prompt_tokens": prompt_tokens, "language_params": language_params,
+            "vision_params": vision_params}
+
+
+# ---------------------------------------------------------------------------------------- the paths
+
+class NaiveServer:
+    """What a plain HF serving path does: its own model + processor, defaults everywhere."""
+
+    def __init__(self, checkpoint: Path, device: str, dtype, core):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
+        self.device = device
+        self.core = core  # only for its prompt builder and parser: the same text in and out
+
+    def inputs(self, rgb: np.ndarray, commands: list[str]):
+        texts = [self.processor.apply_chat_template(self.core.prompt.chat_messages(c), add_generation_prompt=True,
+                                                    tokenize=False) for c in commands]
+        self.processor.tokenizer.padding_side = "left"
+        return self.processor(text=texts, images=[rgb] * len(commands), return_tensors="pt",
+                              padding=True).to(self.device)
+
+    def command(self, rgb: np.ndarray, command: str, new_tokens: int) -> int:
+        from vla_node.parser import BoxCodec, ParseError, parse_actions
+
+        inputs = self.inputs(rgb, [command])
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        size = (rgb.shape[1], rgb.shape[0])
+        try:
+            parse_actions(text, self.core.vocab, BoxCodec(self.core.backend.coordinate_convention, size, size))
+        except ParseError:
+            pass
+        return int(new.shape[0])
+
+    def batch(self, rgb: np.ndarray, batch_size: int, new_tokens: int) -> None:
+        inputs = self.inputs(rgb, [COMMAND] * batch_size)
+        with self.torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+
+
+def node_command(core, rgb, new_tokens: int) -> None:
+    core.max_new_tokens = new_tokens
+    _, status = core.infer(rgb, COMMAND)
+    if status.code.name == "BACKEND_ERROR":  # infer turns backend failures into a status: never time those
+        raise RuntimeError(status.detail)
+
+
+def spy_on_generate(backend, seen: list) -> None:
+    """Record each GenerationResult (token counts) without touching the backend's code."""
+    original = backend.generate
+
+    def generate(request):
+        result = original(request)
+        seen.append(result)
+        return result
+
+    backend.generate = generate
+
+
+def measure_path(name: str, run, device: str, new_tokens: int, iters: int, warmup: int, tokens_of) -> dict:
+    e2e = timed(lambda: run(new_tokens), device, iters, warmup)
+    tokens = tokens_of()
+    ttft = timed(lambda: run(1), device, iters, warmup)
+    p50, first = statistics.median(e2e), statistics.median(ttft)
+    return {"name": name, "p50_ms": p50, "p95_ms": p(e2e, 95), "ttft_p50_ms": first, "new_tokens": tokens,
+            "decode_ms_per_token": (p50 - first) / max(1, tokens - 1)}
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def versions(device: str) -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    if device.startswith("cuda"):
+        info["device"] = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+        info["capability"] = ".".join(str(v) for v in torch.cuda.get_device_capability())
+    else:
+        info["device"] = f"CPU {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from random_checkpoint import ARCHITECTURES, build_random_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="qwen2_5_vl_3b")
+    parser.add_argument("--tiny", action="store_true", help="shrunken dims, fp32, CPU, 3 iterations: a smoke run")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens generated per command (default %(default)s)")
+    parser.add_argument("--frame-size", default="640x480", help="camera frame WxH (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per path (default 20; --tiny 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --tiny 1)")
+    parser.add_argument("--batches", default=None,
+                        help="batch sizes for commands/s (default 1,4,16; --tiny 1,2; '' skips)")
+    parser.add_argument("--no-static", action="store_true", help="skip the static-cache (+ compile) variant")
+    parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: tmp)")
+    parser.add_argument("--json", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from vla_node.factory import RuntimeSettings, build_core
+
+    if args.tiny and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # the smoke run shares a small CPU: one thread beats two waiting ones
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype_name = "float32" if args.tiny else "bfloat16"
+    dtype = getattr(torch, dtype_name)
+    iters = args.iters or (3 if args.tiny else 20)
+    batches = args.batches if args.batches is not None else ("1,2" if args.tiny else "1,4,16")
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    width, height = (int(v) for v in args.frame_size.lower().split("x"))
+    rgb = np.random.RandomState(0).randint(0, 256, (height, width, 3), dtype=np.uint8)
+
+    started = time.perf_counter()
+    work = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="gpu_latency_"))
+    checkpoint = build_random_checkpoint(work / args.model, args.model, device=device, dtype=dtype_name,
+                                         tiny=args.tiny)
+    print(f"random {args.model}{' (tiny)' if args.tiny else ''} checkpoint built in "
+          f"{time.perf_counter() - started:.1f} s: {checkpoint}", flush=True)
+
+    settings = RuntimeSettings(model_path=str(checkpoint), device=device, dtype=dtype_name,
+                               max_new_tokens=args.new_tokens, constrained_decoding=True)
+    core = build_core(settings)
+    backend = core.backend
+    seen: list = []
+    spy_on_generate(backend, seen)
+    naive = NaiveServer(checkpoint, device, dtype, core)
+
+    def last_tokens() -> int:
+        return seen[-1].new_tokens
+
+    results = []
+    naive_tokens: list[int] = []
+    results.append(measure_path("baseline (AutoProcessor + generate)",
+                                lambda n: naive_tokens.append(naive.command(rgb, COMMAND, n)),
+                                device, args.new_tokens, iters, warmup, lambda: naive_tokens[-1]))
+    grammar = getattr(backend, "action_grammar", None)
+    backend.action_grammar = None  # constrained decoding off: the same 24 tokens as the baseline
+    frame_cache = getattr(backend, "vision_cache", None)
+    if frame_cache is not None:  # every timed command a new frame, like the baseline's
+        from vla_node.backends.frame_cache import VisionCache
+
+        backend.vision_cache = VisionCache(capacity=0)
+
+    def cached_frames(on: bool) -> None:
+        backend.vision_cache = frame_cache if on else VisionCache(capacity=0)
+
+    def static_cache(on: bool) -> None:
+        backend.base_model.generation_config.cache_implementation = "static" if on else None
+
+    def use_grammar(on: bool) -> None:
+        backend.action_grammar = grammar if on else None
+
+    variants = [("node (InferenceCore.infer)", lambda on: None, warmup)]
+    if grammar is not None:
+        variants.append(("node+grammar (constrained, runtime default)", use_grammar, warmup))
+    if frame_cache is not None:
+        variants.append(("node+frame cache (same frame, vision once)", cached_frames, warmup))
+    if not args.no_static:
+        variants.append(("node+static (static KV cache, compiled decode)", static_cache,
+                         max(warmup, 1 if args.tiny else 5)))
+    for name, switch, variant_warmup in variants:
+        switch(True)
+        try:  # an optional variant that breaks (say, compile) must not cost the other figures
+            results.append(measure_path(name, lambda n: node_command(core, rgb, n), device, args.new_tokens,
+                                        iters, variant_warmup, last_tokens))
+        except Exception as error:
+            if name.startswith("node ("):
+                raise
+            print(f"{name}: FAILED, {type(error).__name__}: {error}", flush=True)
+        finally:
+            switch(False)
+
+    # the floor, from the node's own view of the input (prompt length, image grid)
+    inputs = naive.inputs(rgb, [COMMAND])
+    terms = floor_terms(naive.model, int(inputs["input_ids"].shape[1]), inputs["image_grid_thw"][0].tolist(),
+                        args.new_tokens)
+    bandwidth = copy_bandwidth(device, dtype, args.tiny)
+    flops = matmul_rate(device, dtype, args.tiny)
+    decode_floor = terms["step_bytes"] / bandwidth * (args.new_tokens - 1) * 1000.0
+    compute_floor = (terms["prefill_flops"] + terms["vision_flops"]) / flops * 1000.0
+    floor_ms = decode_floor + compute_floor
+
+    batch_rows = []
+    for batch_size in [int(b) for b in batches.split(",") if b.strip()]:
+        ms = statistics.median(timed(lambda: naive.batch(rgb, batch_size, args.new_tokens), device,
+                                     max(2, iters // 4), 1))
+        batch_rows.append({"batch": batch_size, "p50_ms": ms, "commands_per_s": batch_size / (ms / 1000.0)})
+
+    info = versions(device)
+    baseline = results[0]
+    lines = [
+        f"$ python3 benchmarks/gpu_latency.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        "# " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        f"# model {args.model}{' TINY (shrunken dims, smoke run only)' if args.tiny else ''}, {dtype_name}, "
+        f"random weights; frame {width}x{height}; command {COMMAND!r}; {args.new_tokens} new tokens; "
+        f"{iters} timed calls per path after {warmup} warm-up",
+        f"# prompt {terms['prompt_tokens']} tokens, {terms['patches']} vision patches; language params "
+        f"{terms['language_params'] / 1e6:.1f} M, vision params {terms['vision_params'] / 1e6:.1f} M",
+        f"{'path':<48} {'p50 ms':>9} {'p95 ms':>9} {'ttft ms':>9} {'ms/token':>9} {'tokens':>6} {'speed-up':>8}",
+    ]
+    for row in results:
+        lines.append(f"{row['name']:<48} {row['p50_ms']:9.2f} {row['p95_ms']:9.2f} {row['ttft_p50_ms']:9.2f} "
+                     f"{row['decode_ms_per_token']:9.3f} {row['new_tokens']:6d} "
+                     f"{baseline['p50_ms'] / row['p50_ms']:7.2f}x")
+    lines += [
+        f"floor: decode {decode_floor:.2f} ms ({terms['step_bytes'] / 1e9:.3f} GB/step at copy bandwidth "
+        f"{bandwidth / 1e9:.0f} GB/s x {args.new_tokens - 1} steps) + prefill/vision {compute_floor:.2f} ms "
+        f"({(terms['prefill_flops'] + terms['vision_flops']) / 1e9:.1f} GFLOP at {flops / 1e12:.2f} TFLOP/s) "
+        f"= {floor_ms:.2f} ms",
+    ]
+    for row in results:
+        lines.append(f"  {row['name']:<46} p50 / floor {row['p50_ms'] / floor_ms:7.2f}")
+    for row in batch_rows:
+        lines.append(f"batched model.generate (dynamic cache), batch {row['batch']:>2}: p50 {row['p50_ms']:9.2f} ms, "
+                     f"{row['commands_per_s']:8.2f} commands/s")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "command": lines[0], "versions": info, "model": args.model, "tiny": args.tiny, "dtype": dtype_name,
+            "paths": results, "floor_ms": floor_ms, "decode_floor_ms": decode_floor,
+            "compute_floor_ms": compute_floor, "copy_bandwidth_Bps": bandwidth, "matmul_flops": flops,
+            "floor_terms": terms, "batches": batch_rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""onnxruntime backend: `vla-export --onnx` of the embedded model, token parity with torch, the
+runtime's interface (statuses through the real InferenceCore), and clear refusals.
+
+The 100-command parity run lives in benchmarks/onnx_vs_torch.py (too slow for CI here).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from training.export import main as export_main  # noqa: E402
+from training.onnx_export import OnnxExportError, export_onnx  # noqa: E402
+from vla_node.backends.base import BackendError, GenerationRequest  # noqa: E402
+from vla_node.backends.onnx_backend import (  # noqa: E402
+    OnnxBackend,
+    _builtin_chat,
+    render_chat,
+    vision_inputs,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "models" / "tabletop-tiny"
+PARITY_COMMANDS = 4  # 2 en + 2 zh held-out commands; 100 in benchmarks/onnx_vs_torch.py
+PARITY_TOKENS = 32
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(), reason="embedded model not built")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "tabletop-tiny-onnx"
+    assert export_main(["--model", str(EMBEDDED), "--onnx", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_backend(onnx_dir) -> OnnxBackend:
+    backend = OnnxBackend(onnx_dir, device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def torch_backend():
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(EMBEDDED, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from training.onnx_parity import heldout_commands
+
+    return heldout_commands(ROOT / "models", tmp_path_factory.mktemp("heldout"), PARITY_COMMANDS)
+
+
+def test_export_folder_is_self_contained(onnx_dir):
+    names = {p.name for p in onnx_dir.iterdir()}
+    assert {"vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json", "chat_template.jinja",
+            "config.json", "onnx_manifest.json", "vla_manifest.json"} <= names
+    manifest = json.loads((onnx_dir / "onnx_manifest.json").read_text())
+    assert manifest["family"] == "qwen2_5_vl" and manifest["num_layers"] == 4
+
+
+def test_greedy_tokens_match_torch_on_heldout_commands(torch_backend, onnx_backend, heldout):
+    from training.onnx_parity import compare_greedy
+
+    result = compare_greedy(torch_backend, onnx_backend, heldout, PARITY_TOKENS)
+    assert {c.language for c in heldout} == {"en", "zh"}
+    assert result["tokens"] > 3 * len(heldout)
+    assert result["mismatches"] == [], result["mismatches"]
+
+
+def test_inputs_match_the_transformers_processor(torch_backend, onnx_backend, heldout):
+    from vla_node.image import fit_to_limits
+
+    command = heldout[-1]  # Chinese: exercises the tokenizer beyond ASCII
+    image = fit_to_limits(command.image, torch_backend.pixel_limits)
+    expected = torch_backend.prepare_inputs(image, command.messages)
+    got = onnx_backend.prepare_inputs(image, command.messages)
+    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"][0].numpy())
+    np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"].numpy())  # bit-identical
+    assert list(got["grid_thw"]) == expected["image_grid_thw"][0].tolist()
+    positions, _ = torch_backend.model.model.get_rope_index(
+        expected["input_ids"], expected["mm_token_type_ids"], expected["image_grid_thw"])
+    np.testing.assert_array_equal(got["position_ids"], positions.numpy())
+
+
+def test_builtin_chat_format_matches_the_exported_template(onnx_dir, heldout):
+    template = (onnx_dir / "chat_template.jinja").read_text()
+    for command in heldout:
+        assert render_chat(template, command.messages) == _builtin_chat(command.messages)
+
+
+def test_window_attention_inputs_match_transformers():
+    import torch
+    from transformers.vision_utils import get_vision_window_index
+
+    grid = (1, 12, 18)  # 168x252 image: 2x3 windows of 4x4 merged tokens, the last ones partial
+    got = vision_inputs(grid, merge=2, window_size=112, patch=14, windowed=True)
+    window_index, cu = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=2, window_size=112,
+                                               patch_size=14)
+    np.testing.assert_array_equal(got["window_index"], window_index.numpy())
+    np.testing.assert_array_equal(got["window_index"][got["reverse_index"]], np.arange(len(window_index)))
+    bounds = cu.tolist()
+    attends = got["window_bias"] == 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        assert attends[start:end, start:end].all()
+        assert not attends[start:end, end:].any() and not attends[start:end, :start].any()
+
+
+def test_window_attention_vision_encoder_matches_torch(tiny_qwen2_5_vl, tmp_path):
+    """The embedded model has only full-attention vision blocks; the tiny fixture has windows."""
+    import torch
+
+    from vla_node.backends.transformers_backend import TransformersBackend
+    from vla_node.image import fit_to_limits
+    from tests.fixtures_models import tiny_image, tiny_messages
+
+    export_onnx(str(tiny_qwen2_5_vl), str(tmp_path / "onnx"))
+    backend = OnnxBackend(tmp_path / "onnx")
+    assert backend.manifest["vision"]["windowed"]
+    reference = TransformersBackend(tiny_qwen2_5_vl, device="cpu", dtype="float32")
+    image = fit_to_limits(tiny_image(640, 360), reference.pixel_limits)  # 168x280: 2x3 windows, partial ones
+    expected_inputs = reference.prepare_inputs(image, tiny_messages())
+    with torch.inference_mode():
+        expected = reference.model.model.get_image_features(
+            expected_inputs["pixel_values"], expected_inputs["image_grid_thw"]).pooler_output
+    expected = (expected[0] if isinstance(expected, (list, tuple)) else expected).numpy()
+    inputs = backend.prepare_inputs(image, tiny_messages())
+    np.testing.assert_allclose(backend._image_embeds(inputs["pixel_values"], inputs["grid_thw"]), expected,
+                               atol=1e-5)
+
+
+def test_core_with_onnx_backend_gives_the_same_plan_and_status_as_torch(onnx_dir, torch_backend, heldout):
+    from vla_node.factory import RuntimeSettings, build_core
+
+    onnx_core = build_core(RuntimeSettings(backend="onnx", model_path=str(onnx_dir), device="cpu",
+                                           max_new_tokens=PARITY_TOKENS))
+    torch_core = build_core(RuntimeSettings(constrained_decoding=False, max_new_tokens=PARITY_TOKENS),
+                            backend=torch_backend)
+    for command, image in (("put the red cube in the blue bowl", heldout[0].image),):
+        onnx_plan, onnx_status = onnx_core.infer(image, command, command_id="c1")
+        torch_plan, torch_status = torch_core.infer(image, command, command_id="c1")
+        assert onnx_status.code == torch_status.code
+        assert onnx_status.detail == torch_status.detail
+        assert (onnx_plan is None) == (torch_plan is None)
+        if onnx_plan is not None:
+            assert onnx_plan.raw_text == torch_plan.raw_text
+            assert [s.model_dump(exclude={"confidence"}) for s in onnx_plan.steps] == \
+                   [s.model_dump(exclude={"confidence"}) for s in torch_plan.steps]
+            assert onnx_plan.steps[0].confidence == pytest.approx(torch_plan.steps[0].confidence, abs=1e-4)
+
+
+def test_bad_inputs_get_clear_errors(onnx_backend, heldout):
+    messages = heldout[0].messages
+    with pytest.raises(BackendError, match="RGB uint8"):
+        onnx_backend.generate(GenerationRequest(np.zeros((56, 56), np.uint8), messages))
+    with pytest.raises(BackendError, match="max_new_tokens"):
+        onnx_backend.generate(GenerationRequest(heldout[0].image, messages, max_new_tokens=0))
+    with pytest.raises(BackendError, match="exactly one image"):
+        onnx_backend.generate(GenerationRequest(heldout[0].image, [{"role": "user", "content": "hi"}]))
+    with pytest.raises(BackendError, match="merge it at export time"):
+        onnx_backend.load_adapter(str(ROOT / "models" / "tabletop-tiny-zh-lora"))
+    with pytest.raises(BackendError, match="no adapters"):
+        onnx_backend.set_adapter("zh")
+    stop = threading.Event()
+    stop.set()
+    result = onnx_backend.generate(GenerationRequest(heldout[0].image, messages, stop_event=stop))
+    assert result.text == "" and result.new_tokens == 0 and result.model_input_size == (252, 168)
+
+
+def test_folders_that_are_not_onnx_exports_are_refused(tmp_path):
+    with pytest.raises(BackendError, match="does not exist"):
+        OnnxBackend(tmp_path / "missing")
+    with pytest.raises(BackendError, match="not a `vla-export --onnx` folder"):
+        OnnxBackend(EMBEDDED)  # a torch checkpoint
+    qwen3 = tmp_path / "qwen3"
+    qwen3.mkdir()
+    (qwen3 / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    with pytest.raises(BackendError, match="Qwen3-VL"):
+        OnnxBackend(qwen3)
+    with pytest.raises(OnnxExportError, match="deepstack"):
+        export_onnx(str(qwen3), str(tmp_path / "out"))
+    assert export_main(["--model", str(qwen3), "--onnx", str(tmp_path / "out")]) == 1
+    from vla_node.factory import RuntimeSettings, build_core
+
+    with pytest.raises(BackendError, match="needs model_path"):
+        build_core(RuntimeSettings(backend="onnx"))
+
+
+def test_runs_without_torch_or_transformers(onnx_dir, heldout, tmp_path):
+    image_path = tmp_path / "image.npy"
+    np.save(image_path, heldout[0].image)
+    script = f"""
+import json, sys, numpy as np
+from vla_node.backends.onnx_backend import OnnxBackend
+from vla_node.backends.base import GenerationRequest
+from vla_node.image import fit_to_limits
+backend = OnnxBackend({str(onnx_dir)!r})
+messages = json.loads({json.dumps(json.dumps(heldout[0].messages))})
+image = fit_to_limits(np.load({str(image_path)!r}), backend.pixel_limits)
+result = backend.generate(GenerationRequest(image, messages, max_new_tokens=8))
+heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+print(json.dumps({{"heavy": heavy, "tokens": result.new_tokens}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [] and report["tokens"] >= 1

@@ -1,0 +1,412 @@
+"""onnxruntime backend: serves a `vla-export --onnx` folder without torch or transformers.
+
+Runtime needs only onnxruntime, numpy, the ``tokenizers`` library (and jinja2 for the chat
+template when present). Everything the transformers processor and model do around the two
+exported graphs is re-done here in numpy, exactly as transformers does it for Qwen2-VL /
+Qwen2.5-VL:
+
+* chat template -> text; ``<|image_pad|>`` expanded to one token per merged image patch; tokenised
+  with the exported ``tokenizer.json``;
+* image: fitted to the pixel limits (vla_node.image, the pipeline's own resize), rescaled,
+  normalised and patchified into ``pixel_values`` + ``grid_thw``;
+* vision rotary positions, Qwen2.5-VL window order and window attention bias;
+* 3D M-RoPE position ids for the prompt (rope index) and the decode steps;
+* greedy decoding with an explicit KV cache, confidence = geometric mean of chosen-token
+  probabilities (as TransformersBackend reports it).
+
+Qwen3-VL exports are refused (deepstack features are not exported).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vla_node.backends.base import (
+    Backend,
+    BackendError,
+    GenerationRequest,
+    GenerationResult,
+    PixelLimits,
+)
+from vla_node.manifest import COORDINATE_CONVENTIONS
+
+__all__ = ["OnnxBackend", "render_chat", "rope_index", "patchify", "vision_inputs"]
+
+ONNX_FORMAT = 1
+_IMAGE_PAD = "<|image_pad|>"
+_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL needs deepstack inputs, which are not exported
+
+
+# ------------------------------------------------------------------------------ prompt
+
+
+def _builtin_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The Qwen2-VL / Qwen2.5-VL chat format, for hosts without jinja2 (tests check it matches)."""
+    parts = []
+    for i, msg in enumerate(messages):
+        if i == 0 and msg["role"] != "system":
+            parts.append("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+        parts.append(f"<|im_start|>{msg['role']}\n")
+        content = msg["content"]
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            for item in content:
+                if item.get("type") == "image" or "image" in item or "image_url" in item:
+                    parts.append("<|vision_start|><|image_pad|><|vision_end|>")
+                elif item.get("type") == "video" or "video" in item:
+                    parts.append("<|vision_start|><|video_pad|><|vision_end|>")
+                elif "text" in item:
+                    parts.append(item["text"])
+        parts.append("<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def render_chat(template: str | None, messages: list[dict]) -> str:
+    """Render ``messages`` like transformers' apply_chat_template(add_generation_prompt=True)."""
+    if template:
+        try:
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            template = None
+        else:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+
+            def raise_exception(message):
+                raise BackendError(f"chat template: {message}")
+
+            env.globals["raise_exception"] = raise_exception
+            return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    return _builtin_chat(messages)
+
+
+# ------------------------------------------------------------------------------ image
+
+
+def patchify(rgb: np.ndarray, mean, std, rescale: float, patch: int, merge: int, temporal: int):
+    """Qwen2-VL image processor maths: (x*rescale - mean)/std, one frame repeated ``temporal``
+    times, patches ordered merge-block-major. Returns (pixel_values (N, C*T*P*P) float32, (t, h, w))."""
+    height, width = rgb.shape[:2]
+    if height % (patch * merge) or width % (patch * merge):
+        raise BackendError(f"image {width}x{height} is not a multiple of {patch * merge} (fit it to the limits first)")
+    # rescale fused into float32 mean/std, as the torchvision-backed transformers processor does:
+    # this gives bit-identical pixel values
+    fused_mean = np.asarray(mean, np.float32) * np.float32(1.0 / rescale)
+    fused_std = np.asarray(std, np.float32) * np.float32(1.0 / rescale)
+    x = (rgb.astype(np.float32) - fused_mean) / fused_std
+    x = x.transpose(2, 0, 1)[None]  # 1, C, H, W
+    x = np.repeat(x, temporal, axis=0)  # T, C, H, W
+    channels = x.shape[1]
+    gh, gw = height // patch, width // patch
+    x = x.reshape(1, temporal, channels, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(gh * gw, channels * temporal * patch * patch)), (1, gh, gw)
+
+
+def vision_inputs(grid_thw, merge: int, window_size: int, patch: int, windowed: bool) -> dict:
+    """Grid-dependent vision inputs (transformers.vision_utils maths for one image)."""
+    t, h, w = grid_thw
+    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    block = (h // merge, merge, w // merge, merge)
+    hpos = hpos.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
+    wpos = wpos.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
+    position_ids = np.tile(np.stack([hpos, wpos], -1), (t, 1)).astype(np.int64)
+    n = t * h * w
+    unit = merge * merge
+    lh, lw = h // merge, w // merge
+    if not windowed:
+        window_index = np.arange(n // unit, dtype=np.int64)
+        out = {"position_ids": position_ids, "window_index": window_index, "reverse_index": window_index.copy()}
+        return out
+    win = window_size // merge // patch
+    index = np.arange(t * lh * lw).reshape(t, lh, lw)
+    pad_h, pad_w = win - lh % win, win - lw % win
+    nh, nw = (lh + pad_h) // win, (lw + pad_w) // win
+    padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+    padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
+    seqlens = (padded != -100).sum(axis=(2, 3)).reshape(-1)
+    flat = padded.reshape(-1)
+    window_index = flat[flat != -100].astype(np.int64)
+    bounds = np.unique(np.concatenate([[0], np.cumsum(seqlens) * unit]))
+    window_id = np.zeros(n, dtype=np.int64)
+    for k in range(len(bounds) - 1):
+        window_id[bounds[k]:bounds[k + 1]] = k
+    bias = np.where(window_id[:, None] == window_id[None, :], 0.0, np.finfo(np.float32).min).astype(np.float32)
+    return {"position_ids": position_ids, "window_index": window_index,
+            "reverse_index": np.argsort(window_index).astype(np.int64), "window_bias": bias}
+
+
+def rope_index(input_ids: np.ndarray, image_token_id: int, grid_thw, merge: int) -> tuple[np.ndarray, int]:
+    """3D M-RoPE position ids (3, 1, S) for one prompt with one image + the decode-step delta."""
+    ids = np.asarray(input_ids).reshape(-1)
+    is_image = ids == image_token_id
+    t, h, w = grid_thw
+    lt, lh, lw = t, h // merge, w // merge
+    chunks, pos, i = [], 0, 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and is_image[j] == is_image[i]:
+            j += 1
+        if not is_image[i]:
+            chunks.append(np.broadcast_to(np.arange(j - i) + pos, (3, j - i)))
+            pos += j - i
+        else:
+            if j - i != lt * lh * lw:
+                raise BackendError(f"prompt has {j - i} image tokens, the image needs {lt * lh * lw}")
+            tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+            chunks.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + pos)
+            pos += max(h, w) // merge
+        i = j
+    positions = np.concatenate(chunks, axis=1).astype(np.int64)
+    delta = int(positions.max()) + 1 - len(ids)
+    return positions[:, None, :], delta
+
+
+# ------------------------------------------------------------------------------ backend
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - m - math.log(np.exp(x - m).sum())
+
+
+class OnnxBackend(Backend):
+    """Serve a `vla-export --onnx` folder with onnxruntime (CPU EP; CUDA EP when present)."""
+
+    def __init__(self, export_dir: str | os.PathLike, device: str = "auto", max_new_tokens: int = 64,
+                 threads: int = 0):
+        self._lock = threading.RLock()
+        self._closed = False
+        self.warnings: list[str] = []
+        self.export_dir = Path(export_dir)
+        self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        man = self._read_manifest(self.export_dir)
+        self.manifest = man
+        self.family = man["family"]
+        self.coordinate_convention = COORDINATE_CONVENTIONS[self.family]
+        v = man["vision"]
+        self._vision = v
+        self.patch_size, self.merge_size = int(v["patch_size"]), int(v["merge_size"])
+        self.pixel_limits = PixelLimits(int(v["min_pixels"]), int(v["max_pixels"]),
+                                        self.patch_size * self.merge_size)
+        self._eos_ids = {int(e) for e in man["eos_token_ids"]}
+        self.model_id = f"{self.export_dir.name}@{man['source_config_sha256'][:8]}"
+        self.adapter_id = ""
+
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise BackendError(f"backend 'onnx' needs onnxruntime and tokenizers installed: {e}") from e
+        self.providers = self._pick_providers(device, ort)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self._vision_session = ort.InferenceSession(str(self.export_dir / "vision.onnx"), opts,
+                                                        providers=self.providers)
+            self._decoder_session = ort.InferenceSession(str(self.export_dir / "decoder.onnx"), opts,
+                                                         providers=self.providers)
+            self.tokenizer = Tokenizer.from_file(str(self.export_dir / "tokenizer.json"))
+            self._embed = np.load(self.export_dir / "embed_tokens.npy", mmap_mode="r")
+        except Exception as e:
+            raise BackendError(f"ONNX export '{self.export_dir}' cannot be loaded: {e}") from e
+        template = self.export_dir / "chat_template.jinja"
+        self._template = template.read_text(encoding="utf-8") if template.is_file() else None
+        self._image_token_id = int(man["image_token_id"])
+        self._layers = int(man["num_layers"])
+        self._past_shape = (1, int(man["num_key_value_heads"]), 0, int(man["head_dim"]))
+        self._vision_names = list(man["vision_inputs"])
+        if self.tokenizer.token_to_id(_IMAGE_PAD) != self._image_token_id:
+            raise BackendError(f"ONNX export '{self.export_dir}': tokenizer.json and onnx_manifest.json disagree "
+                               f"on the image token id")
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        if not path.is_dir():
+            raise BackendError(f"ONNX export directory '{path}' does not exist or is not a directory")
+        mpath = path / "onnx_manifest.json"
+        if not mpath.is_file():
+            cfg = path / "config.json"
+            hint = ""
+            if cfg.is_file() and "qwen3" in cfg.read_text(encoding="utf-8", errors="replace"):
+                hint = " (Qwen3-VL cannot be served by the onnx backend: deepstack is not exported)"
+            raise BackendError(f"'{path}' has no onnx_manifest.json: not a `vla-export --onnx` folder{hint}")
+        try:
+            man = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BackendError(f"'{mpath}' is not valid JSON: {e}") from e
+        if man.get("format") != ONNX_FORMAT:
+            raise BackendError(f"'{mpath}': format {man.get('format')!r} is not supported (expected {ONNX_FORMAT})")
+        if man.get("family") not in _FAMILIES:
+            raise BackendError(f"'{mpath}': family {man.get('family')!r} is not supported by the onnx backend "
+                               "(qwen2_vl, qwen2_5_vl; Qwen3-VL needs deepstack, use backend 'transformers')")
+        missing = [f for f in ("vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json")
+                   if not (path / f).is_file()]
+        if missing:
+            raise BackendError(f"ONNX export '{path}' is incomplete: missing {', '.join(missing)}")
+        return man
+
+    @staticmethod
+    def _pick_providers(device: str, ort) -> list[str]:
+        available = ort.get_available_providers()
+        d = (device or "auto").lower()
+        if d == "cpu":
+            return ["CPUExecutionProvider"]
+        if d.startswith("cuda"):
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(f"device {device!r} requested but onnxruntime has no CUDAExecutionProvider "
+                                   f"(available: {', '.join(available)})")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if d != "auto":
+            raise BackendError(f"invalid device {device!r}; use auto, cpu or cuda")
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def prepare_inputs(self, image: np.ndarray, messages: list[dict]) -> dict:
+        """input_ids, pixel_values, grid_thw and position ids for one image + chat messages."""
+        from vla_node.image import fit_to_limits
+
+        fitted = fit_to_limits(image, self.pixel_limits)
+        v = self._vision
+        pixel_values, grid = patchify(fitted, v["image_mean"], v["image_std"], v["rescale_factor"],
+                                      self.patch_size, self.merge_size, int(v["temporal_patch_size"]))
+        text = render_chat(self._template, messages)
+        n_image = text.count(_IMAGE_PAD)
+        if n_image != 1:
+            raise BackendError(f"the chat messages must hold exactly one image, found {n_image}")
+        tokens = grid[0] * grid[1] * grid[2] // (self.merge_size ** 2)
+        text = text.replace(_IMAGE_PAD, _IMAGE_PAD * tokens)
+        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+        positions, delta = rope_index(ids, self._image_token_id, grid, self.merge_size)
+        return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid,
+                "position_ids": positions, "rope_delta": delta}
+
+    def _image_embeds(self, pixel_values: np.ndarray, grid) -> np.ndarray:
+        v = self._vision
+        feeds = vision_inputs(grid, self.merge_size, int(v["window_size"]), self.patch_size, bool(v["windowed"]))
+        feeds["pixel_values"] = pixel_values
+        return self._vision_session.run(None, {k: feeds[k] for k in self._vision_names})[0]
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        image = request.image
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            shape = getattr(image, "shape", None)
+            raise BackendError(f"request.image must be an RGB uint8 HxWx3 array, got shape {shape} "
+                               f"dtype {getattr(image, 'dtype', type(image).__name__)}")
+        n_max = int(request.max_new_tokens)
+        if n_max < 1:
+            raise BackendError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        n_max = min(n_max, self.max_new_tokens)
+        with self._lock:
+            self._ensure_open()
+            t0 = time.perf_counter()
+            try:
+                inputs = self.prepare_inputs(image, request.messages)
+            except BackendError:
+                raise
+            except Exception as e:
+                raise BackendError(f"preprocessing failed: {e}") from e
+            grid = inputs["grid_thw"]
+            size = (grid[2] * self.patch_size, grid[1] * self.patch_size)
+            ids = inputs["input_ids"]
+            t1 = time.perf_counter()
+            preprocess_ms = (t1 - t0) * 1000.0
+            ev = request.stop_event
+            if ev is not None and ev.is_set():
+                return GenerationResult("", 1.0, size, len(ids), 0, preprocess_ms, 0.0)
+            try:
+                new_ids, logps = self._greedy(inputs, n_max, ev)
+            except Exception as e:
+                raise BackendError(f"generation failed: {e}") from e
+            confidence = 1.0
+            if logps:
+                confidence = min(1.0, max(float(math.exp(sum(logps) / len(logps))), 1e-12))
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            return GenerationResult(text=text, confidence=confidence, model_input_size=size,
+                                    prompt_tokens=len(ids), new_tokens=len(new_ids),
+                                    preprocess_ms=preprocess_ms,
+                                    generate_ms=(time.perf_counter() - t1) * 1000.0)
+
+    def generate_ids(self, image: np.ndarray, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """Greedy token ids only (parity checks against the torch backend)."""
+        with self._lock:
+            self._ensure_open()
+            return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None)[0]
+
+    def _greedy(self, inputs: dict, n_max: int, stop_event) -> tuple[list[int], list[float]]:
+        ids = inputs["input_ids"]
+        embeds = np.asarray(self._embed[ids], dtype=np.float32)
+        image_rows = ids == self._image_token_id
+        embeds[image_rows] = self._image_embeds(inputs["pixel_values"], inputs["grid_thw"])
+        feeds = {"inputs_embeds": embeds[None], "position_ids": inputs["position_ids"]}
+        empty = np.zeros(self._past_shape, dtype=np.float32)
+        for i in range(self._layers):
+            feeds[f"past_key_{i}"] = empty
+            feeds[f"past_value_{i}"] = empty
+        delta, cache_len = inputs["rope_delta"], len(ids)
+        new_ids: list[int] = []
+        logps: list[float] = []
+        while True:
+            outputs = self._decoder_session.run(None, feeds)
+            logits = outputs[0][0]
+            token = int(np.argmax(logits))
+            new_ids.append(token)
+            logps.append(float(_log_softmax(logits)[token]))
+            if token in self._eos_ids or len(new_ids) >= n_max or (stop_event is not None and stop_event.is_set()):
+                return new_ids, logps
+            feeds = {"inputs_embeds": np.asarray(self._embed[[token]], dtype=np.float32)[None],
+                     "position_ids": np.full((3, 1, 1), cache_len + delta, dtype=np.int64)}
+            for i in range(self._layers):
+                feeds[f"past_key_{i}"] = outputs[1 + 2 * i]
+                feeds[f"past_value_{i}"] = outputs[2 + 2 * i]
+            cache_len += 1
+
+    # ------------------------------------------------------------------------------ interface
+
+    def _ensure_open(self):
+        if self._closed:
+            raise BackendError("backend is closed")
+
+    def warmup(self) -> None:
+        f = self.pixel_limits.factor
+        side = max(f, int(math.ceil(math.sqrt(self.pixel_limits.min_pixels) / f)) * f)
+        img = np.full((side, side, 3), 127, dtype=np.uint8)
+        msgs = [
+            {"role": "system", "content": [{"type": "text", "text": "warmup"}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warmup"}]},
+        ]
+        self.generate(GenerationRequest(image=img, messages=msgs, max_new_tokens=2))
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        raise BackendError(f"backend 'onnx' cannot load adapter '{path}': merge it at export time "
+                           "(vla-export --model BASE --adapter LORA --onnx OUT)")
+
+    def set_adapter(self, name: str | None) -> None:
+        if name is not None:
+            raise BackendError(f"adapter {name!r} is not loaded (backend 'onnx' has no adapters; merge at export)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._vision_session = None
+            self._decoder_session = None
