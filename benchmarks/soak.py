@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command-period", type=float, default=0.5,
                         help="seconds between commands (default %(default)s)")
     parser.add_argument("--model", default="", help="model directory for the node (default: the embedded model)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="node max_new_tokens (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="node max_new_tokens (default %(default)s, the node's own default)")
     parser.add_argument("--queue-size", type=int, default=4, help="node queue_size (default %(default)s)")
     parser.add_argument("--drain-s", type=float, default=120.0,
                         help="after the last command, wait this long at most for outstanding statuses")
