@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from training.metrics import iou, percentile, rouge_l, sentence_bleu
+from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger("vla_eval")
 
@@ -327,7 +328,7 @@ def evaluate(
     compare_base: bool = False,
     out: str | None = None,
     limit: int | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     device: str = "auto",
     dtype: str = "auto",
     vocabulary: str | None = None,
@@ -419,7 +420,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action="store_true", help="also score the base model (adapter off) and tabulate both")
     p.add_argument("--out", help="write metrics.json, metrics.md and predictions_*.jsonl here")
     p.add_argument("--limit", type=int, help="only the first N samples")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation budget (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="generation budget (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     p.add_argument("--vocabulary", help="actions.yaml (default: the packaged config/actions.yaml)")

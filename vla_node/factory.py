@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vla_node.backends.base import Backend, BackendError
+from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, BackendError
 from vla_node.backends.openai_backend import OpenAIBackend, ServerSettings
 from vla_node.pipeline import InferenceCore
 from vla_node.policy import SafetyPolicy
@@ -68,7 +68,7 @@ class RuntimeSettings:
     device: str = "auto"
     dtype: str = "auto"
     vocabulary_path: str = ""     # "" -> config/actions.yaml
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_confidence: float | None = None  # overrides the vocabulary file's policy when set
     max_steps: int | None = None
     constrained_decoding: bool = True   # only grammar-valid plans can be generated (vla_node.grammar)

@@ -28,6 +28,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from vla_node import msg as vla_msg
+from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS
 from vla_node.backends.openai_backend import ServerSettings
 from vla_node.factory import RuntimeSettings, build_core, parse_adapter_specs
 from vla_node.pipeline import CommandPipeline, Frame, PipelineConfig
@@ -66,7 +67,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "frame_buffer": (8, "Undecoded camera messages kept to pair a command with the closest frame", True),
     "queue_size": (4, "Commands waiting for the model at most", True),
     "queue_policy": ("drop_oldest", "drop_oldest (newest command wins) | reject_newest", True),
-    "max_new_tokens": (128, "Upper bound on generated tokens per command (a two-step plan with boxes is ~110 tokens)", True),
+    "max_new_tokens": (DEFAULT_MAX_NEW_TOKENS, "Upper bound on generated tokens per command (a two-step plan with boxes is ~110 tokens)", True),
     "generation_timeout_s": (30.0, "Watchdog: generation longer than this gives TIMEOUT", True),
     "max_command_bytes": (512, "Longer speech text is refused with BAD_COMMAND", True),
     "stop_phrases": (list(DEFAULT_STOP_PHRASES),

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from vla_node.actions import ActionPlan, ActionStep, CommandStatus, StageLatency, StatusCode
-from vla_node.backends.base import Backend, GenerationRequest
+from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, GenerationRequest
 from vla_node.image import ImageError, fit_to_limits
 from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
@@ -62,7 +62,7 @@ class InferenceCore:
         vocab: Vocabulary,
         prompt: PromptBuilder,
         policy: SafetyPolicy,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ):
         self.backend = backend
         self.vocab = vocab

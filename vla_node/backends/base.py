@@ -21,7 +21,11 @@ except ImportError:  # pragma: no cover - only while vla_node.image is not writt
         max_pixels: int
         factor: int = 28
 
-__all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits"]
+__all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits",
+           "DEFAULT_MAX_NEW_TOKENS", "token_budget"]
+
+# A two-step plan with boxes is ~110 tokens for the embedded model; 64 cut such plans short.
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class BackendError(Exception):
@@ -32,7 +36,7 @@ class BackendError(Exception):
 class GenerationRequest:
     image: np.ndarray  # RGB uint8 HxWx3 (already fitted to pixel limits)
     messages: list[dict]  # from PromptBuilder.chat_messages
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop_event: threading.Event | None = None  # set -> abort generation as soon as possible
 
 
@@ -45,6 +49,21 @@ class GenerationResult:
     new_tokens: int
     preprocess_ms: float
     generate_ms: float
+
+
+def token_budget(request: GenerationRequest, backend_limit: int, image_required: bool = True) -> int:
+    """Check a request's image (RGB uint8 HxWx3) and return its generation budget, capped by
+    the backend's own limit. `image_required=False` lets other image types through (the
+    transformers processor also takes PIL images)."""
+    image = request.image
+    if image_required or isinstance(image, np.ndarray):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise BackendError(f"request.image must be an RGB uint8 HxWx3 array, got shape "
+                               f"{getattr(image, 'shape', None)} dtype {getattr(image, 'dtype', type(image).__name__)}")
+    n_max = int(request.max_new_tokens)
+    if n_max < 1:
+        raise BackendError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    return min(n_max, backend_limit)
 
 
 class Backend(abc.ABC):

@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from vla_node.backends.base import (
+    DEFAULT_MAX_NEW_TOKENS,
     Backend,
     BackendError,
     GenerationRequest,
     GenerationResult,
     PixelLimits,
+    token_budget,
 )
 from vla_node.manifest import COORDINATE_CONVENTIONS
 
@@ -185,7 +187,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class OnnxBackend(Backend):
     """Serve a `vla-export --onnx` folder with onnxruntime (CPU EP; CUDA EP when present)."""
 
-    def __init__(self, export_dir: str | os.PathLike, device: str = "auto", max_new_tokens: int = 64,
+    def __init__(self, export_dir: str | os.PathLike, device: str = "auto",
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  threads: int = 0):
         self._lock = threading.RLock()
         self._closed = False
@@ -309,14 +312,7 @@ class OnnxBackend(Backend):
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         image = request.image
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            shape = getattr(image, "shape", None)
-            raise BackendError(f"request.image must be an RGB uint8 HxWx3 array, got shape {shape} "
-                               f"dtype {getattr(image, 'dtype', type(image).__name__)}")
-        n_max = int(request.max_new_tokens)
-        if n_max < 1:
-            raise BackendError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        n_max = min(n_max, self.max_new_tokens)
+        n_max = token_budget(request, self.max_new_tokens)
         with self._lock:
             self._ensure_open()
             t0 = time.perf_counter()

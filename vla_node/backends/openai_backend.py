@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 
 from vla_node import manifest as _manifest
-from vla_node.backends.base import Backend, BackendError, GenerationRequest, GenerationResult, PixelLimits
+from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, BackendError, GenerationRequest, GenerationResult, PixelLimits
 
 __all__ = ["OpenAIBackend", "ServerError", "ServerSettings", "STRUCTURED_OUTPUT_MODES"]
 
@@ -235,7 +235,7 @@ def _error_text(body: bytes) -> str:
 class OpenAIBackend(Backend):
     """Generation on an OpenAI-compatible server; see the module docstring for the failure model."""
 
-    def __init__(self, settings: ServerSettings, model_path: str = "", max_new_tokens: int = 128,
+    def __init__(self, settings: ServerSettings, model_path: str = "", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  json_schema: dict | None = None, vocab_fingerprint: str | None = None):
         if not settings.url:
             raise BackendError("backend 'openai' needs server_url (e.g. http://gpu-host:8000/v1)")

@@ -21,11 +21,13 @@ import numpy as np
 
 from vla_node import manifest as _manifest
 from vla_node.backends.base import (
+    DEFAULT_MAX_NEW_TOKENS,
     Backend,
     BackendError,
     GenerationRequest,
     GenerationResult,
     PixelLimits,
+    token_budget,
 )
 from vla_node.backends.frame_cache import VisionCache
 
@@ -111,7 +113,7 @@ class TransformersBackend(Backend):
         adapter_path: str | os.PathLike | None = None,
         device: str = "auto",
         dtype="auto",
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         attn_implementation: str | None = "sdpa",
         vocab_fingerprint: str | None = None,
     ):
@@ -477,15 +479,7 @@ class TransformersBackend(Backend):
         import torch
 
         image = request.image
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise BackendError(
-                    f"request.image must be an RGB uint8 HxWx3 array, got shape {image.shape} dtype {image.dtype}"
-                )
-        n_max = int(request.max_new_tokens)
-        if n_max < 1:
-            raise BackendError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        n_max = min(n_max, self.max_new_tokens)
+        n_max = token_budget(request, self.max_new_tokens, image_required=False)
 
         with self._lock:
             self._ensure_open()
