@@ -165,6 +165,12 @@ class _Command:
     # One per command, so a late stop can never abort the NEXT command's generation.
     abort: threading.Event = field(default_factory=threading.Event)
 
+    def cancel_generation(self, reason: str) -> None:
+        """Cancel this command while it generates: CANCELLED with `reason`, generation aborted."""
+        self.cancel_reason = reason
+        self.cancelled.set()
+        self.abort.set()
+
 
 class PipelineStats:
     """Counters and recent latencies for diagnostics (thread-safe)."""
@@ -244,9 +250,7 @@ class CommandPipeline:
         rejected = False
         with self._queue_lock:
             stopped = self._stopped
-            if stopped:
-                pass
-            elif len(self._queue) >= self.config.queue_size:
+            if not stopped and len(self._queue) >= self.config.queue_size:
                 if self.config.queue_policy == "drop_oldest":
                     dropped = self._queue.popleft()
                 else:
@@ -286,9 +290,7 @@ class CommandPipeline:
             pending = list(self._queue)
             self._queue.clear()
             if self._in_flight is not None:
-                self._in_flight.cancel_reason = "pipeline shutting down during generation"
-                self._in_flight.cancelled.set()
-                self._in_flight.abort.set()
+                self._in_flight.cancel_generation("pipeline shutting down during generation")
             self._work_ready.notify_all()
         for command in pending:
             self._emit_status(self._status(command, StatusCode.CANCELLED, "pipeline shutting down"), None)
@@ -316,9 +318,7 @@ class CommandPipeline:
             self._queue.clear()
             in_flight = self._in_flight
             if in_flight is not None:  # the backend's stopping criteria end its generate() early
-                in_flight.cancel_reason = f"cancelled by stop command {command_id} during generation"
-                in_flight.cancelled.set()
-                in_flight.abort.set()
+                in_flight.cancel_generation(f"cancelled by stop command {command_id} during generation")
         latest = self._frames[-1] if self._frames else None
         plan = ActionPlan(
             stamp_ns=latest.stamp_ns if latest else received_ns,
