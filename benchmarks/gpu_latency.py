@@ -205,13 +205,15 @@ def spy_on_generate(backend, seen: list) -> None:
     backend.generate = generate
 
 
-def measure_path(name: str, run, device: str, new_tokens: int, iters: int, warmup: int, tokens_of) -> dict:
+def measure_path(name: str, run, device: str, new_tokens: int, iters: int, warmup: int, tokens_of,
+                 preprocess_of=None) -> dict:
     e2e = timed(lambda: run(new_tokens), device, iters, warmup)
     tokens = tokens_of()
+    preprocess = preprocess_of(iters) if preprocess_of else None
     ttft = timed(lambda: run(1), device, iters, warmup)
     p50, first = statistics.median(e2e), statistics.median(ttft)
     return {"name": name, "p50_ms": p50, "p95_ms": p(e2e, 95), "ttft_p50_ms": first, "new_tokens": tokens,
-            "decode_ms_per_token": (p50 - first) / max(1, tokens - 1)}
+            "decode_ms_per_token": (p50 - first) / max(1, tokens - 1), "preprocess_p50_ms": preprocess}
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -283,47 +285,58 @@ def main(argv: list[str] | None = None) -> int:
     def last_tokens() -> int:
         return seen[-1].new_tokens
 
+    def preprocess_of(calls: int) -> float:  # chat template + processor + upload, inside the backend
+        return statistics.median(result.preprocess_ms for result in seen[-calls:])
+
     results = []
     naive_tokens: list[int] = []
     results.append(measure_path("baseline (AutoProcessor + generate)",
                                 lambda n: naive_tokens.append(naive.command(rgb, COMMAND, n)),
                                 device, args.new_tokens, iters, warmup, lambda: naive_tokens[-1]))
-    grammar = getattr(backend, "action_grammar", None)
-    backend.action_grammar = None  # constrained decoding off: the same 24 tokens as the baseline
-    frame_cache = getattr(backend, "vision_cache", None)
-    if frame_cache is not None:  # every timed command a new frame, like the baseline's
-        from vla_node.backends.frame_cache import VisionCache
 
-        backend.vision_cache = VisionCache(capacity=0)
+    # The runtime's speed options, switched on the one loaded backend (the backend reads them per call).
+    from vla_node.backends.frame_cache import VisionCache
+    from vla_node.backends.prefix_cache import PrefixCache
 
-    def cached_frames(on: bool) -> None:
-        backend.vision_cache = frame_cache if on else VisionCache(capacity=0)
+    grammar, frame_cache, prefix_cache = backend.action_grammar, backend.vision_cache, backend.prefix_cache
+    default_decode = backend.decode_cache
+    no_prefix = PrefixCache(prefix_cache.boundary_token_id, capacity=0)
 
-    def static_cache(on: bool) -> None:
-        backend.base_model.generation_config.cache_implementation = "static" if on else None
+    def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False) -> None:
+        backend.decode_cache = decode
+        backend.prefix_cache = prefix_cache if prefix else no_prefix
+        backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
+        backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
-    def use_grammar(on: bool) -> None:
-        backend.action_grammar = grammar if on else None
-
-    variants = [("node (InferenceCore.infer)", lambda on: None, warmup)]
-    if grammar is not None:
-        variants.append(("node+grammar (constrained, runtime default)", use_grammar, warmup))
-    if frame_cache is not None:
-        variants.append(("node+frame cache (same frame, vision once)", cached_frames, warmup))
+    static_warmup = max(warmup, 1 if args.tiny else 4)  # compiles the decode step, settles the cache size
+    variants = [
+        ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False), warmup),
+        ("node + prefix KV reuse", dict(decode="dynamic", prefix=True), warmup),
+    ]
     if not args.no_static:
-        variants.append(("node+static (static KV cache, compiled decode)", static_cache,
-                         max(warmup, 1 if args.tiny else 5)))
-    for name, switch, variant_warmup in variants:
-        switch(True)
+        variants += [
+            ("node + static cache, compiled decode", dict(decode="static", prefix=False), static_warmup),
+            ("node + prefix reuse + static (default)", dict(decode="static", prefix=True), static_warmup),
+        ]
+    default = dict(decode=default_decode if not args.no_static else "dynamic", prefix=True)
+    if grammar is not None:
+        variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
+    variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
+    texts: dict[str, str] = {}
+    for name, options, variant_warmup in variants:
+        configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
             results.append(measure_path(name, lambda n: node_command(core, rgb, n), device, args.new_tokens,
-                                        iters, variant_warmup, last_tokens))
+                                        iters, variant_warmup, last_tokens, preprocess_of))
+            node_command(core, rgb, args.new_tokens)
+            texts[name] = seen[-1].text
         except Exception as error:
-            if name.startswith("node ("):
+            if name.startswith("node, plain"):
                 raise
             print(f"{name}: FAILED, {type(error).__name__}: {error}", flush=True)
-        finally:
-            switch(False)
+    configure(**default)
+    plain_text = texts.get(variants[0][0])
+    same_tokens = {name: text == plain_text for name, text in texts.items() if "grammar" not in name}
 
     # the floor, from the node's own view of the input (prompt length, image grid)
     inputs = naive.inputs(rgb, [COMMAND])
@@ -335,11 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     compute_floor = (terms["prefill_flops"] + terms["vision_flops"]) / flops * 1000.0
     floor_ms = decode_floor + compute_floor
 
+    from vla_node.pipeline import InferenceJob
+
     batch_rows = []
     for batch_size in [int(b) for b in batches.split(",") if b.strip()]:
-        ms = statistics.median(timed(lambda: naive.batch(rgb, batch_size, args.new_tokens), device,
-                                     max(2, iters // 4), 1))
-        batch_rows.append({"batch": batch_size, "p50_ms": ms, "commands_per_s": batch_size / (ms / 1000.0)})
+        backend.max_batch_size = max(batch_size, 1)
+        core.max_new_tokens = args.new_tokens
+        jobs = [InferenceJob(rgb, COMMAND) for _ in range(batch_size)]
+        node_ms = statistics.median(timed(lambda: core.infer_batch(jobs), device, max(2, iters // 4), 1))
+        naive_ms = statistics.median(timed(lambda: naive.batch(rgb, batch_size, args.new_tokens), device,
+                                           max(2, iters // 4), 1))
+        batch_rows.append({"batch": batch_size, "p50_ms": node_ms, "commands_per_s": batch_size / (node_ms / 1000.0),
+                           "naive_p50_ms": naive_ms, "naive_commands_per_s": batch_size / (naive_ms / 1000.0)})
 
     info = versions(device)
     baseline = results[0]
@@ -351,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{iters} timed calls per path after {warmup} warm-up",
         f"# prompt {terms['prompt_tokens']} tokens, {terms['patches']} vision patches; language params "
         f"{terms['language_params'] / 1e6:.1f} M, vision params {terms['vision_params'] / 1e6:.1f} M",
-        f"{'path':<48} {'p50 ms':>9} {'p95 ms':>9} {'ttft ms':>9} {'ms/token':>9} {'tokens':>6} {'speed-up':>8}",
+        f"{'path':<48} {'p50 ms':>9} {'p95 ms':>9} {'ttft ms':>9} {'ms/token':>9} {'tokens':>6} {'speed-up':>8}"
+        f" {'prep ms':>8}",
     ]
     for row in results:
         lines.append(f"{row['name']:<48} {row['p50_ms']:9.2f} {row['p95_ms']:9.2f} {row['ttft_p50_ms']:9.2f} "
                      f"{row['decode_ms_per_token']:9.3f} {row['new_tokens']:6d} "
-                     f"{baseline['p50_ms'] / row['p50_ms']:7.2f}x")
+                     f"{baseline['p50_ms'] / row['p50_ms']:7.2f}x"
+                     + (f" {row['preprocess_p50_ms']:8.2f}" if row.get("preprocess_p50_ms") is not None else ""))
     lines += [
         f"floor: decode {decode_floor:.2f} ms ({terms['step_bytes'] / 1e9:.3f} GB/step at copy bandwidth "
         f"{bandwidth / 1e9:.0f} GB/s x {args.new_tokens - 1} steps) + prefill/vision {compute_floor:.2f} ms "
@@ -365,16 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for row in results:
         lines.append(f"  {row['name']:<46} p50 / floor {row['p50_ms'] / floor_ms:7.2f}")
+    lines.append(f"same tokens as the plain node path ({dtype_name}): " + ", ".join(
+        f"{name}: {'yes' if same else 'NO'}" for name, same in same_tokens.items()))
+    lines.append(f"prefix cache {backend.prefix_cache_stats}; default decode cache on this device: {default_decode}")
     for row in batch_rows:
-        lines.append(f"batched model.generate (dynamic cache), batch {row['batch']:>2}: p50 {row['p50_ms']:9.2f} ms, "
-                     f"{row['commands_per_s']:8.2f} commands/s")
+        lines.append(f"batch {row['batch']:>2}: runtime InferenceCore.infer_batch p50 {row['p50_ms']:9.2f} ms = "
+                     f"{row['commands_per_s']:7.2f} commands/s; naive batched generate {row['naive_p50_ms']:9.2f} ms = "
+                     f"{row['naive_commands_per_s']:7.2f} commands/s")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": lines[0], "versions": info, "model": args.model, "tiny": args.tiny, "dtype": dtype_name,
             "paths": results, "floor_ms": floor_ms, "decode_floor_ms": decode_floor,
             "compute_floor_ms": compute_floor, "copy_bandwidth_Bps": bandwidth, "matmul_flops": flops,
-            "floor_terms": terms, "batches": batch_rows}, indent=2) + "\n")
+            "floor_terms": terms, "batches": batch_rows, "same_tokens_as_plain": same_tokens,
+            "prefix_cache": backend.prefix_cache_stats}, indent=2) + "\n")
     return 0
 
 

@@ -82,7 +82,7 @@ def prepare(args, work: Path, family: str, device: str, dtype_name: str) -> tupl
 class StepClock:
     """TrainerCallback timing optimizer steps after the warm-up, and the tokens they consumed."""
 
-    def __init__(self, warmup_steps: int, counter: "CountingCollator"):
+    def __init__(self, warmup_steps: int, counter: "ConsumedCounter"):
         self.warmup_steps = warmup_steps
         self.counter = counter
         self.start = None
@@ -122,24 +122,24 @@ class StepClock:
                 "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
 
 
-class CountingCollator:
-    """The project's collator, counting samples, non-padding tokens and vision patches it hands out.
+class ConsumedCounter:
+    """Counts samples, non-padding tokens and vision patches the model trains on, from a forward
+    pre-hook in the training process: collator-side counts would stay in DataLoader workers and
+    include batches prefetched ahead."""
 
-    Counts are per process and include batches prefetched by the DataLoader (at most one ahead
-    with the default 0 workers), which the warm-up steps absorb.
-    """
-
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, model):
         self.samples = self.tokens = self.patches = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def __call__(self, batch):
-        out = self.collator(batch)
-        self.samples += int(out["input_ids"].shape[0])
-        self.tokens += int(out["attention_mask"].sum())
-        if "image_grid_thw" in out:
-            self.patches += int(out["image_grid_thw"].prod(dim=-1).sum())
-        return out
+    def _count(self, module, args, kwargs):
+        if not module.training:
+            return None
+        self.samples += int(kwargs["input_ids"].shape[0])
+        self.tokens += int(kwargs["attention_mask"].sum())
+        grid = kwargs.get("image_grid_thw")
+        if grid is not None:
+            self.patches += int(grid.prod(dim=-1).sum())
+        return None
 
     def totals(self) -> tuple[int, int, int]:
         return self.samples, self.tokens, self.patches
@@ -189,6 +189,10 @@ def peak_flops(tiny: bool) -> tuple[float | None, float]:
     return nominal, measured
 
 
+def base_model_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
@@ -210,12 +214,12 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
     processor = AutoProcessor.from_pretrained(str(checkpoint))
     limits = pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels)
     set_pixel_limits(processor, limits)
-    collator = CountingCollator(VLACollator(processor, PromptBuilder(vocab), limits))
+    collator = VLACollator(processor, PromptBuilder(vocab), limits)
 
     if arm == "vla-train":
         bf16 = _use_bf16(cfg)
         model = build_model(cfg, bf16)
-        dataset = EncodedDataset(samples, collator.collator, compute_lengths=cfg.group_by_length)
+        dataset = EncodedDataset(samples, collator, compute_lengths=cfg.group_by_length)
         training_args = _training_args(cfg, bf16, has_eval=False)
         trainer_class = _trainer_classes()[0]
     else:
@@ -225,14 +229,14 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
         regex, _ = lora_target_regex(model, "all")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=regex,
                                                  task_type="CAUSAL_LM"))
-        dataset = EncodedDataset(samples, collator.collator, compute_lengths=False)
+        dataset = EncodedDataset(samples, collator, compute_lengths=False)
         extra = _checkpointing_kwargs(TrainingArguments, args.baseline_gradient_checkpointing)
         training_args = TrainingArguments(output_dir=str(out / arm), per_device_train_batch_size=args.batch_size,
                                           max_steps=args.steps, report_to="none", save_strategy="no",
                                           remove_unused_columns=False, disable_tqdm=True,
                                           use_cpu=not torch.cuda.is_available(), **extra)
         trainer_class = Trainer
-    clock = StepClock(args.warmup_steps, collator)
+    clock = StepClock(args.warmup_steps, ConsumedCounter(base_model_of(model)))
     trainer = trainer_class(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                             callbacks=[clock.callback()])
     trainer.train()
@@ -244,7 +248,9 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
     rates["settings"] = (f"base {'/'.join(dtypes)}, bf16 autocast {training_args.bf16}, optim "
                          f"{getattr(training_args.optim, 'value', training_args.optim)}, sampler "
                          f"{getattr(training_args, 'train_sampling_strategy', 'random')}, "
-                         f"gradient checkpointing {checkpointing}")
+                         f"gradient checkpointing {checkpointing}, dataloader workers "
+                         f"{training_args.dataloader_num_workers}, vision attention "
+                         f"{base_model_of(model).model.visual.config._attn_implementation}")
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -370,3 +370,18 @@ def test_device_and_dtype_selection(tiny_model_dir):
     assert b.dtype == torch.bfloat16
     r = b.generate(_req(n=2))
     assert 0 < r.confidence <= 1
+
+
+def test_torch_threads_sets_the_cpu_threads_and_rejects_negatives(tiny_model_dir):
+    before = torch.get_num_threads()
+    try:
+        b = TransformersBackend(tiny_model_dir, device="cpu", torch_threads=1)
+        b.close()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        TransformersBackend(tiny_model_dir, device="cpu").close()  # 0 (default) leaves torch's choice alone
+        assert torch.get_num_threads() == before
+        with pytest.raises(BackendError, match="torch_threads must be >= 0"):
+            TransformersBackend(tiny_model_dir, device="cpu", torch_threads=-2)
+    finally:
+        torch.set_num_threads(before)

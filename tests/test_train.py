@@ -264,6 +264,53 @@ def test_resume_continues_step_count_and_loss(lora_run, train_model_dir, synth_d
         assert loss == pytest.approx(original[step], rel=2e-3, abs=2e-3), (step, loss, original[step])
 
 
+def test_additional_target_trains_embeddings_with_the_adapter(train_model_dir, synth_dir, tmp_path):
+    """LLaMA-Factory's additional_target: the embedding trains in full next to LoRA, is saved in the
+    adapter, and the node's backend serves it and switches back to the untouched base."""
+    from safetensors.torch import load_file
+
+    from tests.fixtures_models import tiny_image
+    from training.train import train
+    from vla_node.backends.base import GenerationRequest
+    from vla_node.backends.transformers_backend import TransformersBackend
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    out = tmp_path / "lora_embed"
+    with pytest.raises(ConfigError, match="additional_target.*no_such_module"):
+        train(load_config(None, train_overrides(train_model_dir, synth_dir, out, max_steps=1,
+                                                additional_target="no_such_module")))
+    cfg = load_config(None, train_overrides(train_model_dir, synth_dir, out, max_steps=4, logging_steps=1,
+                                            save_steps=100, learning_rate=1e-2, additional_target="embed_tokens",
+                                            plot_loss=False))
+    train(cfg)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    embed = [k for k in saved if k.endswith("embed_tokens.weight")]
+    assert len(embed) == 1 and any("lora_" in k for k in saved)
+    base_embed = next(v for k, v in load_file(str(train_model_dir / "model.safetensors")).items()
+                      if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(saved[embed[0]].float(), base_embed.float())  # the embedding trained
+
+    vocab = Vocabulary.load()
+    backend = TransformersBackend(str(train_model_dir), vocab_fingerprint=vocab.fingerprint(), max_new_tokens=6)
+    try:
+        request = GenerationRequest(image=tiny_image(112, 84), messages=PromptBuilder(vocab).chat_messages("stop"),
+                                    max_new_tokens=6)
+        def answer():
+            result = backend.generate(request)
+            return result.text, result.confidence
+
+        before = answer()
+        name = backend.load_adapter(str(out))
+        backend.set_adapter(name)
+        with_adapter = answer()
+        backend.set_adapter(None)
+        after = answer()
+        assert after == before and with_adapter != before
+    finally:
+        backend.close()
+
+
 def test_full_finetuning_runs_with_vision_frozen(train_model_dir, synth_dir, tmp_path):
     from training.train import train
     from vla_node.manifest import read_manifest

@@ -43,6 +43,9 @@ MODEL_SIZES = dict(
     vision_window_attention=False,  # 6 windows per frame would mean 6x the attention calls
 )
 IMAGE_SIZE = (320, 240)
+# The base never reads Chinese, so the Chinese tokens' embeddings stay at their random init; LoRA
+# alone (linear layers only) could not give them meaning: the adapter trains the embedding too.
+ADAPTER_TRAINS_EMBEDDINGS = "embed_tokens"
 BOXES = "absolute_resized"  # the model answers with boxes in its own input pixels (Qwen2.5-VL style)
 
 
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
     lora = run_training(model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora", lora_rank=8, lora_alpha=16,
-                        lora_dropout=0.0, dataset_dir=str(data_zh), dataset="tabletop_train",
+                        lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS, dataset_dir=str(data_zh), dataset="tabletop_train",
                         eval_dataset="tabletop_val", output_dir=str(work / "lora_train"), learning_rate=2e-3,
                         warmup_ratio=0.05, num_train_epochs=args.lora_epochs, **common)
     export_model(lora, out / EMBEDDED_ADAPTER)

@@ -45,6 +45,13 @@ class TrainConfig:
             "merger/projector, not lm_head), or a comma list of module names such as 'q_proj,v_proj'"
         },
     )
+    additional_target: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "LoRA mode: comma list of modules trained in full and saved with the adapter "
+            "(peft modules_to_save), e.g. 'embed_tokens' so an adapter can teach tokens the base never read"
+        },
+    )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "freeze the vision encoder (full mode)"})
     freeze_multi_modal_projector: bool = field(default=True, metadata={"help": "freeze the merger/projector (full mode)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
@@ -64,7 +71,11 @@ class TrainConfig:
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    dataloader_num_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes (default: 0 on CPU; on a GPU min(4, cores - 1), so image "
+                          "preprocessing overlaps the GPU step)"},
+    )
     # --- optimisation --------------------------------------------------------------------------
     output_dir: str = field(default="out/vla_lora", metadata={"help": "checkpoints, logs, final adapter/model"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -103,6 +114,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_errors_shown"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            errs.append(f"dataloader_num_workers must be >= 0, not {self.dataloader_num_workers}")
         if not 0.0 <= self.lora_dropout < 1.0:
             errs.append(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -125,6 +125,16 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
 _NOT_LANGUAGE = re.compile(r"(^|\.)(visual|vision_tower|vision_model|merger|multi_modal_projector|lm_head)(\.|$)")
 
 
+def _additional_targets(model, spec: str | None) -> list[str] | None:
+    """LLaMA-Factory's ``additional_target``: module names trained in full next to the LoRA layers."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [n for n in names if n not in leaves]
+    if unknown:
+        raise ConfigError(f"additional_target {unknown} names no module of the model")
+    return names or None
+
+
 def _language_model_prefix(model) -> str:
     """Dotted name of the language model (decoder stack) inside a Qwen-VL model."""
     candidates = [n for n, _ in model.named_modules() if n.split(".")[-1] == "language_model"]
@@ -179,6 +189,10 @@ def build_model(cfg: TrainConfig, bf16: bool):
         cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation
     )
     model.config.use_cache = False
+    if torch.cuda.is_available():  # one vision attention call per layer, not one per window (as served)
+        from vla_node.backends.vision_attention import use_block_attention
+
+        use_block_attention(model)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input
 
@@ -191,6 +205,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=regex,
+            modules_to_save=_additional_targets(model, cfg.additional_target),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -322,6 +337,16 @@ def _sampling_kwargs(args_cls, group_by_length: bool) -> dict:
     return {"group_by_length": group_by_length}
 
 
+def _dataloader_workers(cfg: TrainConfig) -> int:
+    """Explicit setting, else 0 on CPU (the cores are busy training) and min(4, cores - 1) on a GPU:
+    with no worker the processor's image work runs between GPU steps, the GPU waiting."""
+    import torch
+
+    if cfg.dataloader_num_workers is not None:
+        return cfg.dataloader_num_workers
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
+
+
 def _training_args(cfg: TrainConfig, bf16: bool, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -356,7 +381,8 @@ def _training_args(cfg: TrainConfig, bf16: bool, has_eval: bool):
         report_to=report or "none",
         remove_unused_columns=False,  # the collator's output is exactly the model's input
         **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_num_workers=_dataloader_workers(cfg),
+        dataloader_persistent_workers=_dataloader_workers(cfg) > 0,  # no re-fork per epoch / eval
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
         disable_tqdm=cfg.disable_tqdm,

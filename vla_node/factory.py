@@ -67,6 +67,9 @@ class RuntimeSettings:
     backend: str = "transformers"
     device: str = "auto"
     dtype: str = "auto"
+    prefix_cache: bool = True     # transformers: reuse the system-prompt prefix's KV cache
+    decode_cache: str = "auto"    # transformers: auto | dynamic | static
+    torch_threads: int = 0        # transformers: torch CPU threads (0 = torch's default)
     vocabulary_path: str = ""     # "" -> config/actions.yaml
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_confidence: float | None = None  # overrides the vocabulary file's policy when set
@@ -91,7 +94,9 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPo
     model_path = settings.model_path or str(embedded_path(EMBEDDED_MODEL))
     backend = TransformersBackend(model_path, device=settings.device, dtype=settings.dtype,
                                   max_new_tokens=settings.max_new_tokens,
-                                  vocab_fingerprint=vocab.fingerprint())
+                                  vocab_fingerprint=vocab.fingerprint(),
+                                  prefix_cache=settings.prefix_cache, decode_cache=settings.decode_cache,
+                                  torch_threads=settings.torch_threads)
     for name, path in parse_adapter_specs(settings.adapters).items():
         backend.load_adapter(path, name)
     backend.set_adapter(settings.active_adapter or None)

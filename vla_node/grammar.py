@@ -283,6 +283,14 @@ class ActionGrammar:
         spec = self.spec.with_box_max(box_max)
         return GrammarLogitsProcessor(self, self.compiled(box_max), max_new_tokens, worst_case_step_bytes(spec))
 
+    def batch_logits_processor(
+        self, budgets: list[int], box_maxes: list[tuple[int, int] | None]
+    ) -> "GrammarLogitsProcessor":
+        """One processor for a batch whose rows differ in image size (box bounds) and token budget."""
+        rows = [(self.compiled(box_max), int(budget), worst_case_step_bytes(self.spec.with_box_max(box_max)))
+                for budget, box_max in zip(budgets, box_maxes, strict=True)]
+        return GrammarLogitsProcessor(self, rows[0][0], max(r[1] for r in rows), max(r[2] for r in rows), rows=rows)
+
     def _new_matcher(self, compiled):
         import xgrammar as xgr
 
@@ -298,8 +306,15 @@ class GrammarLogitsProcessor:
     xgrammar's batch calls so the per-token cost does not grow with Python loops over rows.
     """
 
-    def __init__(self, grammar: ActionGrammar, compiled, max_new_tokens: int, worst_step_tokens: int):
+    def __init__(self, grammar: ActionGrammar, compiled, max_new_tokens: int, worst_step_tokens: int,
+                 rows: list[tuple[object, int, int]] | None = None):
         self._grammar = grammar
+        # Per row (compiled grammar, token budget, worst step) for a batch of different requests;
+        # None: every row shares the arguments above.
+        self._rows = rows
+        # Rows the caller ended early (stop event, own budget): generate() pads them from then on,
+        # so their matchers must neither see those pads nor constrain them.
+        self.released: set[int] = set()
         self._compiled = compiled
         self.max_new_tokens = int(max_new_tokens)
         # A step may start only if newline + a step + the stop token still fit. Strict: worst case.
@@ -316,7 +331,13 @@ class GrammarLogitsProcessor:
         import torch
         import xgrammar as xgr
 
-        self.matchers = [self._grammar._new_matcher(self._compiled) for _ in range(batch)]
+        rows = self._rows or [(self._compiled, self.max_new_tokens, self._worst_step)] * batch
+        if len(rows) != batch:
+            raise GrammarError(f"processor made for {len(rows)} rows got a batch of {batch}")
+        self.matchers = [self._grammar._new_matcher(compiled) for compiled, _, _ in rows]
+        self._row_budget = [budget for _, budget, _ in rows]
+        self._row_worst = [worst for _, _, worst in rows]
+        self._row_strict = [budget >= worst + 1 for _, budget, worst in rows]
         self._bitmask = xgr.allocate_token_bitmask(batch, self._grammar.vocab_size)
         if batch > 1:
             self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
@@ -342,8 +363,7 @@ class GrammarLogitsProcessor:
             self._accept(input_ids[:, -1].tolist())
         generated = self._calls
         self._calls += 1
-        remaining = self.max_new_tokens - generated  # tokens left, including the one chosen now
-        live = [row for row, matcher in enumerate(self.matchers) if not matcher.is_terminated()]
+        live = self._live_rows()
         if len(live) < batch:
             self._bitmask.fill_(-1)  # finished rows: generate() pads them, leave their scores alone
         if self._batch_matcher is None:
@@ -362,7 +382,8 @@ class GrammarLogitsProcessor:
                 continue
             self._longest_step[row] = max(self._longest_step[row], generated - self._step_start[row])
             self._step_start[row] = generated + 1  # the next step starts after the newline
-            reserve = (self._worst_step if self.strict else self._longest_step[row]) + 2
+            remaining = self._row_budget[row] - generated  # tokens left, including the one chosen now
+            reserve = (self._row_worst[row] if self._row_strict[row] else self._longest_step[row]) + 2
             if remaining < reserve:
                 self._bitmask[row] &= self._only_stops
         device = scores.device
@@ -370,10 +391,14 @@ class GrammarLogitsProcessor:
         xgr.apply_token_bitmask_inplace(work, self._bitmask.to(work.device), vocab_size=self._grammar.vocab_size)
         return work if work is scores else work.to(device)
 
+    def _live_rows(self) -> list[int]:
+        return [row for row, matcher in enumerate(self.matchers)
+                if not matcher.is_terminated() and row not in self.released]
+
     def _accept(self, last_tokens: list[int]) -> None:
         import xgrammar as xgr
 
-        live = [row for row, matcher in enumerate(self.matchers) if not matcher.is_terminated()]
+        live = self._live_rows()
         if not live:
             return
         if self._batch_matcher is None:

@@ -71,9 +71,25 @@ class Backend(abc.ABC):
     adapter_id: str  # "" when no adapter is active
     coordinate_convention: str  # "absolute_resized" | "normalized_1000"
     pixel_limits: PixelLimits
+    # Most requests generate_batch() runs as one model call; 1: it only loops over generate().
+    max_batch_size: int = 1
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BackendError]:
+        """One result per request, in order; a request that fails gets its BackendError in its
+        place and never affects the others. This default runs generate() once per request;
+        backends that can batch for real override it (and raise `max_batch_size`)."""
+        results: list[GenerationResult | BackendError] = []
+        for request in requests:
+            try:
+                results.append(self.generate(request))
+            except BackendError as error:
+                results.append(error)
+            except Exception as error:  # e.g. CUDA OOM: one request's failure stays in its row
+                results.append(BackendError(f"{type(error).__name__}: {error}"))
+        return results
 
     @abc.abstractmethod
     def warmup(self) -> None: ...

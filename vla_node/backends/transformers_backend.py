@@ -30,6 +30,8 @@ from vla_node.backends.base import (
     token_budget,
 )
 from vla_node.backends.frame_cache import VisionCache
+from vla_node.backends.prefix_cache import PrefixCache
+from vla_node.backends.vision_attention import use_block_attention
 
 __all__ = ["TransformersBackend"]
 
@@ -45,6 +47,8 @@ _DTYPES = {
     "half": "float16",
 }
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_DECODE_CACHES = ("auto", "dynamic", "static")
+_STATIC_CACHE_BUCKET = 256  # static KV caches are sized in steps of this, so compiled decode graphs get reused
 
 
 def _template_id() -> str:
@@ -87,6 +91,38 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+class _RowEnds:
+    """StoppingCriteria for a batch: each row ends on its own stop event or at its own budget.
+
+    Records after how many new tokens each row ended, and releases ended rows from the grammar
+    processor (generate() pads them from then on)."""
+
+    def __init__(self, events, budgets: list[int], prompt_len: int, constraint=None):
+        self.events = events
+        self.budgets = budgets
+        self.prompt_len = prompt_len
+        self.constraint = constraint
+        self.ended_at: list[int | None] = [None] * len(budgets)
+        # a row whose event was set before generation: no token of its own (like generate())
+        self.ended_before_start = [ev is not None and ev.is_set() for ev in events]
+        if constraint is not None:
+            constraint.released.update(row for row, ended in enumerate(self.ended_before_start) if ended)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        generated = int(input_ids.shape[1]) - self.prompt_len
+        ended = []
+        for row, (event, budget) in enumerate(zip(self.events, self.budgets)):
+            done = self.ended_before_start[row] or generated >= budget or (event is not None and event.is_set())
+            if done and self.ended_at[row] is None:
+                self.ended_at[row] = generated
+                if self.constraint is not None:
+                    self.constraint.released.add(row)
+            ended.append(done)
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
+
+
 class _AdapterInfo:
     __slots__ = ("name", "path", "adapter_id", "manifest", "pixel_limits")
 
@@ -105,6 +141,27 @@ class TransformersBackend(Backend):
     LoRA layers are injected into it in place when adapters are loaded), ``peft_model`` (the
     ``PeftModel`` wrapper or None), ``family``, ``device``, ``dtype``, ``adapters`` (name -> info),
     ``warnings`` (list of str: e.g. adapters loaded without a manifest).
+
+    Runtime speed options:
+
+    ``prefix_cache`` (default True): the prompt tokens before the image (system text + user turn
+    opening, about half the prompt) are prefilled once per (prefix tokens, active adapter, dtype,
+    device) and each request starts from a copy of that KV cache (vla_node/backends/prefix_cache.py,
+    LRU of 4). Greedy outputs are token-identical with and without it. Hits/misses:
+    ``prefix_cache_stats``.
+
+    ``decode_cache``: "dynamic" (DynamicCache), "static" (a preallocated StaticCache; on CUDA
+    transformers then compiles the decode step with torch.compile) or "auto" (static on CUDA,
+    dynamic elsewhere). Static composes with ``prefix_cache``: the prefix is copied into the one
+    StaticCache (reset per request, sized to the longest request so far rounded up to 256 tokens),
+    so the compiled decode step sees few shapes and stable addresses.
+
+    On CUDA, images are preprocessed on the GPU and Qwen2.5-VL's windowed vision attention runs as
+    one call per layer (vla_node/backends/vision_attention.py).
+
+    ``torch_threads`` (default 0 = torch's own choice, one per core): torch's CPU intra-op
+    threads, process-wide. On a CPU robot shared with other processes, 1 can be several times
+    faster than one per core (benchmarks/results/cpu_latency.txt).
     """
 
     def __init__(
@@ -116,6 +173,9 @@ class TransformersBackend(Backend):
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         attn_implementation: str | None = "sdpa",
         vocab_fingerprint: str | None = None,
+        prefix_cache: bool = True,
+        decode_cache: str = "auto",
+        torch_threads: int = 0,
     ):
         import torch
 
@@ -127,6 +187,10 @@ class TransformersBackend(Backend):
         if self.max_new_tokens < 1:
             raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.vocab_fingerprint = vocab_fingerprint
+        if int(torch_threads) < 0:
+            raise BackendError(f"torch_threads must be >= 0 (0 = torch's default), got {torch_threads}")
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
 
         cfg = self._read_config(self.model_path)
         model_type = cfg.get("model_type")
@@ -141,6 +205,14 @@ class TransformersBackend(Backend):
 
         self.device = self._pick_device(device, torch)
         self.dtype = self._pick_dtype(dtype, self.device, torch)
+        if decode_cache not in _DECODE_CACHES:
+            raise BackendError(f"invalid decode_cache {decode_cache!r}; use one of {', '.join(_DECODE_CACHES)}")
+        if decode_cache == "auto":
+            decode_cache = "static" if self.device.type == "cuda" else "dynamic"
+        self.decode_cache: str = decode_cache  # resolved: "dynamic" or "static"
+        self._static_cache = None  # the one StaticCache static decoding reuses (see _initial_cache)
+        self._static_cache_len = 0
+        self._gpu_image_processing = True  # see _process
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -157,6 +229,8 @@ class TransformersBackend(Backend):
             raise BackendError(f"model directory '{self.model_path}': cannot load model weights: {e}") from e
         model.to(self.device)
         model.eval()
+        # one block-masked attention call per vision layer instead of one per window: see vision_attention.py
+        self.block_vision_attention = self.device.type == "cuda" and use_block_attention(model)
         self.model = model
         self.base_model = model  # never replaced; LoRA layers get injected into it
         self.peft_model = None
@@ -176,6 +250,12 @@ class TransformersBackend(Backend):
         self._active: str | None = None
         self.action_grammar = None  # vla_node.grammar.ActionGrammar when constrained decoding is on
         self.vision_cache = VisionCache()  # one vision encoding per frame for commands about the same frame
+        # the image's vision-start token ends the prefix all prompts share (see prefix_cache.py)
+        vision_start = getattr(model.config, "vision_start_token_id", None)
+        self.prefix_cache = PrefixCache(
+            -1 if vision_start is None else int(vision_start),
+            capacity=4 if prefix_cache and vision_start is not None else 0,
+        )
 
         tok = self.processor.tokenizer
         eos = []
@@ -396,6 +476,11 @@ class TransformersBackend(Backend):
             self.pixel_limits = info.pixel_limits
 
     @property
+    def prefix_cache_stats(self) -> dict:
+        """Prefix KV reuse counters: hits, misses (prefills), skipped (no usable prefix), entries."""
+        return self.prefix_cache.stats
+
+    @property
     def active_adapter(self) -> str | None:
         """Name of the active adapter, None for the bare base model."""
         return self._active
@@ -452,28 +537,41 @@ class TransformersBackend(Backend):
         if self._closed:
             raise BackendError("backend is closed")
 
-    def prepare_inputs(self, image, messages: list[dict]) -> dict:
-        """Model inputs (tensors on the backend's device) for one image + chat messages.
-
-        The chat template is applied once, the image is resized by the processor within the
-        active pixel limits. Exactly what :meth:`generate` feeds the model.
-        """
+    def _process(self, texts: list[str], images: list, **text_kwargs) -> dict:
+        """The processor call (images resized within the active pixel limits) -> tensors on the
+        backend's device in its dtype. On CUDA the image processor resizes, normalises and patchifies
+        on the GPU (uploading uint8 pixels, not 7 MB of float patches per 640x480 frame); a processor
+        that refuses ``device`` runs on the CPU."""
         import torch
 
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         lim = self.pixel_limits
-        inputs = self.processor(
-            text=[text],
-            images=[image],
-            return_tensors="pt",
-            images_kwargs={"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}},
-        )
+        images_kwargs = {"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}}
+        inputs = None
+        if self.device.type == "cuda" and self._gpu_image_processing:
+            try:
+                inputs = self.processor(text=texts, images=images, return_tensors="pt",
+                                        images_kwargs={**images_kwargs, "device": str(self.device)}, **text_kwargs)
+            except (TypeError, ValueError) as error:
+                self._gpu_image_processing = False
+                log.info("image processor cannot run on %s (%s): preprocessing on the CPU", self.device, error)
+        if inputs is None:
+            inputs = self.processor(text=texts, images=images, return_tensors="pt", images_kwargs=images_kwargs,
+                                    **text_kwargs)
         out = {}
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
                 v = v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
             out[k] = v
         return out
+
+    def prepare_inputs(self, image, messages: list[dict]) -> dict:
+        """Model inputs (tensors on the backend's device) for one image + chat messages.
+
+        The chat template is applied once, the image is resized by the processor within the
+        active pixel limits. Exactly what :meth:`generate` feeds the model.
+        """
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._process([text], [image])
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         import torch
@@ -498,19 +596,7 @@ class TransformersBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
 
-            gc = copy.deepcopy(self.base_model.generation_config)
-            gc.do_sample = False
-            gc.num_beams = 1
-            gc.temperature = None
-            gc.top_p = None
-            gc.top_k = None
-            gc.max_new_tokens = n_max
-            gc.max_length = None
-            gc.eos_token_id = self._eos_ids
-            gc.pad_token_id = self._pad_id
-            gc.output_logits = True
-            gc.output_scores = False
-            gc.return_dict_in_generate = True
+            gc = self._greedy_generation_config(n_max)
             kwargs = {}
             if ev is not None:
                 from transformers import StoppingCriteriaList
@@ -527,6 +613,9 @@ class TransformersBackend(Backend):
             try:
                 with torch.inference_mode():
                     model_inputs = self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id)
+                    cache = self._initial_cache(inputs["input_ids"], prompt_len + n_max)
+                    if cache is not None:
+                        model_inputs = {**model_inputs, "past_key_values": cache}
                     out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
@@ -536,14 +625,7 @@ class TransformersBackend(Backend):
             # drop right padding (only when generation ended early with pad != eos; batch of 1: none)
             n_new = min(len(new_ids), len(logits))
             new_ids = new_ids[:n_new]
-            confidence = 1.0
-            if n_new:
-                logp = []
-                for i in range(n_new):
-                    lp = torch.log_softmax(logits[i][0].float(), dim=-1)[new_ids[i]]
-                    logp.append(float(lp))
-                confidence = float(math.exp(sum(logp) / len(logp)))
-                confidence = min(1.0, max(confidence, 1e-12))
+            confidence = self._confidence(logits, new_ids)
             text = self.processor.tokenizer.decode(
                 new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             ).strip()
@@ -557,6 +639,185 @@ class TransformersBackend(Backend):
                 preprocess_ms=preprocess_ms,
                 generate_ms=generate_ms,
             )
+
+    def _initial_cache(self, input_ids, total_len: int):
+        """The KV cache generation starts from: the prompt's cached shared prefix (see
+        prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an empty
+        StaticCache, or None (generate's default DynamicCache).
+
+        Like transformers' own static caches, the StaticCache is allocated once and reset per
+        request, so its tensors keep their addresses (the compiled, CUDA-graphed decode step is
+        recorded once); it holds ``total_len`` slots rounded up to 256 and only ever grows.
+        """
+        static = None
+        if self.decode_cache == "static":
+            from transformers import StaticCache
+
+            slots = -(-total_len // _STATIC_CACHE_BUCKET) * _STATIC_CACHE_BUCKET
+            if self._static_cache is None or slots > self._static_cache_len:
+                self._static_cache_len = slots
+                self._static_cache = StaticCache(config=self.base_model.config, max_cache_len=slots)
+            else:
+                self._static_cache.reset()
+            static = self._static_cache
+        scope = (self.adapter_id, str(self.dtype), str(self.device))
+        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static)
+        return seeded if seeded is not None else static
+
+    # ------------------------------------------------------------------------------ batched generation
+
+    max_batch_size = 8  # requests generate_batch() decodes together; more are split into chunks
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BackendError]:
+        """Several requests in one left-padded ``model.generate``; one result per request, in order.
+
+        Greedy rows equal what :meth:`generate` gives each request alone (tests/test_batching.py).
+        A bad request (invalid image, budget) gets its BackendError in its row; a row whose
+        stop_event is set ends on its own; preprocess/generate times are the batch's, shared.
+        """
+        results: list[GenerationResult | BackendError | None] = [None] * len(requests)
+        budgets: dict[int, int] = {}
+        for row, request in enumerate(requests):
+            try:
+                budgets[row] = token_budget(request, self.max_new_tokens, image_required=False)
+            except BackendError as error:
+                results[row] = error
+        rows = list(budgets)
+        for start in range(0, len(rows), max(1, int(self.max_batch_size))):
+            chunk = rows[start:start + max(1, int(self.max_batch_size))]
+            try:
+                chunk_results = self._generate_chunk([requests[row] for row in chunk], [budgets[row] for row in chunk])
+            except BackendError as error:
+                chunk_results = [error] * len(chunk)
+            except Exception as error:  # e.g. CUDA OOM: the rows fail, the caller survives
+                chunk_results = [BackendError(f"generation failed: {type(error).__name__}: {error}")] * len(chunk)
+            for row, result in zip(chunk, chunk_results):
+                results[row] = result
+        return results
+
+    def _batch_inputs(self, images: list, texts: list[str]) -> dict:
+        """One processor call, left padded (generation appends on the right), tensors on the device."""
+        return self._process(texts, images, padding=True, padding_side="left")
+
+    def _generate_chunk(self, requests: list[GenerationRequest], budgets: list[int]) -> list:
+        import torch
+
+        results: list = [None] * len(requests)
+        with self._lock:
+            self._ensure_open()
+            t0 = time.perf_counter()
+            texts: dict[int, str] = {}
+            for row, request in enumerate(requests):
+                try:
+                    texts[row] = self.processor.apply_chat_template(
+                        request.messages, add_generation_prompt=True, tokenize=False)
+                except Exception as error:
+                    results[row] = BackendError(f"preprocessing failed: {error}")
+            rows = list(texts)
+            try:
+                inputs = self._batch_inputs([requests[r].image for r in rows], [texts[r] for r in rows])
+            except Exception:
+                # one bad image fails the whole processor call: find it alone, batch the rest
+                good = []
+                for row in rows:
+                    try:
+                        self._batch_inputs([requests[row].image], [texts[row]])
+                        good.append(row)
+                    except Exception as error:
+                        results[row] = BackendError(f"preprocessing failed: {error}")
+                rows = good
+                try:
+                    inputs = self._batch_inputs([requests[r].image for r in rows], [texts[r] for r in rows]) if rows else None
+                except Exception as error:
+                    for row in rows:
+                        results[row] = BackendError(f"preprocessing failed: {error}")
+                    rows, inputs = [], None
+            if not rows:
+                return results
+            grids = inputs["image_grid_thw"].tolist()
+            sizes = [(int(g[2]) * self.patch_size, int(g[1]) * self.patch_size) for g in grids]  # (width, height)
+            prompt_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+            padded_len = int(inputs["input_ids"].shape[1])
+            t1 = time.perf_counter()
+            preprocess_ms = (t1 - t0) * 1000.0
+
+            events = [requests[row].stop_event for row in rows]
+            row_budgets = [budgets[row] for row in rows]
+            if all(ev is not None and ev.is_set() for ev in events):
+                for i, row in enumerate(rows):
+                    results[row] = GenerationResult("", 1.0, sizes[i], prompt_lens[i], 0, preprocess_ms, 0.0)
+                return results
+
+            constraint = None
+            if self.action_grammar is not None:
+                try:
+                    constraint = self.action_grammar.batch_logits_processor(
+                        row_budgets, [self._box_bounds(size) for size in sizes])
+                except Exception as e:
+                    raise BackendError(f"constrained decoding: {e}") from e
+            ends = _RowEnds(events, row_budgets, padded_len, constraint)
+            gc = self._greedy_generation_config(max(row_budgets))
+            from transformers import LogitsProcessorList, StoppingCriteriaList
+
+            kwargs = {"stopping_criteria": StoppingCriteriaList([ends])}
+            if constraint is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([constraint])
+            try:
+                with torch.inference_mode():
+                    out = self.base_model.generate(**inputs, generation_config=gc, **kwargs)
+            except Exception as e:
+                raise BackendError(f"generation failed: {e}") from e
+            logits = out.logits or ()
+            eos = set(self._eos_ids)
+            generate_ms = (time.perf_counter() - t1) * 1000.0
+            for i, row in enumerate(rows):
+                if ends.ended_before_start[i]:
+                    results[row] = GenerationResult("", 1.0, sizes[i], prompt_lens[i], 0, preprocess_ms, 0.0)
+                    continue
+                new_ids = out.sequences[i, padded_len:].tolist()[:len(logits)]
+                n_new = min(len(new_ids), row_budgets[i], ends.ended_at[i] or len(new_ids))
+                first_eos = next((j for j, t in enumerate(new_ids[:n_new]) if t in eos), None)
+                if first_eos is not None:
+                    n_new = first_eos + 1  # the row ended itself; what follows is padding
+                new_ids = new_ids[:n_new]
+                confidence = self._confidence(logits, new_ids, i)
+                text = self.processor.tokenizer.decode(
+                    new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+                results[row] = GenerationResult(text, confidence, sizes[i], prompt_lens[i], n_new,
+                                                preprocess_ms, generate_ms)
+            return results
+
+    def _greedy_generation_config(self, max_new_tokens: int):
+        """Greedy decoding, our stop tokens, logits returned (for the confidence)."""
+        gc = copy.deepcopy(self.base_model.generation_config)
+        gc.do_sample = False
+        gc.num_beams = 1
+        gc.temperature = None
+        gc.top_p = None
+        gc.top_k = None
+        gc.max_new_tokens = max_new_tokens
+        gc.max_length = None
+        gc.eos_token_id = self._eos_ids
+        gc.pad_token_id = self._pad_id
+        gc.output_logits = True
+        gc.output_scores = False
+        gc.return_dict_in_generate = True
+        # the KV cache is ours (_initial_cache: static or prefix-seeded) or generate's DynamicCache
+        gc.cache_implementation = None
+        return gc
+
+    @staticmethod
+    def _confidence(logits, new_ids: list[int], row: int = 0) -> float:
+        """Geometric mean probability of the chosen tokens: one log_softmax over all steps and one
+        host transfer (not one per token)."""
+        import torch
+
+        if not new_ids:
+            return 1.0
+        steps = torch.stack([logits[i][row] for i in range(len(new_ids))]).float()
+        chosen = torch.tensor(new_ids, device=steps.device).unsqueeze(1)
+        mean_logp = float(torch.log_softmax(steps, dim=-1).gather(1, chosen).mean())
+        return min(1.0, max(math.exp(mean_logp), 1e-12))
 
     def warmup(self) -> None:
         """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches."""
@@ -579,6 +840,8 @@ class TransformersBackend(Backend):
             self.base_model = None
             self.adapters.clear()
             self.vision_cache.clear()
+            self.prefix_cache.clear()
+            self._static_cache = None
             try:
                 import torch
 

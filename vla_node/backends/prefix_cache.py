@@ -1,0 +1,119 @@
+"""Prefilled KV caches for the prompt prefix every command shares (the system text).
+
+Every command's chat prompt starts with the same tokens: the system text (about half of the
+prompt) and the opening of the user turn, up to the image. Their keys and values depend only on
+those tokens, their positions (plain text positions 0..P-1: the image comes later, so Qwen-VL's
+mrope gives them equal t/h/w indices) and the weights (base + active adapter). So the backend
+prefills that prefix once and seeds each generation with a copy of its cache; transformers'
+``generate`` then prefills only the rest (image + command). Greedy outputs are identical with and
+without reuse (tests/test_prefix_cache.py).
+
+Entries are keyed on the prefix token ids plus the caller's ``scope`` (adapter id, dtype,
+device): another adapter or another system text never reuses a prefix. Stored caches are never
+handed out: each request gets its own copy, because generation appends to the cache it gets.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+
+__all__ = ["PrefixCache"]
+
+
+class PrefixCache:
+    """LRU of prefilled prefix KV caches; ``capacity=0`` turns it off.
+
+    ``hits``/``misses`` count lookups that found/had to prefill a prefix; ``skipped`` counts
+    prompts with no usable prefix (no image marker, or fewer than ``min_tokens`` before it).
+    """
+
+    def __init__(self, boundary_token_id: int, capacity: int = 4, min_tokens: int = 16):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        self.boundary_token_id = int(boundary_token_id)
+        self.capacity = int(capacity)
+        self.min_tokens = int(min_tokens)
+        self.hits = 0
+        self.misses = 0
+        self.skipped = 0
+        self._entries: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "skipped": self.skipped,
+                    "entries": len(self._entries)}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def prefix_length(self, input_ids) -> int:
+        """Tokens before the first image marker of the (single) prompt; 0 when unusable."""
+        row = input_ids[0]
+        where = (row == self.boundary_token_id).nonzero()
+        if where.numel() == 0:
+            return 0
+        length = int(where[0, 0])
+        return length if length >= self.min_tokens else 0
+
+    def seed(self, model, input_ids, scope: tuple, into=None):
+        """A cache holding the prefix of ``input_ids`` (shape 1 x N), or None (no usable prefix).
+
+        ``model`` is the Qwen-VL ``...ForConditionalGeneration`` (LoRA layers injected in place, so
+        the active adapter applies). ``into``: an empty cache to write the prefix into (the
+        backend's reused StaticCache for a compiled decode step); default a new ``DynamicCache``.
+        """
+        if self.capacity == 0:
+            return None
+        length = self.prefix_length(input_ids)
+        if length == 0:
+            with self._lock:
+                self.skipped += 1
+            return None
+        import torch
+
+        prefix = input_ids[:, :length]
+        digest = hashlib.blake2b(prefix.cpu().numpy().tobytes(), digest_size=16)
+        digest.update(repr(scope).encode())
+        key = digest.digest()
+        with self._lock:
+            layers = self._entries.get(key)
+            if layers is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if layers is None:
+            layers = self._prefill(model, prefix, torch)
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = layers
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+        return self._copy(model, layers, into)
+
+    @staticmethod
+    def _prefill(model, prefix, torch) -> list:
+        """Per-layer (keys, values) of the prefix, run through the language model only (no lm_head)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        positions = torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0)  # text positions
+        with torch.inference_mode():
+            model.model.language_model(input_ids=prefix, position_ids=positions, past_key_values=cache,
+                                       use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @staticmethod
+    def _copy(model, layers: list, into):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config) if into is None else into
+        for index, (keys, values) in enumerate(layers):
+            # DynamicLayer concatenates and StaticLayer copies into its own buffer: the stored
+            # tensors are never written to by the request's generation.
+            cache.update(keys, values, index)
+        return cache
