@@ -21,6 +21,7 @@ from tests.fixtures_models import (  # noqa: F401
     tiny_model_dir,
     tiny_qwen2_5_vl,
 )
+from tests.pipeline_recorder import Recorder
 from tests.scripted_backend import Reply, ScriptedBackend
 from vla_node.actions import StatusCode
 from vla_node.backends.base import BackendError, GenerationRequest, GenerationResult
@@ -157,31 +158,6 @@ class BatchingBackend(ScriptedBackend):
             return super().generate_batch(requests)
         finally:
             self._in_batch = False
-
-
-class Recorder:
-    def __init__(self):
-        self.events: list[tuple[str, str, str]] = []  # ("plan" | "status", command id, code)
-        self.statuses = []
-        self.changed = threading.Condition()
-
-    def on_plan(self, plan):
-        with self.changed:
-            self.events.append(("plan", plan.command_id, ""))
-
-    def on_status(self, status):
-        with self.changed:
-            self.statuses.append(status)
-            self.events.append(("status", status.command_id, status.code.value))
-            self.changed.notify_all()
-
-    def wait(self, count: int, timeout_s: float = 60.0):
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.statuses) >= count, timeout_s), self.events
-        return self.statuses
-
-    def code(self, command_id: str) -> str:
-        return next(s.code.value for s in self.statuses if s.command_id == command_id)
 
 
 def _core(backend) -> InferenceCore:

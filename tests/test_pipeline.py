@@ -1,43 +1,18 @@
 """CommandPipeline on a real tiny Qwen2.5-VL checkpoint: every path gives exactly one status."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from tests.fixtures_models import tiny_checkpoints, tiny_model_dir, tiny_qwen2_5_vl  # noqa: F401
+from tests.pipeline_recorder import Recorder
 from vla_node.actions import StatusCode
 from vla_node.backends.base import BackendError
 from vla_node.factory import RuntimeSettings, build_core
 from vla_node.image import ImageError
 from vla_node.pipeline import CommandPipeline, Frame, PipelineConfig
-
-
-class Recorder:
-    def __init__(self):
-        self.plans, self.statuses = [], []
-        self.changed = threading.Condition()
-
-    def on_plan(self, plan):
-        with self.changed:
-            self.plans.append(plan)
-            self.changed.notify_all()
-
-    def on_status(self, status):
-        with self.changed:
-            self.statuses.append(status)
-            self.changed.notify_all()
-
-    def wait_statuses(self, count: int, timeout_s: float = 60.0):
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.statuses) >= count, timeout_s), (
-                f"expected {count} statuses, got {[(s.command_id, s.code.value) for s in self.statuses]}")
-        return self.statuses
-
-    def codes(self) -> dict[str, str]:
-        return {s.command_id: s.code.value for s in self.statuses}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +40,7 @@ def test_command_before_any_image_gets_no_image(core):
     recorder = Recorder()
     pipeline = _pipeline(core, recorder)
     command_id = pipeline.submit("pick up the red cube")
-    (status,) = recorder.wait_statuses(1)
+    (status,) = recorder.wait(1)
     pipeline.stop()
     assert (status.command_id, status.code) == (command_id, StatusCode.NO_IMAGE)
     assert recorder.plans == []
@@ -76,7 +51,7 @@ def test_stale_image_gets_stale_image(core):
     pipeline = _pipeline(core, recorder, max_image_age_s=0.5)
     pipeline.on_frame(_frame(time.time_ns() - 3_000_000_000))
     pipeline.submit("pick up the red cube")
-    (status,) = recorder.wait_statuses(1)
+    (status,) = recorder.wait(1)
     pipeline.stop()
     assert status.code == StatusCode.STALE_IMAGE
     assert "max_image_age_s=0.5" in status.detail
@@ -87,7 +62,7 @@ def test_undecodable_image_gets_bad_image(core):
     pipeline = _pipeline(core, recorder)
     pipeline.on_frame(_frame(time.time_ns(), error="step 10 is smaller than width*3=384"))
     pipeline.submit("pick up the red cube")
-    (status,) = recorder.wait_statuses(1)
+    (status,) = recorder.wait(1)
     pipeline.stop()
     assert status.code == StatusCode.BAD_IMAGE and "step 10" in status.detail
 
@@ -96,7 +71,7 @@ def test_empty_command_gets_bad_command(core):
     recorder = Recorder()
     pipeline = _pipeline(core, recorder)
     pipeline.submit("   \x00\x07  ")
-    (status,) = recorder.wait_statuses(1)
+    (status,) = recorder.wait(1)
     pipeline.stop()
     assert status.code == StatusCode.BAD_COMMAND
 
@@ -106,7 +81,7 @@ def test_random_model_output_is_never_published_as_a_plan(core):
     pipeline = _pipeline(core, recorder)
     pipeline.on_frame(_frame(time.time_ns()))
     pipeline.submit("put the red cube in the blue bowl")
-    (status,) = recorder.wait_statuses(1)
+    (status,) = recorder.wait(1)
     pipeline.stop()
     # A random-weight model emits nonsense: a PARSE_ERROR carrying the text, never an action.
     if status.code == StatusCode.PARSE_ERROR:
@@ -120,7 +95,7 @@ def test_flood_is_bounded_with_busy_statuses_and_every_command_answered(core):
     pipeline = _pipeline(core, recorder, queue_size=2)
     pipeline.on_frame(_frame(time.time_ns() + 10**12))  # stays fresh for the whole test
     ids = [pipeline.submit(f"pick up the red cube {i}") for i in range(12)]
-    recorder.wait_statuses(len(ids), timeout_s=120)
+    recorder.wait(len(ids), timeout_s=120)
     pipeline.stop()
     codes = recorder.codes()
     assert sorted(codes) == sorted(ids), "every command gets exactly one status"
@@ -137,7 +112,7 @@ def test_reject_newest_policy_keeps_the_queue(core):
     pipeline = _pipeline(core, recorder, queue_size=1, queue_policy="reject_newest")
     pipeline.on_frame(_frame(time.time_ns() + 10**12))
     ids = [pipeline.submit(f"pick up the red cube {i}") for i in range(6)]
-    recorder.wait_statuses(len(ids), timeout_s=120)
+    recorder.wait(len(ids), timeout_s=120)
     pipeline.stop()
     codes = recorder.codes()
     assert codes[ids[-1]] == "BUSY"
@@ -150,7 +125,7 @@ def test_stop_phrase_publishes_stop_at_once_and_cancels_pending_work(core):
     pipeline.on_frame(_frame(time.time_ns() + 10**12))
     queued = [pipeline.submit(f"pick up the red cube {i}") for i in range(5)]
     stop_id = pipeline.submit("停下")
-    recorder.wait_statuses(6, timeout_s=120)
+    recorder.wait(6, timeout_s=120)
     pipeline.stop()
     stop_plans = [p for p in recorder.plans if p.command_id == stop_id]
     assert len(stop_plans) == 1 and [s.verb for s in stop_plans[0].steps] == ["STOP"]
@@ -185,9 +160,9 @@ def test_backend_failure_gives_backend_error_and_the_next_command_works(core):
     pipeline = _pipeline(failing, recorder)
     pipeline.on_frame(_frame(time.time_ns() + 10**12))
     first = pipeline.submit("pick up the red cube")
-    recorder.wait_statuses(1)
+    recorder.wait(1)
     second = pipeline.submit("pick up the red cube")
-    recorder.wait_statuses(2)
+    recorder.wait(2)
     pipeline.stop()
     codes = recorder.codes()
     assert codes[first] == "BACKEND_ERROR"
@@ -202,7 +177,7 @@ def test_watchdog_turns_slow_generation_into_timeout(core, tiny_model_dir):
     pipeline = _pipeline(slow, recorder, generation_timeout_s=0.3)
     pipeline.on_frame(_frame(time.time_ns() + 10**12))
     pipeline.submit("pick up the red cube")
-    (status,) = recorder.wait_statuses(1, timeout_s=120)
+    (status,) = recorder.wait(1, timeout_s=120)
     pipeline.stop()
     assert status.code in (StatusCode.TIMEOUT, StatusCode.PARSE_ERROR)
     if status.code == StatusCode.PARSE_ERROR:  # the model ended on its own before the watchdog

@@ -41,6 +41,7 @@ __all__ = [
     "read_manifest",
     "has_manifest",
     "check_adapter_against_base",
+    "read_json_object",
 ]
 
 MANIFEST_NAME = "vla_manifest.json"
@@ -89,18 +90,27 @@ def coordinate_convention_for(family: str) -> str:
         ) from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (a config.json, processor config, ...). Raises ValueError
+    saying what is wrong (unreadable, not valid JSON, not an object); callers add their context."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 def _load_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
     d = Path(model_dir)
     cfg = d / "config.json" if d.is_dir() or not d.name.endswith(".json") else d
     if not cfg.is_file():
         raise ManifestError(f"{cfg}: base model config.json not found")
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return cfg, read_json_object(cfg)
+    except ValueError as e:
         raise ManifestError(f"{cfg}: cannot read base model config: {e}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{cfg}: base model config is not a JSON object")
-    return cfg, data
 
 
 def _strip(obj: Any) -> Any:

@@ -163,12 +163,9 @@ class CircuitBreaker:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BackendError(f"'{path}' is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise BackendError(f"'{path}' is not a JSON object")
-    return data
+        return _manifest.read_json_object(path)
+    except ValueError as e:
+        raise BackendError(f"'{path}' is {e}") from e
 
 
 def local_model_info(model_dir: str) -> tuple[str | None, PixelLimits | None]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
 import os
@@ -287,12 +286,9 @@ class TransformersBackend(Backend):
         if not cfg.is_file():
             raise BackendError(f"model directory '{path}' has no config.json (not a Hugging Face checkpoint)")
         try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BackendError(f"model directory '{path}': config.json is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise BackendError(f"model directory '{path}': config.json is not a JSON object")
-        return data
+            return _manifest.read_json_object(cfg)
+        except ValueError as e:
+            raise BackendError(f"model directory '{path}': config.json is {e}") from e
 
     @staticmethod
     def _pick_device(device: str, torch):
@@ -336,10 +332,10 @@ class TransformersBackend(Backend):
         if not cfg.is_file():
             raise BackendError(f"adapter directory '{path}' has no adapter_config.json")
         try:
-            acfg = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BackendError(f"adapter '{cfg}' is not valid JSON: {e}") from e
-        if not isinstance(acfg, dict) or "peft_type" not in acfg:
+            acfg = _manifest.read_json_object(cfg)
+        except ValueError as e:
+            raise BackendError(f"adapter '{cfg}' is {e}") from e
+        if "peft_type" not in acfg:
             raise BackendError(f"adapter '{cfg}' is not a peft adapter config (no peft_type)")
         weights = next((path / w for w in _ADAPTER_WEIGHTS if (path / w).is_file()), None)
         if weights is None:
