@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="node max_new_tokens (default %(default)s, the node's own default)")
     parser.add_argument("--queue-size", type=int, default=4, help="node queue_size (default %(default)s)")
+    parser.add_argument("--camera-reliability", choices=("reliable", "best_effort"), default="reliable",
+                        help="the driver's camera publisher QoS; the node's camera_reliability auto follows it "
+                             "(default %(default)s)")
     parser.add_argument("--drain-s", type=float, default=120.0,
                         help="after the last command, wait this long at most for outstanding statuses")
     parser.add_argument("--namespace", default="/vla_soak",
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(driver)
     reliable = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)
-    camera = driver.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
+    camera_qos = QoSProfile(depth=qos_profile_sensor_data.depth, reliability=(
+        QoSReliabilityPolicy.RELIABLE if args.camera_reliability == "reliable" else QoSReliabilityPolicy.BEST_EFFORT))
+    camera = driver.create_publisher(Image, "camera/image_raw", camera_qos)
     speech = driver.create_publisher(String, "speech/text", reliable)
 
     statuses: dict[str, list] = collections.defaultdict(list)  # command_id -> [(message, received_s)]
@@ -127,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                                lambda m: statuses[m.command_id].append((m, time.monotonic())), reliable)
     driver.create_subscription(vla_msg.ActionPlan, "vla/actions",
                                lambda m: plans.update([m.steps[0].verb if m.steps else "?"]), reliable)
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    camera_feed: list[dict] = []  # the node's own view of the camera, once per diagnostics period
+
+    def on_diagnostics(message) -> None:
+        for status in message.status:
+            values = {kv.key: kv.value for kv in status.values}
+            if "camera_frames" in values:
+                camera_feed.append(values)
+
+    driver.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
 
     print(f"waiting for the node (pid {node_process.pid}) to load its model and subscribe ...", flush=True)
     deadline = time.monotonic() + 600
@@ -216,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     rss_end = final_rss if final_rss is not None else (rss[-1][1] if rss else float("nan"))
     print(f"soak: {elapsed / 60:.2f} min, model {args.model or 'embedded tabletop-tiny'}, "
           f"max_new_tokens {args.max_new_tokens}, queue_size {args.queue_size}")
-    print(f"camera: {frames_sent} frames of 1920x1080 rgb8 sent, {frames_sent / elapsed:.1f} Hz achieved "
-          f"(target {args.fps:g} Hz)")
+    print(f"camera: {frames_sent} frames of 1920x1080 rgb8 sent ({args.camera_reliability}), "
+          f"{frames_sent / elapsed:.1f} Hz achieved (target {args.fps:g} Hz)")
     print(f"commands: {len(sent)} sent every {args.command_period:g} s; statuses received for "
           f"{len(sent) - len(lost)}")
     print(f"statuses lost: {len(lost)}  duplicated: {len(duplicated)}  unknown ids: {len(unknown)}  "
@@ -231,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"node RSS: start {rss[0][1] if rss else float('nan'):.1f} MiB, after 1 min {rss_warm:.1f} MiB, "
           f"end {rss_end:.1f} MiB, growth after warm-up {rss_end - rss_warm:+.1f} MiB "
           f"({(rss_end - rss_warm) / max(rss_warm, 1e-9) * 100:+.1f}%)")
+    if camera_feed:
+        received = int(camera_feed[-1]["camera_frames"])
+        ages = [float(v["camera_frame_age_s"]) for v in camera_feed if "camera_frame_age_s" in v]
+        delays = [float(v["camera_transport_delay_s"]) for v in camera_feed if "camera_transport_delay_s" in v]
+        print(f"camera at the node (its /diagnostics, {len(camera_feed)} reports): {received} of {frames_sent} frames "
+              f"received ({received / max(frames_sent, 1) * 100:.1f}%); newest frame's age p50 "
+              f"{percentile(ages, 50):.2f} s, p99 {percentile(ages, 99):.2f} s, max {max(ages, default=float('nan')):.2f} s;"
+              f" stamp-to-arrival delay p50 {percentile(delays, 50):.3f} s, max {max(delays, default=float('nan')):.3f} s")
     if rss:
         print("node RSS samples (min: MiB): " + " ".join(f"{t / 60:.1f}:{v:.0f}" for t, v in rss[::12]))
     if lost:

@@ -285,3 +285,61 @@ def test_adapter_hot_swap_by_parameter_shows_in_diagnostics_without_base_reload(
     reports.clear()
     assert spin_until(graph.executor, lambda: adapter_reported("b@"), 10)
     assert id(backend.model) == base_model, "hot swap must not reload the base model"
+
+
+def test_diagnostics_report_the_camera_feed(graph_factory, tiny_model_dir):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    graph = graph_factory(model_path=str(tiny_model_dir), diagnostics_period_s=0.1)
+    reports = []
+    graph.peer.create_subscription(DiagnosticArray, "/diagnostics", reports.append, 10)
+
+    def latest_values() -> dict:
+        return {kv.key: kv.value for kv in reports[-1].status[0].values} if reports else {}
+
+    assert spin_until(graph.executor, lambda: latest_values().get("camera_frames") == "0", 10)
+    assert "camera_frame_age_s" not in latest_values()  # no frame yet: nothing to age
+    sent_ns = graph.vla.get_clock().now().nanoseconds - 3 * 10**9  # stamped 3 s ago: a late frame
+    graph.send_image(_scene(), stamp_ns=sent_ns)
+    graph.send_image(_scene(1), stamp_ns=sent_ns)
+    assert spin_until(graph.executor, lambda: latest_values().get("camera_frames") == "2", 10)
+    values = latest_values()
+    assert 0.0 <= float(values["camera_frame_age_s"]) < 5.0
+    assert float(values["camera_transport_delay_s"]) >= 3.0  # received 3 s after its stamp
+
+
+def _camera_reliability_follows(graph, reliable: bool, timeout_s: float = 10.0) -> bool:
+    return spin_until(graph.executor, lambda: graph.vla.runtime._camera_reliable is reliable, timeout_s)
+
+
+def test_camera_subscription_follows_the_publishers_reliability(graph_factory, tiny_model_dir):
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
+    graph = graph_factory(model_path=str(tiny_model_dir))
+    runtime = graph.vla.runtime
+    # the test graph's camera publisher is reliable (the default profile): auto reads reliably from the start
+    assert runtime._camera_reliable is True
+    assert runtime._camera_sub.qos_profile.reliability == QoSReliabilityPolicy.RELIABLE
+    topic = runtime._camera_sub.topic_name
+    graph.send_image(_scene())
+    assert spin_until(graph.executor, lambda: runtime.pipeline.frames_received >= 1, 10)
+    # a best-effort camera joins: a reliable reader would not match it, so the node goes best effort
+    best_effort = graph.peer.create_publisher(Image, topic, QoSProfile(
+        depth=5, reliability=QoSReliabilityPolicy.BEST_EFFORT))
+    assert _camera_reliability_follows(graph, False)
+    assert runtime._camera_sub.qos_profile.reliability == QoSReliabilityPolicy.BEST_EFFORT
+    before = runtime.pipeline.frames_received
+    message = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(192))
+    best_effort.publish(message)
+    assert spin_until(graph.executor, lambda: runtime.pipeline.frames_received > before, 10)
+    graph.peer.destroy_publisher(best_effort)
+    assert _camera_reliability_follows(graph, True)
+
+
+def test_fixed_camera_reliability_and_a_bad_value(graph_factory, tiny_model_dir, ros_context):
+    graph = graph_factory(model_path=str(tiny_model_dir), camera_reliability="best_effort")
+    spin_until(graph.executor, lambda: False, 2.5)  # no auto timer: stays as configured
+    assert graph.vla.runtime._camera_reliable is False
+    with pytest.raises(ValueError, match="camera_reliability must be one of auto, best_effort, reliable"):
+        VlaNode(context=ros_context, parameter_overrides=[Parameter("camera_reliability", value="sometimes"),
+                                                           Parameter("model_path", value=str(tiny_model_dir))])

@@ -63,6 +63,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),
     "camera_topic": ("camera/image_raw", "Camera topic (relative names follow the node namespace)", True),
     "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)", True),
+    "camera_reliability": ("auto", "auto (reliable unless a camera publisher is best effort; re-checked each second) | best_effort | reliable", True),
     "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)", True),
     "action_topic": ("vla/actions", "Plans out (vla_node/ActionPlan)", True),
     "status_topic": ("vla/status", "One status per command (vla_node/CommandStatus)", True),
@@ -94,6 +95,16 @@ _STATUS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.VOLATILE)
 
 
+_CAMERA_RELIABILITY = ("auto", "best_effort", "reliable")
+
+
+def _camera_qos(reliable: bool) -> QoSProfile:
+    """The sensor-data profile (keep last 5, volatile), best effort or reliable."""
+    return QoSProfile(depth=qos_profile_sensor_data.depth, history=qos_profile_sensor_data.history,
+                      durability=QoSDurabilityPolicy.VOLATILE,
+                      reliability=QoSReliabilityPolicy.RELIABLE if reliable else QoSReliabilityPolicy.BEST_EFFORT)
+
+
 def _descriptor(name: str, default: Any, description: str, read_only: bool) -> ParameterDescriptor:
     types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -113,6 +124,9 @@ class VlaRuntime:
         self.pipeline: CommandPipeline | None = None
         self.core = None
         self._entities: list[Any] = []
+        self._camera_type: Any = Image
+        self._camera_sub: Any = None  # replaced when camera_reliability auto follows the publishers
+        self._camera_reliable = False
         self._swap_lock = threading.Lock()
         node.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -122,6 +136,9 @@ class VlaRuntime:
     # ------------------------------------------------------------------ lifecycle steps
     def configure(self) -> None:
         """Load vocabulary, policy, model and adapters; raises with a reason on failure."""
+        if self.param("camera_reliability") not in _CAMERA_RELIABILITY:
+            raise ValueError(f"camera_reliability must be one of {', '.join(_CAMERA_RELIABILITY)}, "
+                             f"not {self.param('camera_reliability')!r}")
         settings = RuntimeSettings(
             model_path=self.param("model_path"),
             adapters=[a for a in self.param("adapters") if a],
@@ -175,15 +192,43 @@ class VlaRuntime:
         self._plan_pub = node.create_publisher(vla_msg.ActionPlan, self.param("action_topic"), _RELIABLE)
         self._status_pub = node.create_publisher(vla_msg.CommandStatus, self.param("status_topic"), _STATUS_QOS)
         self._diag_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        camera_type = CompressedImage if self.param("camera_transport") == "compressed" else Image
-        camera_sub = node.create_subscription(camera_type, self.param("camera_topic"), self._on_image,
-                                              qos_profile_sensor_data)
+        self._camera_type = CompressedImage if self.param("camera_transport") == "compressed" else Image
+        mode = self.param("camera_reliability")
+        self._subscribe_camera(mode == "reliable" or (mode == "auto" and not self._best_effort_camera()))
         speech_sub = node.create_subscription(String, self.param("speech_topic"), self._on_speech, _SPEECH_QOS)
         timer = node.create_timer(self.param("diagnostics_period_s"), self._publish_diagnostics)
-        self._entities = [self._plan_pub, self._status_pub, self._diag_pub, camera_sub, speech_sub, timer]
+        self._entities = [self._plan_pub, self._status_pub, self._diag_pub, speech_sub, timer]
+        if mode == "auto":
+            self._entities.append(node.create_timer(1.0, self._match_camera_reliability))
         self.pipeline.start()
-        self.log.info(f"listening on {camera_sub.topic_name} ({camera_type.__name__}) and "
+        self.log.info(f"listening on {self._camera_sub.topic_name} ({self._camera_type.__name__}, "
+                      f"{'reliable' if self._camera_reliable else 'best effort'}) and "
                       f"{speech_sub.topic_name}; plans on {self._plan_pub.topic_name}")
+
+    def _subscribe_camera(self, reliable: bool) -> None:
+        if self._camera_sub is not None:
+            self.node.destroy_subscription(self._camera_sub)
+        self._camera_reliable = reliable
+        self._camera_sub = self.node.create_subscription(self._camera_type, self.param("camera_topic"),
+                                                         self._on_image, _camera_qos(reliable))
+
+    def _best_effort_camera(self) -> bool:
+        """True when a publisher on the camera topic is best effort (a reliable reader cannot match it)."""
+        topic = self.node.resolve_topic_name(self.param("camera_topic"))
+        return any(info.qos_profile.reliability == QoSReliabilityPolicy.BEST_EFFORT
+                   for info in self.node.get_publishers_info_by_topic(topic))
+
+    def _match_camera_reliability(self) -> None:
+        # A best-effort reader gets even a reliable writer's samples best effort, and large raw frames
+        # then lose fragments and never arrive (Fast DDS, 1080p rgb8 across processes: 0 of 300;
+        # benchmarks/results/soak_cpu.txt). A reliable reader matches only reliable writers. So read
+        # reliably unless a best-effort camera is there (rosbag2 adapts to its publishers likewise).
+        reliable = not self._best_effort_camera()
+        if reliable != self._camera_reliable:
+            self.log.info(f"camera publishers on {self._camera_sub.topic_name}: "
+                          f"{'none best effort' if reliable else 'one is best effort'}: subscribing "
+                          f"{'reliably' if reliable else 'best effort'}")
+            self._subscribe_camera(reliable)
 
     def deactivate(self) -> None:
         if self.pipeline is not None:
@@ -191,6 +236,9 @@ class VlaRuntime:
         for entity in self._entities:
             self._destroy(entity)
         self._entities = []
+        if self._camera_sub is not None:
+            self.node.destroy_subscription(self._camera_sub)
+            self._camera_sub = None
 
     def cleanup(self) -> None:
         if self.core is not None:
@@ -240,7 +288,13 @@ class VlaRuntime:
             "model": self.core.backend.model_id,
             "adapter": self.core.backend.adapter_id or "none",
             "queue_depth": str(self.pipeline.queue_depth()),
+            "camera_frames": str(self.pipeline.frames_received),
         }
+        latest = self.pipeline.latest_frame()
+        if latest is not None:  # a starving camera feed shows here before commands get STALE_IMAGE
+            now_ns = self.node.get_clock().now().nanoseconds
+            values["camera_frame_age_s"] = f"{(now_ns - latest.received_ns) / 1e9:.3f}"
+            values["camera_transport_delay_s"] = f"{(latest.received_ns - latest.stamp_ns) / 1e9:.3f}"
         breaker = getattr(self.core.backend, "breaker", None)  # backend openai: server health at a glance
         if breaker is not None:
             values["server_circuit"] = breaker.state

@@ -291,11 +291,17 @@ class CommandPipeline:
         self._ids = itertools.count(1)
         self._stop_detector = StopPhraseDetector(config.stop_phrases)
         self.stats = PipelineStats()
+        self.frames_received = 0
 
     # ------------------------------------------------------------------ inputs
     def on_frame(self, frame: Frame) -> None:
         """Keep the frame without decoding it (cheap enough for 30 Hz 1080p)."""
         self._frames.append(frame)
+        self.frames_received += 1
+
+    def latest_frame(self) -> Frame | None:
+        """The newest frame kept (for diagnostics: how old the camera feed is)."""
+        return self._frames[-1] if self._frames else None
 
     def submit(self, text: str, command_id: str | None = None) -> str:
         """Queue a command (or run the STOP fast path); returns its id."""
