@@ -23,6 +23,7 @@ ARGUMENTS = {
     "api_key_env": ("", "backend openai: environment variable holding the API key"),
     "camera_topic": ("camera/image_raw", "Camera topic (remapped onto the node's camera input)"),
     "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)"),
+    "camera_reliability": ("auto", "auto (reliable unless a camera publisher is best effort) | best_effort | reliable"),
     "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)"),
     "action_topic": ("vla/actions", "Action plan output topic"),
     "status_topic": ("vla/status", "Command status output topic"),
@@ -38,6 +39,7 @@ def _node(context, *args, **kwargs):
     overrides = {
         "device": value["device"],
         "camera_transport": value["camera_transport"],
+        "camera_reliability": value["camera_reliability"],
         # The node reads fixed internal names; the user's topics are remapped onto them.
         "camera_topic": "camera/image",
         "speech_topic": "speech/text",

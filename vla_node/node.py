@@ -194,7 +194,9 @@ class VlaRuntime:
         self._diag_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._camera_type = CompressedImage if self.param("camera_transport") == "compressed" else Image
         mode = self.param("camera_reliability")
-        self._subscribe_camera(mode == "reliable" or (mode == "auto" and not self._best_effort_camera()))
+        self._subscribe_camera(mode != "best_effort")
+        if mode == "auto":
+            self._match_camera_reliability()  # a best-effort camera already there: follow it at once
         speech_sub = node.create_subscription(String, self.param("speech_topic"), self._on_speech, _SPEECH_QOS)
         timer = node.create_timer(self.param("diagnostics_period_s"), self._publish_diagnostics)
         self._entities = [self._plan_pub, self._status_pub, self._diag_pub, speech_sub, timer]
@@ -214,9 +216,8 @@ class VlaRuntime:
 
     def _best_effort_camera(self) -> bool:
         """True when a publisher on the camera topic is best effort (a reliable reader cannot match it)."""
-        topic = self.node.resolve_topic_name(self.param("camera_topic"))
         return any(info.qos_profile.reliability == QoSReliabilityPolicy.BEST_EFFORT
-                   for info in self.node.get_publishers_info_by_topic(topic))
+                   for info in self.node.get_publishers_info_by_topic(self._camera_sub.topic_name))
 
     def _match_camera_reliability(self) -> None:
         # A best-effort reader gets even a reliable writer's samples best effort, and large raw frames
