@@ -46,14 +46,15 @@ def _nodes(arguments: dict, context=None):
 
 def test_declares_every_documented_argument():
     names = {e.name for e in _description().entities if isinstance(e, launch.actions.DeclareLaunchArgument)}
-    assert {"model_path", "adapter_path", "device", "camera_topic", "speech_topic", "action_topic",
-            "params_file", "namespace", "log_level"} <= names
+    assert {"model_path", "adapter_path", "device", "camera_topic", "camera_transport", "camera_reliability",
+            "speech_topic", "action_topic", "params_file", "namespace", "log_level"} <= names
 
 
 def test_arguments_become_parameters_and_remappings():
     context = launch.LaunchContext()
     (node,) = _nodes({"model_path": "/models/qwen", "adapter_path": "/adapters/zh",
-                      "camera_topic": "/robot1/cam", "namespace": "robot1"}, context)
+                      "camera_topic": "/robot1/cam", "namespace": "robot1", "camera_reliability": "reliable"},
+                     context)
     assert isinstance(node, launch_ros.actions.Node)
     # What launch_ros itself turns the parameters into (the values written to its params file).
     parameters = launch_ros.utilities.evaluate_parameters(
@@ -62,6 +63,7 @@ def test_arguments_become_parameters_and_remappings():
     assert overrides["model_path"] == "/models/qwen"
     assert list(overrides["adapters"]) == ["launch=/adapters/zh"]
     assert overrides["active_adapter"] == "launch"
+    assert overrides["camera_reliability"] == "reliable"
     assert ("camera/image", "/robot1/cam") in node.launch_kwargs["remappings"]
     assert node.launch_kwargs["namespace"] == "robot1"
 
