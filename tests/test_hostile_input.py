@@ -240,17 +240,24 @@ def test_a_command_after_shutdown_is_cancelled_not_left_unanswered():
 
 
 # ---- failing and hanging backends ---------------------------------------------------------------
-def test_cuda_oom_from_a_backend_is_backend_error_and_the_next_command_works():
-    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    backend = ScriptedBackend([Reply(error=oom), Reply('PICK_OBJECT(object="red cube")')])
-    recorder = Recorder()
-    pipeline = started(scripted_core(backend), recorder)
+def _two_commands_in_turn(pipeline, recorder) -> tuple[str, str]:
+    """A fresh frame, then a command, its status, a second command, its status; the pipeline stops.
+    Returns the two command ids (the failure tests: the first fails, the second must still work)."""
     pipeline.on_frame(fresh_frame())
     first = pipeline.submit("pick up the red cube")
     recorder.wait(1)
     second = pipeline.submit("pick up the red cube")
     recorder.wait(2)
     pipeline.stop()
+    return first, second
+
+
+def test_cuda_oom_from_a_backend_is_backend_error_and_the_next_command_works():
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    backend = ScriptedBackend([Reply(error=oom), Reply('PICK_OBJECT(object="red cube")')])
+    recorder = Recorder()
+    pipeline = started(scripted_core(backend), recorder)
+    first, second = _two_commands_in_turn(pipeline, recorder)
     assert recorder.code(first) == StatusCode.BACKEND_ERROR
     assert "OutOfMemoryError: CUDA out of memory" in recorder.statuses[0].detail
     assert recorder.code(second) == StatusCode.ACCEPTED
@@ -260,12 +267,7 @@ def test_a_generation_past_the_watchdog_is_timeout_and_the_next_command_works():
     backend = ScriptedBackend([Reply(wait_for_stop_s=60.0), Reply('PICK_OBJECT(object="red cube")')])
     recorder = Recorder()
     pipeline = started(scripted_core(backend), recorder, generation_timeout_s=0.2)
-    pipeline.on_frame(fresh_frame())
-    first = pipeline.submit("pick up the red cube")
-    recorder.wait(1)
-    second = pipeline.submit("pick up the red cube")
-    recorder.wait(2)
-    pipeline.stop()
+    first, second = _two_commands_in_turn(pipeline, recorder)
     assert recorder.code(first) == StatusCode.TIMEOUT and "0.2 s" in recorder.statuses[0].detail
     assert backend.stopped_early == 1, "the watchdog aborted the generation through its stop_event"
     assert recorder.code(second) == StatusCode.ACCEPTED
@@ -328,12 +330,7 @@ def test_real_backend_oom_is_backend_error_and_the_next_command_works(real_core,
     monkeypatch.setattr(model, "generate", out_of_memory_once)
     recorder = Recorder()
     pipeline = started(real_core, recorder)
-    pipeline.on_frame(fresh_frame())
-    first = pipeline.submit("pick up the red cube")
-    recorder.wait(1)
-    second = pipeline.submit("pick up the red cube")
-    recorder.wait(2)
-    pipeline.stop()
+    first, second = _two_commands_in_turn(pipeline, recorder)
     assert recorder.code(first) == StatusCode.BACKEND_ERROR
     assert "CUDA out of memory" in recorder.statuses[0].detail
     assert recorder.code(second) in (StatusCode.ACCEPTED, StatusCode.PARSE_ERROR)  # a real generation ran

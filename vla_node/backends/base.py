@@ -7,6 +7,7 @@ Concrete backends (transformers+peft, onnxruntime, OpenAI-compatible server) imp
 from __future__ import annotations
 
 import abc
+import math
 import threading
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ except ImportError:  # pragma: no cover - only while vla_node.image is not writt
         factor: int = 28
 
 __all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits",
-           "DEFAULT_MAX_NEW_TOKENS", "token_budget"]
+           "DEFAULT_MAX_NEW_TOKENS", "token_budget", "warmup_request"]
 
 # A two-step plan with boxes is ~110 tokens for the embedded model; 64 cut such plans short.
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -49,6 +50,16 @@ class GenerationResult:
     new_tokens: int
     preprocess_ms: float
     generate_ms: float
+
+
+def warmup_request(limits: PixelLimits) -> GenerationRequest:
+    """One tiny generation (smallest allowed grey image, 2 tokens) that initialises kernels/caches."""
+    side = max(limits.factor, int(math.ceil(math.sqrt(limits.min_pixels) / limits.factor)) * limits.factor)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "warmup"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warmup"}]},
+    ]
+    return GenerationRequest(image=np.full((side, side, 3), 127, dtype=np.uint8), messages=messages, max_new_tokens=2)
 
 
 def token_budget(request: GenerationRequest, backend_limit: int, image_required: bool = True) -> int:

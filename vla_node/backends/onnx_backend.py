@@ -36,6 +36,7 @@ from vla_node.backends.base import (
     GenerationResult,
     PixelLimits,
     token_budget,
+    warmup_request,
 )
 from vla_node.manifest import COORDINATE_CONVENTIONS
 
@@ -384,14 +385,7 @@ class OnnxBackend(Backend):
             raise BackendError("backend is closed")
 
     def warmup(self) -> None:
-        f = self.pixel_limits.factor
-        side = max(f, int(math.ceil(math.sqrt(self.pixel_limits.min_pixels) / f)) * f)
-        img = np.full((side, side, 3), 127, dtype=np.uint8)
-        msgs = [
-            {"role": "system", "content": [{"type": "text", "text": "warmup"}]},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warmup"}]},
-        ]
-        self.generate(GenerationRequest(image=img, messages=msgs, max_new_tokens=2))
+        self.generate(warmup_request(self.pixel_limits))
 
     def load_adapter(self, path: str, name: str | None = None) -> str:
         raise BackendError(f"backend 'onnx' cannot load adapter '{path}': merge it at export time "

@@ -16,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vla_node import manifest as _manifest
 from vla_node.backends.base import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -27,6 +25,7 @@ from vla_node.backends.base import (
     GenerationResult,
     PixelLimits,
     token_budget,
+    warmup_request,
 )
 from vla_node.backends.frame_cache import VisionCache
 from vla_node.backends.prefix_cache import PrefixCache
@@ -817,14 +816,7 @@ class TransformersBackend(Backend):
 
     def warmup(self) -> None:
         """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches."""
-        f = self.pixel_limits.factor
-        side = max(f, int(math.ceil(math.sqrt(self.pixel_limits.min_pixels) / f)) * f)
-        img = np.full((side, side, 3), 127, dtype=np.uint8)
-        msgs = [
-            {"role": "system", "content": [{"type": "text", "text": "warmup"}]},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warmup"}]},
-        ]
-        self.generate(GenerationRequest(image=img, messages=msgs, max_new_tokens=2))
+        self.generate(warmup_request(self.pixel_limits))
 
     def close(self) -> None:
         with self._lock:
