@@ -29,6 +29,7 @@ from vla_node.backends.base import (
 )
 from vla_node.backends.frame_cache import VisionCache
 from vla_node.backends.prefix_cache import PrefixCache
+from vla_node.backends.static_decode import StaticDecoder
 from vla_node.backends.vision_attention import use_block_attention
 
 __all__ = ["TransformersBackend"]
@@ -148,11 +149,14 @@ class TransformersBackend(Backend):
     LRU of 4). Greedy outputs are token-identical with and without it. Hits/misses:
     ``prefix_cache_stats``.
 
-    ``decode_cache``: "dynamic" (DynamicCache), "static" (a preallocated StaticCache; on CUDA
-    transformers then compiles the decode step with torch.compile) or "auto" (static on CUDA,
-    dynamic elsewhere). Static composes with ``prefix_cache``: the prefix is copied into the one
-    StaticCache (reset per request, sized to the longest request so far rounded up to 256 tokens),
-    so the compiled decode step sees few shapes and stable addresses.
+    ``decode_cache``: "dynamic" (DynamicCache, transformers' ``generate`` loop), "static" (a
+    preallocated StaticCache; ``generate`` prefills and picks the first token, then
+    vla_node/backends/static_decode.py decodes the rest with the step's inputs on the device, on
+    CUDA as one CUDA-graph replay per token) or "auto" (static on CUDA, dynamic elsewhere). Static
+    composes with ``prefix_cache``: the prefix is copied into the one StaticCache (reset per
+    request, sized to the longest request so far rounded up to 256 tokens, at least
+    ``static_cache_min_slots``), so the recorded step keeps its addresses. ``compile_decode``
+    (default True): torch.compile that step before recording it (CUDA only).
 
     On CUDA, images are preprocessed on the GPU and Qwen2.5-VL's windowed vision attention runs as
     one call per layer (vla_node/backends/vision_attention.py).
@@ -174,6 +178,7 @@ class TransformersBackend(Backend):
         prefix_cache: bool = True,
         decode_cache: str = "auto",
         torch_threads: int = 0,
+        compile_decode: bool = True,
     ):
         import torch
 
@@ -185,6 +190,7 @@ class TransformersBackend(Backend):
         if self.max_new_tokens < 1:
             raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.vocab_fingerprint = vocab_fingerprint
+        self.compile_decode = bool(compile_decode)  # torch.compile the static decode step on CUDA (static_decode.py)
         if int(torch_threads) < 0:
             raise BackendError(f"torch_threads must be >= 0 (0 = torch's default), got {torch_threads}")
         if torch_threads:
@@ -205,10 +211,12 @@ class TransformersBackend(Backend):
         self.dtype = self._pick_dtype(dtype, self.device, torch)
         if decode_cache not in _DECODE_CACHES:
             raise BackendError(f"invalid decode_cache {decode_cache!r}; use one of {', '.join(_DECODE_CACHES)}")
+        requested_decode_cache = decode_cache
         if decode_cache == "auto":
             decode_cache = "static" if self.device.type == "cuda" else "dynamic"
-        self.decode_cache: str = decode_cache  # resolved: "dynamic" or "static"
+        self.decode_cache: str = decode_cache  # resolved: "dynamic" or "static" (checked once the model is loaded)
         self._static_cache = None  # the one StaticCache static decoding reuses (see _initial_cache)
+        self._decoder: StaticDecoder | None = None  # decode steps on that cache (static_decode.py)
         self._static_cache_len = 0
         self._gpu_image_processing = True  # see _process
 
@@ -231,6 +239,11 @@ class TransformersBackend(Backend):
         self.block_vision_attention = self.device.type == "cuda" and use_block_attention(model)
         self.model = model
         self.base_model = model  # never replaced; LoRA layers get injected into it
+        if self.decode_cache == "static" and not StaticDecoder.supports(model, self._new_static_cache(1)):
+            if requested_decode_cache == "static":
+                raise BackendError(f"model directory '{self.model_path}': decode_cache 'static' needs full "
+                                   "attention in every layer and transformers' StaticCache with a device-side fill count")
+            self.decode_cache = "dynamic"
         self.peft_model = None
 
         ip = self.processor.image_processor
@@ -421,6 +434,7 @@ class TransformersBackend(Backend):
 
     def _undo_failed_load(self, name: str) -> None:
         """peft injects LoRA layers before it loads weights: remove them again after a failure."""
+        self._decoder = None
         try:
             if self.peft_model is not None:
                 if name in getattr(self.peft_model, "peft_config", {}):
@@ -454,6 +468,7 @@ class TransformersBackend(Backend):
             self._apply_active()
 
     def _apply_active(self) -> None:
+        self._decoder = None  # its CUDA graph holds the previous adapter's kernels
         pm = self.peft_model
         name = self._active
         if pm is not None:
@@ -591,12 +606,15 @@ class TransformersBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
 
-            gc = self._greedy_generation_config(n_max)
+            # static: generate prefills and picks the first token, StaticDecoder the rest
+            gc = self._greedy_generation_config(1 if self.decode_cache == "static" else n_max)
             kwargs = {}
+            constraint = stop_check = None
             if ev is not None:
                 from transformers import StoppingCriteriaList
 
-                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(ev)])
+                stop_check = _StopOnEvent(ev)
+                kwargs["stopping_criteria"] = StoppingCriteriaList([stop_check])
             if self.action_grammar is not None:
                 from transformers import LogitsProcessorList
 
@@ -612,15 +630,19 @@ class TransformersBackend(Backend):
                     if cache is not None:
                         model_inputs = {**model_inputs, "past_key_values": cache}
                     out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
+                    if self.decode_cache == "static":
+                        stopped = stop_check is not None and stop_check.triggered
+                        new_ids, confidence = self._decode_rest(out, prompt_len, n_max, ev, stopped, constraint)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
-            seq = out.sequences[0, prompt_len:]
-            logits = out.logits or ()
-            new_ids = seq.tolist()
-            # drop right padding (only when generation ended early with pad != eos; batch of 1: none)
-            n_new = min(len(new_ids), len(logits))
-            new_ids = new_ids[:n_new]
-            confidence = self._confidence(logits, new_ids)
+            if self.decode_cache != "static":
+                seq = out.sequences[0, prompt_len:]
+                logits = out.logits or ()
+                new_ids = seq.tolist()
+                # drop right padding (only when generation ended early with pad != eos; batch of 1: none)
+                new_ids = new_ids[:min(len(new_ids), len(logits))]
+                confidence = self._confidence(logits, new_ids)
+            n_new = len(new_ids)
             text = self.processor.tokenizer.decode(
                 new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             ).strip()
@@ -635,23 +657,56 @@ class TransformersBackend(Backend):
                 generate_ms=generate_ms,
             )
 
+    # The smallest StaticCache: a new size means a new decoder, compiled again (tens of seconds on
+    # CUDA), and 2048 slots hold a 640x480 frame's prompt + 128 new tokens, so the warm-up's cache
+    # already fits the camera's commands; attending over unused slots costs ~20 us per token (3B).
+    static_cache_min_slots = 2048
+
+    def _new_static_cache(self, slots: int):
+        from transformers import StaticCache
+
+        return StaticCache(config=self.base_model.config, max_cache_len=slots)
+
+    def _decode_rest(self, out, prompt_len: int, n_max: int, stop_event, stopped: bool,
+                     constraint) -> tuple[list[int], float]:
+        """The tokens after the prefill's first one, by StaticDecoder on the backend's StaticCache;
+        returns (all new token ids, confidence). ``stopped``: the stop event was seen set after the
+        first token."""
+        import torch
+
+        first = out.sequences[0, prompt_len:].tolist()[:1]
+        if not first:
+            return [], 1.0
+        first_logprob = float(torch.log_softmax(out.logits[0][0].float(), dim=-1)[first[0]])
+        steps = n_max - 1
+        if steps <= 0 or first[0] in self._eos_ids or stopped:
+            return first, min(1.0, max(math.exp(first_logprob), 1e-12))
+        decoder = self._decoder
+        if decoder is None or decoder.cache is not self._static_cache:
+            cuda = self.device.type == "cuda"
+            decoder = self._decoder = StaticDecoder(self.base_model, self._static_cache, self._eos_ids,
+                                                    use_graph=cuda, compile_step=cuda and self.compile_decode)
+        rest = decoder.decode(first[0], self.base_model.model.rope_deltas, steps, stop_event, constraint)
+        logprobs = [first_logprob, *rest.logprobs]
+        mean_logprob = sum(logprobs) / len(logprobs)
+        return first + rest.tokens, min(1.0, max(math.exp(mean_logprob), 1e-12))
+
     def _initial_cache(self, input_ids, total_len: int):
         """The KV cache generation starts from: the prompt's cached shared prefix (see
         prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an empty
         StaticCache, or None (generate's default DynamicCache).
 
         Like transformers' own static caches, the StaticCache is allocated once and reset per
-        request, so its tensors keep their addresses (the compiled, CUDA-graphed decode step is
-        recorded once); it holds ``total_len`` slots rounded up to 256 and only ever grows.
+        request, so its tensors keep their addresses (the decoder's CUDA graph is recorded once);
+        it holds ``total_len`` slots rounded up to 256, at least ``static_cache_min_slots``, and
+        only ever grows.
         """
         static = None
         if self.decode_cache == "static":
-            from transformers import StaticCache
-
-            slots = -(-total_len // _STATIC_CACHE_BUCKET) * _STATIC_CACHE_BUCKET
+            slots = max(self.static_cache_min_slots, -(-total_len // _STATIC_CACHE_BUCKET) * _STATIC_CACHE_BUCKET)
             if self._static_cache is None or slots > self._static_cache_len:
                 self._static_cache_len = slots
-                self._static_cache = StaticCache(config=self.base_model.config, max_cache_len=slots)
+                self._static_cache = self._new_static_cache(slots)
             else:
                 self._static_cache.reset()
             static = self._static_cache
@@ -830,6 +885,7 @@ class TransformersBackend(Backend):
             self.vision_cache.clear()
             self.prefix_cache.clear()
             self._static_cache = None
+            self._decoder = None
             try:
                 import torch
 

@@ -1,0 +1,246 @@
+"""Static decoding (vla_node/backends/static_decode.py) changes no output: each step's logits, the
+tokens, the text and the confidence equal transformers' generate loop on a DynamicCache, for every
+Qwen-VL family, with the prefix and vision caches, adapters (switched between requests),
+constrained decoding, stop events, every token budget and a cache that has to grow; and on the
+embedded model, whose answers end with an end-of-answer token before the budget.
+
+On CPU the step runs eagerly; on CUDA the same step is recorded as a CUDA graph: the last test
+(skipped without a GPU) checks the graph gives the eager step's answers."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
+from vla_node.backends.base import GenerationRequest
+from vla_node.backends.static_decode import StaticDecoder
+from vla_node.backends.transformers_backend import TransformersBackend
+
+COMMANDS = ("put the red cube in the blue bowl", "pick up the green ball")
+NEW_TOKENS = 6
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "tabletop-tiny"
+
+
+class StepLogits:
+    """Records the language-model head's last-position logits of every call (prefill and steps)."""
+
+    def __init__(self, backend):
+        self.steps = []
+        self._head = backend.base_model.get_output_embeddings()
+        original = self._head.forward
+
+        def recording(hidden):
+            out = original(hidden)
+            self.steps.append(out.reshape(-1, out.shape[-1])[-1].float().clone())
+            return out
+
+        self._head.forward = recording
+
+    def take(self):
+        import torch
+
+        steps, self.steps = self.steps, []
+        return torch.stack(steps)
+
+    def undo(self):
+        del self._head.forward  # back to the class's method
+
+
+def _answers(backend, image, budget=NEW_TOKENS, stop_after=None, commands=COMMANDS):
+    """(text, new tokens, confidence, per-step logits) per command."""
+    logits = StepLogits(backend)
+    out = []
+    try:
+        for command in commands:
+            result = backend.generate(GenerationRequest(
+                image=image, messages=tiny_messages(command), max_new_tokens=budget,
+                stop_event=stop_after and _StopAfterChecks(stop_after)))
+            out.append((result.text, result.new_tokens, result.confidence, logits.take()))
+    finally:
+        logits.undo()
+    return out
+
+
+def _assert_same(static, dynamic):
+    import torch
+
+    assert len(static) == len(dynamic)
+    for (text, count, confidence, logits), (text_d, count_d, confidence_d, logits_d) in zip(static, dynamic):
+        assert (text, count) == (text_d, count_d)
+        assert confidence == pytest.approx(confidence_d, rel=1e-5)
+        assert logits.shape == logits_d.shape == (count, logits.shape[1])  # one head call per new token
+        # float32 rounding of differently ordered sums: 1e-5 of the largest logit
+        assert torch.allclose(logits, logits_d, rtol=0, atol=1e-5 * max(1.0, float(logits_d.abs().max())))
+
+
+class _StopAfterChecks(threading.Event):
+    """Reads as set from its ``checks``-th is_set() on (checked once before generating, then after every token)."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.remaining = checks
+
+    def is_set(self) -> bool:
+        self.remaining -= 1
+        return self.remaining <= 0
+
+
+def _pair(model_dir, **kwargs):
+    return (TransformersBackend(model_dir, device="cpu", decode_cache="static", **kwargs),
+            TransformersBackend(model_dir, device="cpu", decode_cache="dynamic", **kwargs))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_static_decoding_equals_the_generate_loop(tiny_checkpoints, family):
+    static, dynamic = _pair(tiny_checkpoints[family], max_new_tokens=NEW_TOKENS)
+    assert static.decode_cache == "static"
+    for image in (tiny_image(168, 112), tiny_image(112, 168, seed=1)):
+        _assert_same(_answers(static, image), _answers(dynamic, image))
+    decoder = static._decoder
+    assert isinstance(decoder, StaticDecoder) and decoder.cache is static._static_cache
+    assert decoder.graph_replays == 0, "no CUDA graphs on the CPU"
+    assert static.prefix_cache_stats["hits"] >= 3, "the prefix is seeded into the static cache"
+    static.close()
+    dynamic.close()
+
+
+def test_every_budget_stop_events_and_a_growing_cache(tiny_model_dir):
+    static, dynamic = _pair(tiny_model_dir, max_new_tokens=NEW_TOKENS)
+    static.static_cache_min_slots = 0  # sized by the requests, so a longer one has to grow it
+    image = tiny_image(168, 112)
+    for budget in (1, 2, 3):
+        _assert_same(_answers(static, image, budget), _answers(dynamic, image, budget))
+    for checks in (2, 3, 4):  # stop after the first token, after the second, after the third
+        stopped = _answers(static, image, stop_after=checks)
+        _assert_same(stopped, _answers(dynamic, image, stop_after=checks))
+        assert all(count == checks - 1 for _, count, _, _ in stopped)
+    first_cache, first_decoder = static._static_cache, static._decoder
+    long_budget = 300  # prompt + budget needs more slots than the first requests did: a new cache and decoder
+    static.max_new_tokens = dynamic.max_new_tokens = long_budget
+    _assert_same(_answers(static, image, 40, commands=COMMANDS[:1]), _answers(dynamic, image, 40, commands=COMMANDS[:1]))
+    long = _answers(static, image, long_budget, commands=COMMANDS[:1])
+    _assert_same(long, _answers(dynamic, image, long_budget, commands=COMMANDS[:1]))
+    assert static._static_cache is not first_cache and static._decoder is not first_decoder
+    assert static._decoder.cache is static._static_cache
+    static.close()
+    dynamic.close()
+
+
+def test_adapters_and_constrained_decoding(tiny_model_dir, tiny_adapter):
+    from vla_node.vocabulary import Vocabulary
+
+    static, dynamic = _pair(tiny_model_dir, max_new_tokens=NEW_TOKENS, vocab_fingerprint=TEST_VOCAB_FINGERPRINT)
+    image = tiny_image(168, 112)
+    for backend in (static, dynamic):
+        backend.load_adapter(str(tiny_adapter), "a")
+    base = _answers(static, image)
+    _assert_same(base, _answers(dynamic, image))
+    base_decoder = static._decoder
+    for backend in (static, dynamic):
+        backend.set_adapter("a")
+    adapted = _answers(static, image)
+    _assert_same(adapted, _answers(dynamic, image))
+    assert [a[0] for a in adapted] != [b[0] for b in base], "the adapter must change the answers"
+    assert static._decoder is not base_decoder, "a step recorded with other weights is never replayed"
+
+    vocab = Vocabulary.load()
+    for backend in (static, dynamic):
+        backend.enable_constrained_decoding(vocab)
+    constrained = _answers(static, image, budget=24)
+    _assert_same(constrained, _answers(dynamic, image, budget=24))
+    assert all(text for text, _, _, _ in constrained), "the grammar forces an action"
+    _assert_same(_answers(static, image, budget=24, stop_after=3), _answers(dynamic, image, budget=24, stop_after=3))
+    static.close()
+    dynamic.close()
+
+
+def test_the_embedded_model_ends_its_answers_the_same():
+    from vla_node.vocabulary import Vocabulary
+
+    static, dynamic = _pair(EMBEDDED)
+    image = tiny_image(320, 240)
+    for backend in (static, dynamic):
+        backend.enable_constrained_decoding(Vocabulary.load())
+    budget = 96
+    static_answers = _answers(static, image, budget)
+    _assert_same(static_answers, _answers(dynamic, image, budget))
+    assert all(count < budget for _, count, _, _ in static_answers), "answers end before the budget"
+    static.close()
+    dynamic.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
+    import torch
+
+    from vla_node.vocabulary import Vocabulary
+
+    graphed = TransformersBackend(tiny_model_dir, device="cuda", dtype="float32", max_new_tokens=NEW_TOKENS)
+    assert graphed.decode_cache == "static"
+    image = tiny_image(168, 112)
+    expected = {}
+    for constrained in (False, True):
+        if constrained:
+            graphed.enable_constrained_decoding(Vocabulary.load())
+        graphed._decoder = None
+        answers = _answers(graphed, image, budget=24)
+        assert graphed._decoder.graph_replays > 0, "the step was recorded and replayed"
+        graphed._decoder.use_graph = False  # the same decoder, eager steps
+        eager = _answers(graphed, image, budget=24)
+        for (text, count, confidence, _), (text_e, count_e, confidence_e, _) in zip(answers, eager):
+            assert (text, count) == (text_e, count_e)
+            assert confidence == pytest.approx(confidence_e, rel=1e-4)
+        expected[constrained] = answers
+    torch.cuda.synchronize()
+    graphed.close()
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_grouped_query_attention_equals_repeated_kv_sdpa(q_len):
+    import torch
+
+    from vla_node.backends.static_decode import grouped_query_attention
+
+    generator = torch.Generator().manual_seed(q_len)
+    batch, heads, kv_heads, slots, dim = 2, 8, 2, 11, 16
+    query = torch.randn(batch, heads, q_len, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, slots, dim, generator=generator) for _ in range(2))
+    mask = torch.rand(batch, 1, q_len, slots + 4, generator=generator) > 0.3  # longer than the keys: sliced
+    mask[..., 0] = True  # every query sees at least one slot
+    out, weights = grouped_query_attention(None, query, key, value, mask, scaling=0.25)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
+        attn_mask=mask[..., :slots], scale=0.25)
+    assert weights is None and out.shape == (batch, q_len, heads, dim)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+
+
+def test_decode_steps_use_grouped_attention_and_the_prefill_keeps_its_own(tiny_model_dir):
+    from vla_node.backends import static_decode
+
+    static = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS)
+    config = static.base_model.model.language_model.config
+    assert config.num_key_value_heads < config.num_attention_heads, "a grouped-query model"
+    seen = []
+    original = static_decode.grouped_query_attention
+
+    def counting(module, query, *args, **kwargs):
+        seen.append((module.layer_idx, query.shape[2]))
+        return original(module, query, *args, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(static_decode.DECODE_ATTENTION, counting)
+    static_decode.grouped_query_attention = counting  # the decoder registers this name again
+    try:
+        result = static.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(),
+                                                   max_new_tokens=NEW_TOKENS))
+    finally:
+        static_decode.grouped_query_attention = original
+    assert result.new_tokens == NEW_TOKENS
+    assert len(seen) == (NEW_TOKENS - 1) * config.num_hidden_layers and {q for _, q in seen} == {1}
+    assert config._attn_implementation == "sdpa", "the prefill's implementation is back"
+    static.close()

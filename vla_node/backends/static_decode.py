@@ -1,0 +1,292 @@
+"""Greedy decoding on the backend's StaticCache without transformers' per-token ``generate`` loop.
+
+The prefill stays transformers' (``generate`` for the first token: 3-D rope positions, vision
+outputs, the seeded prefix cache). Every further token is one language-model step whose inputs
+all live on the device: the token just chosen, its rope position (the cache's own fill counter
+plus the prompt's rope delta) and the attention mask (the slots up to that counter). No step needs
+the host, so on CUDA the step (forward, argmax, log-probability of the choice, end-of-answer flag)
+is recorded once as a CUDA graph and replayed per token. The host reads each token's end flag one
+step late, while the next step is already queued: the GPU never waits for Python, and an answer
+costs at most one step more than its length.
+
+With constrained decoding the grammar must see each token on the host before it can mask the next
+one: the forward is still one graph replay, the grammar mask, argmax and bookkeeping follow it.
+
+Why: transformers' ``generate`` spends several ms of host time per token around a ~1.5 ms GPU
+step on a 3B model (logits processors, stopping criteria, a device sync per step);
+benchmarks/results/gpu_latency_*.txt measures both. Outputs equal the generate loop's
+(tests/test_static_decode.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+__all__ = ["DECODE_ATTENTION", "StaticDecoder", "DecodeResult", "grouped_query_attention"]
+
+log = logging.getLogger(__name__)
+
+DECODE_ATTENTION = "vla_static_decode_grouped_query"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """Attention that reads each key/value head once for all query heads of its group.
+
+    query: (batch, heads, q, d); key/value: (batch, kv_heads, slots, d); attention_mask: bool
+    (batch, 1, q, >= slots), True = attend. transformers' SDPA path copies the keys and values of
+    the whole static cache once per query head in the group (repeat_kv) on every decode step:
+    for a 3B model that copy costs more than the attention. Returns ((batch, q, heads, d), None).
+    """
+    import torch
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # head h reads kv head h // groups
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
+    if attention_mask is not None:
+        allowed = attention_mask[..., :slots].reshape(batch, 1, 1, q_len, slots)
+        scores = scores.view(batch, kv_heads, groups, q_len, slots).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * q_len, slots)
+    out = torch.matmul(probs, value).view(batch, heads, q_len, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class DecodeResult:
+    """Tokens chosen after the first one and each choice's log-probability (among the tokens the
+    grammar allowed, under constrained decoding)."""
+
+    def __init__(self, tokens: list[int], logprobs: list[float]):
+        self.tokens = tokens
+        self.logprobs = logprobs
+
+
+class StaticDecoder:
+    """Decode steps for one (model, StaticCache) pair; build a new one when either changes
+    (another cache size, another adapter, new adapter weights): a CUDA graph keeps the addresses
+    and kernels it was recorded with.
+
+    ``use_graph``: record the step as a CUDA graph (CUDA only); on failure the decoder logs why and
+    runs the same step eagerly. ``compile_step``: compile the step with torch.compile before
+    recording it (CUDA graphs only): eager PyTorch runs ~40 small kernels per layer (norms, rotary,
+    repeat_kv), which cost more GPU time than the weights' reads; inductor fuses them. The first
+    request of each decoder compiles (tens of seconds for a 3B model), later ones replay.
+    """
+
+    def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False):
+        import torch
+
+        self._torch = torch
+        self.model = model
+        self.cache = cache
+        self._language_model = model.model.language_model
+        self._lm_head = model.get_output_embeddings()
+        layers = cache.layers
+        device = layers[0].keys.device
+        self.device = device
+        self.capacity = int(layers[0].max_cache_len)
+        self._fill = layers[0].cumulative_length  # slots written so far; every layer advances its own
+        vocab = int(self._lm_head.weight.shape[0])
+        self._slots = torch.arange(self.capacity, device=device)
+        self._token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._rope_delta = torch.zeros(1, dtype=torch.long, device=device)
+        self._index = torch.zeros(1, dtype=torch.long, device=device)
+        self._logits = torch.zeros(1, vocab, dtype=torch.float32, device=device)
+        self._tokens = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self._logprobs = torch.zeros(self.capacity, dtype=torch.float32, device=device)
+        self._ended = torch.zeros(1, dtype=torch.bool, device=device)
+        self._eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        self._eos_set = set(int(e) for e in eos_ids)
+        self.use_graph = bool(use_graph) and device.type == "cuda"
+        self.compiled = bool(compile_step) and self.use_graph
+        # one compiled forward serves both graphs; the greedy choice after it is a few kernels
+        self._step_forward = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
+        self._graphs: dict[str, object] = {}
+        self._pool = None
+        if self.use_graph:
+            self._ended_host = torch.zeros(self.capacity, dtype=torch.bool).pin_memory()
+            self._step_done = [torch.cuda.Event(), torch.cuda.Event()]
+        self.graph_replays = 0
+        self._lock = threading.Lock()
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(DECODE_ATTENTION, grouped_query_attention)
+
+    @contextlib.contextmanager
+    def _decode_attention(self):
+        """The language model attends with grouped_query_attention while the decoder traces or runs
+        it (a recorded graph keeps it); the prefill keeps the model's own implementation."""
+        config = self._language_model.config
+        before = config._attn_implementation
+        config._attn_implementation = DECODE_ATTENTION
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+
+    @staticmethod
+    def supports(model, cache) -> bool:
+        """A Qwen-VL model with full attention in every layer and a StaticCache whose layers count
+        their fill on the device (transformers 5's StaticLayer.cumulative_length)."""
+        import torch
+
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            return False
+        if not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                   and hasattr(layer, "max_cache_len") for layer in layers):
+            return False
+        inner = getattr(model, "model", None)
+        if not hasattr(inner, "language_model") or not hasattr(inner, "rope_deltas"):
+            return False
+        text_config = getattr(model.config, "text_config", model.config)
+        layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+        return layer_types == {"full_attention"}
+
+    # ------------------------------------------------------------------ the step (graph body)
+
+    def _forward(self) -> None:
+        """One language-model step for ``_token`` at slot ``_fill``; raw logits into ``_logits``."""
+        torch = self._torch
+        fill = self._fill  # read before the layers' updates advance it
+        positions = (fill + self._rope_delta).view(1, 1, 1).expand(3, 1, 1)  # text token: t = h = w
+        visible = (self._slots <= fill).view(1, 1, 1, self.capacity)
+        hidden = self._language_model(input_ids=self._token, position_ids=positions, attention_mask=visible,
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+        self._logits.copy_(self._lm_head(hidden[:, -1, :]).to(torch.float32))
+
+    def _record(self, chosen, logprobs) -> None:
+        """Store the chosen token (shape 1) and its log-probability; feed it to the next step."""
+        torch = self._torch
+        self._tokens.index_copy_(0, self._index, chosen)
+        self._logprobs.index_copy_(0, self._index, logprobs.gather(-1, chosen.view(1, 1)).view(1))
+        self._ended.copy_((chosen.view(-1, 1) == self._eos.view(1, -1)).any(dim=1))
+        self._token.copy_(chosen.view(1, 1))
+        self._index.add_(1)
+
+    def _greedy_step(self) -> None:
+        self._step_forward()
+        logprobs = self._torch.log_softmax(self._logits, dim=-1)
+        self._record(self._logits.argmax(dim=-1), logprobs)
+
+    # ------------------------------------------------------------------ graphs
+
+    def _run(self, name: str) -> None:
+        """Run the step ``name`` ("greedy" or "forward"): its graph when recorded, else eagerly."""
+        body = self._greedy_step if name == "greedy" else self._step_forward
+        if not self.use_graph:
+            body()
+            return
+        graph = self._graphs.get(name)
+        if graph is None:
+            graph = self._capture(name, body)
+            if graph is None:  # a failed capture drops the compiled forward too
+                (self._greedy_step if name == "greedy" else self._forward)()
+                return
+        graph.replay()
+        self.graph_replays += 1
+
+    def _capture(self, name: str, body):
+        """Record ``body`` as a CUDA graph; the state it changes is put back (the capture itself
+        runs nothing, the warm-up run before it does). None (and eager steps from now on) on failure."""
+        torch = self._torch
+        state = [layer.cumulative_length for layer in self.cache.layers] + [self._token, self._index]
+        saved = [t.clone() for t in state]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()  # warm-up outside the graph: lazy allocations, library handles
+            torch.cuda.current_stream().wait_stream(side)
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                body()
+        except Exception as error:  # a model whose step cannot be compiled or captured still decodes, eagerly
+            log.warning("decode step cannot be %s as a CUDA graph (%s: %s): decoding eagerly",
+                        "compiled and recorded" if self.compiled else "recorded", type(error).__name__, error)
+            self.use_graph = self.compiled = False
+            self._step_forward = self._forward
+            graph = None
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        if graph is not None:
+            self._graphs[name] = graph
+        return graph
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, first_token: int, rope_delta, steps: int, stop_event=None, constraint=None) -> DecodeResult:
+        """Up to ``steps`` greedy tokens after ``first_token`` (which the prefill chose and wrote
+        nothing for yet); ends after an end-of-answer token, or when ``stop_event`` is set. Like
+        transformers' stopping criteria the event is checked after each token; the caller has
+        checked it after the first.
+
+        ``rope_delta``: the model's ``rope_deltas`` after the prefill (shape batch x 1, batch 1).
+        ``constraint``: the grammar LogitsProcessor the prefill used (it continues from its state).
+        """
+        torch = self._torch
+        if steps <= 0:
+            return DecodeResult([], [])
+        if steps > self.capacity - int(self._fill):
+            raise ValueError(f"{steps} steps do not fit the cache ({self.capacity - int(self._fill)} slots left)")
+        with self._lock, self._decode_attention():
+            self._token.fill_(int(first_token))
+            self._rope_delta.copy_(rope_delta.reshape(-1)[:1].to(self.device))
+            self._index.zero_()
+            if constraint is not None:
+                count = self._constrained(first_token, steps, stop_event, constraint)
+            else:
+                count = self._greedy(steps, stop_event)
+            tokens = self._tokens[:count].tolist()
+            logprobs = self._logprobs[:count].tolist()
+        for position, token in enumerate(tokens):
+            if token in self._eos_set:  # the answer ended here; a step queued after it is dropped
+                return DecodeResult(tokens[:position + 1], logprobs[:position + 1])
+        return DecodeResult(tokens, logprobs)
+
+    def _greedy(self, steps: int, stop_event) -> int:
+        """Steps launched; on CUDA each step's end flag is read after the next step is queued."""
+        launched = 0
+        while launched < steps:
+            if launched and stop_event is not None and stop_event.is_set():
+                break
+            self._run("greedy")
+            if not self.use_graph:
+                launched += 1
+                if bool(self._ended):
+                    break
+                continue
+            self._ended_host[launched:launched + 1].copy_(self._ended, non_blocking=True)
+            self._step_done[launched % 2].record()
+            launched += 1
+            if launched >= 2:
+                self._step_done[launched % 2].synchronize()  # the step before the one just queued
+                if bool(self._ended_host[launched - 2]):
+                    break
+        if self.use_graph and launched:
+            self._step_done[(launched - 1) % 2].synchronize()
+        return launched
+
+    def _constrained(self, first_token: int, steps: int, stop_event, constraint) -> int:
+        """Grammar-masked greedy steps: the forward replays, the mask needs the previous token on the host."""
+        torch = self._torch
+        previous = int(first_token)
+        done = 0
+        while done < steps:
+            if done and stop_event is not None and stop_event.is_set():
+                break
+            self._run("forward")
+            scores = constraint(torch.tensor([[previous]]), self._logits)
+            chosen = scores.argmax(dim=-1)
+            # the probability among the tokens the grammar allows, as generate's logits give it
+            self._record(chosen, torch.log_softmax(scores, dim=-1))
+            done += 1
+            previous = int(chosen)
+            if previous in self._eos_set:
+                break
+        return done
