@@ -21,6 +21,7 @@ from tests.fixtures_models import (  # noqa: F401  (pytest fixtures)
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
 )
+from tests.stop_events import SetOnCheck
 from vla_node import manifest as m
 from vla_node.backends import Backend, BackendError, GenerationRequest, GenerationResult, TransformersBackend
 from vla_node.tiny_models import FAMILIES
@@ -98,23 +99,10 @@ def test_max_new_tokens_is_honoured(backend):
         backend.generate(_req(n=0))
 
 
-class _EventAfter(threading.Event):
-    """An Event that reports set() from its n-th is_set() call on (deterministic 'set mid-run')."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.calls = 0
-        self.n = n
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls >= self.n or super().is_set()
-
-
 def test_stop_event_aborts_generation(backend):
     full = backend.generate(_req(n=20))
     assert full.new_tokens == 20
-    ev = _EventAfter(4)  # pre-check + 2 tokens pass, stops at the 3rd token check
+    ev = SetOnCheck(4)  # pre-check + 2 tokens pass, stops at the 3rd token check
     r = backend.generate(_req(n=20, stop_event=ev))
     assert 1 <= r.new_tokens < 10
     assert full.text.startswith(r.text) or r.text == ""

@@ -23,6 +23,7 @@ from tests.fixtures_models import (  # noqa: F401
 )
 from tests.pipeline_recorder import Recorder
 from tests.scripted_backend import Reply, ScriptedBackend
+from tests.stop_events import SetOnCheck
 from vla_node.actions import StatusCode
 from vla_node.backends.base import BackendError, GenerationRequest, GenerationResult
 from vla_node.image import ImageError
@@ -93,25 +94,13 @@ def test_rows_keep_their_own_budget_and_a_bad_row_fails_alone(backend):
         _same(one, row)
 
 
-class _SetAfterChecks(threading.Event):
-    """A stop event that turns set after it was checked `checks` times (mid-generation, deterministic)."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.remaining = checks
-
-    def is_set(self) -> bool:
-        self.remaining -= 1
-        return self.remaining < 0 or super().is_set()
-
-
 def test_a_stopped_row_ends_alone(backend):
     requests = _requests()
     alone = [backend.generate(r) for r in requests]
     already = threading.Event()
     already.set()
     requests[0].stop_event = already
-    requests[1].stop_event = _SetAfterChecks(4)
+    requests[1].stop_event = SetOnCheck(5)
     batched = backend.generate_batch(requests)
     assert (batched[0].text, batched[0].new_tokens) == ("", 0)
     assert 1 <= batched[1].new_tokens < alone[1].new_tokens

@@ -7,12 +7,12 @@ The tiny random checkpoints have small logits (|logit| < 1), so answers are comp
 about 3e-4 while leaving the tokens unchanged."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
+from tests.stop_events import SetOnCheck
 from vla_node.backends.base import BackendError, GenerationRequest
 from vla_node.backends.frame_cache import VisionCache
 from vla_node.backends.prefix_cache import PrefixCache
@@ -70,7 +70,7 @@ def _answers(backend, image: np.ndarray, messages_for=tiny_messages, stop_after=
         for command in COMMANDS:
             result = backend.generate(GenerationRequest(image=image, messages=messages_for(command),
                                                         max_new_tokens=NEW_TOKENS,
-                                                        stop_event=stop_after and _StopAfterChecks(stop_after)))
+                                                        stop_event=stop_after and SetOnCheck(stop_after)))
             out.append(Answer(result.text, result.new_tokens, recorded[-1]))
     finally:
         undo()
@@ -169,19 +169,6 @@ def test_constrained_decoding_and_stop_event_with_prefix_reuse(tiny_model_dir):
     assert with_reuse == without
     assert all(answer.new_tokens == 2 for answer in with_reuse), "stopped after two tokens"
     backend.close()
-
-
-class _StopAfterChecks(threading.Event):
-    """A stop event that reads as set from its ``checks``-th is_set() on (the backend checks once
-    before generating, then after every token)."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.remaining = checks
-
-    def is_set(self) -> bool:
-        self.remaining -= 1
-        return self.remaining <= 0
 
 
 def test_another_system_text_is_a_miss_and_still_identical(tiny_model_dir):

@@ -8,12 +8,12 @@ On CPU the step runs eagerly; on CUDA the same step is recorded as a CUDA graph:
 (skipped without a GPU) checks the graph gives the eager step's answers."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
+from tests.stop_events import SetOnCheck
 from vla_node.backends.base import GenerationRequest
 from vla_node.backends.static_decode import StaticDecoder
 from vla_node.backends.transformers_backend import TransformersBackend
@@ -56,7 +56,7 @@ def _answers(backend, image, budget=NEW_TOKENS, stop_after=None, commands=COMMAN
         for command in commands:
             result = backend.generate(GenerationRequest(
                 image=image, messages=tiny_messages(command), max_new_tokens=budget,
-                stop_event=stop_after and _StopAfterChecks(stop_after)))
+                stop_event=stop_after and SetOnCheck(stop_after)))
             out.append((result.text, result.new_tokens, result.confidence, logits.take()))
     finally:
         logits.undo()
@@ -73,18 +73,6 @@ def _assert_same(static, dynamic):
         assert logits.shape == logits_d.shape == (count, logits.shape[1])  # one head call per new token
         # float32 rounding of differently ordered sums: 1e-5 of the largest logit
         assert torch.allclose(logits, logits_d, rtol=0, atol=1e-5 * max(1.0, float(logits_d.abs().max())))
-
-
-class _StopAfterChecks(threading.Event):
-    """Reads as set from its ``checks``-th is_set() on (checked once before generating, then after every token)."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.remaining = checks
-
-    def is_set(self) -> bool:
-        self.remaining -= 1
-        return self.remaining <= 0
 
 
 def _pair(model_dir, **kwargs):
