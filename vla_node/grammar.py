@@ -28,10 +28,10 @@ far is the estimate (a good one in practice, not a guarantee).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from vla_node.actions import BOX_SUFFIX
+from vla_node.lru import CountingLru
 from vla_node.policy import SafetyPolicy
 from vla_node.vocabulary import MAX_LABEL_CHARS, Vocabulary
 
@@ -253,31 +253,31 @@ class ActionGrammar:
             raise GrammarError(f"xgrammar cannot read the tokenizer: {error}") from error
         # One compiler thread: the machine's cores belong to the model.
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
-        self._compiled: OrderedDict[GrammarSpec, object] = OrderedDict()
-        self._cache_size = int(cache_size)
+        self._compiled = CountingLru(int(cache_size))  # GrammarSpec -> compiled grammar
         self._lock = threading.Lock()
-        self.compile_count = 0  # grammars actually compiled (cache misses)
-        self.cache_hits = 0
         self.matchers_created = 0
+
+    @property
+    def compile_count(self) -> int:
+        """Grammars actually compiled (cache misses)."""
+        return self._compiled.misses
+
+    @property
+    def cache_hits(self) -> int:
+        return self._compiled.hits
 
     def compiled(self, box_max: tuple[int, int] | None = None):
         """The compiled grammar for these box bounds (compiled on first use, then cached)."""
         spec = self.spec.with_box_max(box_max)
-        with self._lock:
-            hit = self._compiled.get(spec)
-            if hit is not None:
-                self._compiled.move_to_end(spec)
-                self.cache_hits += 1
-                return hit
+
+        def compile_spec():
             try:
-                compiled = self._compiler.compile_grammar(build_ebnf(spec))
+                with self._lock:  # one compile at a time on the shared compiler
+                    return self._compiler.compile_grammar(build_ebnf(spec))
             except Exception as error:
                 raise GrammarError(f"xgrammar cannot compile the action grammar: {error}") from error
-            self.compile_count += 1
-            self._compiled[spec] = compiled
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
-            return compiled
+
+        return self._compiled.get_or_make(spec, compile_spec)
 
     def logits_processor(self, max_new_tokens: int, box_max: tuple[int, int] | None = None) -> "GrammarLogitsProcessor":
         spec = self.spec.with_box_max(box_max)

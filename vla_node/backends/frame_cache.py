@@ -12,32 +12,23 @@ and the active adapter: everything that decides the vision tower's input and wei
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import inspect
-import threading
 
 import numpy as np
+
+from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["VisionCache"]
 
 
-class VisionCache:
+class VisionCache(LruBacked):
     """LRU of vision outputs keyed by frame content; ``capacity=0`` turns it off."""
 
     def __init__(self, capacity: int = 2):
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        self.capacity = int(capacity)
-        self.hits = 0
-        self.misses = 0
-        self._entries: collections.OrderedDict[bytes, object] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lru = CountingLru(capacity)
+        self.capacity = self._lru.capacity
         self._supported: dict[int, bool] = {}
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
     def _supports(self, model) -> bool:
         """The model takes ``mm_encoder_outputs`` and has ``get_image_features`` (transformers >= 5)."""
@@ -71,21 +62,12 @@ class VisionCache:
             return inputs
         import torch
 
-        key = self._key(image, inputs, adapter_id)
-        with self._lock:
-            outputs = self._entries.get(key)
-            if outputs is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-        if outputs is None:
+        def encode():
             with torch.inference_mode():
-                outputs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                         return_dict=True)
-            with self._lock:
-                self.misses += 1
-                self._entries[key] = outputs
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
+                return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                      return_dict=True)
+
+        outputs = self._lru.get_or_make(self._key(image, inputs, adapter_id), encode)
         rest = {name: value for name, value in inputs.items() if name != "pixel_values"}
         rest["mm_encoder_outputs"] = {"image": outputs}  # a fresh dict: generate may add to it
         return rest

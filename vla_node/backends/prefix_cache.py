@@ -14,14 +14,15 @@ handed out: each request gets its own copy, because generation appends to the ca
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import threading
+
+from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["PrefixCache"]
 
 
-class PrefixCache:
+class PrefixCache(LruBacked):
     """LRU of prefilled prefix KV caches; ``capacity=0`` turns it off.
 
     ``hits``/``misses`` count lookups that found/had to prefill a prefix; ``skipped`` counts
@@ -29,28 +30,18 @@ class PrefixCache:
     """
 
     def __init__(self, boundary_token_id: int, capacity: int = 4, min_tokens: int = 16):
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        self._lru = CountingLru(capacity)
         self.boundary_token_id = int(boundary_token_id)
-        self.capacity = int(capacity)
+        self.capacity = self._lru.capacity
         self.min_tokens = int(min_tokens)
-        self.hits = 0
-        self.misses = 0
         self.skipped = 0
-        self._entries: collections.OrderedDict[bytes, list] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @property
     def stats(self) -> dict:
-        with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "skipped": self.skipped,
-                    "entries": len(self._entries)}
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        return {"hits": self.hits, "misses": self.misses, "skipped": self.skipped, "entries": len(self._lru)}
 
     def prefix_length(self, input_ids) -> int:
         """Tokens before the first image marker of the (single) prompt; 0 when unusable."""
@@ -80,19 +71,7 @@ class PrefixCache:
         prefix = input_ids[:, :length]
         digest = hashlib.blake2b(prefix.cpu().numpy().tobytes(), digest_size=16)
         digest.update(repr(scope).encode())
-        key = digest.digest()
-        with self._lock:
-            layers = self._entries.get(key)
-            if layers is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-        if layers is None:
-            layers = self._prefill(model, prefix, torch)
-            with self._lock:
-                self.misses += 1
-                self._entries[key] = layers
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
+        layers = self._lru.get_or_make(digest.digest(), lambda: self._prefill(model, prefix, torch))
         return self._copy(model, layers, into)
 
     @staticmethod
