@@ -17,8 +17,13 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
     + prefix KV reuse    the system-prompt prefix prefilled once (vla_node/backends/prefix_cache.py)
     + static cache, graphed decode   decode_cache=static: generate prefills, StaticDecoder
                      (vla_node/backends/static_decode.py) decodes with one compiled CUDA-graph
-                     replay per token; the first such request compiles (its time is printed)
-    prefix reuse + static  the runtime default
+                     replay per token (q/k/v and gate/up as one product each,
+                     fused_projections.py); the first such request compiles (its time is printed)
+    prefix reuse + static  both; these four rows run the vision tower eagerly inside generate
+    + graphed vision tower  the tower replayed as a CUDA graph per image grid (vision_graph.py)
+    + graphed prefill  the runtime default: the prompt after the prefix prefilled on the static
+                     cache by one CUDA-graph replay per length bucket (prefill_graph.py), the
+                     prefix left in the cache between requests; no transformers generate at all
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
@@ -310,23 +315,33 @@ def main(argv: list[str] | None = None) -> int:
     default_decode = backend.decode_cache
     no_prefix = PrefixCache(prefix_cache.boundary_token_id, capacity=0)
 
-    def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False) -> None:
+    vision_graphs = backend.vision_graphs
+
+    def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
+                  vision_graph: bool = True, prefill_graph: bool = True) -> None:
+        backend.vision_graphs = vision_graphs if vision_graph else None  # the vision tower: recorded or eager
+        backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
         backend.decode_cache = decode
         backend.prefix_cache = prefix_cache if prefix else no_prefix
         backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
         backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
+    eager = dict(vision_graph=False, prefill_graph=False)  # session 5's runtime: transformers' prefill, eager tower
     static_warmup = max(warmup, 1 if args.tiny else 2)  # after the untimed first static request (compile)
     variants = [
-        ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False), warmup),
-        ("node + prefix KV reuse", dict(decode="dynamic", prefix=True), warmup),
+        ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False, **eager), warmup),
+        ("node + prefix KV reuse", dict(decode="dynamic", prefix=True, **eager), warmup),
     ]
     if not args.no_static:
         variants += [
-            ("node + static cache, graphed decode", dict(decode="static", prefix=False), static_warmup),
-            ("node + prefix reuse + static (default)", dict(decode="static", prefix=True), static_warmup),
+            ("node + static cache, graphed decode", dict(decode="static", prefix=False, **eager), static_warmup),
+            ("node + prefix reuse + static", dict(decode="static", prefix=True, **eager), static_warmup),
         ]
     default = dict(decode=default_decode if not args.no_static else "dynamic", prefix=True)
+    if vision_graphs is not None:
+        variants.append(("+ graphed vision tower", dict(default, prefill_graph=False), warmup))
+    if default_decode == "static" and not args.no_static and backend._static_prefill_supported:
+        variants.append(("+ graphed prefill (default)", default, warmup))
     if grammar is not None:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))

@@ -212,6 +212,7 @@ def test_static_decode_cache_gives_the_same_tokens(tiny_model_dir):
     dynamic.close()
     static = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=NEW_TOKENS, decode_cache="static")
     assert static.decode_cache == "static"
+    static.static_prefill = False  # generate's prefill on the static cache (PrefillGraphs: tests/test_prefill_graph.py)
     cache_types, cache_ids = [], set()
     original = static.base_model.generate
 
@@ -228,7 +229,7 @@ def test_static_decode_cache_gives_the_same_tokens(tiny_model_dir):
     assert answers[0] == answers[2] and answers[1] == answers[2]
     assert without[0].logits.shape[0] == 1 and torch.allclose(with_reuse[0].logits, expected[0].logits[:1], atol=1e-5)
     assert cache_types == ["StaticCache"] * 4
-    assert len(cache_ids) == 1  # one cache, reset per request: its addresses stay (CUDA graphs replay)
+    assert len(cache_ids) == 1  # one cache, reused per request: its addresses stay (CUDA graphs replay)
     assert static.prefix_cache_stats["hits"] == 1
     prompt_len = static.prepare_inputs(image, tiny_messages())["input_ids"].shape[1]
     assert static._static_cache_len % 256 == 0 and static._static_cache_len >= prompt_len + NEW_TOKENS
@@ -253,3 +254,39 @@ def test_decode_cache_auto_and_bad_value(tiny_model_dir):
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=2))
     assert backend.prefix_cache_stats == {"hits": 0, "misses": 0, "skipped": 0, "entries": 0}
     backend.close()
+
+
+def test_the_static_cache_keeps_its_prefix_between_requests(tiny_model_dir):
+    dynamic = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=NEW_TOKENS, decode_cache="dynamic")
+    static = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=NEW_TOKENS, decode_cache="static")
+    image = tiny_image(168, 112)
+    copies = []
+    original = PrefixCache._copy
+
+    def counted(model, layers, into):
+        if into is not None:  # into the static cache (a dynamic one gets a copy per request)
+            copies.append(into)
+        return original(model, layers, into)
+
+    PrefixCache._copy = staticmethod(counted)
+    try:
+        def texts(backend):
+            results = [backend.generate(GenerationRequest(image=image, messages=tiny_messages(command),
+                                                          max_new_tokens=NEW_TOKENS)) for command in COMMANDS]
+            return [(r.text, r.new_tokens, round(r.confidence, 5)) for r in results]
+
+        expected = texts(dynamic)
+        assert texts(static) == expected and texts(static) == expected
+        assert len(copies) == 1, "the prefix is written into the static cache once, then stays"
+        enabled = static.prefix_cache  # a request without reuse empties the cache ...
+        static.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
+        assert texts(static) == expected
+        static.prefix_cache = enabled  # ... so the next one writes the prefix again
+        assert texts(static) == expected and len(copies) == 2
+        static.set_adapter(None)  # same adapter scope: still resident
+        assert texts(static) == expected and len(copies) == 2
+    finally:
+        PrefixCache._copy = staticmethod(original)
+    assert static.prefix_cache_stats["hits"] == 4 * len(COMMANDS) - 1  # 8 requests with reuse, the first prefills
+    static.close()
+    dynamic.close()

@@ -42,7 +42,7 @@ class StepLogits:
         import torch
 
         steps, self.steps = self.steps, []
-        return torch.stack(steps)
+        return torch.stack(steps) if steps else torch.empty(0, 0)  # replayed CUDA graphs run no Python
 
     def undo(self):
         del self._head.forward  # back to the class's method
@@ -88,6 +88,7 @@ def test_static_decoding_equals_the_generate_loop(tiny_checkpoints, family):
         _assert_same(_answers(static, image), _answers(dynamic, image))
     decoder = static._decoder
     assert isinstance(decoder, StaticDecoder) and decoder.cache is static._static_cache
+    assert decoder._fused is static._fused_projections is not None, "steps use the fused projections"
     assert decoder.graph_replays == 0, "no CUDA graphs on the CPU"
     assert static.prefix_cache_stats["hits"] >= 3, "the prefix is seeded into the static cache"
     static.close()

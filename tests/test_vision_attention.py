@@ -1,5 +1,5 @@
 """The one-call block-diagonal vision attention (vla_node/backends/vision_attention.py) equals
-transformers' per-window SDPA loop on Qwen2.5-VL, and leaves other families alone."""
+transformers' per-window (Qwen2.5-VL) or per-image (Qwen2-VL, Qwen3-VL) SDPA loop."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,22 +26,23 @@ def _encode(model, inputs) -> torch.Tensor:
     return getattr(out, "pooler_output", out)
 
 
-def test_block_attention_equals_the_per_window_loop(tiny_checkpoints):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_block_attention_equals_the_per_segment_loop(tiny_checkpoints, family):
     from transformers import AutoModelForImageTextToText
 
     from vla_node.backends import vision_attention
 
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints["qwen2_5_vl"]),
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints[family]),
                                                         attn_implementation="sdpa").eval()
-    inputs = _vision_inputs(tiny_checkpoints["qwen2_5_vl"])
-    per_window = _encode(model, inputs)
+    inputs = _vision_inputs(tiny_checkpoints[family])
+    per_segment = _encode(model, inputs)
     assert vision_attention.use_block_attention(model)
     assert model.model.visual.config._attn_implementation == vision_attention.BLOCK_ATTENTION
     assert model.config.text_config._attn_implementation == "sdpa"  # the language model is untouched
     one_call = _encode(model, inputs)
-    assert torch.allclose(per_window, one_call, atol=1e-6), (per_window - one_call).abs().max()
+    assert torch.allclose(per_segment, one_call, atol=1e-6), (per_segment - one_call).abs().max()
 
-    # the frame spans several windows: attention without the block mask gives other features
+    # two images (and, for Qwen2.5-VL, several windows): attention without the block mask differs
     original = vision_attention.block_diagonal_sdpa
 
     def unmasked(module, query, key, value, cu_seq_lens_q=None, max_length_q=None, **kwargs):
@@ -51,20 +52,48 @@ def test_block_attention_equals_the_per_window_loop(tiny_checkpoints):
 
     AttentionInterface.register(vision_attention.BLOCK_ATTENTION, unmasked)
     try:
-        assert not torch.allclose(per_window, _encode(model, inputs), atol=1e-4)
+        assert not torch.allclose(per_segment, _encode(model, inputs), atol=1e-4)
     finally:
         AttentionInterface.register(vision_attention.BLOCK_ATTENTION, original)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_other_families_keep_their_attention(family, tiny_checkpoints):
+def test_a_single_image_is_one_plain_call(tiny_checkpoints):
+    from transformers import AutoModelForImageTextToText
+
+    from vla_node.backends import vision_attention
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints["qwen3_vl"]),
+                                                        attn_implementation="sdpa").eval()
+    inputs = _vision_inputs(tiny_checkpoints["qwen3_vl"])
+    one = {"pixel_values": inputs["pixel_values"][:int(inputs["image_grid_thw"][0].prod())],
+           "image_grid_thw": inputs["image_grid_thw"][:1]}
+    expected = _encode(model, one)
+    vision_attention.use_block_attention(model)
+    segments = []
+    original = vision_attention.block_diagonal_sdpa
+
+    def spy(module, query, key, value, cu_seq_lens_q=None, **kwargs):
+        segments.append(None if cu_seq_lens_q is None else cu_seq_lens_q.shape[0] - 1)
+        return original(module, query, key, value, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(vision_attention.BLOCK_ATTENTION, spy)
+    try:
+        assert torch.allclose(expected, _encode(model, one), atol=1e-6)
+    finally:
+        AttentionInterface.register(vision_attention.BLOCK_ATTENTION, original)
+    assert segments and set(segments) == {1}
+
+
+def test_other_attention_implementations_are_left_alone(tiny_checkpoints):
     from transformers import AutoModelForImageTextToText
 
     from vla_node.backends.vision_attention import use_block_attention
 
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints[family]), attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints["qwen2_vl"]), attn_implementation="eager")
     assert not use_block_attention(model)
-    assert model.model.visual.config._attn_implementation == "sdpa"
+    assert model.model.visual.config._attn_implementation == "eager"
 
 
 def test_backend_uses_it_on_cuda_only(tiny_checkpoints):

@@ -58,7 +58,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "device": ("auto", "auto | cpu | cuda | cuda:N", True),
     "dtype": ("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", True),
     "prefix_cache": (True, "backend transformers: prefill the shared system-prompt prefix once and reuse its KV cache (same outputs)", True),
-    "decode_cache": ("auto", "backend transformers: KV cache for decoding: auto (static on CUDA, dynamic on CPU) | dynamic | static (own decode loop; a CUDA graph per token on CUDA)", True),
+    "decode_cache": ("auto", "backend transformers: KV cache for decoding: auto (static on CUDA, dynamic on CPU) | dynamic | static (own prefill and decode loop; CUDA graphs on CUDA)", True),
     "compile_decode": (True, "backend transformers, static decode cache on CUDA: torch.compile the decode step before recording it (faster steps; the first request compiles, tens of seconds)", True),
     "torch_threads": (0, "backend transformers: torch CPU threads, process-wide (0 = torch's default, one per core; 1 is often fastest on a shared CPU)", True),
     "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),

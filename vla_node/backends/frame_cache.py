@@ -51,23 +51,30 @@ class VisionCache(LruBacked):
                             grid.tolist(), adapter_id)).encode())
         return digest.digest()
 
-    def model_inputs(self, model, inputs: dict, image, adapter_id: str = "") -> dict:
+    def model_inputs(self, model, inputs: dict, image, adapter_id: str = "", encoder=None) -> dict:
         """``inputs`` for ``model.generate`` with ``pixel_values`` replaced by cached vision outputs.
 
-        Returns ``inputs`` unchanged when the cache is off, the image is not an array, or the model
-        cannot take pre-computed outputs.
+        ``encoder(pixel_values, image_grid_thw)``: how to encode a frame (default the model's
+        ``get_image_features``; the backend passes its recorded tower, vision_graph.py); with an
+        encoder the frame is encoded here even when the cache is off. Returns ``inputs`` unchanged
+        when neither applies, the image is not an array, or the model cannot take pre-computed outputs.
         """
-        if (self.capacity == 0 or not isinstance(image, np.ndarray) or "pixel_values" not in inputs
-                or "image_grid_thw" not in inputs or not self._supports(model)):
+        if ((self.capacity == 0 and encoder is None) or not isinstance(image, np.ndarray)
+                or "pixel_values" not in inputs or "image_grid_thw" not in inputs or not self._supports(model)):
             return inputs
         import torch
 
         def encode():
+            if encoder is not None:
+                return encoder(inputs["pixel_values"], inputs["image_grid_thw"])
             with torch.inference_mode():
                 return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                       return_dict=True)
 
-        outputs = self._lru.get_or_make(self._key(image, inputs, adapter_id), encode)
+        if self.capacity == 0:
+            outputs = encode()
+        else:
+            outputs = self._lru.get_or_make(self._key(image, inputs, adapter_id), encode)
         rest = {name: value for name, value in inputs.items() if name != "pixel_values"}
         rest["mm_encoder_outputs"] = {"image": outputs}  # a fresh dict: generate may add to it
         return rest

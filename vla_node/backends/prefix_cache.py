@@ -19,7 +19,15 @@ import threading
 
 from vla_node.lru import CountingLru, LruBacked
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "reset"]
+
+RESIDENT = "_vla_resident_prefix"  # on a reused StaticCache: the key of the prefix its first slots hold
+
+
+def reset(cache) -> None:
+    """Empty a reused StaticCache (and forget which prefix it held)."""
+    cache.reset()
+    cache.__dict__.pop(RESIDENT, None)
 
 
 class PrefixCache(LruBacked):
@@ -56,8 +64,10 @@ class PrefixCache(LruBacked):
         """A cache holding the prefix of ``input_ids`` (shape 1 x N), or None (no usable prefix).
 
         ``model`` is the Qwen-VL ``...ForConditionalGeneration`` (LoRA layers injected in place, so
-        the active adapter applies). ``into``: an empty cache to write the prefix into (the
-        backend's reused StaticCache for a compiled decode step); default a new ``DynamicCache``.
+        the active adapter applies). ``into``: the backend's reused StaticCache to write the prefix
+        into (reset here first); default a new ``DynamicCache``. When ``into`` already holds this
+        prefix from the previous request (a robot's prompts share it), only its fill counters go back
+        to the prefix's length: nothing writes below them, and the slots above are masked until rewritten.
         """
         if self.capacity == 0:
             return None
@@ -71,8 +81,18 @@ class PrefixCache(LruBacked):
         prefix = input_ids[:, :length]
         digest = hashlib.blake2b(prefix.cpu().numpy().tobytes(), digest_size=16)
         digest.update(repr(scope).encode())
-        layers = self._lru.get_or_make(digest.digest(), lambda: self._prefill(model, prefix, torch))
-        return self._copy(model, layers, into)
+        key = digest.digest()
+        layers = self._lru.get_or_make(key, lambda: self._prefill(model, prefix, torch))
+        if into is not None and getattr(into, RESIDENT, None) == key:
+            for layer in into.layers:
+                layer.cumulative_length.fill_(length)
+            return into
+        if into is not None:
+            reset(into)
+        cache = self._copy(model, layers, into)
+        if into is not None:
+            setattr(into, RESIDENT, key)
+        return cache
 
     @staticmethod
     def _prefill(model, prefix, torch) -> list:

@@ -1,10 +1,9 @@
 """Greedy decoding on the backend's StaticCache without transformers' per-token ``generate`` loop.
 
-The prefill stays transformers' (``generate`` for the first token: 3-D rope positions, vision
-outputs, the seeded prefix cache). Every further token is one language-model step whose inputs
-all live on the device: the token just chosen, its rope position (the cache's own fill counter
-plus the prompt's rope delta) and the attention mask (the slots up to that counter). No step needs
-the host, so on CUDA the step (forward, argmax, log-probability of the choice, end-of-answer flag)
+The prefill and the first token are prefill_graph.py's (or transformers' ``generate``'s). Every
+further token is one language-model step whose inputs all live on the device: the token just
+chosen, its rope position (the cache's own fill counter plus the prompt's rope delta) and the
+attention mask (the slots up to that counter). No step needs the host, so on CUDA the step (forward, argmax, log-probability of the choice, end-of-answer flag)
 is recorded once as a CUDA graph and replayed per token. The host reads each token's end flag one
 step late, while the next step is already queued: the GPU never waits for Python, and an answer
 costs at most one step more than its length.
@@ -14,8 +13,8 @@ one: the forward is still one graph replay, the grammar mask, argmax and bookkee
 
 Why: around its own compiled step, transformers' ``generate`` adds host work per token (logits
 processors, stopping criteria, a device sync per step): 4.8 ms/token on the Qwen2.5-VL-3B
-architecture on an H200, 3.45 ms/token here (benchmarks/results/gpu_latency_*.txt and
-gpu_history_h200.txt). Outputs equal the generate loop's (tests/test_static_decode.py).
+architecture on an H200, 3.45 ms/token here, 3.03 with fused projections (benchmarks/results/
+gpu_latency_*.txt and gpu_history_h200.txt). Outputs equal the generate loop's (tests/test_static_decode.py).
 """
 from __future__ import annotations
 
@@ -74,7 +73,8 @@ class StaticDecoder:
     request of each decoder compiles (tens of seconds for a 3B model), later ones replay.
     """
 
-    def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False):
+    def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,
+                 fused=None):
         import torch
 
         self._torch = torch
@@ -109,19 +109,25 @@ class StaticDecoder:
             self._step_done = [torch.cuda.Event(), torch.cuda.Event()]
         self.graph_replays = 0
         self._lock = threading.Lock()
+        # joint q/k/v and gate/up products (fused_projections.py), while their weights are still shared
+        self._fused = fused if fused is not None and fused.intact() else None
+        if fused is not None and self._fused is None:
+            log.warning("fused projections no longer share their weights: decoding with separate products")
         from transformers import AttentionInterface
 
         AttentionInterface.register(DECODE_ATTENTION, grouped_query_attention)
 
     @contextlib.contextmanager
     def _decode_attention(self):
-        """The language model attends with grouped_query_attention while the decoder traces or runs
-        it (a recorded graph keeps it); the prefill keeps the model's own implementation."""
+        """The language model attends with grouped_query_attention (and projects with the fused
+        products, if any) while the decoder traces or runs it (a recorded graph keeps both); the
+        prefill keeps the model's own implementation."""
         config = self._language_model.config
         before = config._attn_implementation
         config._attn_implementation = DECODE_ATTENTION
         try:
-            yield
+            with self._fused.active() if self._fused is not None else contextlib.nullcontext():
+                yield
         finally:
             config._attn_implementation = before
 

@@ -29,8 +29,13 @@ from vla_node.backends.base import (
 )
 from vla_node.backends.frame_cache import VisionCache
 from vla_node.backends.prefix_cache import PrefixCache
+from vla_node.backends.prefix_cache import reset as reset_static_cache
+from vla_node.backends.fused_projections import FusedProjections
+from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs
 from vla_node.backends.static_decode import StaticDecoder
 from vla_node.backends.vision_attention import use_block_attention
+from vla_node.backends.vision_graph import VisionGraphs
+from vla_node.backends.vision_graph import supports as vision_graph_supported
 
 __all__ = ["TransformersBackend"]
 
@@ -150,16 +155,19 @@ class TransformersBackend(Backend):
     ``prefix_cache_stats``.
 
     ``decode_cache``: "dynamic" (DynamicCache, transformers' ``generate`` loop), "static" (a
-    preallocated StaticCache; ``generate`` prefills and picks the first token, then
-    vla_node/backends/static_decode.py decodes the rest with the step's inputs on the device, on
-    CUDA as one CUDA-graph replay per token) or "auto" (static on CUDA, dynamic elsewhere). Static
-    composes with ``prefix_cache``: the prefix is copied into the one StaticCache (reset per
-    request, sized to the longest request so far rounded up to 256 tokens, at least
-    ``static_cache_min_slots``), so the recorded step keeps its addresses. ``compile_decode``
-    (default True): torch.compile that step before recording it (CUDA only).
+    preallocated StaticCache; vla_node/backends/prefill_graph.py prefills the prompt and the first
+    token is chosen from its logits (``static_prefill``; requests without an image use
+    ``generate``), then vla_node/backends/static_decode.py decodes the rest with the step's inputs
+    on the device and q/k/v, gate/up fused (fused_projections.py); on CUDA both are CUDA-graph
+    replays) or "auto" (static on CUDA, dynamic elsewhere). Static composes with ``prefix_cache``:
+    the prefix is copied into the one StaticCache and stays there while requests share it (the
+    cache is sized to the longest request so far rounded up to 256 tokens, at least
+    ``static_cache_min_slots``), so the recorded steps keep their addresses. ``compile_decode``
+    (default True): torch.compile the decode step before recording it (CUDA only).
 
-    On CUDA, images are preprocessed on the GPU and Qwen2.5-VL's windowed vision attention runs as
-    one call per layer (vla_node/backends/vision_attention.py).
+    On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
+    layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
+    image grid (vla_node/backends/vision_graph.py).
 
     ``torch_threads`` (default 0 = torch's own choice, one per core): torch's CPU intra-op
     threads, process-wide. On a CPU robot shared with other processes, 1 can be several times
@@ -217,6 +225,8 @@ class TransformersBackend(Backend):
         self.decode_cache: str = decode_cache  # resolved: "dynamic" or "static" (checked once the model is loaded)
         self._static_cache = None  # the one StaticCache static decoding reuses (see _initial_cache)
         self._decoder: StaticDecoder | None = None  # decode steps on that cache (static_decode.py)
+        self._prefill_graphs: PrefillGraphs | None = None  # prefills on that cache (prefill_graph.py)
+        self.static_prefill = True  # prefill with PrefillGraphs where supported (else generate's prefill)
         self._static_cache_len = 0
         self._gpu_image_processing = True  # see _process
 
@@ -237,6 +247,9 @@ class TransformersBackend(Backend):
         model.eval()
         # one block-masked attention call per vision layer instead of one per window: see vision_attention.py
         self.block_vision_attention = self.device.type == "cuda" and use_block_attention(model)
+        # ... which lets the tower be recorded as one CUDA graph per image grid (vision_graph.py)
+        self.vision_graphs = (VisionGraphs(model, use_graph=True) if self.block_vision_attention
+                              and vision_graph_supported(model) else None)
         self.model = model
         self.base_model = model  # never replaced; LoRA layers get injected into it
         if self.decode_cache == "static" and not StaticDecoder.supports(model, self._new_static_cache(1)):
@@ -244,6 +257,10 @@ class TransformersBackend(Backend):
                 raise BackendError(f"model directory '{self.model_path}': decode_cache 'static' needs full "
                                    "attention in every layer and transformers' StaticCache with a device-side fill count")
             self.decode_cache = "dynamic"
+        self._static_prefill_supported = PrefillGraphs.supports(model, self._new_static_cache(1))
+        # decode steps multiply q/k/v and gate/up in one product each (fused_projections.py)
+        self._fused_projections = (FusedProjections.build(model.model.language_model)
+                                   if self.decode_cache == "static" else None)
         self.peft_model = None
 
         ip = self.processor.image_processor
@@ -434,7 +451,7 @@ class TransformersBackend(Backend):
 
     def _undo_failed_load(self, name: str) -> None:
         """peft injects LoRA layers before it loads weights: remove them again after a failure."""
-        self._decoder = None
+        self._forget_recordings()
         try:
             if self.peft_model is not None:
                 if name in getattr(self.peft_model, "peft_config", {}):
@@ -467,8 +484,16 @@ class TransformersBackend(Backend):
             self._active = name
             self._apply_active()
 
+    def _forget_recordings(self) -> None:
+        """Drop the CUDA graphs (prefill, decode step, vision tower): they keep the kernels and
+        weights of the adapter they were recorded with."""
+        self._decoder = None
+        self._prefill_graphs = None
+        if self.vision_graphs is not None:
+            self.vision_graphs.clear()
+
     def _apply_active(self) -> None:
-        self._decoder = None  # its CUDA graph holds the previous adapter's kernels
+        self._forget_recordings()
         pm = self.peft_model
         name = self._active
         if pm is not None:
@@ -606,7 +631,7 @@ class TransformersBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
 
-            # static: generate prefills and picks the first token, StaticDecoder the rest
+            # static: PrefillGraphs (or generate) prefills and picks the first token, StaticDecoder the rest
             gc = self._greedy_generation_config(1 if self.decode_cache == "static" else n_max)
             kwargs = {}
             constraint = stop_check = None
@@ -625,14 +650,27 @@ class TransformersBackend(Backend):
                 kwargs["logits_processor"] = LogitsProcessorList([constraint])
             try:
                 with torch.inference_mode():
-                    model_inputs = self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id)
-                    cache = self._initial_cache(inputs["input_ids"], prompt_len + n_max)
-                    if cache is not None:
-                        model_inputs = {**model_inputs, "past_key_values": cache}
-                    out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
+                    # host work first (prefix, rope positions), so nothing waits for the vision tower after it
+                    cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET)
+                    prefill = None
+                    if self._uses_static_prefill(inputs):
+                        prefill = PrefillGraphs.prepare(self.base_model, inputs, start)
+                    encoder = self.vision_graphs.encode if self.vision_graphs is not None else None
+                    model_inputs = self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id,
+                                                                  encoder)
+                    if prefill is not None:
+                        first, stopped = self._static_first_token(prefill, model_inputs, ev, constraint)
+                        rope_deltas = prefill.rope_deltas
+                    else:
+                        if cache is not None:
+                            model_inputs = {**model_inputs, "past_key_values": cache}
+                        out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
+                        if self.decode_cache == "static":
+                            first = self._first_of(out, prompt_len)
+                            stopped = stop_check is not None and stop_check.triggered
+                            rope_deltas = self.base_model.model.rope_deltas
                     if self.decode_cache == "static":
-                        stopped = stop_check is not None and stop_check.triggered
-                        new_ids, confidence = self._decode_rest(out, prompt_len, n_max, ev, stopped, constraint)
+                        new_ids, confidence = self._decode_rest(first, rope_deltas, n_max, ev, stopped, constraint)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             if self.decode_cache != "static":
@@ -667,17 +705,50 @@ class TransformersBackend(Backend):
 
         return StaticCache(config=self.base_model.config, max_cache_len=slots)
 
-    def _decode_rest(self, out, prompt_len: int, n_max: int, stop_event, stopped: bool,
-                     constraint) -> tuple[list[int], float]:
-        """The tokens after the prefill's first one, by StaticDecoder on the backend's StaticCache;
-        returns (all new token ids, confidence). ``stopped``: the stop event was seen set after the
-        first token."""
+    def _uses_static_prefill(self, inputs: dict) -> bool:
+        """Whether this request prefills with PrefillGraphs (prefill_graph.py) rather than ``generate``."""
+        return (self.static_prefill and self.decode_cache == "static" and self._static_prefill_supported
+                and inputs.get("image_grid_thw") is not None and inputs.get("pixel_values") is not None)
+
+    @staticmethod
+    def _first_of(out, prompt_len: int) -> tuple[int, float] | None:
+        """(token, log-probability) of the first new token of a one-token ``generate``; None if none."""
         import torch
 
         first = out.sequences[0, prompt_len:].tolist()[:1]
         if not first:
+            return None
+        return first[0], float(torch.log_softmax(out.logits[0][0].float(), dim=-1)[first[0]])
+
+    def _static_first_token(self, prefill, model_inputs: dict, stop_event, constraint):
+        """The prompt prefilled by PrefillGraphs on the StaticCache and the first token chosen from
+        its logits as ``generate`` would (grammar mask, greedy); returns ((token, log-probability),
+        stopped), ``stopped`` being the stop event seen set after that token, as generate's criteria check."""
+        import torch
+
+        graphs = self._prefill_graphs
+        if graphs is None or graphs.cache is not self._static_cache:
+            graphs = self._prefill_graphs = PrefillGraphs(self.base_model, self._static_cache,
+                                                          use_graph=self.device.type == "cuda")
+        features = (model_inputs.get("mm_encoder_outputs") or {}).get("image")
+        if features is None:  # the frame cache did not encode it: the tower's own call
+            features = self.base_model.model.get_image_features(model_inputs["pixel_values"],
+                                                                model_inputs["image_grid_thw"], return_dict=True)
+        scores = graphs.run(prefill, features)
+        if constraint is not None:  # masks in place, as in generate (whose returned logits are the masked ones)
+            scores = constraint(prefill.input_ids, scores)
+        token = int(scores.argmax(dim=-1))
+        logprob = float(torch.log_softmax(scores, dim=-1)[0, token])
+        return (token, logprob), stop_event is not None and stop_event.is_set()
+
+    def _decode_rest(self, first: tuple[int, float] | None, rope_deltas, n_max: int, stop_event, stopped: bool,
+                     constraint) -> tuple[list[int], float]:
+        """The tokens after the prefill's first one, by StaticDecoder on the backend's StaticCache;
+        returns (all new token ids, confidence). ``first``: the prefill's (token, log-probability);
+        ``stopped``: the stop event was seen set after it."""
+        if first is None:
             return [], 1.0
-        first_logprob = float(torch.log_softmax(out.logits[0][0].float(), dim=-1)[first[0]])
+        first, first_logprob = [first[0]], first[1]
         steps = n_max - 1
         if steps <= 0 or first[0] in self._eos_ids or stopped:
             return first, min(1.0, max(math.exp(first_logprob), 1e-12))
@@ -685,21 +756,22 @@ class TransformersBackend(Backend):
         if decoder is None or decoder.cache is not self._static_cache:
             cuda = self.device.type == "cuda"
             decoder = self._decoder = StaticDecoder(self.base_model, self._static_cache, self._eos_ids,
-                                                    use_graph=cuda, compile_step=cuda and self.compile_decode)
-        rest = decoder.decode(first[0], self.base_model.model.rope_deltas, steps, stop_event, constraint)
+                                                    use_graph=cuda, compile_step=cuda and self.compile_decode,
+                                                    fused=self._fused_projections)
+        rest = decoder.decode(first[0], rope_deltas, steps, stop_event, constraint)
         logprobs = [first_logprob, *rest.logprobs]
         mean_logprob = sum(logprobs) / len(logprobs)
         return first + rest.tokens, min(1.0, max(math.exp(mean_logprob), 1e-12))
 
     def _initial_cache(self, input_ids, total_len: int):
-        """The KV cache generation starts from: the prompt's cached shared prefix (see
-        prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an empty
-        StaticCache, or None (generate's default DynamicCache).
+        """(cache, tokens it holds): the KV cache generation starts from: the prompt's cached shared
+        prefix (see prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an
+        empty StaticCache, or None (generate's default DynamicCache).
 
-        Like transformers' own static caches, the StaticCache is allocated once and reset per
-        request, so its tensors keep their addresses (the decoder's CUDA graph is recorded once);
-        it holds ``total_len`` slots rounded up to 256, at least ``static_cache_min_slots``, and
-        only ever grows.
+        Like transformers' own static caches, the StaticCache is allocated once and reused per
+        request (emptied, or set back to the prefix it still holds), so its tensors keep their
+        addresses (the CUDA graphs are recorded once); it holds ``total_len`` slots rounded up to
+        256, at least ``static_cache_min_slots``, and only ever grows.
         """
         static = None
         if self.decode_cache == "static":
@@ -707,12 +779,14 @@ class TransformersBackend(Backend):
             if self._static_cache is None or slots > self._static_cache_len:
                 self._static_cache_len = slots
                 self._static_cache = self._new_static_cache(slots)
-            else:
-                self._static_cache.reset()
             static = self._static_cache
         scope = (self.adapter_id, str(self.dtype), str(self.device))
         seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static)
-        return seeded if seeded is not None else static
+        if seeded is None:
+            if static is not None:
+                reset_static_cache(static)
+            return static, 0
+        return seeded, self.prefix_cache.prefix_length(input_ids)
 
     # ------------------------------------------------------------------------------ batched generation
 
@@ -885,7 +959,8 @@ class TransformersBackend(Backend):
             self.vision_cache.clear()
             self.prefix_cache.clear()
             self._static_cache = None
-            self._decoder = None
+            self._forget_recordings()
+            self.vision_graphs = None
             try:
                 import torch
 
