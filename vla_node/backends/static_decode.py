@@ -3,8 +3,9 @@
 The prefill and the first token are prefill_graph.py's (or transformers' ``generate``'s). Every
 further token is one language-model step whose inputs all live on the device: the token just
 chosen, its rope position (the cache's own fill counter plus the prompt's rope delta) and the
-attention mask (the slots up to that counter). No step needs the host, so on CUDA the step (forward, argmax, log-probability of the choice, end-of-answer flag)
-is recorded once as a CUDA graph and replayed per token. The host reads each token's end flag one
+attention mask (the slots up to that counter). No step needs the host, so on CUDA the step
+(forward, argmax, log-probability of the choice, end-of-answer flag) is recorded once as a CUDA
+graph and replayed per token. The host reads each token's end flag one
 step late, while the next step is already queued: the GPU never waits for Python, and an answer
 costs at most one step more than its length.
 
