@@ -25,6 +25,7 @@ import inspect
 import logging
 import threading
 
+from vla_node.backends.cuda_graph import record_cuda_graph
 from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["PREFILL_ATTENTION", "PREFILL_BUCKET", "PrefillGraphs", "Prefill", "lower_right_causal_attention"]
@@ -257,25 +258,20 @@ class PrefillGraphs(LruBacked):
         capture changed them, the capture itself runs nothing). False (eager from now on) on failure."""
         torch = self._torch
         saved = [fill.clone() for fill in self._fills]
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(entry)  # warm-up outside the graph: lazy allocations, library handles
-            torch.cuda.current_stream().wait_stream(side)
+
+        def put_back():
             for fill, value in zip(self._fills, saved):
                 fill.copy_(value)
+
+        try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._step(entry)
+            graph, _ = record_cuda_graph(lambda: self._step(entry), self._pool, put_back)
         except Exception as error:  # a model whose prefill cannot be recorded still prefills, eagerly
             log.warning("prefill cannot be recorded as a CUDA graph (%s: %s): prefilling eagerly",
                         type(error).__name__, error)
             self.use_graph = False
             graph = None
-        for fill, value in zip(self._fills, saved):
-            fill.copy_(value)
+        put_back()
         entry.graph = graph
         return graph is not None

@@ -23,6 +23,8 @@ import contextlib
 import logging
 import threading
 
+from vla_node.backends.cuda_graph import record_cuda_graph
+
 __all__ = ["DECODE_ATTENTION", "StaticDecoder", "DecodeResult", "grouped_query_attention"]
 
 log = logging.getLogger(__name__)
@@ -200,27 +202,22 @@ class StaticDecoder:
         torch = self._torch
         state = [layer.cumulative_length for layer in self.cache.layers] + [self._token, self._index]
         saved = [t.clone() for t in state]
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                body()  # warm-up outside the graph: lazy allocations, library handles
-            torch.cuda.current_stream().wait_stream(side)
+
+        def put_back():
             for tensor, value in zip(state, saved):
                 tensor.copy_(value)
+
+        try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                body()
+            graph, _ = record_cuda_graph(body, self._pool, put_back)
         except Exception as error:  # a model whose step cannot be compiled or captured still decodes, eagerly
             log.warning("decode step cannot be %s as a CUDA graph (%s: %s): decoding eagerly",
                         "compiled and recorded" if self.compiled else "recorded", type(error).__name__, error)
             self.use_graph = self.compiled = False
             self._step_forward = self._forward
             graph = None
-        for tensor, value in zip(state, saved):
-            tensor.copy_(value)
+        put_back()
         if graph is not None:
             self._graphs[name] = graph
         return graph

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from vla_node.backends.cuda_graph import record_cuda_graph
 from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["VisionGraphs", "vision_plan"]
@@ -134,14 +135,7 @@ class VisionGraphs(LruBacked):
         if not (self.use_graph and pixel_values.device.type == "cuda"):
             return _Recorded(pixels, image_grid_thw, plan, None, None)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run(pixels, image_grid_thw, plan)  # warm-up outside the graph: lazy allocations, handles
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self._run(pixels, image_grid_thw, plan)
+            graph, outputs = record_cuda_graph(lambda: self._run(pixels, image_grid_thw, plan))
         except Exception as error:  # a tower that cannot be recorded still encodes, eagerly
             log.warning("vision tower cannot be recorded as a CUDA graph for grid %s (%s: %s): encoding eagerly",
                         image_grid_thw.tolist(), type(error).__name__, error)
