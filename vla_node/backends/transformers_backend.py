@@ -961,6 +961,7 @@ class TransformersBackend(Backend):
             self._static_cache = None
             self._forget_recordings()
             self.vision_graphs = None
+            self._fused_projections = None  # holds the joint weight matrices
             try:
                 import torch
 
