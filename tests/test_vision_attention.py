@@ -105,3 +105,25 @@ def test_backend_uses_it_on_cuda_only(tiny_checkpoints):
         assert backend.base_model.model.visual.config._attn_implementation == "sdpa"
     finally:
         backend.close()
+
+
+def test_gradients_equal_the_per_segment_loop():
+    """vla-train switches the block attention on (CUDA): its gradients must be the loop's."""
+    from vla_node.backends.vision_attention import block_diagonal_sdpa
+
+    torch.manual_seed(0)
+    heads, n, dim = 2, 12, 4
+    cu = torch.tensor([0, 3, 7, 12], dtype=torch.int32)
+    inputs = [torch.randn(1, heads, n, dim, requires_grad=True) for _ in range(3)]
+    weight = torch.randn(1, n, heads, dim)
+
+    def loop(query, key, value):
+        outs = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b])
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.cat(outs, dim=2).transpose(1, 2)
+
+    expected = torch.autograd.grad((loop(*inputs) * weight).sum(), inputs)
+    out, _ = block_diagonal_sdpa(None, *inputs, cu_seq_lens_q=cu, max_length_q=5)
+    got = torch.autograd.grad((out * weight).sum(), inputs)
+    for a, b in zip(expected, got):
+        assert torch.allclose(a, b, atol=1e-5)
