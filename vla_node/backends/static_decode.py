@@ -14,7 +14,7 @@ one: the forward is still one graph replay, the grammar mask, argmax and bookkee
 
 Why: around its own compiled step, transformers' ``generate`` adds host work per token (logits
 processors, stopping criteria, a device sync per step): 4.8 ms/token on the Qwen2.5-VL-3B
-architecture on an H200, 3.45 ms/token here, 3.03 with fused projections (benchmarks/results/
+architecture on an H200, 3.45 ms/token here, 3.03-3.07 with fused projections (benchmarks/results/
 gpu_latency_*.txt and gpu_history_h200.txt). Outputs equal the generate loop's (tests/test_static_decode.py).
 """
 from __future__ import annotations
