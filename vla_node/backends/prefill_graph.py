@@ -195,8 +195,8 @@ class PrefillGraphs(LruBacked):
         with self._lock:
             # the attention reads the slots in use, start + bucket: a graph per (prefix length, bucket)
             entry = self._lru.get_or_make((prefill.start, bucket), lambda: self._new_bucket(prefill.start, bucket))
-            entry.embeds.zero_()
             entry.embeds[:, :length].copy_(embeds)
+            entry.embeds[:, length:].zero_()  # padding: finite values, never seen
             entry.positions[:, :, :length].copy_(prefill.positions)
             # padded tokens continue the text positions: any value would do, they are never seen
             entry.positions[:, :, length:].copy_(prefill.positions[:, :, -1:] + 1 + entry.offsets[:bucket - length])

@@ -60,7 +60,7 @@ class PrefixCache(LruBacked):
         length = int(where[0, 0])
         return length if length >= self.min_tokens else 0
 
-    def seed(self, model, input_ids, scope: tuple, into=None):
+    def seed(self, model, input_ids, scope: tuple, into=None, length: int | None = None):
         """A cache holding the prefix of ``input_ids`` (shape 1 x N), or None (no usable prefix).
 
         ``model`` is the Qwen-VL ``...ForConditionalGeneration`` (LoRA layers injected in place, so
@@ -68,10 +68,12 @@ class PrefixCache(LruBacked):
         into (reset here first); default a new ``DynamicCache``. When ``into`` already holds this
         prefix from the previous request (a robot's prompts share it), only its fill counters go back
         to the prefix's length: nothing writes below them, and the slots above are masked until rewritten.
+        ``length``: ``prefix_length(input_ids)`` when the caller has it already.
         """
         if self.capacity == 0:
             return None
-        length = self.prefix_length(input_ids)
+        if length is None:
+            length = self.prefix_length(input_ids)
         if length == 0:
             with self._lock:
                 self.skipped += 1

@@ -632,7 +632,6 @@ class TransformersBackend(Backend):
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
 
             # static: PrefillGraphs (or generate) prefills and picks the first token, StaticDecoder the rest
-            gc = self._greedy_generation_config(1 if self.decode_cache == "static" else n_max)
             kwargs = {}
             constraint = stop_check = None
             if ev is not None:
@@ -664,6 +663,7 @@ class TransformersBackend(Backend):
                     else:
                         if cache is not None:
                             model_inputs = {**model_inputs, "past_key_values": cache}
+                        gc = self._greedy_generation_config(1 if self.decode_cache == "static" else n_max)
                         out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
                         if self.decode_cache == "static":
                             first = self._first_of(out, prompt_len)
@@ -781,12 +781,13 @@ class TransformersBackend(Backend):
                 self._static_cache = self._new_static_cache(slots)
             static = self._static_cache
         scope = (self.adapter_id, str(self.dtype), str(self.device))
-        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static)
+        length = self.prefix_cache.prefix_length(input_ids)
+        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static, length=length)
         if seeded is None:
             if static is not None:
                 reset_static_cache(static)
             return static, 0
-        return seeded, self.prefix_cache.prefix_length(input_ids)
+        return seeded, length
 
     # ------------------------------------------------------------------------------ batched generation
 

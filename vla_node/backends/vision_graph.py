@@ -80,7 +80,6 @@ class VisionGraphs(LruBacked):
     """
 
     def __init__(self, model, use_graph: bool, capacity: int = 4):
-        self.model = model
         self.visual = model.model.visual
         self._lru = CountingLru(capacity)
         self.capacity = self._lru.capacity
