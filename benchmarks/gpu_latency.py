@@ -21,9 +21,12 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
                      fused_projections.py); the first such request compiles (its time is printed)
     prefix reuse + static  both; these four rows run the vision tower eagerly inside generate
     + graphed vision tower  the tower replayed as a CUDA graph per image grid (vision_graph.py)
-    + graphed prefill  the runtime default: the prompt after the prefix prefilled on the static
-                     cache by one CUDA-graph replay per length bucket (prefill_graph.py), the
-                     prefix left in the cache between requests; no transformers generate at all
+    + graphed prefill  the prompt after the prefix prefilled on the static cache by one CUDA-graph
+                     replay per length bucket (prefill_graph.py), the prefix left in the cache
+                     between requests; no transformers generate at all
+    + Triton decode kernels  the runtime default: the decode step's one-row products, its
+                     attention and the greedy choice by decode_kernels.py's Triton kernels (the
+                     rows above use cuBLAS and inductor's kernels; a second decoder compiles)
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
@@ -318,15 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     vision_graphs = backend.vision_graphs
 
     def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
-                  vision_graph: bool = True, prefill_graph: bool = True) -> None:
+                  vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True) -> None:
         backend.vision_graphs = vision_graphs if vision_graph else None  # the vision tower: recorded or eager
         backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
+        backend.decode_kernels = kernels  # the decode step's Triton kernels (a change builds a new decoder)
         backend.decode_cache = decode
         backend.prefix_cache = prefix_cache if prefix else no_prefix
         backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
         backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
-    eager = dict(vision_graph=False, prefill_graph=False)  # session 5's runtime: transformers' prefill, eager tower
+    # session 5's runtime: transformers' prefill, eager tower, cuBLAS / inductor decode kernels
+    eager = dict(vision_graph=False, prefill_graph=False, kernels=False)
     static_warmup = max(warmup, 1 if args.tiny else 2)  # after the untimed first static request (compile)
     variants = [
         ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False, **eager), warmup),
@@ -339,23 +344,31 @@ def main(argv: list[str] | None = None) -> int:
         ]
     default = dict(decode=default_decode if not args.no_static else "dynamic", prefix=True)
     if vision_graphs is not None:
-        variants.append(("+ graphed vision tower", dict(default, prefill_graph=False), warmup))
+        variants.append(("+ graphed vision tower", dict(default, prefill_graph=False, kernels=False), warmup))
     if default_decode == "static" and not args.no_static and backend._static_prefill_supported:
-        variants.append(("+ graphed prefill (default)", default, warmup))
+        variants.append(("+ graphed prefill", dict(default, kernels=False), warmup))
+    if default_decode == "static" and not args.no_static:
+        # a new decoder: its first request compiles again, inside this row's warm-up
+        variants.append(("+ Triton decode kernels (default)", default, static_warmup))
     if grammar is not None:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
     texts: dict[str, str] = {}
     first_static_s = None  # the first static-decode request compiles and records the decode step
+    first_kernels_s = None  # ... and the first with the Triton kernels (their shapes timed, the step compiled again)
     for name, options, variant_warmup in variants:
         configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
-            if options["decode"] == "static" and first_static_s is None:
+            if options["decode"] == "static" and (first_static_s is None
+                                                  or (options.get("kernels", True) and first_kernels_s is None)):
                 synchronize(device)
                 first = time.perf_counter()
                 node_command(core, rgb, args.new_tokens)
                 synchronize(device)
-                first_static_s = time.perf_counter() - first
+                if first_static_s is None:
+                    first_static_s = time.perf_counter() - first
+                if options.get("kernels", True) and first_kernels_s is None:
+                    first_kernels_s = time.perf_counter() - first
             results.append(measure_path(name, lambda n: node_command(core, rgb, n), device, args.new_tokens,
                                         iters, variant_warmup, last_tokens, preprocess_of))
             node_command(core, rgb, args.new_tokens)
@@ -433,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"prefix cache {backend.prefix_cache_stats}; default decode cache on this device: {default_decode}")
     if first_static_s is not None:
         lines.append(f"first static-decode request (decoder built, step compiled and recorded): {first_static_s:.1f} s")
+    if first_kernels_s is not None and first_kernels_s != first_static_s:
+        lines.append(f"first request with the Triton decode kernels (product configs timed per matrix shape, "
+                     f"a second decoder compiled and recorded): {first_kernels_s:.1f} s")
     if new_size_ms is not None:
         lines.append(f"first default command after the vision and prefill graphs were dropped (a new frame size and "
                      f"prompt bucket: both recorded again): {new_size_ms:.1f} ms")
@@ -448,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "compute_floor_ms": compute_floor, "copy_bandwidth_Bps": bandwidth, "matmul_flops": flops,
             "floor_terms": terms, "batches": batch_rows, "same_tokens_as_plain": same_tokens,
             "prefix_cache": backend.prefix_cache_stats, "first_static_request_s": first_static_s,
+            "first_kernels_request_s": first_kernels_s,
             "new_size_first_command_ms": new_size_ms},
             indent=2) + "\n")
     return 0

@@ -14,16 +14,33 @@ per projection. Outputs equal the separate products (tests/test_fused_projection
 from __future__ import annotations
 
 import contextlib
+import functools
 
 __all__ = ["FusedProjections"]
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+SINGLES = (("self_attn", "o_proj"), ("mlp", "down_proj"))  # given a matvec kernel, it multiplies these too
 
 
 def _base(module):
     """The plain Linear under a LoRA wrapper (peft's ``get_base_layer``), or the module itself."""
     get = getattr(module, "get_base_layer", None)
     return get() if callable(get) else module
+
+
+def _product(matvec):
+    """linear(hidden, weight, bias), by ``matvec`` (a one-row product, decode_kernels.py) for one row."""
+    import torch
+
+    if matvec is None:
+        return torch.nn.functional.linear
+
+    def product(hidden, weight, bias):
+        if hidden.numel() == hidden.shape[-1]:  # a shape: fixed in a compiled or recorded step
+            return matvec(hidden, weight, bias)
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+    return product
 
 
 class _Group:
@@ -59,12 +76,12 @@ class _Group:
             offset += size
         return True
 
-    def forward_for(self, index: int):
-        import torch
+    def forward_for(self, index: int, matvec=None):
+        product = _product(matvec)
 
         def forward(hidden, *args, **kwargs):
             if index == 0:  # the group's first projection: one product for all of them
-                self._outputs = torch.nn.functional.linear(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
+                self._outputs = product(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
                 self._served = 0
             elif self._outputs is None:
                 raise RuntimeError("fused projections called out of order")
@@ -77,17 +94,26 @@ class _Group:
         return forward
 
 
+def _single_forward(product, linear, hidden, *args, **kwargs):
+    return product(hidden, linear.weight, linear.bias)
+
+
 class FusedProjections:
     """The joint q/k/v and gate/up matrices of a language model's decoder layers."""
 
-    def __init__(self, groups: list[_Group]):
+    def __init__(self, groups: list[_Group], singles: list | None = None):
         self.groups = groups
+        self.singles = singles or []  # the layers' other projections (plain Linears), for ``active(matvec)``
 
     @classmethod
     def build(cls, language_model) -> "FusedProjections | None":
         """Fuse every layer's groups; None when the layers do not have them (or share no dtype/device)."""
-        groups = []
+        groups, singles = [], []
         for layer in getattr(language_model, "layers", []):
+            for parent_name, name in SINGLES:
+                linear = _base(getattr(getattr(layer, parent_name, None), name, None))
+                if hasattr(linear, "weight") and linear.weight.dim() == 2:
+                    singles.append(linear)
             for parent_name, names in GROUPS:
                 parent = getattr(layer, parent_name, None)
                 linears = [_base(getattr(parent, name, None)) for name in names]
@@ -99,20 +125,26 @@ class FusedProjections:
                 groups.append(linears)
         if not groups:
             return None
-        return cls([_Group(linears) for linears in groups])
+        return cls([_Group(linears) for linears in groups], singles)
 
     def intact(self) -> bool:
         return all(group.intact() for group in self.groups)
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self, matvec=None):
         """The base projections use the joint products inside this block (a compiled or recorded
-        step keeps them)."""
+        step keeps them). ``matvec(hidden, weight, bias)``: computes one-row products (of the
+        groups and of the layers' other projections) instead of torch's linear."""
         patched = []
         try:
             for group in self.groups:
                 for index, linear in enumerate(group.linears):
-                    linear.forward = group.forward_for(index)
+                    linear.forward = group.forward_for(index, matvec)
+                    patched.append(linear)
+            if matvec is not None:
+                product = _product(matvec)
+                for linear in self.singles:
+                    linear.forward = functools.partial(_single_forward, product, linear)
                     patched.append(linear)
             yield
         finally:

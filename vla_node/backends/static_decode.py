@@ -25,11 +25,13 @@ import threading
 
 from vla_node.backends.cuda_graph import record_cuda_graph
 
-__all__ = ["DECODE_ATTENTION", "StaticDecoder", "DecodeResult", "grouped_query_attention"]
+__all__ = ["DECODE_ATTENTION", "DECODE_KERNEL_ATTENTION", "StaticDecoder", "DecodeResult",
+           "grouped_query_attention", "kernel_attention", "greedy_choice"]
 
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "vla_static_decode_grouped_query"
+DECODE_KERNEL_ATTENTION = "vla_static_decode_triton"
 
 
 def grouped_query_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -55,6 +57,28 @@ def grouped_query_attention(module, query, key, value, attention_mask=None, scal
     return out.transpose(1, 2).contiguous(), None
 
 
+def kernel_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """grouped_query_attention by decode_kernels.py's one-token Triton kernel where it applies
+    (batch 1, one query token, a mask given); the same arguments and result."""
+    from vla_node.backends import decode_kernels
+
+    if attention_mask is not None and decode_kernels.attention_supported(query, key):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_kernels.decode_attention(query, key, value, attention_mask, scale), None
+    return grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def greedy_choice(scores):
+    """(the highest-scoring token (shape 1), its log-probability (shape 1)); scores: (1, vocab) float.
+    logsumexp instead of a log_softmax over the vocabulary: one reduction, no 152k-wide write (the
+    log_softmax kernel alone took 34 us per token on an H200)."""
+    import torch
+
+    chosen = scores.argmax(dim=-1)
+    logprob = scores.gather(-1, chosen.view(1, 1)).view(1) - torch.logsumexp(scores, dim=-1)
+    return chosen, logprob
+
+
 class DecodeResult:
     """Tokens chosen after the first one and each choice's log-probability (among the tokens the
     grammar allowed, under constrained decoding)."""
@@ -74,10 +98,12 @@ class StaticDecoder:
     recording it (CUDA graphs only): eager PyTorch runs ~40 small kernels per layer (norms, rotary,
     repeat_kv), which cost more GPU time than the weights' reads; inductor fuses them. The first
     request of each decoder compiles (tens of seconds for a 3B model), later ones replay.
+    ``kernels``: the layers' matrix-vector products and the attention by decode_kernels.py's Triton
+    kernels (CUDA with Triton only; the products need ``fused``).
     """
 
     def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,
-                 fused=None):
+                 fused=None, kernels: bool = False):
         import torch
 
         self._torch = torch
@@ -105,6 +131,15 @@ class StaticDecoder:
         self.compiled = bool(compile_step) and self.use_graph
         # one compiled forward serves both graphs; the greedy choice after it is a few kernels
         self._step_forward = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
+        from vla_node.backends import decode_kernels
+
+        self.requested_kernels = bool(kernels)
+        self.kernels = self.requested_kernels and decode_kernels.available(device)
+        self._matvec = decode_kernels.matvec if self.kernels else None
+        if self.kernels:
+            self._choose = decode_kernels.greedy_choice
+        else:
+            self._choose = torch.compile(greedy_choice, dynamic=False) if self.compiled else greedy_choice
         self._graphs: dict[str, object] = {}
         self._pool = None
         if self.use_graph:
@@ -119,17 +154,18 @@ class StaticDecoder:
         from transformers import AttentionInterface
 
         AttentionInterface.register(DECODE_ATTENTION, grouped_query_attention)
+        AttentionInterface.register(DECODE_KERNEL_ATTENTION, kernel_attention)
 
     @contextlib.contextmanager
     def _decode_attention(self):
-        """The language model attends with grouped_query_attention (and projects with the fused
-        products, if any) while the decoder traces or runs it (a recorded graph keeps both); the
-        prefill keeps the model's own implementation."""
+        """The language model attends with grouped_query_attention or the Triton kernel (and
+        projects with the fused products, if any) while the decoder traces or runs it (a recorded
+        graph keeps both); the prefill keeps the model's own implementation."""
         config = self._language_model.config
         before = config._attn_implementation
-        config._attn_implementation = DECODE_ATTENTION
+        config._attn_implementation = DECODE_KERNEL_ATTENTION if self.kernels else DECODE_ATTENTION
         try:
-            with self._fused.active() if self._fused is not None else contextlib.nullcontext():
+            with (self._fused.active(self._matvec) if self._fused is not None else contextlib.nullcontext()):
                 yield
         finally:
             config._attn_implementation = before
@@ -165,19 +201,17 @@ class StaticDecoder:
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         self._logits.copy_(self._lm_head(hidden[:, -1, :]).to(torch.float32))
 
-    def _record(self, chosen, logprobs) -> None:
-        """Store the chosen token (shape 1) and its log-probability; feed it to the next step."""
-        torch = self._torch
+    def _record(self, chosen, logprob) -> None:
+        """Store the chosen token and its log-probability (both shape 1); feed it to the next step."""
         self._tokens.index_copy_(0, self._index, chosen)
-        self._logprobs.index_copy_(0, self._index, logprobs.gather(-1, chosen.view(1, 1)).view(1))
+        self._logprobs.index_copy_(0, self._index, logprob)
         self._ended.copy_((chosen.view(-1, 1) == self._eos.view(1, -1)).any(dim=1))
         self._token.copy_(chosen.view(1, 1))
         self._index.add_(1)
 
     def _greedy_step(self) -> None:
         self._step_forward()
-        logprobs = self._torch.log_softmax(self._logits, dim=-1)
-        self._record(self._logits.argmax(dim=-1), logprobs)
+        self._record(*self._choose(self._logits))
 
     # ------------------------------------------------------------------ graphs
 
@@ -215,7 +249,7 @@ class StaticDecoder:
             log.warning("decode step cannot be %s as a CUDA graph (%s: %s): decoding eagerly",
                         "compiled and recorded" if self.compiled else "recorded", type(error).__name__, error)
             self.use_graph = self.compiled = False
-            self._step_forward = self._forward
+            self._step_forward, self._choose = self._forward, greedy_choice
             graph = None
         put_back()
         if graph is not None:
@@ -286,9 +320,9 @@ class StaticDecoder:
                 break
             self._run("forward")
             scores = constraint(torch.tensor([[previous]]), self._logits)
-            chosen = scores.argmax(dim=-1)
             # the probability among the tokens the grammar allows, as generate's logits give it
-            self._record(chosen, torch.log_softmax(scores, dim=-1))
+            chosen, logprob = greedy_choice(scores)
+            self._record(chosen, logprob)
             done += 1
             previous = int(chosen)
             if previous in self._eos_set:

@@ -227,6 +227,9 @@ class TransformersBackend(Backend):
         self._decoder: StaticDecoder | None = None  # decode steps on that cache (static_decode.py)
         self._prefill_graphs: PrefillGraphs | None = None  # prefills on that cache (prefill_graph.py)
         self.static_prefill = True  # prefill with PrefillGraphs where supported (else generate's prefill)
+        # the decode step's one-row products and attention by Triton kernels (decode_kernels.py), CUDA only;
+        # read when a decoder is built
+        self.decode_kernels = True
         self._static_cache_len = 0
         self._gpu_image_processing = True  # see _process
 
@@ -753,11 +756,12 @@ class TransformersBackend(Backend):
         if steps <= 0 or first[0] in self._eos_ids or stopped:
             return first, min(1.0, max(math.exp(first_logprob), 1e-12))
         decoder = self._decoder
-        if decoder is None or decoder.cache is not self._static_cache:
+        if (decoder is None or decoder.cache is not self._static_cache
+                or decoder.requested_kernels != self.decode_kernels):
             cuda = self.device.type == "cuda"
             decoder = self._decoder = StaticDecoder(self.base_model, self._static_cache, self._eos_ids,
                                                     use_graph=cuda, compile_step=cuda and self.compile_decode,
-                                                    fused=self._fused_projections)
+                                                    fused=self._fused_projections, kernels=self.decode_kernels)
         rest = decoder.decode(first[0], rope_deltas, steps, stop_event, constraint)
         logprobs = [first_logprob, *rest.logprobs]
         mean_logprob = sum(logprobs) / len(logprobs)
