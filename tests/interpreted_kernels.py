@@ -121,14 +121,19 @@ def decoding(model_dir: str) -> dict:
     decode_kernels._attention_impl = counted("attention", decode_kernels._attention_impl)
     decode_kernels._choice_impl = counted("choice", decode_kernels._choice_impl)
     decode_kernels.available = lambda device: (decode_kernels.register(), True)[1]
+    from vla_node.vocabulary import Vocabulary
+
     answers = {}
     for cache in ("static", "dynamic"):
         backend = TransformersBackend(model_dir, device="cpu", decode_cache=cache, max_new_tokens=6)
         backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: fewer slots
         answers[cache] = []
-        for command in ("put the red cube in the blue bowl",):  # each interpreted launch costs ~0.1 s
-            result = backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(command),
-                                                        max_new_tokens=6))
+        for constrained in (False, True):  # greedy, then under the action grammar
+            if constrained:
+                backend.enable_constrained_decoding(Vocabulary.load())
+            result = backend.generate(GenerationRequest(
+                image=tiny_image(168, 112), messages=tiny_messages("put the red cube in the blue bowl"),
+                max_new_tokens=6))  # each interpreted launch costs ~0.1 s: few tokens
             answers[cache].append((result.text, result.new_tokens, result.confidence))
         if cache == "static":
             answers["kernels"] = backend._decoder.kernels

@@ -64,7 +64,9 @@ def test_a_compiled_step_calls_the_kernels_without_graph_breaks(interpreted):
 
 
 def test_static_decoding_with_the_kernels_gives_the_generate_loops_answers(interpreted):
+    """Greedy and under the action grammar (whose masked scores the choice kernel reads too)."""
     decoding = interpreted["decoding"]
+    assert len(decoding["static"]) == len(decoding["dynamic"]) == 2
     assert decoding["kernels"], "the decoder ran with the kernels"
     assert decoding["calls"]["matvec"] > 0 and decoding["calls"]["attention"] > 0 and decoding["calls"]["choice"] > 0
     for (text, count, confidence), (text_d, count_d, confidence_d) in zip(decoding["static"], decoding["dynamic"]):

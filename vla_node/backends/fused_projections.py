@@ -10,6 +10,9 @@ views of it (no second copy in memory, the model and its LoRA layers unchanged);
 ``active()`` the first projection of a group computes the whole group's product and the others
 return their slices. LoRA layers wrap the base projections, so an adapter's update is still added
 per projection. Outputs equal the separate products (tests/test_fused_projections.py).
+
+``active(matvec)`` also hands every one-row product of the layers (the joint ones, o and down) to
+a matrix-vector kernel (decode_kernels.py) instead of torch's linear (tests/test_decode_kernels.py).
 """
 from __future__ import annotations
 

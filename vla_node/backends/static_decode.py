@@ -12,10 +12,14 @@ costs at most one step more than its length.
 With constrained decoding the grammar must see each token on the host before it can mask the next
 one: the forward is still one graph replay, the grammar mask, argmax and bookkeeping follow it.
 
+With ``kernels`` (CUDA), the step's one-row products, its attention and the greedy choice are
+decode_kernels.py's Triton kernels instead of cuBLAS's and inductor's.
+
 Why: around its own compiled step, transformers' ``generate`` adds host work per token (logits
 processors, stopping criteria, a device sync per step): 4.8 ms/token on the Qwen2.5-VL-3B
-architecture on an H200, 3.45 ms/token here, 3.03-3.07 with fused projections (benchmarks/results/
-gpu_latency_*.txt and gpu_history_h200.txt). Outputs equal the generate loop's (tests/test_static_decode.py).
+architecture on an H200, 3.45 ms/token here, 3.0 with fused projections, 2.64 with the Triton
+kernels (benchmarks/results/gpu_latency_*.txt and gpu_history_h200.txt). Outputs equal the
+generate loop's (tests/test_static_decode.py, tests/test_decode_kernels.py).
 """
 from __future__ import annotations
 
@@ -321,7 +325,7 @@ class StaticDecoder:
             self._run("forward")
             scores = constraint(torch.tensor([[previous]]), self._logits)
             # the probability among the tokens the grammar allows, as generate's logits give it
-            chosen, logprob = greedy_choice(scores)
+            chosen, logprob = self._choose(scores)
             self._record(chosen, logprob)
             done += 1
             previous = int(chosen)

@@ -163,7 +163,9 @@ class TransformersBackend(Backend):
     the prefix is copied into the one StaticCache and stays there while requests share it (the
     cache is sized to the longest request so far rounded up to 256 tokens, at least
     ``static_cache_min_slots``), so the recorded steps keep their addresses. ``compile_decode``
-    (default True): torch.compile the decode step before recording it (CUDA only).
+    (default True): torch.compile the decode step before recording it (CUDA only). The attribute
+    ``decode_kernels`` (default True): the step's one-row products, attention and greedy choice by
+    Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only).
 
     On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
     layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
