@@ -354,6 +354,16 @@ class GrammarLogitsProcessor:
     def __call__(self, input_ids, scores):
         import xgrammar as xgr
 
+        bitmask = self.next_bitmask(input_ids)
+        device = scores.device
+        work = scores if device.type in ("cpu", "cuda") else scores.to("cpu")
+        xgr.apply_token_bitmask_inplace(work, bitmask.to(work.device), vocab_size=self._grammar.vocab_size)
+        return work if work is scores else work.to(device)
+
+    def next_bitmask(self, input_ids):
+        """The grammar after each row's last token of ``input_ids`` (none on the first call): the
+        (batch, ceil(vocab / 32)) int32 bitmask of the tokens allowed next, bit 1 = allowed, on the
+        host (this object's buffer, refilled by the next call). What ``__call__`` applies."""
         batch = int(input_ids.shape[0])
         if not self.matchers:
             self._start(batch)
@@ -386,10 +396,7 @@ class GrammarLogitsProcessor:
             reserve = (self._row_worst[row] if self._row_strict[row] else self._longest_step[row]) + 2
             if remaining < reserve:
                 self._bitmask[row] &= self._only_stops
-        device = scores.device
-        work = scores if device.type in ("cpu", "cuda") else scores.to("cpu")
-        xgr.apply_token_bitmask_inplace(work, self._bitmask.to(work.device), vocab_size=self._grammar.vocab_size)
-        return work if work is scores else work.to(device)
+        return self._bitmask
 
     def _live_rows(self) -> list[int]:
         return [row for row, matcher in enumerate(self.matchers)

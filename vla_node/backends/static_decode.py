@@ -10,7 +10,9 @@ step late, while the next step is already queued: the GPU never waits for Python
 costs at most one step more than its length.
 
 With constrained decoding the grammar must see each token on the host before it can mask the next
-one: the forward is still one graph replay, the grammar mask, argmax and bookkeeping follow it.
+one: the forward is one graph replay, the masked choice another (the grammar's bitmask uploaded to a
+fixed buffer); on CUDA the next token's forward is queued before the host reads the token, so the
+grammar's host work overlaps the GPU's.
 
 With ``kernels`` (CUDA), the step's one-row products, its attention and the greedy choice are
 decode_kernels.py's Triton kernels instead of cuBLAS's and inductor's.
@@ -146,9 +148,16 @@ class StaticDecoder:
             self._choose = torch.compile(greedy_choice, dynamic=False) if self.compiled else greedy_choice
         self._graphs: dict[str, object] = {}
         self._pool = None
+        # constrained decoding: the grammar's bitmask of the step (int32 words, bit 1 = allowed)
+        self._mask_words = torch.zeros(-(-vocab // 32), dtype=torch.int32, device=device)
+        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=device)
         if self.use_graph:
             self._ended_host = torch.zeros(self.capacity, dtype=torch.bool).pin_memory()
             self._step_done = [torch.cuda.Event(), torch.cuda.Event()]
+            self._mask_host = torch.zeros(self._mask_words.shape, dtype=torch.int32).pin_memory()
+            self._chosen_host = torch.zeros(self.capacity, dtype=torch.long).pin_memory()
+            self._logprobs_host = torch.zeros(self.capacity, dtype=torch.float32).pin_memory()
+            self._choice_done = torch.cuda.Event()
         self.graph_replays = 0
         self._lock = threading.Lock()
         # joint q/k/v and gate/up products (fused_projections.py), while their weights are still shared
@@ -217,19 +226,31 @@ class StaticDecoder:
         self._step_forward()
         self._record(*self._choose(self._logits))
 
+    def _masked_choice(self) -> None:
+        """The greedy choice among the tokens ``_mask_words`` allows (the others' scores -inf, as
+        xgrammar's apply_token_bitmask_inplace sets them), recorded and fed to the next step."""
+        torch = self._torch
+        vocab = self._logits.shape[-1]
+        bits = (self._mask_words.view(-1, 1) >> self._bit_shifts.view(1, 32)) & 1  # int32: bit 31 as well
+        allowed = bits.view(-1)[:vocab].view(1, vocab).bool()
+        self._record(*self._choose(torch.where(allowed, self._logits, float("-inf"))))
+
     # ------------------------------------------------------------------ graphs
 
+    def _body(self, name: str):
+        return {"greedy": self._greedy_step, "forward": self._step_forward, "choice": self._masked_choice}[name]
+
     def _run(self, name: str) -> None:
-        """Run the step ``name`` ("greedy" or "forward"): its graph when recorded, else eagerly."""
-        body = self._greedy_step if name == "greedy" else self._step_forward
+        """Run the step ``name`` ("greedy", "forward" or the masked "choice"): its graph when
+        recorded, else eagerly."""
         if not self.use_graph:
-            body()
+            self._body(name)()
             return
         graph = self._graphs.get(name)
         if graph is None:
-            graph = self._capture(name, body)
+            graph = self._capture(name, self._body(name))
             if graph is None:  # a failed capture drops the compiled forward too
-                (self._greedy_step if name == "greedy" else self._forward)()
+                self._body(name)()
                 return
         graph.replay()
         self.graph_replays += 1
@@ -281,11 +302,11 @@ class StaticDecoder:
             self._rope_delta.copy_(rope_delta.reshape(-1)[:1].to(self.device))
             self._index.zero_()
             if constraint is not None:
-                count = self._constrained(first_token, steps, stop_event, constraint)
+                tokens, logprobs = self._constrained(first_token, steps, stop_event, constraint)
             else:
                 count = self._greedy(steps, stop_event)
-            tokens = self._tokens[:count].tolist()
-            logprobs = self._logprobs[:count].tolist()
+                tokens = self._tokens[:count].tolist()
+                logprobs = self._logprobs[:count].tolist()
         for position, token in enumerate(tokens):
             if token in self._eos_set:  # the answer ended here; a step queued after it is dropped
                 return DecodeResult(tokens[:position + 1], logprobs[:position + 1])
@@ -314,21 +335,43 @@ class StaticDecoder:
             self._step_done[(launched - 1) % 2].synchronize()
         return launched
 
-    def _constrained(self, first_token: int, steps: int, stop_event, constraint) -> int:
-        """Grammar-masked greedy steps: the forward replays, the mask needs the previous token on the host."""
+    def _constrained(self, first_token: int, steps: int, stop_event, constraint) -> tuple[list[int], list[float]]:
+        """Grammar-masked greedy steps: (tokens, log-probabilities) read on the host.
+
+        The grammar needs each token on the host before it can give the next step's mask, but the
+        next forward needs only the token on the device: on CUDA it is queued right after the
+        masked choice, and the host reads the token (copied out before that forward), advances the
+        grammar and uploads the next mask while the GPU runs it. An answer that ends leaves one
+        queued forward unused (the cache slot it writes is past the answer)."""
         torch = self._torch
         previous = int(first_token)
-        done = 0
-        while done < steps:
-            if done and stop_event is not None and stop_event.is_set():
-                break
-            self._run("forward")
-            scores = constraint(torch.tensor([[previous]]), self._logits)
-            # the probability among the tokens the grammar allows, as generate's logits give it
-            chosen, logprob = self._choose(scores)
-            self._record(chosen, logprob)
-            done += 1
-            previous = int(chosen)
-            if previous in self._eos_set:
-                break
-        return done
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        self._run("forward")
+        while True:
+            bitmask = constraint.next_bitmask(torch.tensor([[previous]])).view(-1)
+            if self.use_graph:
+                self._mask_host.copy_(bitmask)  # pinned: the upload queues without waiting for the GPU
+                self._mask_words.copy_(self._mask_host, non_blocking=True)
+            else:
+                self._mask_words.copy_(bitmask)
+            self._run("choice")
+            index = len(tokens)
+            more = index + 1 < steps and not (stop_event is not None and stop_event.is_set())
+            if self.use_graph:
+                self._chosen_host[index:index + 1].copy_(self._tokens[index:index + 1], non_blocking=True)
+                self._logprobs_host[index:index + 1].copy_(self._logprobs[index:index + 1], non_blocking=True)
+                self._choice_done.record()
+                if more:
+                    self._run("forward")  # the next token's forward, while the host works on the grammar
+                self._choice_done.synchronize()
+                previous = int(self._chosen_host[index])
+                logprobs.append(float(self._logprobs_host[index]))
+            else:
+                previous = int(self._tokens[index])
+                logprobs.append(float(self._logprobs[index]))
+            tokens.append(previous)
+            if previous in self._eos_set or not more:
+                return tokens, logprobs
+            if not self.use_graph:
+                self._run("forward")
