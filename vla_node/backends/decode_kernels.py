@@ -69,9 +69,11 @@ def _build_kernels():
     import triton.language as tl
 
     @triton.jit
-    def matvec_partial(x_ptr, w_ptr, out_ptr, N, K, stride_w, chunk,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[split, rows] = sum over this split's inputs of W[rows, k] * x[k] (float32)."""
+    def matvec(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_w, chunk,
+               PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W[rows, k] x[k] summed over the inputs of split ``program_id(1)`` (``chunk`` of them):
+        PARTIAL: float32 partial sums into out[split, rows]; else (one split) y[rows] (+ b[rows])
+        in y's dtype."""
         block = tl.program_id(0)
         split = tl.program_id(1)
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,26 +87,13 @@ def _build_kernels():
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-        tl.store(out_ptr + split * N + rows, tl.sum(acc, axis=1), mask=row_ok)
-
-    @triton.jit
-    def matvec_direct(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[rows] = W[rows, :] x (+ b[rows]) in y's dtype: no split, one kernel."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+        if PARTIAL:
+            tl.store(out_ptr + split * N + rows, y, mask=row_ok)
+        else:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def matvec_reduce(part_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -206,7 +195,7 @@ def _build_kernels():
         tl.store(chosen_ptr, index.to(tl.int64))
         tl.store(logprob_ptr, -tl.log(total))
 
-    return {"choice_partial": choice_partial, "choice_combine": choice_combine, "matvec_partial": matvec_partial, "matvec_direct": matvec_direct, "matvec_reduce": matvec_reduce,
+    return {"choice_partial": choice_partial, "choice_combine": choice_combine, "matvec": matvec, "matvec_reduce": matvec_reduce,
             "attention_partial": attention_partial, "attention_combine": attention_combine}
 
 
@@ -225,15 +214,15 @@ def _launch_matvec(config, x, weight, bias, out):
         return torch.mv(weight, x, out=out) if bias is None else torch.addmv(bias, weight, x, out=out)
     kernels = _triton()
     rows = -(-n // block_n)
-    if splits == 1:
-        kernels["matvec_direct"][(rows,)](x, weight, bias if bias is not None else weight, out, n, k,
-                                          weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                                          BLOCK_K=block_k, num_warps=warps)
-        return out
     chunk = -(-k // (splits * block_k)) * block_k  # whole loop steps per split
+    if splits == 1:
+        kernels["matvec"][(rows, 1)](x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+                                     chunk, PARTIAL=False, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                                     BLOCK_K=block_k, num_warps=warps)
+        return out
     partial = torch.empty(splits, n, dtype=torch.float32, device=x.device)
-    kernels["matvec_partial"][(rows, splits)](x, weight, partial, n, k, weight.stride(0), chunk,
-                                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    kernels["matvec"][(rows, splits)](x, weight, weight, partial, n, k, weight.stride(0), chunk, PARTIAL=True,
+                                      HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     kernels["matvec_reduce"][(-(-n // 1024),)](partial, bias if bias is not None else partial, out, n,
                                                SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
     return out
