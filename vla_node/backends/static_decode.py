@@ -104,8 +104,8 @@ class StaticDecoder:
     recording it (CUDA graphs only): eager PyTorch runs ~40 small kernels per layer (norms, rotary,
     repeat_kv), which cost more GPU time than the weights' reads; inductor fuses them. The first
     request of each decoder compiles (tens of seconds for a 3B model), later ones replay.
-    ``kernels``: the layers' matrix-vector products and the attention by decode_kernels.py's Triton
-    kernels (CUDA with Triton only; the products need ``fused``).
+    ``kernels``: the layers' matrix-vector products, the attention and the greedy choice by
+    decode_kernels.py's Triton kernels (CUDA with Triton only; the products need ``fused``).
     """
 
     def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,
@@ -135,7 +135,7 @@ class StaticDecoder:
         self._eos_set = set(int(e) for e in eos_ids)
         self.use_graph = bool(use_graph) and device.type == "cuda"
         self.compiled = bool(compile_step) and self.use_graph
-        # one compiled forward serves both graphs; the greedy choice after it is a few kernels
+        # one compiled forward serves the greedy and the forward graphs; the choice after it is a few kernels
         self._step_forward = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         from vla_node.backends import decode_kernels
 
