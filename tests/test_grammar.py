@@ -359,3 +359,32 @@ def test_embedded_model_with_constrained_decoding():
         plan, status = core.infer(image, command)
         assert status.code.value == "ACCEPTED", status.detail
         json.dumps(plan.model_dump())  # a complete, serialisable plan
+
+
+def test_allowed_tokens_unpacks_a_bitmask_as_xgrammar_applies_it():
+    """The numpy view of a bitmask (the onnx backend masks numpy scores with it) allows exactly the
+    tokens xgrammar's own apply_token_bitmask_inplace leaves finite, bit 31 of each word included."""
+    import numpy as np
+    import torch
+    import xgrammar as xgr
+
+    from vla_node.grammar import allowed_tokens
+
+    vocab_size = 101  # not a multiple of 32: the last word is partly outside the vocabulary
+    generator = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (1, 4), dtype=torch.int32, generator=generator)
+    bitmask[0, 1] = -1  # every bit set, bit 31 too
+    scores = torch.zeros(1, vocab_size)
+    xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=vocab_size)
+    allowed = allowed_tokens(bitmask.numpy(), vocab_size)
+    assert allowed.shape == (vocab_size,) and allowed.dtype == np.bool_
+    np.testing.assert_array_equal(allowed, torch.isfinite(scores[0]).numpy())
+    assert allowed[32:64].all()
+
+
+def test_box_bounds_stay_one_below_the_image_edge():
+    from vla_node.grammar import box_bounds
+
+    assert box_bounds("normalized_1000", (640, 480)) == (999, 999)
+    assert box_bounds("absolute_resized", (644, 476)) == (643, 475)
+    assert box_bounds("absolute_resized", (1, 1)) == (1, 1)

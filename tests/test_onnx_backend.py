@@ -141,23 +141,72 @@ def test_window_attention_vision_encoder_matches_torch(tiny_qwen2_5_vl, tmp_path
 
 
 def test_core_with_onnx_backend_gives_the_same_plan_and_status_as_torch(onnx_dir, torch_backend, heldout):
+    """The runtime default, constrained decoding, on both backends (the same grammar and processor)."""
     from vla_node.factory import RuntimeSettings, build_core
+    from vla_node.vocabulary import Vocabulary
 
     onnx_core = build_core(RuntimeSettings(backend="onnx", model_path=str(onnx_dir), device="cpu",
                                            max_new_tokens=PARITY_TOKENS))
-    torch_core = build_core(RuntimeSettings(constrained_decoding=False, max_new_tokens=PARITY_TOKENS),
-                            backend=torch_backend)
-    for command, image in (("put the red cube in the blue bowl", heldout[0].image),):
-        onnx_plan, onnx_status = onnx_core.infer(image, command, command_id="c1")
-        torch_plan, torch_status = torch_core.infer(image, command, command_id="c1")
-        assert onnx_status.code == torch_status.code
-        assert onnx_status.detail == torch_status.detail
-        assert (onnx_plan is None) == (torch_plan is None)
-        if onnx_plan is not None:
-            assert onnx_plan.raw_text == torch_plan.raw_text
-            assert [s.model_dump(exclude={"confidence"}) for s in onnx_plan.steps] == \
-                   [s.model_dump(exclude={"confidence"}) for s in torch_plan.steps]
-            assert onnx_plan.steps[0].confidence == pytest.approx(torch_plan.steps[0].confidence, abs=1e-4)
+    assert onnx_core.backend.action_grammar is not None, "constrained decoding is on by default"
+    torch_core = build_core(RuntimeSettings(max_new_tokens=PARITY_TOKENS), backend=torch_backend)
+    torch_backend.enable_constrained_decoding(Vocabulary.load(), torch_core.policy)
+    try:
+        for command, image in (("put the red cube in the blue bowl", heldout[0].image),
+                               ("把绿色的球放进红色的碗里", heldout[2].image)):
+            onnx_plan, onnx_status = onnx_core.infer(image, command, command_id="c1")
+            torch_plan, torch_status = torch_core.infer(image, command, command_id="c1")
+            assert onnx_status.code == torch_status.code
+            assert onnx_status.detail == torch_status.detail
+            assert (onnx_plan is None) == (torch_plan is None)
+            if onnx_plan is not None:
+                assert onnx_plan.raw_text == torch_plan.raw_text
+                assert [s.model_dump(exclude={"confidence"}) for s in onnx_plan.steps] == \
+                       [s.model_dump(exclude={"confidence"}) for s in torch_plan.steps]
+                assert onnx_plan.steps[0].confidence == pytest.approx(torch_plan.steps[0].confidence, abs=1e-4)
+    finally:
+        torch_backend.disable_constrained_decoding()
+
+
+def test_constrained_answers_match_torch(onnx_dir, torch_backend, heldout):
+    """The same grammar, logits processor and budget rules on both backends: the same tokens, also
+    when the budget is too small for the model's unconstrained answer."""
+    from vla_node.image import fit_to_limits
+    from vla_node.vocabulary import Vocabulary
+
+    from vla_node.grammar import GrammarLogitsProcessor
+
+    onnx = OnnxBackend(onnx_dir, device="cpu")
+    onnx.enable_constrained_decoding(Vocabulary.load())
+    torch_backend.enable_constrained_decoding(Vocabulary.load())
+    masks = []  # every bitmask the onnx backend asked the grammar for (the real processor still runs)
+    original = GrammarLogitsProcessor.next_bitmask
+
+    def counted(self, input_ids):
+        masks.append(int(input_ids.shape[1]))
+        return original(self, input_ids)
+
+    try:
+        onnx_tokens = 0
+        for index, command in enumerate(heldout):
+            for budget in (12, PARITY_TOKENS):
+                image = fit_to_limits(command.image, torch_backend.pixel_limits)
+                request = GenerationRequest(image, command.messages, max_new_tokens=budget)
+                GrammarLogitsProcessor.next_bitmask = counted
+                try:
+                    got = onnx.generate(request)
+                finally:
+                    GrammarLogitsProcessor.next_bitmask = original
+                expected = torch_backend.generate(request)
+                onnx_tokens += got.new_tokens
+                assert (got.text, got.new_tokens) == (expected.text, expected.new_tokens), (index, budget)
+                assert got.confidence == pytest.approx(expected.confidence, rel=1e-3)
+        assert len(masks) == onnx_tokens, "one grammar mask per generated token"
+        assert masks.count(1) == onnx_tokens - 2 * len(heldout), "the prompt first, then one token at a time"
+        onnx.disable_constrained_decoding()
+        assert onnx.action_grammar is None
+    finally:
+        torch_backend.disable_constrained_decoding()
+        onnx.close()
 
 
 def test_bad_inputs_get_clear_errors(onnx_backend, heldout):
@@ -195,6 +244,28 @@ def test_folders_that_are_not_onnx_exports_are_refused(tmp_path):
 
     with pytest.raises(BackendError, match="needs model_path"):
         build_core(RuntimeSettings(backend="onnx"))
+
+
+def test_without_xgrammar_the_factory_serves_unconstrained_plans(onnx_dir, heldout, tmp_path):
+    """A host without xgrammar (and so without torch): constrained decoding, on by default, is
+    skipped with a warning, and commands still get plans, with no torch or transformers imported."""
+    image_path = tmp_path / "image.npy"
+    np.save(image_path, heldout[0].image)
+    script = f"""
+import json, logging, sys, numpy as np
+sys.modules["xgrammar"] = None  # as if it were not installed
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from vla_node.factory import RuntimeSettings, build_core
+core = build_core(RuntimeSettings(backend="onnx", model_path={str(onnx_dir)!r}, device="cpu", max_new_tokens=16))
+plan, status = core.infer(np.load({str(image_path)!r}), "put the red cube in the blue bowl", command_id="c1")
+heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+print(json.dumps({{"heavy": heavy, "grammar": core.backend.action_grammar is not None, "status": status.code}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"heavy": [], "grammar": False, "status": report["status"]} and report["status"]
+    assert "constrained decoding needs xgrammar" in out.stderr and "generating unconstrained" in out.stderr
 
 
 def test_runs_without_torch_or_transformers(onnx_dir, heldout, tmp_path):

@@ -89,7 +89,7 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPo
     if settings.backend == "openai":
         return _build_server_backend(settings, vocab)
     if settings.backend == "onnx":
-        return _build_onnx_backend(settings)
+        return _build_onnx_backend(settings, vocab, policy)
     from vla_node.backends.transformers_backend import TransformersBackend
 
     model_path = settings.model_path or str(embedded_path(EMBEDDED_MODEL))
@@ -106,8 +106,9 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPo
     return backend
 
 
-def _build_onnx_backend(settings: RuntimeSettings) -> Backend:
-    """onnxruntime: model_path is a `vla-export --onnx` folder; adapters must be merged at export."""
+def _build_onnx_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPolicy | None) -> Backend:
+    """onnxruntime: model_path is a `vla-export --onnx` folder; adapters must be merged at export.
+    Constrained decoding where xgrammar is installed (it brings torch); without it, unconstrained."""
     import logging
 
     from vla_node.backends.onnx_backend import OnnxBackend
@@ -119,9 +120,14 @@ def _build_onnx_backend(settings: RuntimeSettings) -> Backend:
         backend.load_adapter(path, name)  # raises: merge adapters at export time
     backend.set_adapter(settings.active_adapter or None)
     if settings.constrained_decoding:
-        # why not refuse: constrained decoding is on by default; the parser + safety gate still check every plan
-        logging.getLogger(__name__).warning(
-            "backend 'onnx' has no constrained decoding; generating unconstrained (parser and safety gate still apply)")
+        missing = backend.constrained_decoding_unavailable()
+        if missing is None:
+            backend.enable_constrained_decoding(vocab, policy, restrict_to_policy=settings.constrain_to_policy)
+        else:
+            # why not refuse: the onnx backend exists to serve without torch, and constrained decoding is on by
+            # default; the parser + safety gate still check every plan
+            logging.getLogger(__name__).warning(
+                "backend 'onnx': %s; generating unconstrained (parser and safety gate still apply)", missing)
     return backend
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "GrammarError",
     "GrammarLogitsProcessor",
     "GrammarSpec",
+    "allowed_tokens",
+    "box_bounds",
     "build_ebnf",
     "check_ebnf",
     "worst_case_step_bytes",
@@ -230,6 +232,17 @@ class ActionGrammar:
     `logits_processor(...)` gives a fresh processor (fresh matchers) for every generate() call.
     """
 
+    @classmethod
+    def for_vocabulary(cls, tokenizer, vocab_size: int, stop_token_ids, vocab: Vocabulary,
+                       policy: SafetyPolicy | None = None, restrict_to_policy: bool = False,
+                       reason_max_chars: int | None = None) -> "ActionGrammar":
+        """The grammar of ``vocab`` (narrowed to the policy's allowlists if ``restrict_to_policy``),
+        checked once; what a backend's ``enable_constrained_decoding`` builds. Raises GrammarError."""
+        options = {} if reason_max_chars is None else {"reason_max_chars": reason_max_chars}
+        spec = GrammarSpec.from_vocabulary(vocab, policy, restrict_to_policy, **options)
+        check_ebnf(build_ebnf(spec.with_box_max((999, 999))))
+        return cls(tokenizer, vocab_size, list(stop_token_ids), spec)
+
     def __init__(
         self,
         tokenizer,
@@ -417,6 +430,24 @@ class GrammarLogitsProcessor:
         for row, ok in zip(live, accepted):
             if not ok:
                 raise GrammarError(f"row {row}: token {last_tokens[row]} was generated against the grammar")
+
+
+def box_bounds(coordinate_convention: str, model_input_size: tuple[int, int]) -> tuple[int, int]:
+    """Largest box coordinates the grammar allows for an image the model saw at ``model_input_size``
+    (width, height): one below the edge, so no rounding can push a box outside the image; 999 for
+    coordinates normalised to 0-1000."""
+    if coordinate_convention == "normalized_1000":
+        return (999, 999)
+    return (max(1, model_input_size[0] - 1), max(1, model_input_size[1] - 1))
+
+
+def allowed_tokens(bitmask, vocab_size: int):
+    """The boolean mask (numpy, ``vocab_size``) of one row's bitmask (int32 words, bit 1 = allowed):
+    for callers that mask numpy scores (the onnx backend)."""
+    import numpy as np
+
+    words = np.ascontiguousarray(np.asarray(bitmask, dtype=np.int32).reshape(-1)).astype("<i4")
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
 def check_ebnf(ebnf: str) -> None:

@@ -12,7 +12,11 @@ Qwen2.5-VL:
 * vision rotary positions, Qwen2.5-VL window order and window attention bias;
 * 3D M-RoPE position ids for the prompt (rope index) and the decode steps;
 * greedy decoding with an explicit KV cache, confidence = geometric mean of chosen-token
-  probabilities (as TransformersBackend reports it).
+  probabilities (as TransformersBackend reports it);
+* constrained decoding (``enable_constrained_decoding``) with the same action grammar and logits
+  processor as TransformersBackend (vla_node.grammar); it needs xgrammar, which imports torch and
+  transformers, so a host without them serves unconstrained plans (the parser and the safety gate
+  still check each one).
 
 Qwen3-VL exports are refused (deepstack features are not exported).
 """
@@ -238,6 +242,7 @@ class OnnxBackend(Backend):
         if self.tokenizer.token_to_id(_IMAGE_PAD) != self._image_token_id:
             raise BackendError(f"ONNX export '{self.export_dir}': tokenizer.json and onnx_manifest.json disagree "
                                f"on the image token id")
+        self.action_grammar = None  # vla_node.grammar.ActionGrammar when constrained decoding is on
 
     @staticmethod
     def _read_manifest(path: Path) -> dict:
@@ -309,6 +314,42 @@ class OnnxBackend(Backend):
         feeds["pixel_values"] = pixel_values
         return self._vision_session.run(None, {k: feeds[k] for k in self._vision_names})[0]
 
+    # ------------------------------------------------------------------------------ constrained decoding
+
+    @staticmethod
+    def constrained_decoding_unavailable() -> str | None:
+        """Why constrained decoding cannot run on this host (xgrammar missing), or None."""
+        try:
+            import xgrammar  # noqa: F401  (it imports torch and transformers)
+            from transformers import PreTrainedTokenizerFast  # noqa: F401
+        except ImportError as e:
+            return f"constrained decoding needs xgrammar (and the torch and transformers it imports): {e}"
+        return None
+
+    def enable_constrained_decoding(self, vocab, policy=None, restrict_to_policy: bool = False,
+                                    reason_max_chars: int | None = None) -> None:
+        """Constrain every generation to the action grammar of ``vocab``, as TransformersBackend
+        does (the exported tokenizer indexed once; a grammar compiled per box bound). Raises BackendError."""
+        from vla_node import grammar as _grammar
+
+        reason = self.constrained_decoding_unavailable()
+        if reason is not None:
+            raise BackendError(f"backend 'onnx': {reason}")
+        from transformers import PreTrainedTokenizerFast
+
+        with self._lock:
+            self._ensure_open()
+            try:
+                self.action_grammar = _grammar.ActionGrammar.for_vocabulary(
+                    PreTrainedTokenizerFast(tokenizer_object=self.tokenizer), int(self._embed.shape[0]),
+                    sorted(self._eos_ids), vocab, policy, restrict_to_policy, reason_max_chars)
+            except _grammar.GrammarError as e:
+                raise BackendError(f"constrained decoding: {e}") from e
+
+    def disable_constrained_decoding(self) -> None:
+        with self._lock:
+            self.action_grammar = None
+
     # ------------------------------------------------------------------------------ generation
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -331,8 +372,17 @@ class OnnxBackend(Backend):
             ev = request.stop_event
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, len(ids), 0, preprocess_ms, 0.0)
+            constraint = None
+            if self.action_grammar is not None:
+                from vla_node.grammar import box_bounds
+
+                try:
+                    constraint = self.action_grammar.logits_processor(
+                        n_max, box_bounds(self.coordinate_convention, size))
+                except Exception as e:
+                    raise BackendError(f"constrained decoding: {e}") from e
             try:
-                new_ids, logps = self._greedy(inputs, n_max, ev)
+                new_ids, logps = self._greedy(inputs, n_max, ev, constraint)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             confidence = 1.0
@@ -350,7 +400,9 @@ class OnnxBackend(Backend):
             self._ensure_open()
             return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None)[0]
 
-    def _greedy(self, inputs: dict, n_max: int, stop_event) -> tuple[list[int], list[float]]:
+    def _greedy(self, inputs: dict, n_max: int, stop_event, constraint=None) -> tuple[list[int], list[float]]:
+        """Greedy tokens and their log-probabilities; under ``constraint`` (a grammar logits
+        processor) among the tokens its bitmask allows, as transformers' generate applies it."""
         ids = inputs["input_ids"]
         embeds = np.asarray(self._embed[ids], dtype=np.float32)
         image_rows = ids == self._image_token_id
@@ -363,10 +415,17 @@ class OnnxBackend(Backend):
         delta, cache_len = inputs["rope_delta"], len(ids)
         new_ids: list[int] = []
         logps: list[float] = []
+        seen = ids[None]  # what the grammar is shown: the prompt, then each new token
         while True:
             outputs = self._decoder_session.run(None, feeds)
             logits = outputs[0][0]
+            if constraint is not None:
+                from vla_node.grammar import allowed_tokens
+
+                allowed = allowed_tokens(constraint.next_bitmask(seen), logits.shape[-1])
+                logits = np.where(allowed, logits, -np.inf)
             token = int(np.argmax(logits))
+            seen = np.array([[token]])
             new_ids.append(token)
             logps.append(float(_log_softmax(logits)[token]))
             if token in self._eos_ids or len(new_ids) >= n_max or (stop_event is not None and stop_event.is_set()):

@@ -547,16 +547,13 @@ class TransformersBackend(Backend):
         """
         from vla_node import grammar as _grammar
 
-        options = {} if reason_max_chars is None else {"reason_max_chars": reason_max_chars}
         with self._lock:
             self._ensure_open()
             try:
-                spec = _grammar.GrammarSpec.from_vocabulary(vocab, policy, restrict_to_policy, **options)
-                _grammar.check_ebnf(_grammar.build_ebnf(spec.with_box_max((999, 999))))
                 vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
-                self.action_grammar = _grammar.ActionGrammar(
-                    self.processor.tokenizer, vocab_size, self._eos_ids, spec
-                )
+                self.action_grammar = _grammar.ActionGrammar.for_vocabulary(
+                    self.processor.tokenizer, vocab_size, self._eos_ids, vocab, policy, restrict_to_policy,
+                    reason_max_chars)
             except _grammar.GrammarError as e:
                 raise BackendError(f"constrained decoding: {e}") from e
 
@@ -565,11 +562,9 @@ class TransformersBackend(Backend):
             self.action_grammar = None
 
     def _box_bounds(self, model_input_size: tuple[int, int]) -> tuple[int, int]:
-        """Largest box coordinates that still map inside the image (one below the edge: no rounding
-        can push a box outside it)."""
-        if self.coordinate_convention == "normalized_1000":
-            return (999, 999)
-        return (max(1, model_input_size[0] - 1), max(1, model_input_size[1] - 1))
+        from vla_node.grammar import box_bounds
+
+        return box_bounds(self.coordinate_convention, model_input_size)
 
     # ------------------------------------------------------------------------------ generation
 
