@@ -13,7 +13,7 @@ serving prompt), and differ only in what the trainer set-up does:
   baseline   from_pretrained with its default dtype, peft get_peft_model, Trainer with default
              TrainingArguments (random sampler, no bf16 autocast; --baseline-gradient-checkpointing
              adds what LLaMA-Factory turns on by default)
-  vla-train  training.train.build_model + training.train._training_args, exactly what `vla-train`
+  vla-train  training.train.build_model + training.train.training_args_for, exactly what `vla-train`
              builds: bf16 base weights with fp32 LoRA, bf16 autocast, length-grouped batches,
              SDPA attention, gradient checkpointing only when the config asks for it
 
@@ -199,8 +199,8 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
 
     from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits
     from training.config import TrainConfig
-    from training.train import (_checkpointing_kwargs, _trainer_classes, _training_args, _use_bf16, build_model,
-                                load_split, lora_target_regex)
+    from training.train import (build_model, checkpointing_kwargs, load_split, lora_target_regex, trainer_classes,
+                                training_args_for, use_bf16)
     from vla_node.prompt import PromptBuilder
     from vla_node.vocabulary import Vocabulary
 
@@ -217,11 +217,11 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
     collator = VLACollator(processor, PromptBuilder(vocab), limits)
 
     if arm == "vla-train":
-        bf16 = _use_bf16(cfg)
+        bf16 = use_bf16(cfg)
         model = build_model(cfg, bf16)
         dataset = EncodedDataset(samples, collator, compute_lengths=cfg.group_by_length)
-        training_args = _training_args(cfg, bf16, has_eval=False)
-        trainer_class = _trainer_classes()[0]
+        training_args = training_args_for(cfg, bf16, has_eval=False)
+        trainer_class = trainer_classes()[0]
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -230,7 +230,7 @@ def run_arm(arm: str, args, checkpoint: Path, data: Path, out: Path) -> dict:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=regex,
                                                  task_type="CAUSAL_LM"))
         dataset = EncodedDataset(samples, collator, compute_lengths=False)
-        extra = _checkpointing_kwargs(TrainingArguments, args.baseline_gradient_checkpointing)
+        extra = checkpointing_kwargs(TrainingArguments, args.baseline_gradient_checkpointing)
         training_args = TrainingArguments(output_dir=str(out / arm), per_device_train_batch_size=args.batch_size,
                                           max_steps=args.steps, report_to="none", save_strategy="no",
                                           remove_unused_columns=False, disable_tqdm=True,

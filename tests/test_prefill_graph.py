@@ -11,7 +11,7 @@ import torch
 
 from tests.fixtures_models import tiny_image, tiny_messages
 from tests.host_reads import no_host_reads
-from tests.test_static_decode import _answers, _assert_same
+from tests.decode_answers import answers, assert_same
 from vla_node.backends.prefill_graph import (PREFILL_ATTENTION, PREFILL_BUCKET, PrefillGraphs,
                                              lower_right_causal_attention)
 from vla_node.backends.transformers_backend import TransformersBackend
@@ -35,7 +35,7 @@ def test_static_prefill_equals_the_generate_prefill(tiny_checkpoints, family, pr
     own, generate = _pair(tiny_checkpoints[family], prefix_cache=prefix)
     image = tiny_image(168, 112)
     for commands in (SHORT, LONG):
-        _assert_same(_answers(own, image, commands=commands), _answers(generate, image, commands=commands))
+        assert_same(answers(own, image, commands=commands), answers(generate, image, commands=commands))
     graphs = own._prefill_graphs
     assert isinstance(graphs, PrefillGraphs) and graphs.cache is own._static_cache
     assert (graphs.misses, graphs.hits) == (2, 1), "two short prompts share a bucket, the long one needs another"
@@ -115,12 +115,12 @@ def test_cuda_graph_prefills_equal_eager_prefills(tiny_model_dir):
 
     graphed, eager = backend(), backend()
     image = tiny_image(168, 112)
-    _answers(eager, image, commands=SHORT[:1])  # builds its prefills ...
+    answers(eager, image, commands=SHORT[:1])  # builds its prefills ...
     eager._prefill_graphs.use_graph = False  # ... and runs them eagerly from now on
     # (a replayed graph runs no Python: the per-call logits recorder sees only the eager calls)
     def results(backend):
         return [(text, count, round(confidence, 5)) for text, count, confidence, _ in
-                _answers(backend, image, commands=SHORT + LONG)]
+                answers(backend, image, commands=SHORT + LONG)]
 
     assert results(graphed) == results(eager)
     graphs = graphed._prefill_graphs

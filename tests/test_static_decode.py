@@ -12,67 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.decode_answers import COMMANDS, NEW_TOKENS, answers, assert_same
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
-from tests.stop_events import SetOnCheck
 from vla_node.backends.base import GenerationRequest
 from vla_node.backends.static_decode import StaticDecoder
 from vla_node.backends.transformers_backend import TransformersBackend
 
-COMMANDS = ("put the red cube in the blue bowl", "pick up the green ball")
-NEW_TOKENS = 6
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "tabletop-tiny"
-
-
-class StepLogits:
-    """Records the language-model head's last-position logits of every call (prefill and steps)."""
-
-    def __init__(self, backend):
-        self.steps = []
-        self._head = backend.base_model.get_output_embeddings()
-        original = self._head.forward
-
-        def recording(hidden):
-            out = original(hidden)
-            self.steps.append(out.reshape(-1, out.shape[-1])[-1].float().clone())
-            return out
-
-        self._head.forward = recording
-
-    def take(self):
-        import torch
-
-        steps, self.steps = self.steps, []
-        return torch.stack(steps) if steps else torch.empty(0, 0)  # replayed CUDA graphs run no Python
-
-    def undo(self):
-        del self._head.forward  # back to the class's method
-
-
-def _answers(backend, image, budget=NEW_TOKENS, stop_after=None, commands=COMMANDS):
-    """(text, new tokens, confidence, per-step logits) per command."""
-    logits = StepLogits(backend)
-    out = []
-    try:
-        for command in commands:
-            result = backend.generate(GenerationRequest(
-                image=image, messages=tiny_messages(command), max_new_tokens=budget,
-                stop_event=stop_after and SetOnCheck(stop_after)))
-            out.append((result.text, result.new_tokens, result.confidence, logits.take()))
-    finally:
-        logits.undo()
-    return out
-
-
-def _assert_same(static, dynamic):
-    import torch
-
-    assert len(static) == len(dynamic)
-    for (text, count, confidence, logits), (text_d, count_d, confidence_d, logits_d) in zip(static, dynamic):
-        assert (text, count) == (text_d, count_d)
-        assert confidence == pytest.approx(confidence_d, rel=1e-5)
-        assert logits.shape == logits_d.shape == (count, logits.shape[1])  # one head call per new token
-        # float32 rounding of differently ordered sums: 1e-5 of the largest logit
-        assert torch.allclose(logits, logits_d, rtol=0, atol=1e-5 * max(1.0, float(logits_d.abs().max())))
 
 
 def _pair(model_dir, **kwargs):
@@ -85,7 +31,7 @@ def test_static_decoding_equals_the_generate_loop(tiny_checkpoints, family):
     static, dynamic = _pair(tiny_checkpoints[family], max_new_tokens=NEW_TOKENS)
     assert static.decode_cache == "static"
     for image in (tiny_image(168, 112), tiny_image(112, 168, seed=1)):
-        _assert_same(_answers(static, image), _answers(dynamic, image))
+        assert_same(answers(static, image), answers(dynamic, image))
     decoder = static._decoder
     assert isinstance(decoder, StaticDecoder) and decoder.cache is static._static_cache
     assert decoder._fused is static._fused_projections is not None, "steps use the fused projections"
@@ -100,17 +46,17 @@ def test_every_budget_stop_events_and_a_growing_cache(tiny_model_dir):
     static.static_cache_min_slots = 0  # sized by the requests, so a longer one has to grow it
     image = tiny_image(168, 112)
     for budget in (1, 2, 3):
-        _assert_same(_answers(static, image, budget), _answers(dynamic, image, budget))
+        assert_same(answers(static, image, budget), answers(dynamic, image, budget))
     for checks in (2, 3, 4):  # stop after the first token, after the second, after the third
-        stopped = _answers(static, image, stop_after=checks)
-        _assert_same(stopped, _answers(dynamic, image, stop_after=checks))
+        stopped = answers(static, image, stop_after=checks)
+        assert_same(stopped, answers(dynamic, image, stop_after=checks))
         assert all(count == checks - 1 for _, count, _, _ in stopped)
     first_cache, first_decoder = static._static_cache, static._decoder
     long_budget = 300  # prompt + budget needs more slots than the first requests did: a new cache and decoder
     static.max_new_tokens = dynamic.max_new_tokens = long_budget
-    _assert_same(_answers(static, image, 40, commands=COMMANDS[:1]), _answers(dynamic, image, 40, commands=COMMANDS[:1]))
-    long = _answers(static, image, long_budget, commands=COMMANDS[:1])
-    _assert_same(long, _answers(dynamic, image, long_budget, commands=COMMANDS[:1]))
+    assert_same(answers(static, image, 40, commands=COMMANDS[:1]), answers(dynamic, image, 40, commands=COMMANDS[:1]))
+    long = answers(static, image, long_budget, commands=COMMANDS[:1])
+    assert_same(long, answers(dynamic, image, long_budget, commands=COMMANDS[:1]))
     assert static._static_cache is not first_cache and static._decoder is not first_decoder
     assert static._decoder.cache is static._static_cache
     static.close()
@@ -124,23 +70,23 @@ def test_adapters_and_constrained_decoding(tiny_model_dir, tiny_adapter):
     image = tiny_image(168, 112)
     for backend in (static, dynamic):
         backend.load_adapter(str(tiny_adapter), "a")
-    base = _answers(static, image)
-    _assert_same(base, _answers(dynamic, image))
+    base = answers(static, image)
+    assert_same(base, answers(dynamic, image))
     base_decoder = static._decoder
     for backend in (static, dynamic):
         backend.set_adapter("a")
-    adapted = _answers(static, image)
-    _assert_same(adapted, _answers(dynamic, image))
+    adapted = answers(static, image)
+    assert_same(adapted, answers(dynamic, image))
     assert [a[0] for a in adapted] != [b[0] for b in base], "the adapter must change the answers"
     assert static._decoder is not base_decoder, "a step recorded with other weights is never replayed"
 
     vocab = Vocabulary.load()
     for backend in (static, dynamic):
         backend.enable_constrained_decoding(vocab)
-    constrained = _answers(static, image, budget=24)
-    _assert_same(constrained, _answers(dynamic, image, budget=24))
+    constrained = answers(static, image, budget=24)
+    assert_same(constrained, answers(dynamic, image, budget=24))
     assert all(text for text, _, _, _ in constrained), "the grammar forces an action"
-    _assert_same(_answers(static, image, budget=24, stop_after=3), _answers(dynamic, image, budget=24, stop_after=3))
+    assert_same(answers(static, image, budget=24, stop_after=3), answers(dynamic, image, budget=24, stop_after=3))
     static.close()
     dynamic.close()
 
@@ -153,8 +99,8 @@ def test_the_embedded_model_ends_its_answers_the_same():
     for backend in (static, dynamic):
         backend.enable_constrained_decoding(Vocabulary.load())
     budget = 96
-    static_answers = _answers(static, image, budget)
-    _assert_same(static_answers, _answers(dynamic, image, budget))
+    static_answers = answers(static, image, budget)
+    assert_same(static_answers, answers(dynamic, image, budget))
     assert all(count < budget for _, count, _, _ in static_answers), "answers end before the budget"
     static.close()
     dynamic.close()
@@ -174,14 +120,14 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
         if constrained:
             graphed.enable_constrained_decoding(Vocabulary.load())
         graphed._decoder = None
-        answers = _answers(graphed, image, budget=24)
+        replayed = answers(graphed, image, budget=24)
         assert graphed._decoder.graph_replays > 0, "the step was recorded and replayed"
         graphed._decoder.use_graph = False  # the same decoder, eager steps
-        eager = _answers(graphed, image, budget=24)
-        for (text, count, confidence, _), (text_e, count_e, confidence_e, _) in zip(answers, eager):
+        eager = answers(graphed, image, budget=24)
+        for (text, count, confidence, _), (text_e, count_e, confidence_e, _) in zip(replayed, eager):
             assert (text, count) == (text_e, count_e)
             assert confidence == pytest.approx(confidence_e, rel=1e-4)
-        expected[constrained] = answers
+        expected[constrained] = replayed
     torch.cuda.synchronize()
     graphed.close()
 

@@ -33,7 +33,8 @@ from training.config import ConfigError, TrainConfig, config_help, load_config
 
 log = logging.getLogger("vla_train")
 
-__all__ = ["TrainResult", "DataError", "train", "main", "lora_target_regex", "load_split", "build_model"]
+__all__ = ["TrainResult", "DataError", "train", "main", "lora_target_regex", "load_split", "build_model",
+           "use_bf16", "trainer_classes", "checkpointing_kwargs", "training_args_for"]
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -167,7 +168,9 @@ def lora_target_regex(model, target: str = "all") -> tuple[str, list[str]]:
     return regex, matched
 
 
-def _use_bf16(cfg: TrainConfig) -> bool:
+def use_bf16(cfg: TrainConfig) -> bool:
+    """Whether training runs in bf16: cfg.bf16 "auto" = where the GPU supports it; "true" without
+    such a GPU is a ConfigError."""
     import torch
 
     flag = str(cfg.bf16).lower()
@@ -235,7 +238,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
 # ------------------------------------------------------------------------------------------------
 
 
-def _trainer_classes():
+def trainer_classes():
     """Defined lazily so `vla-train --help` does not import torch/transformers."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
@@ -322,7 +325,7 @@ def _trainer_classes():
     return VLATrainer, ThroughputCallback, LossProgressCallback
 
 
-def _checkpointing_kwargs(args_cls, enabled: bool) -> dict:
+def checkpointing_kwargs(args_cls, enabled: bool) -> dict:
     """Activation (gradient) checkpointing under whichever name this transformers uses."""
     if not enabled:
         return {}
@@ -347,7 +350,8 @@ def _dataloader_workers(cfg: TrainConfig) -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
 
 
-def _training_args(cfg: TrainConfig, bf16: bool, has_eval: bool):
+def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
+    """The transformers TrainingArguments `vla-train` trains with (also benchmarks/train_throughput.py's arm)."""
     import torch
     from transformers import TrainingArguments
 
@@ -377,7 +381,7 @@ def _training_args(cfg: TrainConfig, bf16: bool, has_eval: bool):
         data_seed=cfg.seed,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
-        **_checkpointing_kwargs(TrainingArguments, cfg.gradient_checkpointing),
+        **checkpointing_kwargs(TrainingArguments, cfg.gradient_checkpointing),
         report_to=report or "none",
         remove_unused_columns=False,  # the collator's output is exactly the model's input
         **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
@@ -481,14 +485,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
 
     # 3. model
-    bf16 = _use_bf16(cfg)
+    bf16 = use_bf16(cfg)
     model = build_model(cfg, bf16)
 
     # 4. trainer
-    VLATrainer, ThroughputCallback, LossProgressCallback = _trainer_classes()
+    VLATrainer, ThroughputCallback, LossProgressCallback = trainer_classes()
     from transformers.trainer_callback import ProgressCallback
 
-    args = _training_args(cfg, bf16, eval_ds is not None)
+    args = training_args_for(cfg, bf16, eval_ds is not None)
     if args.n_gpu > 1:
         # Without torchrun/accelerate the Trainer would fall back to nn.DataParallel, whose
         # replicas break Qwen-VL's vision dtype lookup; DDP is the supported multi-GPU path.

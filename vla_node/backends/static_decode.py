@@ -292,7 +292,6 @@ class StaticDecoder:
         ``rope_delta``: the model's ``rope_deltas`` after the prefill (shape batch x 1, batch 1).
         ``constraint``: the grammar LogitsProcessor the prefill used (it continues from its state).
         """
-        torch = self._torch
         if steps <= 0:
             return DecodeResult([], [])
         if steps > self.capacity - int(self._fill):
