@@ -6,7 +6,10 @@ Exports models/tabletop-tiny with `vla-export --onnx` into a temporary folder (o
 then runs the same held-out commands (half English, half Chinese) through both backends on CPU:
 greedy token ids must be identical (parity), and the per-command latency (preprocess + greedy
 decode, same tokens on both sides) is reported as p50/p90 for both and their ratio, measured in
-the same run. Also prints the install size of each runtime's Python packages in .venv (du).
+the same run. Then, on the first --constrained-commands commands, both backends' ``generate`` with
+constrained decoding on (the node's default; the onnx backend runs it where xgrammar is installed):
+identical answers, and the latency of each. Also prints the install size of each runtime's Python
+packages in .venv (du).
 """
 from __future__ import annotations
 
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx-dir", default="", help="an existing vla-export --onnx folder ('' = export now)")
     ap.add_argument("--commands", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--constrained-commands", type=int, default=20,
+                    help="commands also run with constrained decoding on both backends (0 = none)")
     ap.add_argument("--out", default="", help="also write the report to this file")
     a = ap.parse_args(argv)
 
@@ -123,11 +128,29 @@ def main(argv: list[str] | None = None) -> int:
             if expected != got:
                 mismatches.append((index, command.language, expected, got))
 
+        constrained = []  # (torch ms, onnx ms, same answer) per command
+        if a.constrained_commands:
+            from vla_node.backends.base import GenerationRequest
+            from vla_node.vocabulary import Vocabulary
+
+            torch_backend.enable_constrained_decoding(Vocabulary.load())
+            onnx_backend.enable_constrained_decoding(Vocabulary.load())
+            for command in commands[:a.constrained_commands]:
+                request = GenerationRequest(fit_to_limits(command.image, torch_backend.pixel_limits),
+                                            command.messages, max_new_tokens=a.max_new_tokens)
+                started = time.perf_counter()
+                expected = torch_backend.generate(request)
+                torch_done = time.perf_counter()
+                got = onnx_backend.generate(request)
+                onnx_done = time.perf_counter()
+                constrained.append(((torch_done - started) * 1000.0, (onnx_done - torch_done) * 1000.0,
+                                    (expected.text, expected.new_tokens) == (got.text, got.new_tokens)))
+
     sizes = install_sizes()
     p50_t, p50_o = statistics.median(torch_ms), statistics.median(onnx_ms)
     lines = [
         f"$ source scripts/env.sh && python benchmarks/onnx_vs_torch.py --commands {a.commands} "
-        f"--max-new-tokens {a.max_new_tokens}",
+        f"--max-new-tokens {a.max_new_tokens} --constrained-commands {a.constrained_commands}",
         f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores (shared), no GPU; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} ({onnx_backend.providers[0]})",
         f"model {a.model}, export {export_s:.1f} s",
@@ -139,6 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         f"latency per command (preprocess + greedy decode), onnxruntime p50 {p50_o:8.1f} ms  "
         f"p90 {float(np.percentile(onnx_ms, 90)):8.1f} ms",
         f"speed-up onnxruntime over torch (p50 ratio)  {p50_t / p50_o:.2f}x",
+    ]
+    if constrained:
+        c_torch = statistics.median(row[0] for row in constrained)
+        c_onnx = statistics.median(row[1] for row in constrained)
+        lines += [
+            f"constrained decoding (generate, the node's default), first {len(constrained)} commands: "
+            f"{sum(row[2] for row in constrained)}/{len(constrained)} identical answers",
+            f"  torch p50 {c_torch:8.1f} ms, onnxruntime p50 {c_onnx:8.1f} ms, ratio {c_torch / c_onnx:.2f}x; "
+            f"onnxruntime greedy on the same commands p50 {statistics.median(onnx_ms[:len(constrained)]):8.1f} ms",
+        ]
+    lines += [
         f"install size (du in {sizes['site']}):",
         "  onnx runtime deps:  " + ", ".join(f"{n} {sizes['sizes'][n]:.0f} MB" for n in ONNX_PACKAGES)
         + f"  = {sizes['onnx_total']:.0f} MB",
@@ -157,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report, end="")
     if a.out:
         Path(a.out).write_text(report, encoding="utf-8")
-    return 0 if not mismatches else 1
+    return 0 if not mismatches and all(row[2] for row in constrained) else 1
 
 
 if __name__ == "__main__":
