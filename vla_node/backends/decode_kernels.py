@@ -48,9 +48,10 @@ ATTENTION_BLOCK = 64  # slots per loop step inside a program
 
 @functools.lru_cache(maxsize=None)
 def _triton():
+    import importlib
+
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        importlib.import_module("triton.language")
     except Exception:  # no Triton (CPU-only PyTorch): the callers keep PyTorch's kernels
         return None
     return _build_kernels()
@@ -305,14 +306,16 @@ def _matvec_impl(x, weight, bias):
 
 
 _OPS: tuple | None = None  # (matvec, decode_attention, greedy_choice) custom operators, once registered
+_REGISTERING = threading.Lock()  # two backends building decoders at once must not register twice
 
 
 def register() -> None:
     """Register the custom operators (once). Call it outside compiled code: torch.compile cannot
     trace a registration, and ``matvec`` / ``decode_attention`` only read the registered ops."""
     global _OPS
-    if _OPS is None:
-        _OPS = _register_ops()
+    with _REGISTERING:
+        if _OPS is None:
+            _OPS = _register_ops()
 
 
 def _register_ops():
