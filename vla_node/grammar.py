@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 
 from vla_node.actions import BOX_SUFFIX
-from vla_node.lru import CountingLru
+from vla_node.lru import CountingLru, LruBacked
 from vla_node.policy import SafetyPolicy
 from vla_node.vocabulary import MAX_LABEL_CHARS, Vocabulary
 
@@ -226,7 +226,7 @@ def worst_case_step_bytes(spec: GrammarSpec) -> int:
 
 
 # ---- compiling and decoding ---------------------------------------------------------------------
-class ActionGrammar:
+class ActionGrammar(LruBacked):
     """One per (tokenizer, vocabulary, allowlists): compiles lazily per box bound, caches the result.
 
     `logits_processor(...)` gives a fresh processor (fresh matchers) for every generate() call.
@@ -266,18 +266,13 @@ class ActionGrammar:
             raise GrammarError(f"xgrammar cannot read the tokenizer: {error}") from error
         # One compiler thread: the machine's cores belong to the model.
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
-        self._compiled = CountingLru(int(cache_size))  # GrammarSpec -> compiled grammar
+        self._lru = CountingLru(int(cache_size))  # GrammarSpec -> compiled grammar
         self._lock = threading.Lock()
         self.matchers_created = 0
 
-    @property
-    def compile_count(self) -> int:
-        """Grammars actually compiled (cache misses)."""
-        return self._compiled.misses
-
-    @property
-    def cache_hits(self) -> int:
-        return self._compiled.hits
+    # the compiled-grammar cache's counters, under the names diagnostics and tests read
+    compile_count = LruBacked.misses  # grammars actually compiled
+    cache_hits = LruBacked.hits
 
     def compiled(self, box_max: tuple[int, int] | None = None):
         """The compiled grammar for these box bounds (compiled on first use, then cached)."""
@@ -290,7 +285,7 @@ class ActionGrammar:
             except Exception as error:
                 raise GrammarError(f"xgrammar cannot compile the action grammar: {error}") from error
 
-        return self._compiled.get_or_make(spec, compile_spec)
+        return self._lru.get_or_make(spec, compile_spec)
 
     def logits_processor(self, max_new_tokens: int, box_max: tuple[int, int] | None = None) -> "GrammarLogitsProcessor":
         spec = self.spec.with_box_max(box_max)

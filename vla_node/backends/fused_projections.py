@@ -79,8 +79,8 @@ class _Group:
             offset += size
         return True
 
-    def forward_for(self, index: int, matvec=None):
-        product = _product(matvec)
+    def forward_for(self, index: int, product):
+        """The ``forward`` of projection ``index``; ``product(hidden, weight, bias)`` multiplies."""
 
         def forward(hidden, *args, **kwargs):
             if index == 0:  # the group's first projection: one product for all of them
@@ -139,13 +139,13 @@ class FusedProjections:
         step keeps them). ``matvec(hidden, weight, bias)``: computes one-row products (of the
         groups and of the layers' other projections) instead of torch's linear."""
         patched = []
+        product = _product(matvec)
         try:
             for group in self.groups:
                 for index, linear in enumerate(group.linears):
-                    linear.forward = group.forward_for(index, matvec)
+                    linear.forward = group.forward_for(index, product)
                     patched.append(linear)
             if matvec is not None:
-                product = _product(matvec)
                 for linear in self.singles:
                     linear.forward = functools.partial(_single_forward, product, linear)
                     patched.append(linear)

@@ -416,12 +416,12 @@ class OnnxBackend(Backend):
         new_ids: list[int] = []
         logps: list[float] = []
         seen = ids[None]  # what the grammar is shown: the prompt, then each new token
+        if constraint is not None:
+            from vla_node.grammar import allowed_tokens
         while True:
             outputs = self._decoder_session.run(None, feeds)
             logits = outputs[0][0]
             if constraint is not None:
-                from vla_node.grammar import allowed_tokens
-
                 allowed = allowed_tokens(constraint.next_bitmask(seen), logits.shape[-1])
                 logits = np.where(allowed, logits, -np.inf)
             token = int(np.argmax(logits))

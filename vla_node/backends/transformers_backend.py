@@ -32,7 +32,7 @@ from vla_node.backends.prefix_cache import PrefixCache
 from vla_node.backends.prefix_cache import reset as reset_static_cache
 from vla_node.backends.fused_projections import FusedProjections
 from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs
-from vla_node.backends.static_decode import StaticDecoder
+from vla_node.backends.static_decode import StaticDecoder, greedy_choice
 from vla_node.backends.vision_attention import use_block_attention
 from vla_node.backends.vision_graph import VisionGraphs
 from vla_node.backends.vision_graph import supports as vision_graph_supported
@@ -724,8 +724,6 @@ class TransformersBackend(Backend):
         """The prompt prefilled by PrefillGraphs on the StaticCache and the first token chosen from
         its logits as ``generate`` would (grammar mask, greedy); returns ((token, log-probability),
         stopped), ``stopped`` being the stop event seen set after that token, as generate's criteria check."""
-        import torch
-
         graphs = self._prefill_graphs
         if graphs is None or graphs.cache is not self._static_cache:
             graphs = self._prefill_graphs = PrefillGraphs(self.base_model, self._static_cache,
@@ -737,9 +735,8 @@ class TransformersBackend(Backend):
         scores = graphs.run(prefill, features)
         if constraint is not None:  # masks in place, as in generate (whose returned logits are the masked ones)
             scores = constraint(prefill.input_ids, scores)
-        token = int(scores.argmax(dim=-1))
-        logprob = float(torch.log_softmax(scores, dim=-1)[0, token])
-        return (token, logprob), stop_event is not None and stop_event.is_set()
+        token, logprob = greedy_choice(scores)
+        return (int(token), float(logprob)), stop_event is not None and stop_event.is_set()
 
     def _decode_rest(self, first: tuple[int, float] | None, rope_deltas, n_max: int, stop_event, stopped: bool,
                      constraint) -> tuple[list[int], float]:
