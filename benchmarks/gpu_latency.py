@@ -24,9 +24,13 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
     + graphed prefill  the prompt after the prefix prefilled on the static cache by one CUDA-graph
                      replay per length bucket (prefill_graph.py), the prefix left in the cache
                      between requests; no transformers generate at all
-    + Triton decode kernels  the runtime default: the decode step's one-row products, its
-                     attention and the greedy choice by decode_kernels.py's Triton kernels (the
-                     rows above use cuBLAS and inductor's kernels; a second decoder compiles)
+    + Triton decode kernels  the decode step's one-row products, its attention and the greedy
+                     choice by decode_kernels.py's Triton kernels (the rows above use cuBLAS and
+                     inductor's kernels; a second decoder compiles)
+    + compiled layers  the runtime default: the vision tower recorded with its blocks, the
+                     prefill with its norms and MLPs compiled by torch.compile (regional_compile.py;
+                     the rows above record them uncompiled; the first command compiles them for
+                     the frame size and prompt bucket, its time is printed)
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
@@ -39,7 +43,10 @@ ms/token ((p50 e2e - p50 ttft) / (tokens - 1)). Then the floor: (tokens - 1) dec
 reading every language-model weight byte plus the KV cache once at the measured device copy
 bandwidth, plus prefill and vision FLOPs at the measured bf16 matmul rate; and speed-up over the
 baseline and p50 / floor. --batches also times InferenceCore.infer_batch (the node's max_batch
-path: one left-padded generate) against a naive batched model.generate at batch 1, 4, 16.
+path: on the static cache each command prefilled alone, then one decode step per token for the
+whole batch, vla_node/backends/batch_cache.py) against a naive batched model.generate at batch 1,
+4, 16. Each command of a batch has its own frame (several cameras: no frame-cache hits); the first
+batch of each size (its decoder compiled and recorded) is timed apart.
 """
 from __future__ import annotations
 
@@ -202,6 +209,14 @@ class NaiveServer:
             self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
 
 
+def camera_frame(rgb: np.ndarray, camera: int) -> np.ndarray:
+    """``rgb`` as camera ``camera`` sees it: one pixel differs, so no two cameras share a frame
+    cache entry."""
+    frame = rgb.copy()
+    frame[0, 0] = (camera % 256, camera // 256 % 256, 7)
+    return frame
+
+
 def node_command(core, rgb, new_tokens: int) -> None:
     core.max_new_tokens = new_tokens
     _, status = core.infer(rgb, COMMAND)
@@ -319,10 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     no_prefix = PrefixCache(prefix_cache.boundary_token_id, capacity=0)
 
     vision_graphs = backend.vision_graphs
+    from vla_node.backends.vision_graph import VisionGraphs
+
+    # session 7's tower: recorded with the blocks' own (uncompiled) forwards
+    uncompiled_graphs = (VisionGraphs(backend.base_model, use_graph=True)
+                         if vision_graphs is not None and vision_graphs.compile_blocks else vision_graphs)
 
     def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
-                  vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True) -> None:
-        backend.vision_graphs = vision_graphs if vision_graph else None  # the vision tower: recorded or eager
+                  vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True,
+                  compiled_layers: bool = True) -> None:
+        # the vision tower: recorded with compiled blocks, recorded as it is, or eager
+        backend.vision_graphs = (vision_graphs if compiled_layers else uncompiled_graphs) if vision_graph else None
+        backend.compile_layers = compiled_layers  # the prefill graphs' norms and MLPs (a change records them again)
         backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
         backend.decode_kernels = kernels  # the decode step's Triton kernels (a change builds a new decoder)
         backend.decode_cache = decode
@@ -331,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
     # session 5's runtime: transformers' prefill, eager tower, cuBLAS / inductor decode kernels
-    eager = dict(vision_graph=False, prefill_graph=False, kernels=False)
+    eager = dict(vision_graph=False, prefill_graph=False, kernels=False, compiled_layers=False)
     static_warmup = max(warmup, 1 if args.tiny else 2)  # after the untimed first static request (compile)
     variants = [
         ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False, **eager), warmup),
@@ -344,21 +367,32 @@ def main(argv: list[str] | None = None) -> int:
         ]
     default = dict(decode=default_decode if not args.no_static else "dynamic", prefix=True)
     if vision_graphs is not None:
-        variants.append(("+ graphed vision tower", dict(default, prefill_graph=False, kernels=False), warmup))
+        variants.append(("+ graphed vision tower", dict(default, prefill_graph=False, kernels=False,
+                                                        compiled_layers=False), warmup))
     if default_decode == "static" and not args.no_static and backend._static_prefill_supported:
-        variants.append(("+ graphed prefill", dict(default, kernels=False), warmup))
+        variants.append(("+ graphed prefill", dict(default, kernels=False, compiled_layers=False), warmup))
     if default_decode == "static" and not args.no_static:
         # a new decoder: its first request compiles again, inside this row's warm-up
-        variants.append(("+ Triton decode kernels (default)", default, static_warmup))
+        variants.append(("+ Triton decode kernels", dict(default, compiled_layers=False), static_warmup))
+    if vision_graphs is not None and vision_graphs.compile_blocks:
+        variants.append(("+ compiled layers (default)", default, warmup))
     if grammar is not None:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
     texts: dict[str, str] = {}
     first_static_s = None  # the first static-decode request compiles and records the decode step
     first_kernels_s = None  # ... and the first with the Triton kernels (their shapes timed, the step compiled again)
+    first_compiled_layers_s = None  # ... and the first through the compiled vision blocks (compiled, recorded)
     for name, options, variant_warmup in variants:
         configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
+            if options.get("compiled_layers", True) and options.get("vision_graph", True) \
+                    and first_compiled_layers_s is None and vision_graphs is not None and vision_graphs.compile_blocks:
+                synchronize(device)
+                first = time.perf_counter()
+                node_command(core, rgb, args.new_tokens)
+                synchronize(device)
+                first_compiled_layers_s = time.perf_counter() - first
             if options["decode"] == "static" and (first_static_s is None
                                                   or (options.get("kernels", True) and first_kernels_s is None)):
                 synchronize(device)
@@ -408,11 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in [int(b) for b in batches.split(",") if b.strip()]:
         backend.max_batch_size = max(batch_size, 1)
         core.max_new_tokens = args.new_tokens
-        jobs = [InferenceJob(rgb, COMMAND) for _ in range(batch_size)]
-        node_ms = statistics.median(timed(lambda: core.infer_batch(jobs), device, max(2, iters // 4), 1))
+        jobs = [InferenceJob(camera_frame(rgb, camera), COMMAND) for camera in range(batch_size)]
+        synchronize(device)
+        first = time.perf_counter()
+        core.infer_batch(jobs)
+        synchronize(device)
+        first_batch_s = time.perf_counter() - first
+        node_ms = statistics.median(timed(lambda: core.infer_batch(jobs), device, max(2, iters // 4), 0))
         naive_ms = statistics.median(timed(lambda: naive.batch(rgb, batch_size, args.new_tokens), device,
                                            max(2, iters // 4), 1))
         batch_rows.append({"batch": batch_size, "p50_ms": node_ms, "commands_per_s": batch_size / (node_ms / 1000.0),
+                           "first_batch_s": first_batch_s,
                            "naive_p50_ms": naive_ms, "naive_commands_per_s": batch_size / (naive_ms / 1000.0)})
 
     info = versions(device)
@@ -449,13 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     if first_kernels_s is not None and first_kernels_s != first_static_s:
         lines.append(f"first request with the Triton decode kernels (product configs timed per matrix shape, "
                      f"a second decoder compiled and recorded): {first_kernels_s:.1f} s")
+    if first_compiled_layers_s is not None:
+        lines.append(f"first command with compiled layers (vision blocks, norms and MLPs compiled for this frame "
+                     f"size and prompt bucket, the graphs recorded): {first_compiled_layers_s:.1f} s")
     if new_size_ms is not None:
         lines.append(f"first default command after the vision and prefill graphs were dropped (a new frame size and "
                      f"prompt bucket: both recorded again): {new_size_ms:.1f} ms")
     for row in batch_rows:
         lines.append(f"batch {row['batch']:>2}: runtime InferenceCore.infer_batch p50 {row['p50_ms']:9.2f} ms = "
                      f"{row['commands_per_s']:7.2f} commands/s; naive batched generate {row['naive_p50_ms']:9.2f} ms = "
-                     f"{row['naive_commands_per_s']:7.2f} commands/s")
+                     f"{row['naive_commands_per_s']:7.2f} commands/s; first batch of this size "
+                     f"{row['first_batch_s']:.1f} s")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -464,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "compute_floor_ms": compute_floor, "copy_bandwidth_Bps": bandwidth, "matmul_flops": flops,
             "floor_terms": terms, "batches": batch_rows, "same_tokens_as_plain": same_tokens,
             "prefix_cache": backend.prefix_cache_stats, "first_static_request_s": first_static_s,
-            "first_kernels_request_s": first_kernels_s,
+            "first_kernels_request_s": first_kernels_s, "first_compiled_layers_s": first_compiled_layers_s,
             "new_size_first_command_ms": new_size_ms},
             indent=2) + "\n")
     return 0

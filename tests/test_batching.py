@@ -52,11 +52,15 @@ def _same(alone: GenerationResult, batched: GenerationResult) -> None:
     assert batched.confidence == pytest.approx(alone.confidence, rel=1e-4)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=[("qwen2_5_vl", "dynamic"), ("qwen3_vl", "dynamic"), ("qwen2_5_vl", "static"),
+                                        ("qwen3_vl", "static")], ids=lambda p: "-".join(p))
 def backend(request, tiny_checkpoints):
+    """dynamic: one left-padded generate; static: prefilled one by one, decoded together (batch_cache.py)."""
     from vla_node.backends.transformers_backend import TransformersBackend
 
-    real = TransformersBackend(tiny_checkpoints[request.param], device="cpu", max_new_tokens=BUDGET)
+    family, decode_cache = request.param
+    real = TransformersBackend(tiny_checkpoints[family], device="cpu", max_new_tokens=BUDGET,
+                               decode_cache=decode_cache)
     yield real
     real.close()
 
@@ -76,6 +80,8 @@ def test_every_batch_row_equals_the_request_run_alone(backend, constrained):
         _same(one, row)
     # the rows really differ (else equality would prove little)
     assert len({(r.text, r.model_input_size) for r in batched}) == len(batched)
+    if backend.decode_cache == "static":  # three rows decoded by one decoder over a 4-row cache
+        assert list(backend._batch_decoders) == [4] and backend._batch_decoders[4].rows == 4
 
 
 def test_rows_keep_their_own_budget_and_a_bad_row_fails_alone(backend):
@@ -105,6 +111,40 @@ def test_a_stopped_row_ends_alone(backend):
     assert (batched[0].text, batched[0].new_tokens) == ("", 0)
     assert 1 <= batched[1].new_tokens < alone[1].new_tokens
     _same(alone[2], batched[2])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cuda_batched_graph_steps_equal_single_commands(tiny_checkpoints, family):
+    """On CUDA the batch's steps are compiled and recorded (cuBLAS products and compiled attention
+    over 4 rows) while single commands use the Triton kernels: in float32 both give the same answers."""
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", max_new_tokens=24)
+    assert backend.decode_cache == "static"
+    for constrained in (False, True):
+        if constrained:
+            backend.enable_constrained_decoding(VOCAB)
+        requests = _requests(budgets=(24, 7, 24))
+        alone = [backend.generate(r) for r in requests]
+        batched = backend.generate_batch(requests)
+        for one, row in zip(alone, batched):
+            _same(one, row)
+        assert batched[1].new_tokens <= 7
+    assert backend._batch_decoders[4].graph_replays > 0, "the batch's steps were recorded and replayed"
+    backend.close()
+
+
+def test_batch_warm_up_builds_a_decoder_per_padded_row_count(tiny_checkpoints):
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_checkpoints["qwen2_5_vl"], device="cpu", decode_cache="static")
+    backend.warmup_batches(3)  # batches of 2 and 3 run on 2- and 4-row caches
+    assert sorted(backend._batch_decoders) == [2, 4]
+    backend.max_batch_size = 6
+    backend.warmup_batches(16)  # capped by the backend: 5 and 6 commands run on a 6-row cache
+    assert sorted(backend._batch_decoders) == [2, 4, 6]
+    backend.close()
 
 
 def test_default_generate_batch_loops_and_keeps_errors_in_their_row():

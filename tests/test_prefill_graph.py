@@ -125,6 +125,8 @@ def test_cuda_graph_prefills_equal_eager_prefills(tiny_model_dir):
     assert results(graphed) == results(eager)
     graphs = graphed._prefill_graphs
     assert graphs.use_graph and graphs.graph_replays == 3 and (graphs.misses, graphs.hits) == (2, 1)
+    assert graphs._layers.enabled, "recorded with the norms and MLPs compiled (two buckets), no fall-back"
+    assert not any("forward" in vars(module) for module in graphs._layers.modules), "own forwards outside"
     graphed.close()
     eager.close()
 

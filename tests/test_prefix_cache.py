@@ -247,9 +247,10 @@ def test_decode_cache_auto_and_bad_value(tiny_model_dir):
         build_backend(RuntimeSettings(model_path=str(tiny_model_dir), device="cpu", decode_cache="fast"),
                       Vocabulary.load())
     backend = build_backend(RuntimeSettings(model_path=str(tiny_model_dir), device="cpu", prefix_cache=False,
-                                            constrained_decoding=False, compile_decode=False), Vocabulary.load())
+                                            constrained_decoding=False, compile_decode=False,
+                                            compile_layers=False), Vocabulary.load())
     assert backend.decode_cache == "dynamic", "auto is dynamic on CPU"
-    assert backend.compile_decode is False, "the node parameter reaches the backend"
+    assert backend.compile_decode is False and backend.compile_layers is False, "the node parameters reach the backend"
     assert backend.prefix_cache.capacity == 0
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=2))
     assert backend.prefix_cache_stats == {"hits": 0, "misses": 0, "skipped": 0, "entries": 0}

@@ -108,8 +108,9 @@ def test_backend_encodes_through_the_graphs_and_drops_them_with_the_adapter(tiny
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile_blocks", [False, True], ids=["blocks", "compiled-blocks"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_graph_replays_equal_the_eager_tower(tiny_checkpoints, family):
+def test_cuda_graph_replays_equal_the_eager_tower(tiny_checkpoints, family, compile_blocks):
     model = _load(tiny_checkpoints[family], "cuda")
     frames = [_inputs(tiny_checkpoints[family], [size]) for size in [(640, 480), (320, 240)]]
     frames = [{k: v.to("cuda") for k, v in f.items()} for f in frames]
@@ -117,10 +118,12 @@ def test_cuda_graph_replays_equal_the_eager_tower(tiny_checkpoints, family):
         expected = [model.model.get_image_features(f["pixel_values"], f["image_grid_thw"], return_dict=True)
                     for f in frames]
     assert use_block_attention(model)
-    graphs = VisionGraphs(model, use_graph=True)
+    graphs = VisionGraphs(model, use_graph=True, compile_blocks=compile_blocks)
     kept = graphs.encode(frames[0]["pixel_values"], frames[0]["image_grid_thw"])
     for _ in range(2):
         for f, want in zip(frames, expected):
             _assert_same(want, graphs.encode(f["pixel_values"], f["image_grid_thw"]), atol=1e-4)
     assert graphs.use_graph and graphs.graph_replays >= 4
+    assert graphs.compile_blocks == compile_blocks, "the compiled blocks were recorded (no fall-back)"
+    assert not any("forward" in vars(block) for block in model.model.visual.blocks), "own forwards outside"
     _assert_same(expected[0], kept, atol=1e-4)  # outputs handed out earlier are copies, not overwritten

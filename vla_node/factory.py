@@ -70,6 +70,7 @@ class RuntimeSettings:
     prefix_cache: bool = True     # transformers: reuse the system-prompt prefix's KV cache
     decode_cache: str = "auto"    # transformers: auto | dynamic | static
     compile_decode: bool = True   # transformers, static on CUDA: torch.compile the decode step
+    compile_layers: bool = True   # transformers on CUDA: torch.compile the vision blocks, the prefill's norms/MLPs
     torch_threads: int = 0        # transformers: torch CPU threads (0 = torch's default)
     vocabulary_path: str = ""     # "" -> config/actions.yaml
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -97,7 +98,8 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPo
                                   max_new_tokens=settings.max_new_tokens,
                                   vocab_fingerprint=vocab.fingerprint(),
                                   prefix_cache=settings.prefix_cache, decode_cache=settings.decode_cache,
-                                  compile_decode=settings.compile_decode, torch_threads=settings.torch_threads)
+                                  compile_decode=settings.compile_decode, compile_layers=settings.compile_layers,
+                                  torch_threads=settings.torch_threads)
     for name, path in parse_adapter_specs(settings.adapters).items():
         backend.load_adapter(path, name)
     backend.set_adapter(settings.active_adapter or None)

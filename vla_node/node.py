@@ -60,6 +60,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "prefix_cache": (True, "backend transformers: prefill the shared system-prompt prefix once and reuse its KV cache (same outputs)", True),
     "decode_cache": ("auto", "backend transformers: KV cache for decoding: auto (static on CUDA, dynamic on CPU) | dynamic | static (own prefill and decode loop; CUDA graphs on CUDA)", True),
     "compile_decode": (True, "backend transformers, static decode cache on CUDA: torch.compile the decode step before recording it (faster steps; the first request compiles, tens of seconds)", True),
+    "compile_layers": (True, "backend transformers on CUDA: torch.compile the vision tower's blocks and the language model's norms and MLPs before the vision and prefill graphs are recorded (faster frames; the first frame of each size compiles, seconds)", True),
     "torch_threads": (0, "backend transformers: torch CPU threads, process-wide (0 = torch's default, one per core; 1 is often fastest on a shared CPU)", True),
     "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),
     "camera_topic": ("camera/image_raw", "Camera topic (relative names follow the node namespace)", True),
@@ -83,7 +84,7 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "constrained_decoding": (True, "Grammar-constrained decoding: only well-formed plans of the vocabulary can be generated", True),
     "constrain_to_policy": (False, "The grammar also applies the policy's allowed verbs/objects/destinations "
                                    "(off: a refused label is reported as REJECTED_BY_POLICY instead)", True),
-    "warmup": (True, "Run one generation at configure so the first command is not slow", True),
+    "warmup": (True, "Run one generation at configure so the first command is not slow (with max_batch > 1, one tiny batch per batch size as well)", True),
     "diagnostics_period_s": (1.0, "Period of /diagnostics messages", True),
 }
 
@@ -150,6 +151,7 @@ class VlaRuntime:
             prefix_cache=self.param("prefix_cache"),
             decode_cache=self.param("decode_cache"),
             compile_decode=self.param("compile_decode"),
+            compile_layers=self.param("compile_layers"),
             torch_threads=self.param("torch_threads"),
             vocabulary_path=self.param("vocabulary_path"),
             max_new_tokens=self.param("max_new_tokens"),
@@ -183,6 +185,8 @@ class VlaRuntime:
         self.core = build_core(settings)
         if self.param("warmup"):
             self.core.backend.warmup()
+            if config.max_batch > 1:
+                self.core.backend.warmup_batches(config.max_batch)
         clock = self.node.get_clock()
         self.pipeline = CommandPipeline(self.core, config, self._publish_plan, self._publish_status,
                                         now_ns=lambda: clock.now().nanoseconds)

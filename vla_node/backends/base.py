@@ -105,6 +105,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def warmup(self) -> None: ...
 
+    def warmup_batches(self, max_rows: int) -> None:
+        """Prepare generate_batch() for batches of up to ``max_rows`` requests (what a first batch
+        would otherwise pay: compiling, recording). Default: nothing to prepare."""
+
     @abc.abstractmethod
     def load_adapter(self, path: str, name: str | None = None) -> str:
         """Load an adapter (validating its manifest); return its name. Does not activate it."""

@@ -18,6 +18,10 @@ LRU: a robot's prompts fall into a few buckets) and replayed; the last real toke
 Qwen3-VL adds its deepstack features to the image tokens' hidden states in its first layers with
 a boolean-mask write (a host sync); here they sit in bucket-sized buffers (zeros at the other
 tokens) and are added whole. Outputs equal the ``generate`` prefill's (tests/test_prefill_graph.py).
+
+With ``compile_layers`` the graphs are recorded with the layers' norms and MLPs compiled by
+torch.compile (regional_compile.py: each fused into a few kernels; one compiled graph per class,
+dynamic in the prompt length after the second bucket).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import logging
 import threading
 
 from vla_node.backends.cuda_graph import record_cuda_graph
+from vla_node.backends.regional_compile import CompiledForwards
 from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["PREFILL_ATTENTION", "PREFILL_BUCKET", "PrefillGraphs", "Prefill", "lower_right_causal_attention"]
@@ -83,9 +88,11 @@ class PrefillGraphs(LruBacked):
     """Prefills for one (model, StaticCache) pair; build a new one when either changes (another
     cache size, another adapter, new adapter weights): a graph keeps the kernels and addresses it
     was recorded with. ``use_graph``: record graphs (CUDA only); otherwise, or after a failed
-    recording, the same padded step runs eagerly."""
+    recording, the same padded step runs eagerly. ``compile_layers``: record the layers' norms and
+    MLPs compiled (a bucket whose compiled step cannot be recorded is recorded uncompiled, and so
+    are later ones)."""
 
-    def __init__(self, model, cache, use_graph: bool, capacity: int = 8):
+    def __init__(self, model, cache, use_graph: bool, capacity: int = 8, compile_layers: bool = False):
         import torch
 
         self._torch = torch
@@ -105,6 +112,10 @@ class PrefillGraphs(LruBacked):
         self._deepstack_levels = (len(getattr(visual, "deepstack_visual_indexes", None) or [])
                                   if hasattr(self._language_model, "_deepstack_process") else 0)
         self.use_graph = bool(use_graph) and self.device.type == "cuda"
+        norms_and_mlps = [module for layer in self._language_model.layers for name, module in layer.named_modules()
+                          if name == "mlp" or type(module).__name__.endswith("RMSNorm")]
+        self.requested_compile_layers = bool(compile_layers)
+        self._layers = CompiledForwards(norms_and_mlps, dynamic=None, enabled=compile_layers)
         self._lru = CountingLru(capacity)
         self._pool = None
         self.graph_replays = 0
@@ -266,8 +277,15 @@ class PrefillGraphs(LruBacked):
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph, _ = record_cuda_graph(lambda: self._step(entry), self._pool, put_back)
+            with self._layers.active():
+                graph, _ = record_cuda_graph(lambda: self._step(entry), self._pool, put_back)
         except Exception as error:  # a model whose prefill cannot be recorded still prefills, eagerly
+            if self._layers.enabled:
+                log.warning("prefill cannot be recorded with compiled layers (%s: %s): recording them uncompiled",
+                            type(error).__name__, error)
+                self._layers.enabled = False
+                put_back()
+                return self._capture(entry)
             log.warning("prefill cannot be recorded as a CUDA graph (%s: %s): prefilling eagerly",
                         type(error).__name__, error)
             self.use_graph = False

@@ -17,6 +17,9 @@ grammar's host work overlaps the GPU's.
 With ``kernels`` (CUDA), the step's one-row products, its attention and the greedy choice are
 decode_kernels.py's Triton kernels instead of cuBLAS's and inductor's.
 
+On a cache of several rows (batch_cache.py) one step serves every row: ``decode_rows`` gives each
+row its own first token, rope delta, first visible slot, budget, stop event and grammar.
+
 Why: around its own compiled step, transformers' ``generate`` adds host work per token (logits
 processors, stopping criteria, a device sync per step): 4.8 ms/token on the Qwen2.5-VL-3B
 architecture on an H200, 3.45 ms/token here, 3.0 with fused projections, 2.64 with the Triton
@@ -75,13 +78,13 @@ def kernel_attention(module, query, key, value, attention_mask=None, scaling=Non
 
 
 def greedy_choice(scores):
-    """(the highest-scoring token (shape 1), its log-probability (shape 1)); scores: (1, vocab) float.
-    logsumexp instead of a log_softmax over the vocabulary: one reduction, no 152k-wide write (the
-    log_softmax kernel alone took 34 us per token on an H200)."""
+    """(each row's highest-scoring token (shape rows), its log-probability (shape rows)); scores:
+    (rows, vocab) float. logsumexp instead of a log_softmax over the vocabulary: one reduction, no
+    152k-wide write (the log_softmax kernel alone took 34 us per token on an H200)."""
     import torch
 
     chosen = scores.argmax(dim=-1)
-    logprob = scores.gather(-1, chosen.view(1, 1)).view(1) - torch.logsumexp(scores, dim=-1)
+    logprob = scores.gather(-1, chosen.view(-1, 1)).view(-1) - torch.logsumexp(scores, dim=-1)
     return chosen, logprob
 
 
@@ -98,6 +101,10 @@ class StaticDecoder:
     """Decode steps for one (model, StaticCache) pair; build a new one when either changes
     (another cache size, another adapter, new adapter weights): a CUDA graph keeps the addresses
     and kernels it was recorded with.
+
+    Rows: one per batch row of the cache. A batch decodes several answers in one step per token (the
+    weights are read once for all rows); each row's prompt ends at the same slot, right-aligned, and
+    its ``start`` slot hides the slots before it (decode_rows).
 
     ``use_graph``: record the step as a CUDA graph (CUDA only); on failure the decoder logs why and
     runs the same step eagerly. ``compile_step``: compile the step with torch.compile before
@@ -121,16 +128,20 @@ class StaticDecoder:
         device = layers[0].keys.device
         self.device = device
         self.capacity = int(layers[0].max_cache_len)
+        self.rows = rows = int(layers[0].keys.shape[0])
         self._fill = layers[0].cumulative_length  # slots written so far; every layer advances its own
         vocab = int(self._lm_head.weight.shape[0])
         self._slots = torch.arange(self.capacity, device=device)
-        self._token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self._rope_delta = torch.zeros(1, dtype=torch.long, device=device)
+        self._token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self._rope_delta = torch.zeros(rows, dtype=torch.long, device=device)
+        self._start = torch.zeros(rows, dtype=torch.long, device=device)  # each row's first visible slot
+        self._budget = torch.zeros(rows, dtype=torch.long, device=device)  # each row's steps
         self._index = torch.zeros(1, dtype=torch.long, device=device)
-        self._logits = torch.zeros(1, vocab, dtype=torch.float32, device=device)
-        self._tokens = torch.zeros(self.capacity, dtype=torch.long, device=device)
-        self._logprobs = torch.zeros(self.capacity, dtype=torch.float32, device=device)
-        self._ended = torch.zeros(1, dtype=torch.bool, device=device)
+        self._logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        self._tokens = torch.zeros(self.capacity, rows, dtype=torch.long, device=device)
+        self._logprobs = torch.zeros(self.capacity, rows, dtype=torch.float32, device=device)
+        self._ended = torch.zeros(rows, dtype=torch.bool, device=device)  # per row, once ended stays so
+        self._all_ended = torch.zeros(1, dtype=torch.bool, device=device)
         self._eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self._eos_set = set(int(e) for e in eos_ids)
         self.use_graph = bool(use_graph) and device.type == "cuda"
@@ -142,21 +153,21 @@ class StaticDecoder:
         self.requested_kernels = bool(kernels)
         self.kernels = self.requested_kernels and decode_kernels.available(device)
         self._matvec = decode_kernels.matvec if self.kernels else None
-        if self.kernels:
+        if self.kernels and rows == 1:  # the kernels' choice is for one row
             self._choose = decode_kernels.greedy_choice
         else:
             self._choose = torch.compile(greedy_choice, dynamic=False) if self.compiled else greedy_choice
         self._graphs: dict[str, object] = {}
         self._pool = None
         # constrained decoding: the grammar's bitmask of the step (int32 words, bit 1 = allowed)
-        self._mask_words = torch.zeros(-(-vocab // 32), dtype=torch.int32, device=device)
+        self._mask_words = torch.zeros(rows, -(-vocab // 32), dtype=torch.int32, device=device)
         self._bit_shifts = torch.arange(32, dtype=torch.int32, device=device)
         if self.use_graph:
             self._ended_host = torch.zeros(self.capacity, dtype=torch.bool).pin_memory()
             self._step_done = [torch.cuda.Event(), torch.cuda.Event()]
             self._mask_host = torch.zeros(self._mask_words.shape, dtype=torch.int32).pin_memory()
-            self._chosen_host = torch.zeros(self.capacity, dtype=torch.long).pin_memory()
-            self._logprobs_host = torch.zeros(self.capacity, dtype=torch.float32).pin_memory()
+            self._chosen_host = torch.zeros(self.capacity, rows, dtype=torch.long).pin_memory()
+            self._logprobs_host = torch.zeros(self.capacity, rows, dtype=torch.float32).pin_memory()
             self._choice_done = torch.cuda.Event()
         self.graph_replays = 0
         self._lock = threading.Lock()
@@ -205,21 +216,27 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the step (graph body)
 
     def _forward(self) -> None:
-        """One language-model step for ``_token`` at slot ``_fill``; raw logits into ``_logits``."""
+        """One language-model step for ``_token`` (a token per row) at slot ``_fill``; raw logits
+        into ``_logits``."""
         torch = self._torch
+        rows = self.rows
         fill = self._fill  # read before the layers' updates advance it
-        positions = (fill + self._rope_delta).view(1, 1, 1).expand(3, 1, 1)  # text token: t = h = w
-        visible = (self._slots <= fill).view(1, 1, 1, self.capacity)
+        positions = (fill + self._rope_delta).view(1, rows, 1).expand(3, rows, 1)  # text token: t = h = w
+        visible = ((self._slots <= fill) & (self._slots >= self._start.view(rows, 1))).view(rows, 1, 1, self.capacity)
         hidden = self._language_model(input_ids=self._token, position_ids=positions, attention_mask=visible,
                                       past_key_values=self.cache, use_cache=True).last_hidden_state
         self._logits.copy_(self._lm_head(hidden[:, -1, :]).to(torch.float32))
 
     def _record(self, chosen, logprob) -> None:
-        """Store the chosen token and its log-probability (both shape 1); feed it to the next step."""
-        self._tokens.index_copy_(0, self._index, chosen)
-        self._logprobs.index_copy_(0, self._index, logprob)
-        self._ended.copy_((chosen.view(-1, 1) == self._eos.view(1, -1)).any(dim=1))
-        self._token.copy_(chosen.view(1, 1))
+        """Store each row's chosen token and its log-probability (both shape rows); feed them to the
+        next step. A row ends at an end-of-answer token or when its budget is spent."""
+        rows = self.rows
+        self._tokens.index_copy_(0, self._index, chosen.view(1, rows))
+        self._logprobs.index_copy_(0, self._index, logprob.view(1, rows))
+        ends = (chosen.view(-1, 1) == self._eos.view(1, -1)).any(dim=1) | (self._index + 1 >= self._budget)
+        self._ended.logical_or_(ends)
+        self._all_ended.copy_(self._ended.all().view(1))
+        self._token.copy_(chosen.view(rows, 1))
         self._index.add_(1)
 
     def _greedy_step(self) -> None:
@@ -231,8 +248,8 @@ class StaticDecoder:
         xgrammar's apply_token_bitmask_inplace sets them), recorded and fed to the next step."""
         torch = self._torch
         vocab = self._logits.shape[-1]
-        bits = (self._mask_words.view(-1, 1) >> self._bit_shifts.view(1, 32)) & 1  # int32: bit 31 as well
-        allowed = bits.view(-1)[:vocab].view(1, vocab).bool()
+        bits = (self._mask_words.view(self.rows, -1, 1) >> self._bit_shifts.view(1, 1, 32)) & 1  # bit 31 too
+        allowed = bits.view(self.rows, -1)[:, :vocab].bool()
         self._record(*self._choose(torch.where(allowed, self._logits, float("-inf"))))
 
     # ------------------------------------------------------------------ graphs
@@ -259,7 +276,8 @@ class StaticDecoder:
         """Record ``body`` as a CUDA graph; the state it changes is put back (the capture itself
         runs nothing, the warm-up run before it does). None (and eager steps from now on) on failure."""
         torch = self._torch
-        state = [layer.cumulative_length for layer in self.cache.layers] + [self._token, self._index]
+        state = [layer.cumulative_length for layer in self.cache.layers] + [self._token, self._index, self._ended,
+                                                                            self._all_ended]
         saved = [t.clone() for t in state]
 
         def put_back():
@@ -292,38 +310,80 @@ class StaticDecoder:
         ``rope_delta``: the model's ``rope_deltas`` after the prefill (shape batch x 1, batch 1).
         ``constraint``: the grammar LogitsProcessor the prefill used (it continues from its state).
         """
-        if steps <= 0:
-            return DecodeResult([], [])
-        if steps > self.capacity - int(self._fill):
-            raise ValueError(f"{steps} steps do not fit the cache ({self.capacity - int(self._fill)} slots left)")
-        with self._lock, self._decode_attention():
-            self._token.fill_(int(first_token))
-            self._rope_delta.copy_(rope_delta.reshape(-1)[:1].to(self.device))
-            self._index.zero_()
-            if constraint is not None:
-                tokens, logprobs = self._constrained(first_token, steps, stop_event, constraint)
-            else:
-                count = self._greedy(steps, stop_event)
-                tokens = self._tokens[:count].tolist()
-                logprobs = self._logprobs[:count].tolist()
-        for position, token in enumerate(tokens):
-            if token in self._eos_set:  # the answer ended here; a step queued after it is dropped
-                return DecodeResult(tokens[:position + 1], logprobs[:position + 1])
-        return DecodeResult(tokens, logprobs)
+        delta = int(rope_delta.reshape(-1)[0])
+        return self.decode_rows([first_token], [delta], [steps], [stop_event],
+                                None if constraint is None else [constraint])[0]
 
-    def _greedy(self, steps: int, stop_event) -> int:
-        """Steps launched; on CUDA each step's end flag is read after the next step is queued."""
+    def decode_rows(self, first_tokens: list[int], rope_deltas: list[int], steps: list[int],
+                    stop_events: list | None = None, constraints: list | None = None,
+                    starts: list[int] | None = None) -> list[DecodeResult]:
+        """``decode`` for up to ``rows`` answers at once, one step per token for all of them: row r
+        continues after ``first_tokens[r]`` with its own rope delta, budget of ``steps[r]``, stop
+        event and grammar processor (all rows constrained or none), attending to the slots from
+        ``starts[r]`` (default 0) on. Rows the caller does not fill are idle. Returns one
+        DecodeResult per given row."""
+        torch = self._torch
+        count = len(first_tokens)
+        if not 0 < count <= self.rows or not len(rope_deltas) == len(steps) == count:
+            raise ValueError(f"decode_rows takes 1 to {self.rows} rows, each with a rope delta and a budget")
+        idle = self.rows - count
+        steps = [max(0, int(n)) for n in steps] + [0] * idle
+        events = list(stop_events or [None] * count) + [None] * idle
+        longest = max(steps)
+        if longest <= 0:
+            return [DecodeResult([], []) for _ in range(count)]
+        if longest > self.capacity - int(self._fill):
+            raise ValueError(f"{longest} steps do not fit the cache ({self.capacity - int(self._fill)} slots left)")
+        fill = int(self._fill)
+        # idle rows attend to their own new slots only: finite scores, nothing read from the others
+        starts = [int(s) for s in (starts or [0] * count)] + [fill] * idle
+        with self._lock, self._decode_attention():
+            self._token.copy_(torch.tensor([int(t) for t in first_tokens] + [0] * idle).view(self.rows, 1))
+            self._rope_delta.copy_(torch.tensor([int(d) for d in rope_deltas] + [0] * idle))
+            self._start.copy_(torch.tensor(starts))
+            self._budget.copy_(torch.tensor(steps))
+            self._ended.copy_(torch.tensor([n <= 0 for n in steps]))
+            self._index.zero_()
+            if constraints is not None:
+                per_row = self._constrained(list(first_tokens), steps, events, list(constraints))
+            else:
+                launched, stopped_at = self._greedy(longest, steps, events)
+                tokens = self._tokens[:launched].T.tolist()
+                logprobs = self._logprobs[:launched].T.tolist()
+                per_row = [(tokens[row][:min(steps[row], stopped_at[row])],
+                            logprobs[row][:min(steps[row], stopped_at[row])]) for row in range(count)]
+        results = []
+        for tokens, logprobs in per_row[:count]:
+            end = next((i + 1 for i, token in enumerate(tokens) if token in self._eos_set), len(tokens))
+            results.append(DecodeResult(tokens[:end], logprobs[:end]))  # a step queued after an end is dropped
+        return results
+
+    def _note_stops(self, events: list, stopped_at: list[int], launched: int) -> None:
+        """Rows whose stop event is set now end after the ``launched`` tokens they have: noted for
+        the host, and marked ended on the device so the all-ended flag counts them."""
+        for row, event in enumerate(events):
+            if event is not None and stopped_at[row] > launched and event.is_set():
+                stopped_at[row] = launched
+                self._ended[row:row + 1].fill_(True)
+
+    def _greedy(self, longest: int, steps: list[int], events: list) -> tuple[int, list[int]]:
+        """(steps launched, per row the tokens it keeps before a stop event); on CUDA each step's
+        all-ended flag is read after the next step is queued."""
+        stopped_at = [longest] * self.rows
+        live = [row for row in range(self.rows) if steps[row] > 0]
         launched = 0
-        while launched < steps:
-            if launched and stop_event is not None and stop_event.is_set():
-                break
+        while launched < longest:
+            if launched:
+                self._note_stops(events, stopped_at, launched)
+                if all(stopped_at[row] <= launched for row in live):
+                    break
             self._run("greedy")
             if not self.use_graph:
                 launched += 1
-                if bool(self._ended):
+                if bool(self._all_ended):
                     break
                 continue
-            self._ended_host[launched:launched + 1].copy_(self._ended, non_blocking=True)
+            self._ended_host[launched:launched + 1].copy_(self._all_ended, non_blocking=True)
             self._step_done[launched % 2].record()
             launched += 1
             if launched >= 2:
@@ -332,45 +392,56 @@ class StaticDecoder:
                     break
         if self.use_graph and launched:
             self._step_done[(launched - 1) % 2].synchronize()
-        return launched
+        return launched, stopped_at
 
-    def _constrained(self, first_token: int, steps: int, stop_event, constraint) -> tuple[list[int], list[float]]:
-        """Grammar-masked greedy steps: (tokens, log-probabilities) read on the host.
+    def _constrained(self, first_tokens: list[int], steps: list[int], events: list,
+                     constraints: list) -> list[tuple[list[int], list[float]]]:
+        """Grammar-masked greedy steps: per row (tokens, log-probabilities), read on the host.
 
         The grammar needs each token on the host before it can give the next step's mask, but the
-        next forward needs only the token on the device: on CUDA it is queued right after the
-        masked choice, and the host reads the token (copied out before that forward), advances the
-        grammar and uploads the next mask while the GPU runs it. An answer that ends leaves one
-        queued forward unused (the cache slot it writes is past the answer)."""
+        next forward needs only the tokens on the device: on CUDA it is queued right after the
+        masked choice, and the host reads the tokens (copied out before that forward), advances the
+        grammars and uploads the next masks while the GPU runs it. An answer that ends leaves one
+        queued forward unused (the cache slot it writes is past the answer); a row that ended
+        while others go on gets an all-allowing mask, and its tokens are dropped."""
         torch = self._torch
-        previous = int(first_token)
-        tokens: list[int] = []
-        logprobs: list[float] = []
+        count = len(first_tokens)
+        previous = [int(t) for t in first_tokens]
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in range(count)]
+        live = [steps[row] > 0 for row in range(count)]
+        masks = self._mask_host if self.use_graph else torch.empty(self._mask_words.shape, dtype=torch.int32)
+        index = 0
         self._run("forward")
         while True:
-            bitmask = constraint.next_bitmask(torch.tensor([[previous]])).view(-1)
-            if self.use_graph:
-                self._mask_host.copy_(bitmask)  # pinned: the upload queues without waiting for the GPU
-                self._mask_words.copy_(self._mask_host, non_blocking=True)
-            else:
-                self._mask_words.copy_(bitmask)
+            masks.fill_(-1)
+            for row in range(count):
+                if live[row]:
+                    masks[row].copy_(constraints[row].next_bitmask(torch.tensor([[previous[row]]])).view(-1))
+            self._mask_words.copy_(masks, non_blocking=self.use_graph)  # pinned: queues without waiting
             self._run("choice")
-            index = len(tokens)
-            more = index + 1 < steps and not (stop_event is not None and stop_event.is_set())
+            for row in range(count):  # a row whose event is set keeps this token, then ends
+                if live[row] and (index + 1 >= steps[row] or (events[row] is not None and events[row].is_set())):
+                    live[row] = None  # its last token
+            more = any(state is True for state in live)
             if self.use_graph:
-                self._chosen_host[index:index + 1].copy_(self._tokens[index:index + 1], non_blocking=True)
-                self._logprobs_host[index:index + 1].copy_(self._logprobs[index:index + 1], non_blocking=True)
+                self._chosen_host[index].copy_(self._tokens[index], non_blocking=True)
+                self._logprobs_host[index].copy_(self._logprobs[index], non_blocking=True)
                 self._choice_done.record()
                 if more:
-                    self._run("forward")  # the next token's forward, while the host works on the grammar
+                    self._run("forward")  # the next tokens' forward, while the host works on the grammars
                 self._choice_done.synchronize()
-                previous = int(self._chosen_host[index])
-                logprobs.append(float(self._logprobs_host[index]))
+                chosen, logprobs = self._chosen_host[index].tolist(), self._logprobs_host[index].tolist()
             else:
-                previous = int(self._tokens[index])
-                logprobs.append(float(self._logprobs[index]))
-            tokens.append(previous)
-            if previous in self._eos_set or not more:
-                return tokens, logprobs
+                chosen, logprobs = self._tokens[index].tolist(), self._logprobs[index].tolist()
+            for row in range(count):
+                if live[row] is False:
+                    continue
+                previous[row] = chosen[row]
+                out[row][0].append(chosen[row])
+                out[row][1].append(logprobs[row])
+                live[row] = live[row] is True and chosen[row] not in self._eos_set
+            index += 1
+            if not any(live):
+                return out
             if not self.use_graph:
                 self._run("forward")

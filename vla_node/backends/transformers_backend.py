@@ -27,12 +27,13 @@ from vla_node.backends.base import (
     token_budget,
     warmup_request,
 )
+from vla_node.backends.batch_cache import new_batch_cache, padded_rows, place_row, set_fill
 from vla_node.backends.frame_cache import VisionCache
 from vla_node.backends.prefix_cache import PrefixCache
 from vla_node.backends.prefix_cache import reset as reset_static_cache
 from vla_node.backends.fused_projections import FusedProjections
 from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs
-from vla_node.backends.static_decode import StaticDecoder, greedy_choice
+from vla_node.backends.static_decode import DecodeResult, StaticDecoder, greedy_choice
 from vla_node.backends.vision_attention import use_block_attention
 from vla_node.backends.vision_graph import VisionGraphs
 from vla_node.backends.vision_graph import supports as vision_graph_supported
@@ -169,7 +170,9 @@ class TransformersBackend(Backend):
 
     On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
     layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
-    image grid (vla_node/backends/vision_graph.py).
+    image grid (vla_node/backends/vision_graph.py). ``compile_layers`` (default True): the vision
+    blocks, and the language model's norms and MLPs in the prefill graphs, are compiled by
+    torch.compile before recording (regional_compile.py; the first frame of each size compiles, seconds).
 
     ``torch_threads`` (default 0 = torch's own choice, one per core): torch's CPU intra-op
     threads, process-wide. On a CPU robot shared with other processes, 1 can be several times
@@ -189,6 +192,7 @@ class TransformersBackend(Backend):
         decode_cache: str = "auto",
         torch_threads: int = 0,
         compile_decode: bool = True,
+        compile_layers: bool = True,
     ):
         import torch
 
@@ -201,6 +205,8 @@ class TransformersBackend(Backend):
             raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.vocab_fingerprint = vocab_fingerprint
         self.compile_decode = bool(compile_decode)  # torch.compile the static decode step on CUDA (static_decode.py)
+        # torch.compile the vision blocks and the prefill's norms and MLPs on CUDA (regional_compile.py)
+        self.compile_layers = bool(compile_layers)
         if int(torch_threads) < 0:
             raise BackendError(f"torch_threads must be >= 0 (0 = torch's default), got {torch_threads}")
         if torch_threads:
@@ -228,6 +234,9 @@ class TransformersBackend(Backend):
         self._static_cache = None  # the one StaticCache static decoding reuses (see _initial_cache)
         self._decoder: StaticDecoder | None = None  # decode steps on that cache (static_decode.py)
         self._prefill_graphs: PrefillGraphs | None = None  # prefills on that cache (prefill_graph.py)
+        # batched decoding: a StaticCache per padded row count and a decoder per such cache (batch_cache.py)
+        self._batch_caches: dict[int, object] = {}
+        self._batch_decoders: dict[int, StaticDecoder] = {}
         self.static_prefill = True  # prefill with PrefillGraphs where supported (else generate's prefill)
         # the decode step's one-row products and attention by Triton kernels (decode_kernels.py), CUDA only;
         # read when a decoder is built
@@ -253,7 +262,8 @@ class TransformersBackend(Backend):
         # one block-masked attention call per vision layer instead of one per window: see vision_attention.py
         self.block_vision_attention = self.device.type == "cuda" and use_block_attention(model)
         # ... which lets the tower be recorded as one CUDA graph per image grid (vision_graph.py)
-        self.vision_graphs = (VisionGraphs(model, use_graph=True) if self.block_vision_attention
+        self.vision_graphs = (VisionGraphs(model, use_graph=True, compile_blocks=self.compile_layers)
+                              if self.block_vision_attention
                               and vision_graph_supported(model) else None)
         self.model = model
         self.base_model = model  # never replaced; LoRA layers get injected into it
@@ -493,6 +503,7 @@ class TransformersBackend(Backend):
         """Drop the CUDA graphs (prefill, decode step, vision tower): they keep the kernels and
         weights of the adapter they were recorded with."""
         self._decoder = None
+        self._batch_decoders.clear()
         self._prefill_graphs = None
         if self.vision_graphs is not None:
             self.vision_graphs.clear()
@@ -632,45 +643,26 @@ class TransformersBackend(Backend):
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
 
             # static: PrefillGraphs (or generate) prefills and picks the first token, StaticDecoder the rest
-            kwargs = {}
-            constraint = stop_check = None
-            if ev is not None:
-                from transformers import StoppingCriteriaList
-
-                stop_check = _StopOnEvent(ev)
-                kwargs["stopping_criteria"] = StoppingCriteriaList([stop_check])
+            constraint = None
             if self.action_grammar is not None:
-                from transformers import LogitsProcessorList
-
                 try:
                     constraint = self.action_grammar.logits_processor(n_max, self._box_bounds(size))
                 except Exception as e:
                     raise BackendError(f"constrained decoding: {e}") from e
-                kwargs["logits_processor"] = LogitsProcessorList([constraint])
+            kwargs, stop_check = self._generate_kwargs(ev, constraint)
             try:
                 with torch.inference_mode():
-                    # host work first (prefix, rope positions), so nothing waits for the vision tower after it
-                    cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET)
-                    prefill = None
-                    if self._uses_static_prefill(inputs):
-                        prefill = PrefillGraphs.prepare(self.base_model, inputs, start)
-                    encoder = self.vision_graphs.encode if self.vision_graphs is not None else None
-                    model_inputs = self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id,
-                                                                  encoder)
-                    if prefill is not None:
-                        first, stopped = self._static_first_token(prefill, model_inputs, ev, constraint)
-                        rope_deltas = prefill.rope_deltas
+                    if self.decode_cache == "static":
+                        first, stopped, rope_deltas = self._static_prefill(inputs, image, n_max, ev, constraint,
+                                                                           kwargs, stop_check)
+                        new_ids, confidence = self._decode_rest(first, rope_deltas, n_max, ev, stopped, constraint)
                     else:
+                        cache, _ = self._initial_cache(inputs["input_ids"], prompt_len + n_max)
+                        model_inputs = self._model_inputs(inputs, image)
                         if cache is not None:
                             model_inputs = {**model_inputs, "past_key_values": cache}
-                        gc = self._greedy_generation_config(1 if self.decode_cache == "static" else n_max)
+                        gc = self._greedy_generation_config(n_max)
                         out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
-                        if self.decode_cache == "static":
-                            first = self._first_of(out, prompt_len)
-                            stopped = stop_check is not None and stop_check.triggered
-                            rope_deltas = self.base_model.model.rope_deltas
-                    if self.decode_cache == "static":
-                        new_ids, confidence = self._decode_rest(first, rope_deltas, n_max, ev, stopped, constraint)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             if self.decode_cache != "static":
@@ -710,6 +702,31 @@ class TransformersBackend(Backend):
         return (self.static_prefill and self.decode_cache == "static" and self._static_prefill_supported
                 and inputs.get("image_grid_thw") is not None and inputs.get("pixel_values") is not None)
 
+    def _model_inputs(self, inputs: dict, image) -> dict:
+        """The model's inputs with the frame's vision encoding from the frame cache (encoded by the
+        recorded vision tower where there is one)."""
+        encoder = self.vision_graphs.encode if self.vision_graphs is not None else None
+        return self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id, encoder)
+
+    def _static_prefill(self, inputs: dict, image, n_max: int, stop_event, constraint, generate_kwargs: dict,
+                        stop_check) -> tuple[tuple[int, float] | None, bool, object]:
+        """The prompt prefilled into the backend's StaticCache (from the cached prefix) and the first
+        token chosen: ((token, log-probability) or None, stopped, rope_deltas). PrefillGraphs where
+        supported, else a one-token ``generate`` (with ``generate_kwargs``: its stop criteria and
+        grammar processor; ``stop_check`` its stop criterion)."""
+        prompt_len = int(inputs["input_ids"].shape[1])
+        # host work first (prefix, rope positions), so nothing waits for the vision tower after it
+        cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET)
+        prefill = PrefillGraphs.prepare(self.base_model, inputs, start) if self._uses_static_prefill(inputs) else None
+        model_inputs = self._model_inputs(inputs, image)
+        if prefill is not None:
+            first, stopped = self._static_first_token(prefill, model_inputs, stop_event, constraint)
+            return first, stopped, prefill.rope_deltas
+        out = self.base_model.generate(**model_inputs, past_key_values=cache,
+                                       generation_config=self._greedy_generation_config(1), **generate_kwargs)
+        stopped = stop_check is not None and stop_check.triggered
+        return self._first_of(out, prompt_len), stopped, self.base_model.model.rope_deltas
+
     @staticmethod
     def _first_of(out, prompt_len: int) -> tuple[int, float] | None:
         """(token, log-probability) of the first new token of a one-token ``generate``; None if none."""
@@ -725,9 +742,11 @@ class TransformersBackend(Backend):
         its logits as ``generate`` would (grammar mask, greedy); returns ((token, log-probability),
         stopped), ``stopped`` being the stop event seen set after that token, as generate's criteria check."""
         graphs = self._prefill_graphs
-        if graphs is None or graphs.cache is not self._static_cache:
+        if (graphs is None or graphs.cache is not self._static_cache
+                or graphs.requested_compile_layers != self.compile_layers):
             graphs = self._prefill_graphs = PrefillGraphs(self.base_model, self._static_cache,
-                                                          use_graph=self.device.type == "cuda")
+                                                          use_graph=self.device.type == "cuda",
+                                                          compile_layers=self.compile_layers)
         features = (model_inputs.get("mm_encoder_outputs") or {}).get("image")
         if features is None:  # the frame cache did not encode it: the tower's own call
             features = self.base_model.model.get_image_features(model_inputs["pixel_values"],
@@ -745,21 +764,31 @@ class TransformersBackend(Backend):
         ``stopped``: the stop event was seen set after it."""
         if first is None:
             return [], 1.0
-        first, first_logprob = [first[0]], first[1]
-        steps = n_max - 1
-        if steps <= 0 or first[0] in self._eos_ids or stopped:
-            return first, min(1.0, max(math.exp(first_logprob), 1e-12))
-        decoder = self._decoder
-        if (decoder is None or decoder.cache is not self._static_cache
-                or decoder.requested_kernels != self.decode_kernels):
-            cuda = self.device.type == "cuda"
-            decoder = self._decoder = StaticDecoder(self.base_model, self._static_cache, self._eos_ids,
-                                                    use_graph=cuda, compile_step=cuda and self.compile_decode,
-                                                    fused=self._fused_projections, kernels=self.decode_kernels)
-        rest = decoder.decode(first[0], rope_deltas, steps, stop_event, constraint)
-        logprobs = [first_logprob, *rest.logprobs]
+        steps = self._steps_after(first, n_max, stopped)
+        if steps <= 0:
+            return self._answer(first, DecodeResult([], []))
+        decoder = self._decoder = self._current_decoder(self._decoder, self._static_cache)
+        return self._answer(first, decoder.decode(first[0], rope_deltas, steps, stop_event, constraint))
+
+    def _steps_after(self, first: tuple[int, float], n_max: int, stopped: bool) -> int:
+        """Decode steps left after the first token: none when it ended the answer or a stop came."""
+        return 0 if stopped or first[0] in self._eos_ids else n_max - 1
+
+    def _current_decoder(self, decoder: StaticDecoder | None, cache) -> StaticDecoder:
+        """``decoder`` if it still decodes on ``cache`` with the requested kernels, else a new one."""
+        if decoder is not None and decoder.cache is cache and decoder.requested_kernels == self.decode_kernels:
+            return decoder
+        cuda = self.device.type == "cuda"
+        return StaticDecoder(self.base_model, cache, self._eos_ids, use_graph=cuda,
+                             compile_step=cuda and self.compile_decode, fused=self._fused_projections,
+                             kernels=self.decode_kernels)
+
+    @staticmethod
+    def _answer(first: tuple[int, float], rest) -> tuple[list[int], float]:
+        """(all new token ids, confidence: the geometric mean probability of the choices)."""
+        logprobs = [first[1], *rest.logprobs]
         mean_logprob = sum(logprobs) / len(logprobs)
-        return first + rest.tokens, min(1.0, max(math.exp(mean_logprob), 1e-12))
+        return [first[0], *rest.tokens], min(1.0, max(math.exp(mean_logprob), 1e-12))
 
     def _initial_cache(self, input_ids, total_len: int):
         """(cache, tokens it holds): the KV cache generation starts from: the prompt's cached shared
@@ -792,11 +821,14 @@ class TransformersBackend(Backend):
     max_batch_size = 8  # requests generate_batch() decodes together; more are split into chunks
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BackendError]:
-        """Several requests in one left-padded ``model.generate``; one result per request, in order.
+        """Several requests decoded together; one result per request, in order.
 
-        Greedy rows equal what :meth:`generate` gives each request alone (tests/test_batching.py).
-        A bad request (invalid image, budget) gets its BackendError in its row; a row whose
-        stop_event is set ends on its own; preprocess/generate times are the batch's, shared.
+        Static decode cache: each request is prefilled alone (as :meth:`generate` does), then one
+        decode step per token serves all of them (batch_cache.py, StaticDecoder.decode_rows).
+        Dynamic: one left-padded ``model.generate``. Greedy rows equal what :meth:`generate` gives
+        each request alone (tests/test_batching.py). A bad request (invalid image, budget) gets its
+        BackendError in its row; a row whose stop_event is set ends on its own; preprocess/generate
+        times are the batch's, shared.
         """
         results: list[GenerationResult | BackendError | None] = [None] * len(requests)
         budgets: dict[int, int] = {}
@@ -823,6 +855,10 @@ class TransformersBackend(Backend):
         return self._process(texts, images, padding=True, padding_side="left")
 
     def _generate_chunk(self, requests: list[GenerationRequest], budgets: list[int]) -> list:
+        if self.decode_cache == "static":
+            if len(requests) == 1:
+                return [self.generate(requests[0])]
+            return self._generate_static_chunk(requests, budgets)
         import torch
 
         results: list = [None] * len(requests)
@@ -910,6 +946,108 @@ class TransformersBackend(Backend):
                                                 preprocess_ms, generate_ms)
             return results
 
+    def _generate_static_chunk(self, requests: list[GenerationRequest], budgets: list[int]) -> list:
+        """Requests prefilled one by one on the StaticCache, placed into the rows of a batch cache
+        (batch_cache.py) and decoded together by one StaticDecoder over those rows."""
+        import torch
+
+        results: list = [None] * len(requests)
+        with self._lock:
+            self._ensure_open()
+            t0 = time.perf_counter()
+            prepared: dict[int, dict] = {}
+            for row, request in enumerate(requests):
+                try:
+                    prepared[row] = self.prepare_inputs(request.image, request.messages)
+                except Exception as error:
+                    results[row] = BackendError(f"preprocessing failed: {error}")
+            sizes, prompt_lens = {}, {}
+            for row, inputs in prepared.items():
+                grid = inputs["image_grid_thw"][0].tolist()
+                sizes[row] = (int(grid[2]) * self.patch_size, int(grid[1]) * self.patch_size)  # (width, height)
+                prompt_lens[row] = int(inputs["input_ids"].shape[1])
+            t1 = time.perf_counter()
+            preprocess_ms = (t1 - t0) * 1000.0
+            rows = []
+            for row in prepared:
+                event = requests[row].stop_event
+                if event is not None and event.is_set():
+                    results[row] = GenerationResult("", 1.0, sizes[row], prompt_lens[row], 0, preprocess_ms, 0.0)
+                else:
+                    rows.append(row)
+            if not rows:
+                return results
+            constraints: dict[int, object] = {}
+            if self.action_grammar is not None:
+                try:
+                    for row in rows:
+                        constraints[row] = self.action_grammar.logits_processor(budgets[row],
+                                                                                self._box_bounds(sizes[row]))
+                except Exception as e:
+                    raise BackendError(f"constrained decoding: {e}") from e
+            end = max(prompt_lens[row] for row in rows)  # every prompt ends at this slot of the batch cache
+            firsts, deltas, steps, starts = [], [], [], []
+            try:
+                with torch.inference_mode():
+                    batch = None
+                    for row in rows:
+                        kwargs, stop_check = self._generate_kwargs(requests[row].stop_event, constraints.get(row))
+                        first, stopped, rope_deltas = self._static_prefill(
+                            prepared[row], requests[row].image, budgets[row], requests[row].stop_event,
+                            constraints.get(row), kwargs, stop_check)
+                        if first is None:
+                            first, stopped = (self._pad_id, 0.0), True
+                        if batch is None:  # the one-row cache holds a prompt now: its layout is known
+                            batch = self._batch_cache(len(rows), end + max(budgets[r] for r in rows))
+                        place_row(batch, len(firsts), self._static_cache, prompt_lens[row], end)
+                        firsts.append(first)
+                        # the row's prompt starts (end - length) slots later than alone: its rope delta shifts back
+                        deltas.append(int(rope_deltas.reshape(-1)[0]) - (end - prompt_lens[row]))
+                        starts.append(end - prompt_lens[row])
+                        steps.append(self._steps_after(first, budgets[row], stopped))
+                    set_fill(batch, end)
+                    rows_of_cache = int(batch.layers[0].keys.shape[0])
+                    decoder = self._current_decoder(self._batch_decoders.get(rows_of_cache), batch)
+                    self._batch_decoders[rows_of_cache] = decoder
+                    rests = decoder.decode_rows([f[0] for f in firsts], deltas, steps,
+                                                [requests[row].stop_event for row in rows],
+                                                [constraints[row] for row in rows] if constraints else None, starts)
+            except BackendError:
+                raise
+            except Exception as e:
+                raise BackendError(f"generation failed: {e}") from e
+            generate_ms = (time.perf_counter() - t1) * 1000.0
+            for row, first, rest in zip(rows, firsts, rests):
+                new_ids, confidence = self._answer(first, rest)
+                text = self.processor.tokenizer.decode(
+                    new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+                results[row] = GenerationResult(text, confidence, sizes[row], prompt_lens[row], len(new_ids),
+                                                preprocess_ms, generate_ms)
+            return results
+
+    def _generate_kwargs(self, stop_event, constraint) -> tuple[dict, object]:
+        """``generate``'s stopping criteria and logits processors for a stop event and a grammar
+        processor (either may be None), and the stop criterion."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        kwargs, stop_check = {}, None
+        if stop_event is not None:
+            stop_check = _StopOnEvent(stop_event)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop_check])
+        if constraint is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([constraint])
+        return kwargs, stop_check
+
+    def _batch_cache(self, count: int, total_len: int):
+        """The batch StaticCache for ``count`` rows (padded_rows: a power of two) holding
+        ``total_len`` slots; kept per row count and only ever grown, like the one-row cache."""
+        rows = padded_rows(count, int(self.max_batch_size))
+        slots = max(self.static_cache_min_slots, -(-total_len // _STATIC_CACHE_BUCKET) * _STATIC_CACHE_BUCKET)
+        cache = self._batch_caches.get(rows)
+        if cache is None or cache.layers[0].max_cache_len < slots:
+            cache = self._batch_caches[rows] = new_batch_cache(self.base_model.config, self._static_cache, rows, slots)
+        return cache
+
     def _greedy_generation_config(self, max_new_tokens: int):
         """Greedy decoding, our stop tokens, logits returned (for the confidence)."""
         gc = copy.deepcopy(self.base_model.generation_config)
@@ -942,9 +1080,33 @@ class TransformersBackend(Backend):
         mean_logp = float(torch.log_softmax(steps, dim=-1).gather(1, chosen).mean())
         return min(1.0, max(math.exp(mean_logp), 1e-12))
 
+    # On CUDA the warm-up also encodes a grey frame of this (width, height): the common camera size,
+    # whose vision blocks are then compiled and recorded before the first command; None: skip it.
+    warmup_frame_size: tuple[int, int] | None = (640, 480)
+
     def warmup(self) -> None:
-        """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches."""
-        self.generate(warmup_request(self.pixel_limits))
+        """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches; on
+        CUDA also one for a ``warmup_frame_size`` frame."""
+        import numpy as np
+
+        request = warmup_request(self.pixel_limits)
+        self.generate(request)
+        if self.vision_graphs is not None and self.warmup_frame_size is not None:
+            width, height = self.warmup_frame_size
+            request.image = np.full((int(height), int(width), 3), 127, dtype=np.uint8)
+            self.generate(request)
+
+    def warmup_batches(self, max_rows: int) -> None:
+        """With the static cache, one tiny batch per padded row count up to ``max_rows`` (capped by
+        ``max_batch_size``): on CUDA each count's decoder is compiled and recorded here (~30-35 s
+        each for the 3B architecture on an H200), not at the first batch of that size."""
+        if self.decode_cache != "static":
+            return
+        limit = int(self.max_batch_size)
+        for rows in sorted({padded_rows(count, limit) for count in range(2, min(int(max_rows), limit) + 1)}):
+            for result in self.generate_batch([warmup_request(self.pixel_limits) for _ in range(rows)]):
+                if isinstance(result, BackendError):
+                    raise result
 
     def close(self) -> None:
         with self._lock:
@@ -958,6 +1120,8 @@ class TransformersBackend(Backend):
             self.vision_cache.clear()
             self.prefix_cache.clear()
             self._static_cache = None
+            self._batch_caches.clear()
+            self._batch_decoders.clear()
             self._forget_recordings()
             self.vision_graphs = None
             self._fused_projections = None  # holds the joint weight matrices
