@@ -995,8 +995,6 @@ class TransformersBackend(Backend):
                         first, stopped, rope_deltas = self._static_prefill(
                             prepared[row], requests[row].image, budgets[row], requests[row].stop_event,
                             constraints.get(row), kwargs, stop_check)
-                        if first is None:
-                            first, stopped = (self._pad_id, 0.0), True
                         if batch is None:  # the one-row cache holds a prompt now: its layout is known
                             batch = self._batch_cache(len(rows), end + max(budgets[r] for r in rows))
                         place_row(batch, len(firsts), self._static_cache, prompt_lens[row], end)
@@ -1004,13 +1002,13 @@ class TransformersBackend(Backend):
                         # the row's prompt starts (end - length) slots later than alone: its rope delta shifts back
                         deltas.append(int(rope_deltas.reshape(-1)[0]) - (end - prompt_lens[row]))
                         starts.append(end - prompt_lens[row])
-                        steps.append(self._steps_after(first, budgets[row], stopped))
+                        steps.append(0 if first is None else self._steps_after(first, budgets[row], stopped))
                     set_fill(batch, end)
                     rows_of_cache = int(batch.layers[0].keys.shape[0])
                     decoder = self._current_decoder(self._batch_decoders.get(rows_of_cache), batch)
                     self._batch_decoders[rows_of_cache] = decoder
-                    rests = decoder.decode_rows([f[0] for f in firsts], deltas, steps,
-                                                [requests[row].stop_event for row in rows],
+                    tokens = [self._pad_id if first is None else first[0] for first in firsts]
+                    rests = decoder.decode_rows(tokens, deltas, steps, [requests[row].stop_event for row in rows],
                                                 [constraints[row] for row in rows] if constraints else None, starts)
             except BackendError:
                 raise
@@ -1018,7 +1016,7 @@ class TransformersBackend(Backend):
                 raise BackendError(f"generation failed: {e}") from e
             generate_ms = (time.perf_counter() - t1) * 1000.0
             for row, first, rest in zip(rows, firsts, rests):
-                new_ids, confidence = self._answer(first, rest)
+                new_ids, confidence = ([], 1.0) if first is None else self._answer(first, rest)
                 text = self.processor.tokenizer.decode(
                     new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
                 results[row] = GenerationResult(text, confidence, sizes[row], prompt_lens[row], len(new_ids),
