@@ -87,6 +87,16 @@ def _scene(seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, 256, (120, 160, 3), dtype=np.uint8)
 
 
+def test_warm_up_prepares_every_batch_size_of_max_batch(graph_factory, tiny_model_dir):
+    graph = graph_factory(model_path=str(tiny_model_dir), warmup=True, decode_cache="static", max_batch=3)
+    backend = graph.vla.runtime.core.backend
+    assert sorted(backend._batch_decoders) == [2, 4], "batches of 2 and 3 commands: 2- and 4-row decoders"
+    graph.send_image(_scene())
+    graph.say("put the red cube in the blue bowl")
+    (status,) = graph.wait_statuses(1)
+    assert status.code_name in ("ACCEPTED", "PARSE_ERROR")
+
+
 def test_tiny_model_with_lora_answers_every_command_with_a_status(graph_factory, tiny_model_dir, tmp_path):
     adapter = build_lora_adapter(tiny_model_dir, tmp_path / "lora", seed=3, manifest=False)
     graph = graph_factory(model_path=str(tiny_model_dir), adapters=[f"test={adapter}"], active_adapter="test")
