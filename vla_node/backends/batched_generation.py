@@ -17,6 +17,7 @@ from vla_node.backends.batch_cache import new_batch_cache, padded_rows, place_ro
 
 __all__ = ["BatchedGeneration"]
 
+
 class _RowEnds:
     """StoppingCriteria for a batch: each row ends on its own stop event or at its own budget.
 
