@@ -128,8 +128,7 @@ class BatchedGeneration:
                     rows, inputs = [], None
             if not rows:
                 return results
-            grids = inputs["image_grid_thw"].tolist()
-            sizes = [(int(g[2]) * self.patch_size, int(g[1]) * self.patch_size) for g in grids]  # (width, height)
+            sizes = [self._input_size(grid) for grid in inputs["image_grid_thw"]]
             prompt_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
             padded_len = int(inputs["input_ids"].shape[1])
             t1 = time.perf_counter()
@@ -198,8 +197,7 @@ class BatchedGeneration:
                     results[row] = BackendError(f"preprocessing failed: {error}")
             sizes, prompt_lens = {}, {}
             for row, inputs in prepared.items():
-                grid = inputs["image_grid_thw"][0].tolist()
-                sizes[row] = (int(grid[2]) * self.patch_size, int(grid[1]) * self.patch_size)  # (width, height)
+                sizes[row] = self._input_size(inputs["image_grid_thw"][0])
                 prompt_lens[row] = int(inputs["input_ids"].shape[1])
             t1 = time.perf_counter()
             preprocess_ms = (t1 - t0) * 1000.0

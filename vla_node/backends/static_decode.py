@@ -332,9 +332,9 @@ class StaticDecoder:
         longest = max(steps)
         if longest <= 0:
             return [DecodeResult([], []) for _ in range(count)]
-        if longest > self.capacity - int(self._fill):
-            raise ValueError(f"{longest} steps do not fit the cache ({self.capacity - int(self._fill)} slots left)")
-        fill = int(self._fill)
+        fill = int(self._fill)  # one read of the device counter
+        if longest > self.capacity - fill:
+            raise ValueError(f"{longest} steps do not fit the cache ({self.capacity - fill} slots left)")
         # idle rows attend to their own new slots only: finite scores, nothing read from the others
         starts = [int(s) for s in (starts or [0] * count)] + [fill] * idle
         with self._lock, self._decode_attention():

@@ -581,6 +581,11 @@ class TransformersBackend(BatchedGeneration, Backend):
             out[k] = v
         return out
 
+    def _input_size(self, grid_thw) -> tuple[int, int]:
+        """(width, height) in pixels of the image the model saw, from its (t, h, w) patch grid."""
+        _, height, width = (int(v) for v in grid_thw.tolist())
+        return width * self.patch_size, height * self.patch_size
+
     def prepare_inputs(self, image, messages: list[dict]) -> dict:
         """Model inputs (tensors on the backend's device) for one image + chat messages.
 
@@ -603,8 +608,7 @@ class TransformersBackend(BatchedGeneration, Backend):
                 inputs = self.prepare_inputs(image, request.messages)
             except Exception as e:
                 raise BackendError(f"preprocessing failed: {e}") from e
-            grid = inputs["image_grid_thw"][0].tolist()
-            size = (int(grid[2]) * self.patch_size, int(grid[1]) * self.patch_size)  # (width, height)
+            size = self._input_size(inputs["image_grid_thw"][0])
             prompt_len = int(inputs["input_ids"].shape[1])
             t1 = time.perf_counter()
             preprocess_ms = (t1 - t0) * 1000.0
