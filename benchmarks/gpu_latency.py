@@ -27,10 +27,13 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
     + Triton decode kernels  the decode step's one-row products, its attention and the greedy
                      choice by decode_kernels.py's Triton kernels (the rows above use cuBLAS and
                      inductor's kernels; a second decoder compiles)
-    + compiled layers  the runtime default: the vision tower recorded with its blocks, the
-                     prefill with its norms and MLPs compiled by torch.compile (regional_compile.py;
-                     the rows above record them uncompiled; the first command compiles them for
-                     the frame size and prompt bucket, its time is printed)
+    + compiled layers  the vision tower recorded with its blocks, the prefill with its norms and
+                     MLPs compiled by torch.compile (regional_compile.py; the rows above record them
+                     uncompiled; the first command compiles them for the frame size and prompt
+                     bucket, its time is printed)
+    + fused layer step  the runtime default: the one-row decode step by layer_step.py's fused
+                     layer kernels (eight launches per layer, nothing compiled; the rows above run
+                     transformers' layers compiled around the Triton kernels)
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
@@ -342,19 +345,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
                   vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True,
-                  compiled_layers: bool = True) -> None:
+                  compiled_layers: bool = True, layer_step: bool = True) -> None:
         # the vision tower: recorded with compiled blocks, recorded as it is, or eager
         backend.vision_graphs = (vision_graphs if compiled_layers else uncompiled_graphs) if vision_graph else None
         backend.compile_layers = compiled_layers  # the prefill graphs' norms and MLPs (a change records them again)
         backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
         backend.decode_kernels = kernels  # the decode step's Triton kernels (a change builds a new decoder)
+        backend.layer_kernels = layer_step  # ... the whole one-row step by fused layer kernels (the same)
         backend.decode_cache = decode
         backend.prefix_cache = prefix_cache if prefix else no_prefix
         backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
         backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
     # session 5's runtime: transformers' prefill, eager tower, cuBLAS / inductor decode kernels
-    eager = dict(vision_graph=False, prefill_graph=False, kernels=False, compiled_layers=False)
+    eager = dict(vision_graph=False, prefill_graph=False, kernels=False, compiled_layers=False, layer_step=False)
     static_warmup = max(warmup, 1 if args.tiny else 2)  # after the untimed first static request (compile)
     variants = [
         ("node, plain (dynamic cache, no reuse)", dict(decode="dynamic", prefix=False, **eager), warmup),
@@ -368,14 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     default = dict(decode=default_decode if not args.no_static else "dynamic", prefix=True)
     if vision_graphs is not None:
         variants.append(("+ graphed vision tower", dict(default, prefill_graph=False, kernels=False,
-                                                        compiled_layers=False), warmup))
+                                                        compiled_layers=False, layer_step=False), warmup))
     if default_decode == "static" and not args.no_static and backend._static_prefill_supported:
-        variants.append(("+ graphed prefill", dict(default, kernels=False, compiled_layers=False), warmup))
+        variants.append(("+ graphed prefill", dict(default, kernels=False, compiled_layers=False, layer_step=False),
+                         warmup))
     if default_decode == "static" and not args.no_static:
         # a new decoder: its first request compiles again, inside this row's warm-up
-        variants.append(("+ Triton decode kernels", dict(default, compiled_layers=False), static_warmup))
+        variants.append(("+ Triton decode kernels", dict(default, compiled_layers=False, layer_step=False),
+                         static_warmup))
     if vision_graphs is not None and vision_graphs.compile_blocks:
-        variants.append(("+ compiled layers (default)", default, warmup))
+        variants.append(("+ compiled layers", dict(default, layer_step=False), warmup))
+    if default_decode == "static" and not args.no_static:
+        variants.append(("+ fused layer step (default)", default, warmup))
     if grammar is not None:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
@@ -383,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     first_static_s = None  # the first static-decode request compiles and records the decode step
     first_kernels_s = None  # ... and the first with the Triton kernels (their shapes timed, the step compiled again)
     first_compiled_layers_s = None  # ... and the first through the compiled vision blocks (compiled, recorded)
+    first_layer_step_s = None  # ... and the first with the fused layer step (its products timed, recorded)
     for name, options, variant_warmup in variants:
         configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
@@ -393,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
                 node_command(core, rgb, args.new_tokens)
                 synchronize(device)
                 first_compiled_layers_s = time.perf_counter() - first
+            if options["decode"] == "static" and options.get("layer_step", True) and first_layer_step_s is None:
+                synchronize(device)
+                first = time.perf_counter()
+                node_command(core, rgb, args.new_tokens)
+                synchronize(device)
+                first_layer_step_s = time.perf_counter() - first
             if options["decode"] == "static" and (first_static_s is None
                                                   or (options.get("kernels", True) and first_kernels_s is None)):
                 synchronize(device)
@@ -492,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if first_compiled_layers_s is not None:
         lines.append(f"first command with compiled layers (vision blocks, norms and MLPs compiled for this frame "
                      f"size and prompt bucket, the graphs recorded): {first_compiled_layers_s:.1f} s")
+    if first_layer_step_s is not None:
+        lines.append(f"first command with the fused layer step (its products' block shapes timed, the step "
+                     f"recorded; nothing compiled): {first_layer_step_s:.1f} s")
     if new_size_ms is not None:
         lines.append(f"first default command after the vision and prefill graphs were dropped (a new frame size and "
                      f"prompt bucket: both recorded again): {new_size_ms:.1f} ms")
@@ -509,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             "floor_terms": terms, "batches": batch_rows, "same_tokens_as_plain": same_tokens,
             "prefix_cache": backend.prefix_cache_stats, "first_static_request_s": first_static_s,
             "first_kernels_request_s": first_kernels_s, "first_compiled_layers_s": first_compiled_layers_s,
+            "first_layer_step_s": first_layer_step_s,
             "new_size_first_command_ms": new_size_ms},
             indent=2) + "\n")
     return 0

@@ -29,7 +29,7 @@ import logging
 import threading
 
 __all__ = ["available", "register", "matvec", "decode_attention", "attention_supported", "greedy_choice",
-           "MATVEC_CANDIDATES"]
+           "fastest", "MATVEC_CANDIDATES"]
 
 log = logging.getLogger(__name__)
 
@@ -252,41 +252,50 @@ class _MatvecTuner:
             return self._chosen[key]
 
     @staticmethod
-    def _time(x, weight, bias, repeats: int = 20) -> tuple:
-        """The candidate with the least GPU time per product on cold weights: a CUDA graph of
-        (flush the L2 cache, product) x ``repeats`` minus one of the flushes alone, so neither the
-        host's launch time nor a cached weight counts."""
+    def _time(x, weight, bias) -> tuple:
         import torch
 
-        from vla_node.backends.cuda_graph import record_cuda_graph
-
-        flush = torch.empty(96 << 20, dtype=torch.uint8, device=weight.device)  # larger than any L2 so far
         out = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return fastest(MATVEC_CANDIDATES, lambda config: _launch_matvec(config, x, weight, bias, out), weight.device)
 
-        def graph_ms(step) -> float:
-            graph, _ = record_cuda_graph(lambda: [step() for _ in range(repeats)])
+
+def fastest(candidates, launch, device, repeats: int = 20, flush_cache: bool = True) -> tuple:
+    """The candidate config with the least GPU time per ``launch(config)``, timed in a CUDA graph of
+    ``repeats`` launches (so the host's launch time does not count). ``flush_cache``: each launch
+    after an L2 flush, the flushes' own time subtracted, so a weight read once is read cold (a
+    ``launch`` that cycles through more weights than the L2 holds needs none). A config the GPU
+    refuses is skipped."""
+    import torch
+
+    from vla_node.backends.cuda_graph import record_cuda_graph
+
+    flush = torch.empty((96 << 20) if flush_cache else 1, dtype=torch.uint8, device=device)  # > any L2 so far
+
+    def graph_ms(step) -> float:
+        graph, _ = record_cuda_graph(lambda: [step() for _ in range(repeats)])
+        graph.replay()
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             graph.replay()
-            best = float("inf")
-            for _ in range(3):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                best = min(best, start.elapsed_time(end))
-            return best
-
-        flush_only = graph_ms(flush.zero_)
-        best, best_ms = MATVEC_CANDIDATES[0], float("inf")
-        for config in MATVEC_CANDIDATES:
-            try:
-                ms = graph_ms(lambda: (flush.zero_(), _launch_matvec(config, x, weight, bias, out))) - flush_only
-            except Exception as error:  # a config this GPU cannot run is skipped
-                log.debug("matvec config %s refused: %s", config, error)
-                continue
-            if ms < best_ms:
-                best, best_ms = config, ms
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
         return best
+
+    flush_only = graph_ms(flush.zero_) if flush_cache else 0.0
+    best, best_ms = candidates[0], float("inf")
+    for config in candidates:
+        try:
+            ms = (graph_ms(lambda: (flush.zero_(), launch(config))) - flush_only if flush_cache
+                  else graph_ms(lambda: launch(config)))
+        except Exception as error:  # a config this GPU cannot run is skipped
+            log.debug("config %s refused: %s", config, error)
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
 
 
 _TUNER = _MatvecTuner()

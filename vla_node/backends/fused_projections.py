@@ -25,7 +25,7 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "
 SINGLES = (("self_attn", "o_proj"), ("mlp", "down_proj"))  # given a matvec kernel, it multiplies these too
 
 
-def _base(module):
+def base_linear(module):
     """The plain Linear under a LoRA wrapper (peft's ``get_base_layer``), or the module itself."""
     get = getattr(module, "get_base_layer", None)
     return get() if callable(get) else module
@@ -114,12 +114,12 @@ class FusedProjections:
         groups, singles = [], []
         for layer in getattr(language_model, "layers", []):
             for parent_name, name in SINGLES:
-                linear = _base(getattr(getattr(layer, parent_name, None), name, None))
+                linear = base_linear(getattr(getattr(layer, parent_name, None), name, None))
                 if hasattr(linear, "weight") and linear.weight.dim() == 2:
                     singles.append(linear)
             for parent_name, names in GROUPS:
                 parent = getattr(layer, parent_name, None)
-                linears = [_base(getattr(parent, name, None)) for name in names]
+                linears = [base_linear(getattr(parent, name, None)) for name in names]
                 if parent is None or not all(hasattr(linear, "weight") for linear in linears):
                     return None
                 weights = [linear.weight for linear in linears]

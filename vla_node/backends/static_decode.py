@@ -113,10 +113,12 @@ class StaticDecoder:
     request of each decoder compiles (tens of seconds for a 3B model), later ones replay.
     ``kernels``: the layers' matrix-vector products, the attention and the greedy choice by
     decode_kernels.py's Triton kernels (CUDA with Triton only; the products need ``fused``).
+    ``layer_step`` (with ``kernels``, one row): the whole step by layer_step.py's fused layers where
+    the model allows (no adapter active, see LayerStep.unsupported); nothing to compile then.
     """
 
     def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,
-                 fused=None, kernels: bool = False):
+                 fused=None, kernels: bool = False, layer_step: bool = False):
         import torch
 
         self._torch = torch
@@ -145,13 +147,20 @@ class StaticDecoder:
         self._eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self._eos_set = set(int(e) for e in eos_ids)
         self.use_graph = bool(use_graph) and device.type == "cuda"
-        self.compiled = bool(compile_step) and self.use_graph
-        # one compiled forward serves the greedy and the forward graphs; the choice after it is a few kernels
-        self._step_forward = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         from vla_node.backends import decode_kernels
 
         self.requested_kernels = bool(kernels)
         self.kernels = self.requested_kernels and decode_kernels.available(device)
+        # joint q/k/v and gate/up products (fused_projections.py), while their weights are still shared
+        self._fused = fused if fused is not None and fused.intact() else None
+        if fused is not None and self._fused is None:
+            log.warning("fused projections no longer share their weights: decoding with separate products")
+        self.requested_layer_step = bool(layer_step)
+        self._layer_step = self._new_layer_step(model) if self.requested_layer_step and self.kernels and rows == 1 \
+            else None
+        self.compiled = bool(compile_step) and self.use_graph and self._layer_step is None
+        # one compiled forward serves the greedy and the forward graphs; the choice after it is a few kernels
+        self._step_forward = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
         self._matvec = decode_kernels.matvec if self.kernels else None
         if self.kernels and rows == 1:  # the kernels' choice is for one row
             self._choose = decode_kernels.greedy_choice
@@ -171,14 +180,25 @@ class StaticDecoder:
             self._choice_done = torch.cuda.Event()
         self.graph_replays = 0
         self._lock = threading.Lock()
-        # joint q/k/v and gate/up products (fused_projections.py), while their weights are still shared
-        self._fused = fused if fused is not None and fused.intact() else None
-        if fused is not None and self._fused is None:
-            log.warning("fused projections no longer share their weights: decoding with separate products")
         from transformers import AttentionInterface
 
         AttentionInterface.register(DECODE_ATTENTION, grouped_query_attention)
         AttentionInterface.register(DECODE_KERNEL_ATTENTION, kernel_attention)
+
+    def _new_layer_step(self, model):
+        """layer_step.py's fused layers for this model, or None (why not: logged)."""
+        from vla_node.backends.layer_step import LayerStep
+
+        reason = LayerStep.unsupported(model, self._fused)
+        if reason is not None:
+            log.info("decode step through transformers' layers: %s", reason)
+            return None
+        return LayerStep(model, self._fused)
+
+    @property
+    def layer_step(self) -> bool:
+        """Whether the step runs layer_step.py's fused layers."""
+        return self._layer_step is not None
 
     @contextlib.contextmanager
     def _decode_attention(self):
@@ -218,6 +238,9 @@ class StaticDecoder:
     def _forward(self) -> None:
         """One language-model step for ``_token`` (a token per row) at slot ``_fill``; raw logits
         into ``_logits``."""
+        if self._layer_step is not None:
+            self._layer_step.run(self.cache, self._token, self._rope_delta, self._start, self._logits)
+            return
         torch = self._torch
         rows = self.rows
         fill = self._fill  # read before the layers' updates advance it

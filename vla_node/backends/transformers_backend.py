@@ -212,6 +212,8 @@ class TransformersBackend(BatchedGeneration, Backend):
         # the decode step's one-row products and attention by Triton kernels (decode_kernels.py), CUDA only;
         # read when a decoder is built
         self.decode_kernels = True
+        # ... and, for one row, the whole step by fused layer kernels (layer_step.py; with decode_kernels)
+        self.layer_kernels = True
         self._static_cache_len = 0
         self._gpu_image_processing = True  # see _process
 
@@ -756,12 +758,13 @@ class TransformersBackend(BatchedGeneration, Backend):
 
     def _current_decoder(self, decoder: StaticDecoder | None, cache) -> StaticDecoder:
         """``decoder`` if it still decodes on ``cache`` with the requested kernels, else a new one."""
-        if decoder is not None and decoder.cache is cache and decoder.requested_kernels == self.decode_kernels:
+        if (decoder is not None and decoder.cache is cache and decoder.requested_kernels == self.decode_kernels
+                and decoder.requested_layer_step == self.layer_kernels):
             return decoder
         cuda = self.device.type == "cuda"
         return StaticDecoder(self.base_model, cache, self._eos_ids, use_graph=cuda,
                              compile_step=cuda and self.compile_decode, fused=self._fused_projections,
-                             kernels=self.decode_kernels)
+                             kernels=self.decode_kernels, layer_step=self.layer_kernels)
 
     @staticmethod
     def _answer(first: tuple[int, float], rest) -> tuple[list[int], float]:

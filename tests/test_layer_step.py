@@ -1,0 +1,159 @@
+"""The fused decode layers (vla_node/backends/layer_step.py, layer_kernels.py) decode what
+transformers' layers decode.
+
+On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_layer_step.py):
+a tiny Qwen2.5-VL (q/k/v biases) and Qwen3-VL (q/k norms) answer two commands, greedy and under the
+action grammar, with the fused layers and with transformers' layers around the Triton kernels:
+same answers, and the same static cache afterwards (every layer's fill counter, keys and values).
+The CUDA tests (skipped without a GPU) check the recorded step on three families, float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_models import tiny_image, tiny_messages
+from vla_node.backends.base import GenerationRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+cuda_only = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def interpreted(tiny_checkpoints) -> dict:
+    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (its interpreter)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    families = [f"{family}={tiny_checkpoints[family]}" for family in ("qwen2_5_vl", "qwen3_vl")]
+    run = subprocess.run([sys.executable, "-m", "tests.interpreted_layer_step", *families], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_fused_layers_answer_as_transformers_layers(interpreted, family):
+    fused, reference = interpreted[family]["fused"], interpreted[family]["transformers"]
+    assert fused["layer_step"] and not reference["layer_step"]
+    assert fused["configs"]["qkv"][3] > 1 and fused["configs"]["down"][3] > 1, "the split-K paths ran"
+    assert fused["configs"]["gate_up"][3] == 1, "the gated product has one split"
+    for (text, count, confidence), (text_r, count_r, confidence_r) in zip(fused["answers"], reference["answers"]):
+        assert (text, count) == (text_r, count_r)
+        assert confidence == pytest.approx(confidence_r, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_fused_layers_leave_the_cache_as_transformers_layers(interpreted, family):
+    """Keys (rotated at the right positions), values and every layer's fill counter."""
+    fused, reference = interpreted[family]["fused"], interpreted[family]["transformers"]
+    assert fused["fills"] == reference["fills"] and len(set(fused["fills"])) == 1
+    assert interpreted[family]["cache_difference"] < 1e-5  # float32, sums in another order
+
+
+def test_layers_with_an_active_adapter_keep_transformers_step(tiny_model_dir, tiny_adapter):
+    """A LoRA adapter adds its updates in its own layers: the fused step declines them and takes the
+    layers again once the adapter is off."""
+    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tiny_adapter)
+    fused = backend._fused_projections
+    assert LayerStep.unsupported(backend.base_model, fused) == "an adapter's LoRA layers are active"
+    backend.set_adapter(None)
+    assert LayerStep.unsupported(backend.base_model, fused) is None
+    assert LayerStep.unsupported(backend.base_model, None) == "no joint q/k/v and gate/up matrices"
+    backend.close()
+
+
+def test_without_a_gpu_decoders_keep_transformers_step(tiny_model_dir):
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=3)
+    backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=3))
+    assert backend.layer_kernels and not backend._decoder.layer_step, "the kernels are for CUDA only"
+    backend.close()
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+@cuda_only
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_cuda_fused_layers_answer_as_transformers_layers(tiny_checkpoints, family):
+    """float32, recorded steps: the same answers (greedy and under the grammar) and caches."""
+    import torch
+
+    from vla_node.backends.transformers_backend import TransformersBackend
+    from vla_node.vocabulary import Vocabulary
+
+    answers, caches = {}, {}
+    for layer_step in (True, False):
+        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", decode_cache="static",
+                                      max_new_tokens=24)
+        backend.layer_kernels = layer_step
+        answers[layer_step] = []
+        for constrained in (False, True):
+            if constrained:
+                backend.enable_constrained_decoding(Vocabulary.load())
+            result = backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(),
+                                                        max_new_tokens=24))
+            answers[layer_step].append((result.text, result.new_tokens, result.confidence))
+        decoder = backend._decoder
+        assert decoder.layer_step == layer_step and decoder.graph_replays > 0
+        caches[layer_step] = [(int(layer.cumulative_length), layer.keys.clone(), layer.values.clone())
+                              for layer in backend._static_cache.layers]
+        backend.close()
+    for (text, count, confidence), (text_r, count_r, confidence_r) in zip(answers[True], answers[False]):
+        assert (text, count) == (text_r, count_r)
+        assert confidence == pytest.approx(confidence_r, rel=1e-4)
+    for (fill, keys, values), (fill_r, keys_r, values_r) in zip(caches[True], caches[False]):
+        assert fill == fill_r
+        assert torch.allclose(keys[:, :, :fill], keys_r[:, :, :fill], atol=1e-4)
+        assert torch.allclose(values[:, :, :fill], values_r[:, :, :fill], atol=1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_checkpoints, family):
+    """bfloat16: one step from the same cache by the fused layers and by transformers' layers (around
+    the Triton kernels); against the same step in float32 (weights and cache upcast), the fused
+    logits are off by no more than about transformers' own, and both write the step's key."""
+    import torch
+
+    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="bfloat16", decode_cache="static",
+                                  max_new_tokens=4)
+    backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=4))
+    cache = backend._static_cache
+    saved = [(layer.cumulative_length.clone(), layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def step(layer_step: bool | None, fused):
+        for layer, (fill, keys, values) in zip(cache.layers, saved):
+            layer.cumulative_length.copy_(fill)
+            dtype = backend.base_model.dtype
+            layer.keys, layer.values = keys.to(dtype, copy=True), values.to(dtype, copy=True)
+        decoder = StaticDecoder(backend.base_model, cache, backend._eos_ids, use_graph=False, fused=fused,
+                                kernels=layer_step is not None, layer_step=bool(layer_step))
+        assert decoder.layer_step == bool(layer_step)
+        decoder._token.fill_(7)
+        decoder._rope_delta.fill_(-3)
+        with decoder._decode_attention():
+            decoder._forward()
+        return decoder._logits.clone(), [int(layer.cumulative_length) for layer in cache.layers]
+
+    fused_logits, fused_fills = step(True, backend._fused_projections)
+    reference_logits, reference_fills = step(False, backend._fused_projections)
+    backend.base_model.float()  # the float32 truth: transformers' layers, eager, on upcast weights and cache
+    truth, _ = step(None, None)
+    assert fused_fills == reference_fills == [int(saved[0][0]) + 1] * len(saved)
+    fused_error = float((fused_logits - truth).abs().max())
+    reference_error = float((reference_logits - truth).abs().max())
+    assert fused_error <= 1.5 * reference_error + 1e-3 * float(truth.abs().max()), (fused_error, reference_error)
+    backend.close()
