@@ -32,12 +32,18 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
                      uncompiled; the first command compiles them for the frame size and prompt
                      bucket, its time is printed)
     + fused layer step  the runtime default: the one-row decode step by layer_step.py's fused
-                     layer kernels (eight launches per layer, nothing compiled; the rows above run
+                     layer kernels (seven launches per layer, nothing compiled; the rows above run
                      transformers' layers compiled around the Triton kernels)
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
                      once (vla_node/backends/frame_cache.py); the others encode it every time
+    default + LoRA adapter  after the batches: a random rank --adapter-rank LoRA adapter
+                     on every language-model projection loaded and active; the fused layer step
+                     merges it into copies of the matrices (layer_step.py), the prefill and vision
+                     run peft's layers
+    LoRA adapter, peft layers (compiled step)  the same adapter with the decode step through
+                     peft's layers, compiled around the Triton kernels (what an adapter cost before)
                  Constrained decoding is off except in "+ grammar", so each path, like the
                  baseline, emits exactly --new-tokens.
 
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=None,
                         help="batch sizes for commands/s (default 1,4,16; --tiny 1,2; '' skips)")
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache (+ compile) variant")
+    parser.add_argument("--adapter-rank", type=int, default=16,
+                        help="rank of the random LoRA adapter of the adapter rows (default %(default)s; 0 skips them)")
     parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: tmp)")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -469,6 +477,25 @@ def main(argv: list[str] | None = None) -> int:
         batch_rows.append({"batch": batch_size, "p50_ms": node_ms, "commands_per_s": batch_size / (node_ms / 1000.0),
                            "first_batch_s": first_batch_s,
                            "naive_p50_ms": naive_ms, "naive_commands_per_s": batch_size / (naive_ms / 1000.0)})
+
+    if args.adapter_rank > 0:  # last, so the rows and batches above run without peft's wrappers in the model
+        from random_checkpoint import build_random_adapter
+
+        adapter = build_random_adapter(checkpoint, work / "adapter", device=device, rank=args.adapter_rank)
+        backend.set_adapter(backend.load_adapter(str(adapter)))
+        adapter_rows = [(f"default + LoRA adapter r{args.adapter_rank}", default)]
+        if default_decode == "static" and not args.no_static:
+            adapter_rows.append((f"LoRA adapter r{args.adapter_rank}, peft layers (compiled step)",
+                                 dict(default, layer_step=False)))
+        for name, options in adapter_rows:
+            configure(**options)
+            try:
+                node_command(core, rgb, args.new_tokens)  # builds the decoder (merges, or compiles the step)
+                results.append(measure_path(name, lambda n: node_command(core, rgb, n), device, args.new_tokens,
+                                            iters, warmup, last_tokens, preprocess_of))
+            except Exception as error:
+                print(f"{name}: FAILED, {type(error).__name__}: {error}", flush=True)
+        configure(**default)
 
     info = versions(device)
     baseline = results[0]

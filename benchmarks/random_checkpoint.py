@@ -123,3 +123,26 @@ def build_random_checkpoint(out_dir, name: str, device: str = "cuda", dtype: str
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+def build_random_adapter(checkpoint, out_dir, device: str = "cuda", rank: int = 16, seed: int = 1) -> Path:
+    """Write a random LoRA adapter for ``checkpoint`` to out_dir: rank ``rank`` on every linear layer
+    of the language model (vla-train's default targets: training.train.lora_target_regex), A and B
+    both random, so its updates change every product, as a trained adapter's do."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import lora_target_regex
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=torch.bfloat16, device_map=device)
+    torch.manual_seed(seed)
+    targets, _ = lora_target_regex(model, "all")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
+                        init_lora_weights=False)
+    out = Path(out_dir)
+    get_peft_model(model, config).save_pretrained(str(out))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out

@@ -1,7 +1,7 @@
 """Runs layer_step.py's fused decode layers on the CPU under Triton's interpreter against
 transformers' layers, and prints what tests/test_layer_step.py checks, as one JSON object.
 
-    TRITON_INTERPRET=1 python -m tests.interpreted_layer_step FAMILY=MODEL_DIR ...
+    TRITON_INTERPRET=1 python -m tests.interpreted_layer_step NAME=MODEL_DIR[,ADAPTER_DIR] ...
 
 A separate process: the interpreter is chosen when the kernels are defined (see
 tests/interpreted_kernels.py).
@@ -13,10 +13,10 @@ import os
 import sys
 
 
-def decode_both_ways(model_dir: str) -> dict:
-    """Per way (fused layers or transformers' layers around the Triton kernels): the answers to two
-    commands (greedy, then under the action grammar), and the cache after them: each layer's fill
-    and the keys/values up to it."""
+def decode_both_ways(model_dir: str, adapter_dir: str | None = None) -> dict:
+    """Per way (fused layers or transformers' layers around the Triton kernels), with the LoRA
+    adapter ``adapter_dir`` active if given: the answers to two commands (greedy, then under the
+    action grammar), and the cache after them: each layer's fill and the keys/values up to it."""
     import torch
 
     from tests.fixtures_models import tiny_image, tiny_messages
@@ -28,7 +28,8 @@ def decode_both_ways(model_dir: str) -> dict:
     decode_kernels.available = lambda device: (decode_kernels.register(), True)[1]  # only the CUDA gate opened
     ways, caches = {}, {}
     for layer_step in (True, False):
-        backend = TransformersBackend(model_dir, device="cpu", decode_cache="static", max_new_tokens=4)
+        backend = TransformersBackend(model_dir, device="cpu", decode_cache="static", max_new_tokens=4,
+                                      adapter_path=adapter_dir)
         backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: few slots
         backend.layer_kernels = layer_step
         answers = []
@@ -58,8 +59,8 @@ def main(argv: list[str]) -> int:
         return 2
     report = {}
     for pair in argv:
-        family, model_dir = pair.split("=", 1)
-        report[family] = decode_both_ways(model_dir)
+        name, dirs = pair.split("=", 1)
+        report[name] = decode_both_ways(*dirs.split(","))
     print(json.dumps(report))
     return 0
 

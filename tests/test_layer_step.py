@@ -2,9 +2,10 @@
 transformers' layers decode.
 
 On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_layer_step.py):
-a tiny Qwen2.5-VL (q/k/v biases) and Qwen3-VL (q/k norms) answer two commands, greedy and under the
-action grammar, with the fused layers and with transformers' layers around the Triton kernels:
-same answers, and the same static cache afterwards (every layer's fill counter, keys and values).
+a tiny Qwen2.5-VL (q/k/v biases; also with a LoRA adapter active, which the fused layers merge) and
+Qwen3-VL (q/k norms) answer two commands, greedy and under the action grammar, with the fused layers
+and with transformers' (peft's) layers around the Triton kernels: same answers, and the same static
+cache afterwards (every layer's fill counter, keys and values).
 The CUDA tests (skipped without a GPU) check the recorded step on three families, float32 and bfloat16.
 """
 from __future__ import annotations
@@ -25,17 +26,18 @@ cuda_only = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reas
 
 
 @pytest.fixture(scope="module")
-def interpreted(tiny_checkpoints) -> dict:
+def interpreted(tiny_checkpoints, tiny_model_dir, tiny_adapter) -> dict:
     pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (its interpreter)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    families = [f"{family}={tiny_checkpoints[family]}" for family in ("qwen2_5_vl", "qwen3_vl")]
-    run = subprocess.run([sys.executable, "-m", "tests.interpreted_layer_step", *families], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    models = [f"{family}={tiny_checkpoints[family]}" for family in ("qwen2_5_vl", "qwen3_vl")]
+    models.append(f"qwen2_5_vl+adapter={tiny_model_dir},{tiny_adapter}")
+    run = subprocess.run([sys.executable, "-m", "tests.interpreted_layer_step", *models], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_vl+adapter"])
 def test_fused_layers_answer_as_transformers_layers(interpreted, family):
     fused, reference = interpreted[family]["fused"], interpreted[family]["transformers"]
     assert fused["layer_step"] and not reference["layer_step"]
@@ -46,7 +48,7 @@ def test_fused_layers_answer_as_transformers_layers(interpreted, family):
         assert confidence == pytest.approx(confidence_r, rel=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_vl+adapter"])
 def test_fused_layers_leave_the_cache_as_transformers_layers(interpreted, family):
     """Keys (rotated at the right positions), values and every layer's fill counter."""
     fused, reference = interpreted[family]["fused"], interpreted[family]["transformers"]
@@ -54,18 +56,63 @@ def test_fused_layers_leave_the_cache_as_transformers_layers(interpreted, family
     assert interpreted[family]["cache_difference"] < 1e-5  # float32, sums in another order
 
 
-def test_layers_with_an_active_adapter_keep_transformers_step(tiny_model_dir, tiny_adapter):
-    """A LoRA adapter adds its updates in its own layers: the fused step declines them and takes the
-    layers again once the adapter is off."""
+def test_the_adapter_changes_the_answers_the_fused_layers_match(interpreted):
+    """Guards the adapter case above: its answers are not the base model's."""
+    adapted = interpreted["qwen2_5_vl+adapter"]["transformers"]["answers"]
+    assert adapted != interpreted["qwen2_5_vl"]["transformers"]["answers"]
+
+
+def test_merged_matrices_give_the_adapters_projections(tiny_model_dir, tiny_adapter):
+    """Each layer's q/k/v, o, gate/up and down matrices of the fused step, with an adapter active,
+    multiply as peft's LoRA layers do (base + scale * B A x); without it they are the base weights."""
+    import torch
+
     from vla_node.backends.layer_step import LayerStep
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tiny_adapter)
-    fused = backend._fused_projections
-    assert LayerStep.unsupported(backend.base_model, fused) == "an adapter's LoRA layers are active"
+    model, fused = backend.base_model, backend._fused_projections
+    assert LayerStep.unsupported(model, fused) is None
+    step = LayerStep(model, fused)
+    x = torch.randn(3, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer, matrices in zip(model.model.language_model.layers, step._layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            joint = {"qkv": (attention.q_proj, attention.k_proj, attention.v_proj),
+                     "gate_up": (mlp.gate_proj, mlp.up_proj)}
+            for name, modules in joint.items():
+                expected = torch.cat([module(x) for module in modules], dim=-1)
+                bias = matrices[f"{name}_bias"]
+                got = x @ matrices[name].T + (bias if bias is not None else 0)
+                assert torch.allclose(got, expected, atol=1e-5), name
+                assert not torch.allclose(got, torch.cat([module.base_layer(x) for module in modules], -1), atol=1e-3)
+            for name, module in (("o", attention.o_proj), ("down", mlp.down_proj)):
+                hidden = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(1))
+                assert torch.allclose(hidden @ matrices[name].T, module(hidden), atol=1e-5), name
     backend.set_adapter(None)
-    assert LayerStep.unsupported(backend.base_model, fused) is None
-    assert LayerStep.unsupported(backend.base_model, None) == "no joint q/k/v and gate/up matrices"
+    assert LayerStep.unsupported(model, fused) is None
+    base = LayerStep(model, fused)._layers[0]
+    assert base["qkv"] is fused.groups[0].weight and base["gate_up"] is fused.groups[1].weight
+    assert LayerStep.unsupported(model, None) == "no joint q/k/v and gate/up matrices"
+    backend.close()
+
+
+def test_a_dora_adapter_keeps_transformers_step(tiny_model_dir, tmp_path):
+    """DoRA scales each output row by a norm of the updated weight: no plain merge, the fused step
+    declines it (static_decode.py's compiled step runs peft's layers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from tests.fixtures_models import lora_target_modules
+    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(), use_dora=True, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(tmp_path / "dora"))
+    backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tmp_path / "dora")
+    reason = LayerStep.unsupported(backend.base_model, backend._fused_projections)
+    assert reason is not None and "LoRA variant" in reason, reason
     backend.close()
 
 
@@ -82,18 +129,20 @@ def test_without_a_gpu_decoders_keep_transformers_step(tiny_model_dir):
 
 
 @cuda_only
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_cuda_fused_layers_answer_as_transformers_layers(tiny_checkpoints, family):
-    """float32, recorded steps: the same answers (greedy and under the grammar) and caches."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_vl+adapter"])
+def test_cuda_fused_layers_answer_as_transformers_layers(tiny_checkpoints, tiny_adapter, family):
+    """float32, recorded steps: the same answers (greedy and under the grammar) and caches; with a
+    LoRA adapter active, the fused layers' merged matrices against peft's layers."""
     import torch
 
     from vla_node.backends.transformers_backend import TransformersBackend
     from vla_node.vocabulary import Vocabulary
 
+    family, _, with_adapter = family.partition("+")
     answers, caches = {}, {}
     for layer_step in (True, False):
         backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", decode_cache="static",
-                                      max_new_tokens=24)
+                                      max_new_tokens=24, adapter_path=tiny_adapter if with_adapter else None)
         backend.layer_kernels = layer_step
         answers[layer_step] = []
         for constrained in (False, True):

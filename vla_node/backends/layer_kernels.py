@@ -1,4 +1,4 @@
-"""Triton kernels that run a whole decoder layer's one-token step in eight launches.
+"""Triton kernels that run a whole decoder layer's one-token step in seven launches.
 
 decode_kernels.py gave the decode step its own matrix-vector products and attention, but the step
 still went through transformers' layer code under torch.compile: ~15 kernels per layer, of which

@@ -1,30 +1,37 @@
 """The one-row decode step of a Qwen-VL language model by layer_kernels.py's fused kernels.
 
-Per layer eight launches, no transformers module code: RMSNorm + q/k/v product (split-K partial
+Per layer seven launches (nine where the o or down product splits K), no transformers module code: RMSNorm + q/k/v product (split-K partial
 sums); their reduction with bias, q/k norm (Qwen3-VL), rotary embedding and the cache write;
 attention (two kernels, bounded by the layer's fill counter, which the second advances); o product +
 residual; RMSNorm + gate/up product + SiLU * up; down product (+ reduction) + residual. Then the
 final RMSNorm + lm_head product into float32 logits. Nothing is compiled by torch.compile: a CUDA
-graph records the launches (static_decode.py), so a decoder is ready in the time its products'
-block shapes take to time (about a second), not the tens of seconds of compiling transformers' step.
+graph records the launches (static_decode.py), so a decoder is ready once Triton has compiled the
+kernels and the products' block shapes are timed: 8.1 s on a fresh H200 for the 3B architecture,
+1.1 s with Triton's cache warm (benchmarks/results/gpu_history_h200.txt, runs 29-30), not the
+30-45 s of compiling transformers' step.
 
 For plain decoder layers only (``unsupported`` says why not): full attention, SiLU MLP, default
-rotary embedding, q/k/v and gate/up joint matrices (fused_projections.py), no active LoRA layer (an
-adapter's layers keep the compiled step of static_decode.py, which adds their updates). The cache's
-keys and values and its per-layer fill counters are the StaticCache's own, advanced as its
-``update`` would.
+rotary embedding, q/k/v and gate/up joint matrices (fused_projections.py). An active LoRA adapter
+(plain LoRA: no DoRA or other variant, no LoRA bias) is merged into copies of the matrices it
+adapts, W + scale * B A summed in float32 and rounded once, so its step reads as many bytes as the
+base model's; the copies live as long as the LayerStep (an adapter switch drops the decoder) and
+are made only where they take at most half the device's free memory, else the step stays with
+static_decode.py's compiled step, which adds the updates in peft's layers. The cache's keys and
+values and its per-layer fill counters are the StaticCache's own, advanced as its ``update`` would.
 """
 from __future__ import annotations
 
 import logging
 
 from vla_node.backends import decode_kernels
-from vla_node.backends.fused_projections import base_linear
+from vla_node.backends.fused_projections import GROUPS, base_linear
 from vla_node.backends.layer_kernels import kernels
 
 __all__ = ["LayerStep"]
 
 log = logging.getLogger(__name__)
+
+_CHOSEN_CONFIGS: dict[tuple, dict] = {}  # LayerStep._choose_configs' choices, per device and shapes
 
 # (rows per program, inputs per loop step, warps, K splits), timed per product kind in the step's
 # own order of weights (the best of 200 shapes per kind on an H200, benchmarks/results/gpu_history_h200.txt)
@@ -33,11 +40,61 @@ CANDIDATES = ((1, 1024, 4, 1), (2, 1024, 4, 1), (2, 2048, 2, 1), (4, 512, 2, 1),
 ATTENTION_CHUNK = decode_kernels.ATTENTION_CHUNK
 ATTENTION_BLOCK = decode_kernels.ATTENTION_BLOCK
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+JOINT = tuple(names for _, names in GROUPS)  # the joint matrices' projections, in their row order
+
+
+def _matrices(names: tuple) -> list[tuple]:
+    """``names`` grouped by the matrix that holds their rows: the joint ones, then one each."""
+    joint = [group for group in JOINT if set(group) <= set(names)]
+    return joint + [(name,) for name in names if not any(name in group for group in joint)]
 
 
 def _adapter_active(module) -> bool:
     """Whether a projection is a LoRA layer that adds an update (peft's wrapper, adapters on)."""
     return callable(getattr(module, "get_base_layer", None)) and not getattr(module, "disable_adapters", False)
+
+
+def _adapting(module) -> list[str]:
+    """The active adapters that add an update in ``module`` (not merged into its base weight)."""
+    if not _adapter_active(module):
+        return []
+    merged = set(getattr(module, "merged_adapters", ()))
+    return [name for name in getattr(module, "active_adapters", ())
+            if name in getattr(module, "lora_A", {}) and name not in merged]
+
+
+def _unmergeable(module) -> str | None:
+    """Why an active adapter of ``module`` cannot be merged into a weight copy (None: it can)."""
+    if not _adapter_active(module):
+        return None
+    if not callable(getattr(module, "get_delta_weight", None)) or not hasattr(module, "lora_A"):
+        return f"adapter layers of type {type(module).__name__}"
+    for name in _adapting(module):
+        variant = getattr(module, "lora_variant", {}).get(name)
+        if variant is not None or getattr(module, "use_dora", {}).get(name):
+            return f"adapter {name!r} is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+        if getattr(module, "lora_bias", {}).get(name):
+            return f"adapter {name!r} has LoRA biases"
+    return None
+
+
+def _merged(weight, modules):
+    """``weight`` (the rows of ``modules`` in order) with their active adapters' updates added,
+    a copy; ``weight`` itself when no module adds one."""
+    import torch
+
+    if not any(_adapting(module) for module in modules):
+        return weight
+    merged = torch.empty_like(weight)
+    offset = 0
+    for module in modules:
+        rows = slice(offset, offset + int(base_linear(module).weight.shape[0]))
+        total = weight[rows].to(torch.float32, copy=True)  # never the weight itself (float32 models)
+        for name in _adapting(module):
+            total += module.get_delta_weight(name).float()
+        merged[rows] = total.to(weight.dtype)
+        offset = rows.stop
+    return merged
 
 
 class LayerStep:
@@ -59,10 +116,23 @@ class LayerStep:
         config = getattr(model.config, "text_config", model.config)
         if getattr(config, "hidden_act", None) != "silu":
             return f"activation {getattr(config, 'hidden_act', None)!r}"
+        merged_bytes = 0
         for layer in layers:
             for parent, names in PROJECTIONS.items():
-                if any(_adapter_active(getattr(getattr(layer, parent), name)) for name in names):
-                    return "an adapter's LoRA layers are active"
+                for group in _matrices(names):
+                    modules = [getattr(getattr(layer, parent), name) for name in group]
+                    for module in modules:
+                        reason = _unmergeable(module)
+                        if reason is not None:
+                            return reason
+                    if any(_adapting(module) for module in modules):
+                        merged_bytes += sum(base_linear(module).weight.nbytes for module in modules)
+        device = model.get_output_embeddings().weight.device
+        if merged_bytes and device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if merged_bytes > free // 2:
+                return (f"the adapter's merged weights ({merged_bytes / 2**30:.2f} GiB) would take more than half "
+                        f"the device's free memory ({free / 2**30:.2f} GiB)")
         attention = layers[0].self_attn
         dim = int(attention.head_dim)
         if dim < 16 or dim & (dim - 1) or rotary.inv_freq.numel() != dim // 2:
@@ -87,13 +157,17 @@ class LayerStep:
         for index, layer in enumerate(language_model.layers):
             attention = layer.self_attn
             qkv, gate_up = fused.groups[2 * index], fused.groups[2 * index + 1]
-            o_proj, down_proj = (base_linear(attention.o_proj), base_linear(layer.mlp.down_proj))
+            mlp = layer.mlp
+            o_proj, down_proj = (base_linear(attention.o_proj), base_linear(mlp.down_proj))
             self._layers.append({
-                "input_norm": layer.input_layernorm, "qkv": qkv.weight, "qkv_bias": qkv.bias,
+                "input_norm": layer.input_layernorm,
+                "qkv": _merged(qkv.weight, [attention.q_proj, attention.k_proj, attention.v_proj]),
+                "qkv_bias": qkv.bias,
                 "q_norm": getattr(attention, "q_norm", None), "k_norm": getattr(attention, "k_norm", None),
-                "o": o_proj.weight, "o_bias": o_proj.bias, "post_norm": layer.post_attention_layernorm,
-                "gate_up": gate_up.weight, "gate_up_bias": gate_up.bias,
-                "down": down_proj.weight, "down_bias": down_proj.bias,
+                "o": _merged(o_proj.weight, [attention.o_proj]), "o_bias": o_proj.bias,
+                "post_norm": layer.post_attention_layernorm,
+                "gate_up": _merged(gate_up.weight, [mlp.gate_proj, mlp.up_proj]), "gate_up_bias": gate_up.bias,
+                "down": _merged(down_proj.weight, [mlp.down_proj]), "down_bias": down_proj.bias,
                 "scale": float(attention.scaling),
             })
         first = language_model.layers[0].self_attn
@@ -180,9 +254,18 @@ class LayerStep:
         }
 
     def _choose_configs(self) -> dict:
-        """The fastest block shape and split per product kind, timed once (CUDA); elsewhere (a CPU
-        under Triton's interpreter, which runs each program in Python) the one with the fewest
-        programs, split where the kind allows."""
+        """The fastest block shape and split per product kind, timed once per device and set of
+        matrix shapes in a process (CUDA; an adapter switch builds a new LayerStep and keeps them);
+        elsewhere (a CPU under Triton's interpreter, which runs each program in Python) the one with
+        the fewest programs, split where the kind allows."""
+        first = self._layers[0]
+        key = (str(self.device), self._embed.dtype, len(self._layers), tuple(self._lm_head.shape),
+               *(tuple(first[name].shape) for name in ("qkv", "o", "gate_up", "down")))
+        if key not in _CHOSEN_CONFIGS:
+            _CHOSEN_CONFIGS[key] = self._time_configs()
+        return dict(_CHOSEN_CONFIGS[key])
+
+    def _time_configs(self) -> dict:
         configs = {}
         for name, (candidates, launch) in self._products().items():
             if self.device.type != "cuda":

@@ -114,7 +114,8 @@ class StaticDecoder:
     ``kernels``: the layers' matrix-vector products, the attention and the greedy choice by
     decode_kernels.py's Triton kernels (CUDA with Triton only; the products need ``fused``).
     ``layer_step`` (with ``kernels``, one row): the whole step by layer_step.py's fused layers where
-    the model allows (no adapter active, see LayerStep.unsupported); nothing to compile then.
+    the model allows (a plain LoRA adapter merged into weight copies; see LayerStep.unsupported); nothing to
+    compile then.
     """
 
     def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,

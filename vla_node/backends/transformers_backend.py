@@ -134,7 +134,10 @@ class TransformersBackend(BatchedGeneration, Backend):
     ``static_cache_min_slots``), so the recorded steps keep their addresses. ``compile_decode``
     (default True): torch.compile the decode step before recording it (CUDA only). The attribute
     ``decode_kernels`` (default True): the step's one-row products, attention and greedy choice by
-    Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only).
+    Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only). The attribute
+    ``layer_kernels`` (default True, with ``decode_kernels``): a one-row step by layer_step.py's fused
+    layer kernels (seven launches per layer, nothing for torch.compile; an active plain LoRA adapter
+    merged into copies of the matrices it adapts) where LayerStep.unsupported allows.
 
     On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
     layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
