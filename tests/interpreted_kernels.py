@@ -127,6 +127,7 @@ def decoding(model_dir: str) -> dict:
     for cache in ("static", "dynamic"):
         backend = TransformersBackend(model_dir, device="cpu", decode_cache=cache, max_new_tokens=6)
         backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: fewer slots
+        backend.layer_kernels = False  # transformers' layers around these kernels (test_layer_step.py: fused)
         answers[cache] = []
         for constrained in (False, True):  # greedy, then under the action grammar
             if constrained:

@@ -1,14 +1,15 @@
 """The one-row decode step of a Qwen-VL language model by layer_kernels.py's fused kernels.
 
-Per layer seven launches (nine where the o or down product splits K), no transformers module code: RMSNorm + q/k/v product (split-K partial
-sums); their reduction with bias, q/k norm (Qwen3-VL), rotary embedding and the cache write;
-attention (two kernels, bounded by the layer's fill counter, which the second advances); o product +
-residual; RMSNorm + gate/up product + SiLU * up; down product (+ reduction) + residual. Then the
-final RMSNorm + lm_head product into float32 logits. Nothing is compiled by torch.compile: a CUDA
-graph records the launches (static_decode.py), so a decoder is ready once Triton has compiled the
-kernels and the products' block shapes are timed: 8.1 s on a fresh H200 for the 3B architecture,
-1.1 s with Triton's cache warm (benchmarks/results/gpu_history_h200.txt, runs 29-30), not the
-30-45 s of compiling transformers' step.
+Per layer seven launches (nine where the o or down product splits K), no transformers module
+code: RMSNorm + q/k/v product (split-K partial sums); their reduction with bias, q/k norm
+(Qwen3-VL), rotary embedding and the cache write; attention (two kernels, bounded by the layer's
+fill counter, which the second advances); o product + residual; RMSNorm + gate/up product + SiLU *
+up; down product (+ reduction) + residual. Then the final RMSNorm + lm_head product into float32
+logits. Nothing is compiled by torch.compile: a CUDA graph records the launches (static_decode.py),
+so a decoder is ready once Triton has compiled the kernels and the products' block shapes are
+timed: 8.1 s on a fresh H200 for the 3B architecture, 1.1-1.3 s with Triton's cache warm
+(benchmarks/results/gpu_history_h200.txt, runs 29-31), not the 30-45 s of compiling transformers'
+step.
 
 For plain decoder layers only (``unsupported`` says why not): full attention, SiLU MLP, default
 rotary embedding, q/k/v and gate/up joint matrices (fused_projections.py). An active LoRA adapter
