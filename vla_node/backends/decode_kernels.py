@@ -46,6 +46,10 @@ ATTENTION_CHUNK = 64  # slots per program (64 and 64: 6.0 us per layer for 16 qu
 ATTENTION_BLOCK = 64  # slots per loop step inside a program
 
 
+# the jitted attention helpers the kernels share with layer_kernels.py (set by _build_kernels)
+empty_state = attend_block = store_state = combine_head = None
+
+
 @functools.lru_cache(maxsize=None)
 def _triton():
     import importlib
@@ -68,6 +72,12 @@ def available(device) -> bool:
 def _build_kernels():
     import triton
     import triton.language as tl
+
+    from vla_node.backends import layer_kernels
+
+    global empty_state, attend_block, store_state, combine_head  # Triton finds the jitted functions a kernel
+    empty_state, attend_block, store_state, combine_head = (  # calls among its globals
+        layer_kernels.empty_state, layer_kernels.attend_block, layer_kernels.store_state, layer_kernels.combine_head)
 
     @triton.jit
     def matvec(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_w, chunk,
@@ -97,18 +107,6 @@ def _build_kernels():
             tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def matvec_reduce(part_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < N
-        y = tl.zeros((BLOCK,), dtype=tl.float32)
-        for split in range(SPLITS):
-            y += tl.load(part_ptr + split * N + rows, mask=ok, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
     def attention_partial(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, m_ptr, l_ptr, slots, scale,
                           stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, splits,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
@@ -125,50 +123,21 @@ def _build_kernels():
         # for a float32 one
         q = tl.load(q_ptr + (kv * GROUP + g)[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
                     other=0.0).to(tl.float32)
-        m = tl.full((GROUP_PAD,), -1.0e30, dtype=tl.float32)  # finite: a chunk with nothing allowed stays 0
-        l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-        acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        m, l, acc = empty_state(GROUP_PAD, DIM)
         for s0 in range(split * CHUNK, split * CHUNK + CHUNK, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < slots
             allowed = (tl.load(mask_ptr + s, mask=s_ok, other=0) != 0) & s_ok
-            k = tl.load(k_ptr + kv * stride_kh + s[:, None] * stride_ks + d[None, :], mask=s_ok[:, None],
-                        other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores = tl.where(allowed[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv * stride_vh + s[:, None] * stride_vs + d[None, :], mask=s_ok[:, None],
-                        other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-            m = m_new
-        state = (kv * splits + split) * GROUP_PAD + g
-        tl.store(m_ptr + state, m)
-        tl.store(l_ptr + state, l)
-        tl.store(out_ptr + state[:, None] * DIM + d[None, :], acc)
+            m, l, acc = attend_block(q, k_ptr + kv * stride_kh, v_ptr + kv * stride_vh, s, allowed, stride_ks,
+                                     stride_vs, scale, m, l, acc, DIM, PRECISION)
+        store_state(m_ptr, l_ptr, out_ptr, (kv * splits + split) * GROUP_PAD + g, m, l, acc, DIM)
 
     @triton.jit
     def attention_combine(out_ptr, m_ptr, l_ptr, y_ptr, splits,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
                           SPLITS_PAD: tl.constexpr):
-        """Query head ``head``'s output from its chunks' states (rescaled to the common max)."""
-        head = tl.program_id(0)
-        kv = head // GROUP
-        g = head % GROUP
-        s = tl.arange(0, SPLITS_PAD)
-        d = tl.arange(0, DIM)
-        s_ok = s < splits
-        state = (kv * splits + s) * GROUP_PAD + g
-        m = tl.load(m_ptr + state, mask=s_ok, other=-1.0e30)
-        l = tl.load(l_ptr + state, mask=s_ok, other=0.0)
-        top = tl.max(m, axis=0)
-        weight = tl.exp(m - top)
-        total = tl.sum(l * weight, axis=0)
-        acc = tl.load(out_ptr + state[:, None] * DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-        y = tl.sum(acc * weight[:, None], axis=0) / total
-        tl.store(y_ptr + head * DIM + d, y.to(y_ptr.dtype.element_ty))
+        """Query head ``head``'s output from its chunks' states."""
+        combine_head(out_ptr, m_ptr, l_ptr, y_ptr, tl.program_id(0), splits, GROUP, GROUP_PAD, DIM, SPLITS_PAD)
 
     @triton.jit
     def choice_partial(x_ptr, max_ptr, index_ptr, sum_ptr, N, BLOCK: tl.constexpr):
@@ -196,8 +165,9 @@ def _build_kernels():
         tl.store(chosen_ptr, index.to(tl.int64))
         tl.store(logprob_ptr, -tl.log(total))
 
-    return {"choice_partial": choice_partial, "choice_combine": choice_combine, "matvec": matvec, "matvec_reduce": matvec_reduce,
-            "attention_partial": attention_partial, "attention_combine": attention_combine}
+    return {"choice_partial": choice_partial, "choice_combine": choice_combine, "matvec": matvec,
+            "reduce_rows": layer_kernels.reduce_rows, "attention_partial": attention_partial,
+            "attention_combine": attention_combine}
 
 
 # ---------------------------------------------------------------------------- matrix-vector product
@@ -224,8 +194,9 @@ def _launch_matvec(config, x, weight, bias, out):
     partial = torch.empty(splits, n, dtype=torch.float32, device=x.device)
     kernels["matvec"][(rows, splits)](x, weight, weight, partial, n, k, weight.stride(0), chunk, PARTIAL=True,
                                       HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    kernels["matvec_reduce"][(-(-n // 1024),)](partial, bias if bias is not None else partial, out, n,
-                                               SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+    kernels["reduce_rows"][(-(-n // 1024),)](partial, bias if bias is not None else partial, out, out, n,
+                                             SPLITS=splits, HAS_BIAS=bias is not None, RESIDUAL=False, BLOCK=1024,
+                                             num_warps=4)
     return out
 
 

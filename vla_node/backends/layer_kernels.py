@@ -110,7 +110,8 @@ if triton is not None:
     @triton.jit
     def reduce_rows(part_ptr, b_ptr, res_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        """out = sum of the splits' partial sums (+ bias), rounded to out's dtype (+ residual)."""
+        """out = sum of the splits' partial sums (+ bias), rounded to out's dtype (+ residual);
+        decode_kernels.py's split products use it too."""
         dtype = out_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
@@ -181,6 +182,59 @@ if triton is not None:
             tl.store(v_ptr + head * stride_vh + slot * stride_vs + d, y.to(dtype))
 
     @triton.jit
+    def empty_state(GROUP_PAD: tl.constexpr, DIM: tl.constexpr):
+        """A running softmax state over no slots: max (finite, so a block with nothing allowed keeps
+        it empty), sum, unnormalised output; shared with decode_kernels.py."""
+        return (tl.full((GROUP_PAD,), -1.0e30, dtype=tl.float32), tl.zeros((GROUP_PAD,), dtype=tl.float32),
+                tl.zeros((GROUP_PAD, DIM), dtype=tl.float32))
+
+    @triton.jit
+    def store_state(m_ptr, l_ptr, out_ptr, state, m, l, acc, DIM: tl.constexpr):
+        """A chunk's running softmax state into the buffers attention_combine reads (``state``: its
+        rows there); shared with decode_kernels.py."""
+        tl.store(m_ptr + state, m)
+        tl.store(l_ptr + state, l)
+        tl.store(out_ptr + state[:, None] * DIM + tl.arange(0, DIM)[None, :], acc)
+
+    @triton.jit
+    def attend_block(q, k_ptr, v_ptr, s, allowed, stride_ks, stride_vs, scale, m, l, acc, DIM: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """The running softmax state (max m, sum l, unnormalised output acc) of a query group ``q``
+        advanced over one block of slots ``s`` of a key/value head (``allowed`` of them count);
+        shared with decode_kernels.py."""
+        d = tl.arange(0, DIM)
+        k = tl.load(k_ptr + s[:, None] * stride_ks + d[None, :], mask=allowed[:, None], other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.where(allowed[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + s[:, None] * stride_vs + d[None, :], mask=allowed[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        return m_new, l, acc
+
+    @triton.jit
+    def combine_head(out_ptr, m_ptr, l_ptr, y_ptr, head, splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                     DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        """Query head ``head``'s output from its chunks' states (rescaled to the common max); shared
+        with layer_kernels.py."""
+        kv = head // GROUP
+        g = head % GROUP
+        s = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, DIM)
+        s_ok = s < splits
+        state = (kv * splits + s) * GROUP_PAD + g
+        m = tl.load(m_ptr + state, mask=s_ok, other=-1.0e30)
+        l = tl.load(l_ptr + state, mask=s_ok, other=0.0)
+        top = tl.max(m, axis=0)
+        weight = tl.exp(m - top)
+        total = tl.sum(l * weight, axis=0)
+        acc = tl.load(out_ptr + state[:, None] * DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+        y = tl.sum(acc * weight[:, None], axis=0) / total
+        tl.store(y_ptr + head * DIM + d, y.to(y_ptr.dtype.element_ty))
+
+    @triton.jit
     def attention_partial(q_ptr, k_ptr, v_ptr, fill_ptr, start_ptr, out_ptr, m_ptr, l_ptr, scale,
                           stride_kh, stride_ks, stride_vh, stride_vs, splits,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
@@ -196,30 +250,15 @@ if triton is not None:
         last = tl.load(fill_ptr).to(tl.int32)
         first = tl.load(start_ptr).to(tl.int32)
         q = tl.load(q_ptr + (kv * GROUP + g)[:, None] * DIM + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        m = tl.full((GROUP_PAD,), -1.0e30, dtype=tl.float32)
-        l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-        acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        m, l, acc = empty_state(GROUP_PAD, DIM)
         lo = split * CHUNK
         hi = tl.minimum(lo + CHUNK, last + 1)
         for s0 in range(lo, hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             allowed = (s <= last) & (s >= first)
-            k = tl.load(k_ptr + kv * stride_kh + s[:, None] * stride_ks + d[None, :], mask=allowed[:, None],
-                        other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores = tl.where(allowed[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv * stride_vh + s[:, None] * stride_vs + d[None, :], mask=allowed[:, None],
-                        other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-            m = m_new
-        state = (kv * splits + split) * GROUP_PAD + g
-        tl.store(m_ptr + state, m)
-        tl.store(l_ptr + state, l)
-        tl.store(out_ptr + state[:, None] * DIM + d[None, :], acc)
+            m, l, acc = attend_block(q, k_ptr + kv * stride_kh, v_ptr + kv * stride_vh, s, allowed, stride_ks,
+                                     stride_vs, scale, m, l, acc, DIM, PRECISION)
+        store_state(m_ptr, l_ptr, out_ptr, (kv * splits + split) * GROUP_PAD + g, m, l, acc, DIM)
 
     @triton.jit
     def attention_combine(out_ptr, m_ptr, l_ptr, y_ptr, fill_ptr, splits,
@@ -228,19 +267,6 @@ if triton is not None:
         """Query head ``program_id(0)``'s output from its chunks' states; program 0 then advances
         the layer's fill counter (every program of attention_partial has read it)."""
         head = tl.program_id(0)
-        kv = head // GROUP
-        g = head % GROUP
-        s = tl.arange(0, SPLITS_PAD)
-        d = tl.arange(0, DIM)
-        s_ok = s < splits
-        state = (kv * splits + s) * GROUP_PAD + g
-        m = tl.load(m_ptr + state, mask=s_ok, other=-1.0e30)
-        l = tl.load(l_ptr + state, mask=s_ok, other=0.0)
-        top = tl.max(m, axis=0)
-        weight = tl.exp(m - top)
-        total = tl.sum(l * weight, axis=0)
-        acc = tl.load(out_ptr + state[:, None] * DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-        y = tl.sum(acc * weight[:, None], axis=0) / total
-        tl.store(y_ptr + head * DIM + d, y.to(y_ptr.dtype.element_ty))
+        combine_head(out_ptr, m_ptr, l_ptr, y_ptr, head, splits, GROUP, GROUP_PAD, DIM, SPLITS_PAD)
         if head == 0:
             tl.store(fill_ptr, tl.load(fill_ptr) + 1)
