@@ -396,6 +396,18 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
     texts: dict[str, str] = {}
+
+    def once_s(run) -> float:
+        """Seconds of one call of ``run``, the GPU finished (a first request: it builds, compiles, records)."""
+        synchronize(device)
+        started_at = time.perf_counter()
+        run()
+        synchronize(device)
+        return time.perf_counter() - started_at
+
+    def first_command() -> None:
+        node_command(core, rgb, args.new_tokens)
+
     first_static_s = None  # the first static-decode request compiles and records the decode step
     first_kernels_s = None  # ... and the first with the Triton kernels (their shapes timed, the step compiled again)
     first_compiled_layers_s = None  # ... and the first through the compiled vision blocks (compiled, recorded)
@@ -405,27 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
             if options.get("compiled_layers", True) and options.get("vision_graph", True) \
                     and first_compiled_layers_s is None and vision_graphs is not None and vision_graphs.compile_blocks:
-                synchronize(device)
-                first = time.perf_counter()
-                node_command(core, rgb, args.new_tokens)
-                synchronize(device)
-                first_compiled_layers_s = time.perf_counter() - first
+                first_compiled_layers_s = once_s(first_command)
             if options["decode"] == "static" and options.get("layer_step", True) and first_layer_step_s is None:
-                synchronize(device)
-                first = time.perf_counter()
-                node_command(core, rgb, args.new_tokens)
-                synchronize(device)
-                first_layer_step_s = time.perf_counter() - first
+                first_layer_step_s = once_s(first_command)
             if options["decode"] == "static" and (first_static_s is None
                                                   or (options.get("kernels", True) and first_kernels_s is None)):
-                synchronize(device)
-                first = time.perf_counter()
-                node_command(core, rgb, args.new_tokens)
-                synchronize(device)
+                seconds = once_s(first_command)
                 if first_static_s is None:
-                    first_static_s = time.perf_counter() - first
+                    first_static_s = seconds
                 if options.get("kernels", True) and first_kernels_s is None:
-                    first_kernels_s = time.perf_counter() - first
+                    first_kernels_s = seconds
             results.append(measure_path(name, lambda n: node_command(core, rgb, n), device, args.new_tokens,
                                         iters, variant_warmup, last_tokens, preprocess_of))
             node_command(core, rgb, args.new_tokens)
@@ -441,11 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         for graphs in (backend.vision_graphs, backend._prefill_graphs):
             if graphs is not None:
                 graphs.clear()
-        synchronize(device)
-        first = time.perf_counter()
-        node_command(core, rgb, args.new_tokens)
-        synchronize(device)
-        new_size_ms = (time.perf_counter() - first) * 1000.0
+        new_size_ms = once_s(first_command) * 1000.0
     plain_text = texts.get(variants[0][0])
     same_tokens = {name: text == plain_text for name, text in texts.items() if "grammar" not in name}
 
@@ -466,11 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         backend.max_batch_size = max(batch_size, 1)
         core.max_new_tokens = args.new_tokens
         jobs = [InferenceJob(camera_frame(rgb, camera), COMMAND) for camera in range(batch_size)]
-        synchronize(device)
-        first = time.perf_counter()
-        core.infer_batch(jobs)
-        synchronize(device)
-        first_batch_s = time.perf_counter() - first
+        first_batch_s = once_s(lambda: core.infer_batch(jobs))
         node_ms = statistics.median(timed(lambda: core.infer_batch(jobs), device, max(2, iters // 4), 0))
         naive_ms = statistics.median(timed(lambda: naive.batch(rgb, batch_size, args.new_tokens), device,
                                            max(2, iters // 4), 1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 
 from vla_node.backends import decode_kernels
-from vla_node.backends.fused_projections import GROUPS, base_linear
+from vla_node.backends.fused_projections import base_linear
 from vla_node.backends.layer_kernels import kernels
 
 __all__ = ["LayerStep"]
@@ -40,14 +40,14 @@ CANDIDATES = ((1, 1024, 4, 1), (2, 1024, 4, 1), (2, 2048, 2, 1), (4, 512, 2, 1),
               (16, 256, 4, 4), (4, 256, 4, 4), (4, 512, 4, 2))
 ATTENTION_CHUNK = decode_kernels.ATTENTION_CHUNK
 ATTENTION_BLOCK = decode_kernels.ATTENTION_BLOCK
-PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-JOINT = tuple(names for _, names in GROUPS)  # the joint matrices' projections, in their row order
 
 
-def _matrices(names: tuple) -> list[tuple]:
-    """``names`` grouped by the matrix that holds their rows: the joint ones, then one each."""
-    joint = [group for group in JOINT if set(group) <= set(names)]
-    return joint + [(name,) for name in names if not any(name in group for group in joint)]
+def _matrices(layer) -> dict:
+    """A decoder layer's four matrices of the step, each with the projections whose rows it holds,
+    in row order (the joint ones as fused_projections.GROUPS orders them)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return {"qkv": (attention.q_proj, attention.k_proj, attention.v_proj), "o": (attention.o_proj,),
+            "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
 
 
 def _adapter_active(module) -> bool:
@@ -119,15 +119,13 @@ class LayerStep:
             return f"activation {getattr(config, 'hidden_act', None)!r}"
         merged_bytes = 0
         for layer in layers:
-            for parent, names in PROJECTIONS.items():
-                for group in _matrices(names):
-                    modules = [getattr(getattr(layer, parent), name) for name in group]
-                    for module in modules:
-                        reason = _unmergeable(module)
-                        if reason is not None:
-                            return reason
-                    if any(_adapting(module) for module in modules):
-                        merged_bytes += sum(base_linear(module).weight.nbytes for module in modules)
+            for modules in _matrices(layer).values():
+                for module in modules:
+                    reason = _unmergeable(module)
+                    if reason is not None:
+                        return reason
+                if any(_adapting(module) for module in modules):
+                    merged_bytes += sum(base_linear(module).weight.nbytes for module in modules)
         device = model.get_output_embeddings().weight.device
         if merged_bytes and device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
@@ -157,18 +155,13 @@ class LayerStep:
         self._layers = []
         for index, layer in enumerate(language_model.layers):
             attention = layer.self_attn
-            qkv, gate_up = fused.groups[2 * index], fused.groups[2 * index + 1]
-            mlp = layer.mlp
-            o_proj, down_proj = (base_linear(attention.o_proj), base_linear(mlp.down_proj))
+            bases = {"qkv": fused.groups[2 * index], "o": base_linear(attention.o_proj),
+                     "gate_up": fused.groups[2 * index + 1], "down": base_linear(layer.mlp.down_proj)}
+            matrices = {name: _merged(bases[name].weight, modules) for name, modules in _matrices(layer).items()}
             self._layers.append({
-                "input_norm": layer.input_layernorm,
-                "qkv": _merged(qkv.weight, [attention.q_proj, attention.k_proj, attention.v_proj]),
-                "qkv_bias": qkv.bias,
+                **matrices, **{f"{name}_bias": base.bias for name, base in bases.items()},
+                "input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm,
                 "q_norm": getattr(attention, "q_norm", None), "k_norm": getattr(attention, "k_norm", None),
-                "o": _merged(o_proj.weight, [attention.o_proj]), "o_bias": o_proj.bias,
-                "post_norm": layer.post_attention_layernorm,
-                "gate_up": _merged(gate_up.weight, [mlp.gate_proj, mlp.up_proj]), "gate_up_bias": gate_up.bias,
-                "down": _merged(down_proj.weight, [mlp.down_proj]), "down_bias": down_proj.bias,
                 "scale": float(attention.scaling),
             })
         first = language_model.layers[0].self_attn
