@@ -31,9 +31,12 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
                      MLPs compiled by torch.compile (regional_compile.py; the rows above record them
                      uncompiled; the first command compiles them for the frame size and prompt
                      bucket, its time is printed)
-    + fused layer step  the runtime default: the one-row decode step by layer_step.py's fused
-                     layer kernels (seven launches per layer, nothing compiled; the rows above run
-                     transformers' layers compiled around the Triton kernels)
+    + fused layer step  the one-row decode step by layer_step.py's fused layer kernels (seven
+                     launches per layer, nothing compiled; the rows above run transformers' layers
+                     compiled around the Triton kernels), each launch waiting for the one before
+    + dependent launches  the runtime default: the same kernels launched programmatically
+                     dependent (Hopper and later: each overlaps the end of the one before,
+                     layer_kernels.py)
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
@@ -288,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache (+ compile) variant")
     parser.add_argument("--adapter-rank", type=int, default=16,
                         help="rank of the random LoRA adapter of the adapter rows (default %(default)s; 0 skips them)")
+    parser.add_argument("--only", default=None,
+                        help="time only the node paths whose names contain one of these comma-separated words "
+                             "(the baseline and the first plain path always run: the ratios' references)")
     parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: tmp)")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -353,13 +359,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
                   vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True,
-                  compiled_layers: bool = True, layer_step: bool = True) -> None:
+                  compiled_layers: bool = True, layer_step: bool = True, dependent_launch: bool = True) -> None:
         # the vision tower: recorded with compiled blocks, recorded as it is, or eager
         backend.vision_graphs = (vision_graphs if compiled_layers else uncompiled_graphs) if vision_graph else None
         backend.compile_layers = compiled_layers  # the prefill graphs' norms and MLPs (a change records them again)
         backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
         backend.decode_kernels = kernels  # the decode step's Triton kernels (a change builds a new decoder)
         backend.layer_kernels = layer_step  # ... the whole one-row step by fused layer kernels (the same)
+        backend.dependent_launch = dependent_launch  # ... those launched programmatically dependent (the same)
         backend.decode_cache = decode
         backend.prefix_cache = prefix_cache if prefix else no_prefix
         backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
@@ -391,10 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     if vision_graphs is not None and vision_graphs.compile_blocks:
         variants.append(("+ compiled layers", dict(default, layer_step=False), warmup))
     if default_decode == "static" and not args.no_static:
-        variants.append(("+ fused layer step (default)", default, warmup))
+        variants.append(("+ fused layer step", dict(default, dependent_launch=False), warmup))
+        variants.append(("+ dependent launches (default)", default, warmup))
     if grammar is not None:
         variants.append(("default + grammar (runtime default)", dict(default, constrained=True), warmup))
     variants.append(("default + frame cache (same frame)", dict(default, frames=True), warmup))
+    if args.only:
+        words = [word.strip() for word in args.only.split(",") if word.strip()]
+        variants = [variant for index, variant in enumerate(variants)
+                    if index == 0 or any(word in variant[0] for word in words)]
     texts: dict[str, str] = {}
 
     def once_s(run) -> float:

@@ -206,3 +206,49 @@ def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_c
     reference_error = float((reference_logits - truth).abs().max())
     assert fused_error <= 1.5 * reference_error + 1e-3 * float(truth.abs().max()), (fused_error, reference_error)
     backend.close()
+
+
+@cuda_only
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cuda_dependent_launches_change_no_bit(tiny_checkpoints, family):
+    """Recorded bfloat16 steps with the kernels launched programmatically dependent (each overlapping
+    the end of the one before) and in plain order: the same tokens, log-probabilities, last logits
+    and cache, bit for bit (a kernel reading before the one before it finished would differ)."""
+    import torch
+
+    from vla_node.backends import layer_step
+    from vla_node.backends.layer_kernels import dependent_launch_supported
+    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    if not dependent_launch_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and a Triton that launches so")
+    backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="bfloat16", decode_cache="static",
+                                  max_new_tokens=4)
+    backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=4))
+    cache = backend._static_cache
+    saved = [(layer.cumulative_length.clone(), layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    runs = {}
+    for dependent in (True, False):
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            for layer, (fill, keys, values) in zip(cache.layers, saved):
+                layer.cumulative_length.copy_(fill)
+                layer.keys.copy_(keys)
+                layer.values.copy_(values)
+        decoder = StaticDecoder(backend.base_model, cache, [-1], use_graph=True, fused=backend._fused_projections,
+                                kernels=True, layer_step=True, dependent_launch=dependent)
+        assert decoder.layer_step and decoder._layer_step.dependent_launch == dependent
+        assert decoder._layer_step.prefetch_steps == (layer_step.PREFETCH_STEPS if dependent else 0)
+        with torch.inference_mode():
+            result = decoder.decode(7, torch.tensor([[-3]]), 16)
+        assert len(result.tokens) == 16 and decoder.graph_replays == 16
+        runs[dependent] = (result.tokens, result.logprobs, decoder._logits.clone(),
+                           [(int(layer.cumulative_length), layer.keys.clone(), layer.values.clone())
+                            for layer in cache.layers])
+    (tokens, logprobs, logits, layers), (tokens_r, logprobs_r, logits_r, layers_r) = runs[True], runs[False]
+    assert tokens == tokens_r and logprobs == logprobs_r
+    assert torch.equal(logits, logits_r)
+    for (fill, keys, values), (fill_r, keys_r, values_r) in zip(layers, layers_r):
+        assert fill == fill_r == int(saved[0][0]) + 16
+        assert torch.equal(keys, keys_r) and torch.equal(values, values_r)
+    backend.close()

@@ -36,6 +36,24 @@ def test_inputs_equal_the_processors(tiny_checkpoints, family, size):
     assert direct.check(inputs, reference) and direct.usable
 
 
+def test_the_text_before_the_pad_is_tokenised_once_for_every_command(tiny_model_dir):
+    """Commands after the same system text: each equals the processor's inputs, the text before the
+    pad was tokenised once (a command with special-token text and odd spacing included)."""
+    processor, text = _processor_and_text(tiny_model_dir)
+    direct = OneImageInputs(processor)
+    image = tiny_image()
+    tails = ["", " and then the green one", "  <|vision_end|>x<|im_end|>\n\n weird   spacing"]
+    for tail in tails:
+        prompt = text + tail
+        inputs = direct(prompt, image, {})
+        reference = processor(text=[prompt], images=[image], return_tensors="pt")
+        for key, value in reference.items():
+            assert torch.equal(inputs[key], value), (tail, key)
+    assert len(direct._heads) == 1
+    head = next(iter(direct._heads))
+    assert text.startswith(head) and processor.image_token not in head
+
+
 def test_prompts_without_one_image_pad_go_to_the_processor(tiny_model_dir):
     processor, text = _processor_and_text(tiny_model_dir)
     direct = OneImageInputs(processor)

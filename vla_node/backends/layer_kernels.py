@@ -18,6 +18,15 @@ small kernel of ~2 us plus a launch gap, around 20 us per layer on an H200 (36 l
   slot; the combine advances the layer's fill counter, as StaticLayer.update does.
 - ``reduce_rows``: split-K partial sums reduced, bias and residual added.
 
+Programmatic dependent launch (Hopper and later, ``PDL``): each kernel is launched while the one
+before it still runs; a product's programs first ask the L2 for their first loop step of weights
+(weights never change within a step), then wait for the kernel before to finish
+(``griddepcontrol.wait``) before reading anything it writes or writing anything it reads, then let
+the next kernel launch. The tail of one launch (its last programs, the device half idle) so
+overlaps the start of the next: a 3B step 2.24 -> 2.06 ms on an H200, the same bits
+(benchmarks/results/gpu_history_h200.txt run 34; prefetching whole rows was slower, 2.78 ms: a
+wave of programs asked for more than the L2 holds).
+
 Sums run in float32; products, activations and residual adds are rounded to the model's dtype where
 transformers' modules return them. The one difference: the RMSNorm before a product is not rounded
 to the dtype on its own (its scale is applied after the sum), so a bfloat16 step differs from
@@ -44,12 +53,53 @@ def kernels() -> dict | None:
             "attention_partial": attention_partial, "attention_combine": attention_combine}
 
 
+def dependent_launch_supported(device) -> bool:
+    """Whether the kernels can launch programmatically dependent on ``device``: CUDA of compute
+    capability 9.0 or later (Hopper's griddepcontrol), a Triton that launches so, not its interpreter."""
+    import os
+
+    if triton is None or getattr(device, "type", str(device)) != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        import torch
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as triton_cuda
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    if "launch_pdl" not in getattr(CUDAOptions, "__dataclass_fields__", {}) or not all(
+            hasattr(triton_cuda, name) for name in ("gdc_wait", "gdc_launch_dependents")):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # the kernels live at module level: a Triton kernel finds the jitted functions it calls among its globals
 if triton is not None:
     @triton.jit
+    def after_previous(PDL: tl.constexpr):
+        """Under programmatic dependent launch: wait until the kernel before has finished and its
+        writes are visible, then let the next kernel launch (its programs wait likewise)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_rows(w_ptr, rows, N, k_start, chunk, K, stride_w, BLOCK_K: tl.constexpr, LINE: tl.constexpr,
+                      STEPS: tl.constexpr):
+        """Ask the L2 for rows ``rows`` of W over the first STEPS loop steps of inputs k_start ..
+        k_start + chunk, one request per cache line of ``LINE`` elements (addresses clamped into W;
+        nothing is loaded into registers)."""
+        safe_rows = tl.minimum(rows, N - 1)
+        for k0 in range(k_start, k_start + tl.minimum(chunk, STEPS * BLOCK_K), BLOCK_K):
+            cols = tl.minimum(k0 + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                      [w_ptr + safe_rows[:, None] * stride_w + cols[None, :]],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def layer_matvec(x_ptr, norm_ptr, w_ptr, b_ptr, res_ptr, out_ptr, squares_ptr, N, K, stride_w, chunk, eps,
                      NORM: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                     LINE: tl.constexpr = 64, PREFETCH: tl.constexpr = 0):
         """Rows ``program_id(0)`` block of W (RMSNorm(x) if NORM) over split ``program_id(1)``'s
         ``chunk`` inputs. PARTIAL: float32 sums into out[split, rows] (NORM: the sums of
         norm-weight * x, the split's sum of x^2 into squares[split], for the reduction to scale).
@@ -58,16 +108,23 @@ if triton is not None:
 
         RMSNorm(x) = weight * x / rms(x): the 1 / rms(x) is one number for the whole row, so it
         multiplies the finished sums, and rms(x) is summed in the same loop that streams x (no
-        pass over x before the products)."""
+        pass over x before the products). PDL: the program's weight rows over its first PREFETCH
+        loop steps (``LINE`` elements per cache line) are requested before it waits for the kernel
+        before."""
         dtype = x_ptr.dtype.element_ty
         block = tl.program_id(0)
         split = tl.program_id(1)
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        k_start = split * chunk
+        if PDL and PREFETCH > 0:
+            prefetch_rows(w_ptr, rows, N, k_start, chunk, K, stride_w, BLOCK_K, LINE, PREFETCH)
+            if GATED:
+                prefetch_rows(w_ptr, rows + N, 2 * N, k_start, chunk, K, stride_w, BLOCK_K, LINE, PREFETCH)
+        after_previous(PDL)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        k_start = split * chunk
         for k0 in range(k_start, k_start + chunk, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
@@ -109,9 +166,10 @@ if triton is not None:
 
     @triton.jit
     def reduce_rows(part_ptr, b_ptr, res_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """out = sum of the splits' partial sums (+ bias), rounded to out's dtype (+ residual);
         decode_kernels.py's split products use it too."""
+        after_previous(PDL)
         dtype = out_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
@@ -141,9 +199,10 @@ if triton is not None:
     def qkv_finish(part_ptr, squares_ptr, b_ptr, q_norm_ptr, k_norm_ptr, inv_freq_ptr, fill_ptr, delta_ptr,
                    q_ptr, k_ptr, v_ptr, N, hidden, norm_eps, stride_kh, stride_ks, stride_vh, stride_vs, eps,
                    rope_scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_NORM: tl.constexpr):
+                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr = False):
         """Program p: query head p, key head p - HEADS or value head p - HEADS - KV_HEADS, from
         layer_matvec's PARTIAL, NORM sums over ``hidden`` inputs (scaled by their 1 / rms here)."""
+        after_previous(PDL)
         dtype = k_ptr.dtype.element_ty
         p = tl.program_id(0)
         d = tl.arange(0, DIM)
@@ -238,10 +297,12 @@ if triton is not None:
     def attention_partial(q_ptr, k_ptr, v_ptr, fill_ptr, start_ptr, out_ptr, m_ptr, l_ptr, scale,
                           stride_kh, stride_ks, stride_vh, stride_vs, splits,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-                          CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+                          CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+                          PDL: tl.constexpr = False):
         """Key/value head ``program_id(0)``, slot chunk ``program_id(1)``: the running softmax state
         of the head's query group over the chunk's slots from ``start`` up to the fill (inclusive:
         this step's own key); chunks outside that range store an empty state."""
+        after_previous(PDL)
         kv = tl.program_id(0)
         split = tl.program_id(1)
         g = tl.arange(0, GROUP_PAD)
@@ -263,9 +324,10 @@ if triton is not None:
     @triton.jit
     def attention_combine(out_ptr, m_ptr, l_ptr, y_ptr, fill_ptr, splits,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr):
+                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
         """Query head ``program_id(0)``'s output from its chunks' states; program 0 then advances
         the layer's fill counter (every program of attention_partial has read it)."""
+        after_previous(PDL)
         head = tl.program_id(0)
         combine_head(out_ptr, m_ptr, l_ptr, y_ptr, head, splits, GROUP, GROUP_PAD, DIM, SPLITS_PAD)
         if head == 0:

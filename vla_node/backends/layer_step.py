@@ -5,9 +5,10 @@ code: RMSNorm + q/k/v product (split-K partial sums); their reduction with bias,
 (Qwen3-VL), rotary embedding and the cache write; attention (two kernels, bounded by the layer's
 fill counter, which the second advances); o product + residual; RMSNorm + gate/up product + SiLU *
 up; down product (+ reduction) + residual. Then the final RMSNorm + lm_head product into float32
-logits. Nothing is compiled by torch.compile: a CUDA graph records the launches (static_decode.py),
-so a decoder is ready once Triton has compiled the kernels and the products' block shapes are
-timed: 8.1 s on a fresh H200 for the 3B architecture, 1.1-1.3 s with Triton's cache warm
+logits. On Hopper and later the kernels launch programmatically dependent (layer_kernels.py:
+each overlaps the end of the one before, its weights prefetched). Nothing is compiled by
+torch.compile: a CUDA graph records the launches (static_decode.py), so a decoder is ready once
+Triton has compiled the kernels and the products' block shapes are timed: 8.1 s on a fresh H200 for the 3B architecture, 1.1-1.3 s with Triton's cache warm
 (benchmarks/results/gpu_history_h200.txt, runs 29-31), not the 30-45 s of compiling transformers'
 step.
 
@@ -26,7 +27,7 @@ import logging
 
 from vla_node.backends import decode_kernels
 from vla_node.backends.fused_projections import base_linear
-from vla_node.backends.layer_kernels import kernels
+from vla_node.backends.layer_kernels import dependent_launch_supported, kernels
 
 __all__ = ["LayerStep"]
 
@@ -38,6 +39,8 @@ _CHOSEN_CONFIGS: dict[tuple, dict] = {}  # LayerStep._choose_configs' choices, p
 # own order of weights (the best of 200 shapes per kind on an H200, benchmarks/results/gpu_history_h200.txt)
 CANDIDATES = ((1, 1024, 4, 1), (2, 1024, 4, 1), (2, 2048, 2, 1), (4, 512, 2, 1), (4, 1024, 4, 1), (8, 1024, 4, 1),
               (16, 256, 4, 4), (4, 256, 4, 4), (4, 512, 4, 2))
+# under dependent launch, the loop steps of weights a product's program asks the L2 for before it waits
+PREFETCH_STEPS = 1
 ATTENTION_CHUNK = decode_kernels.ATTENTION_CHUNK
 ATTENTION_BLOCK = decode_kernels.ATTENTION_BLOCK
 
@@ -140,7 +143,9 @@ class LayerStep:
             return "an lm_head bias"
         return None
 
-    def __init__(self, model, fused):
+    def __init__(self, model, fused, dependent_launch: bool = True):
+        """``dependent_launch``: launch the kernels programmatically dependent where the device
+        allows (layer_kernels.py; False: each launch waits for the one before, as usual)."""
         import torch
 
         self._torch = torch
@@ -171,6 +176,12 @@ class LayerStep:
         weight = self._embed
         device, dtype = weight.device, weight.dtype
         self.device = device
+        self.dependent_launch = bool(dependent_launch) and dependent_launch_supported(device)
+        # the kernels' PDL arguments: the flag, the weights' elements per 128-byte line, the launch's own
+        self.prefetch_steps = PREFETCH_STEPS if self.dependent_launch else 0
+        self._pdl = ({"PDL": True, "LINE": 128 // weight.element_size(), "PREFETCH": self.prefetch_steps,
+                      "launch_pdl": True} if self.dependent_launch else {})
+        self._pdl_plain = {"PDL": True, "launch_pdl": True} if self.dependent_launch else {}  # no weights read
         hidden = int(weight.shape[1])
         self._hidden = torch.zeros(hidden, dtype=dtype, device=device)
         self._query = torch.zeros(self.heads * self.dim, dtype=dtype, device=device)
@@ -209,17 +220,18 @@ class LayerStep:
                          chunk, eps,
                          NORM=norm is not None, PARTIAL=False, HAS_BIAS=bias is not None,
                          RESIDUAL=residual is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=warps)
+                         num_warps=warps, **self._pdl)
             return out
         sums = self._partial(splits, rows)
         matvec[grid](x, norm_weight, weight, weight, x, sums, self._squares, rows, inputs, weight.stride(0), chunk, eps,
                      NORM=norm is not None, PARTIAL=True, HAS_BIAS=False, RESIDUAL=False, GATED=False,
-                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **self._pdl)
         if partial:
             return sums
         self._kernels["reduce_rows"][(-(-rows // 1024),)](
             sums, bias if bias is not None else sums, residual if residual is not None else out, out, rows,
-            SPLITS=splits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK=1024, num_warps=4)
+            SPLITS=splits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK=1024, num_warps=4,
+            **self._pdl_plain)
         return out
 
     def _products(self) -> dict:
@@ -302,16 +314,17 @@ class LayerStep:
                 float(layer["input_norm"].variance_epsilon), keys.stride(1), keys.stride(2),
                 values.stride(1), values.stride(2), float(q_norm.variance_epsilon) if head_norm else 0.0,
                 self._rope_scale, HEADS=self.heads, KV_HEADS=self.kv_heads, DIM=self.dim,
-                SPLITS=configs["qkv"][3], HAS_BIAS=layer["qkv_bias"] is not None, HEAD_NORM=head_norm, num_warps=4)
+                SPLITS=configs["qkv"][3], HAS_BIAS=layer["qkv_bias"] is not None, HEAD_NORM=head_norm, num_warps=4,
+                **self._pdl_plain)
             splits, states, maxima, sums = self._attention_buffers(int(keys.shape[2]))
             k["attention_partial"][(self.kv_heads, splits)](
                 self._query, keys, values, fill, start, states, maxima, sums, layer["scale"], keys.stride(1),
                 keys.stride(2), values.stride(1), values.stride(2), splits, GROUP=self._group,
                 GROUP_PAD=self._group_pad, DIM=self.dim, CHUNK=ATTENTION_CHUNK, BLOCK_S=ATTENTION_BLOCK,
-                PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4)
+                PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4, **self._pdl_plain)
             k["attention_combine"][(self.heads,)](
                 states, maxima, sums, self._attended, fill, splits, GROUP=self._group, GROUP_PAD=self._group_pad,
-                DIM=self.dim, SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), num_warps=4)
+                DIM=self.dim, SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), num_warps=4, **self._pdl_plain)
             self._product(configs["o"], self._attended, layer["o"], hidden, bias=layer["o_bias"], residual=hidden)
             self._product(configs["gate_up"], hidden, layer["gate_up"], self._activation, layer["post_norm"],
                           layer["gate_up_bias"], gated=True)

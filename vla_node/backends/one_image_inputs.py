@@ -4,8 +4,11 @@ A camera frame's prompt holds one ``<|image_pad|>`` that the processor expands t
 merged patch (1,000-odd for 640x480), then tokenises the whole text, turns a Python list of ids into
 a tensor and merges and validates its keyword arguments: on this project's 2-core CPU 13 ms per
 command, of which the image processor takes ~4.6 ms and the tokenizer ~2 ms, the rest bookkeeping.
-Here the image processor runs alone, the prompt is tokenised with its single pad, and the pad id is
-repeated in the tensor.
+Here the image processor runs alone, and the ids are put together around the pad: the text before
+it (the system text and the user turn's opening: the same for every command) is tokenised once and
+kept, the text after it (the command) each time, by the fast tokenizer's own encoder. Tokenising
+around the pad is tokenising the whole text: a tokenizer splits its text at added tokens such as
+``<|image_pad|>`` before anything else, so no token spans one.
 
 The processor stays the reference: ``OneImageInputs`` is used only after its output for a request
 equalled the processor's exactly (every key, every value); the backend checks the first request it
@@ -25,9 +28,28 @@ class OneImageInputs:
     """Builds ``processor(text=[text], images=[image], return_tensors="pt", images_kwargs=...)``'s
     tensors for a Qwen-VL processor (image pads expanded by the image grid, merge size squared)."""
 
+    HEADS_KEPT = 8  # texts before the pad kept tokenised (a node has one system text per adapter)
+
     def __init__(self, processor):
         self._processor = processor
         self.verified: bool | None = None  # None: not yet compared with the processor; False: not used
+        self._heads: dict[str, list[int]] = {}  # text before the pad -> its ids
+
+    def _encode(self, text: str) -> list[int]:
+        """``text``'s ids as the tokenizer gives them inside a prompt (no special tokens added)."""
+        tokenizer = self._processor.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust encoder alone: no BatchEncoding, no tensor conversion
+            return list(backend.encode(text, add_special_tokens=False).ids)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _head(self, text: str) -> list[int]:
+        ids = self._heads.get(text)
+        if ids is None:
+            if len(self._heads) >= self.HEADS_KEPT:
+                self._heads.clear()
+            ids = self._heads[text] = self._encode(text)
+        return ids
 
     @property
     def usable(self) -> bool:
@@ -44,15 +66,14 @@ class OneImageInputs:
         if not pad or merge is None or text.count(pad) != 1:
             return None
         pad_id = processor.tokenizer.convert_tokens_to_ids(pad)
+        if self._encode(pad) != [pad_id]:  # the pad is not one added token: the processor's way
+            return None
         image_inputs = image_processor(images=[image], return_tensors="pt", **images_kwargs)
         grid = image_inputs["image_grid_thw"]
         count = int(grid[0].prod()) // int(merge) ** 2
-        ids = processor.tokenizer(text, return_tensors="pt")["input_ids"][0]
-        where = (ids == pad_id).nonzero()
-        if where.numel() != 1:  # the pad did not tokenise to its one id
-            return None
-        at = int(where[0, 0])
-        input_ids = torch.cat([ids[:at], ids.new_full((count,), pad_id), ids[at + 1:]]).unsqueeze(0)
+        at = text.index(pad)
+        ids = self._head(text[:at]) + [pad_id] * count + self._encode(text[at + len(pad):])
+        input_ids = torch.tensor(ids, dtype=torch.long).unsqueeze(0)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "mm_token_type_ids": (input_ids == pad_id).long(), **image_inputs}
 

@@ -33,7 +33,8 @@ from vla_node.backends.cuda_graph import record_cuda_graph
 from vla_node.backends.regional_compile import CompiledForwards
 from vla_node.lru import CountingLru, LruBacked
 
-__all__ = ["PREFILL_ATTENTION", "PREFILL_BUCKET", "PrefillGraphs", "Prefill", "lower_right_causal_attention"]
+__all__ = ["PREFILL_ATTENTION", "PREFILL_BUCKET", "PrefillGraphs", "Prefill", "host_inputs",
+           "lower_right_causal_attention", "upload"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ def lower_right_causal_attention(module, query, key, value, attention_mask=None,
     return out.transpose(1, 2).contiguous(), None
 
 
+HOST_INPUTS = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+
+
+def host_inputs(inputs: dict) -> dict:
+    """The model inputs the host-side preparation reads (ids, mask, image grid, token types), on the
+    host: read back before the GPU work of the request is queued, so each read waits for nothing."""
+    return {name: inputs[name].cpu() for name in HOST_INPUTS if inputs.get(name) is not None}
+
+
+def upload(tensor, device):
+    """``tensor`` (on the host) on ``device`` without waiting for the work queued there (a pinned
+    copy: a plain one from pageable memory waits for the device)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return tensor.to(device)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+
+
 class Prefill:
     """A request's prefill inputs prepared on the host before the GPU work is queued: the tokens
     still to prefill, their rope positions (on the device) and the prompt's rope delta."""
@@ -70,7 +88,7 @@ class Prefill:
         self.input_ids = input_ids  # (1, N) on the device: the whole prompt
         self.start = start  # tokens already in the cache (the shared prefix)
         self.positions = positions  # (3, 1, N - start) on the device
-        self.rope_deltas = rope_deltas  # (1, 1)
+        self.rope_deltas = rope_deltas  # (1, 1) on the host
         self.image_rows = image_rows  # (image tokens,) positions in the suffix, on the device; None: no image
 
 
@@ -162,21 +180,22 @@ class PrefillGraphs(LruBacked):
     # ------------------------------------------------------------------ host side, before GPU work
 
     @staticmethod
-    def prepare(model, inputs: dict, start: int) -> Prefill:
-        """Rope positions of the prompt's tokens from ``start`` on and where its image tokens sit:
-        host work, done before the vision tower is queued so nothing waits for it."""
-        import torch
-
+    def prepare(model, inputs: dict, start: int, host: dict | None = None) -> Prefill:
+        """Rope positions of the prompt's tokens from ``start`` on and where its image tokens sit,
+        computed on the host from ``host`` (host_inputs(inputs), read back before any GPU work was
+        queued) and uploaded without waiting for the device: the vision tower may run meanwhile."""
         input_ids = inputs["input_ids"]
-        ids_host = input_ids.cpu()
-        rope_kwargs = {name: inputs[name] for name in ("attention_mask", "image_grid_thw", "mm_token_type_ids")
-                       if inputs.get(name) is not None}
-        positions, rope_deltas = model.model.get_rope_index(input_ids, **rope_kwargs)
+        device = input_ids.device
+        host = host if host is not None else host_inputs(inputs)
+        ids_host = host["input_ids"]
+        rope_kwargs = {name: host[name] for name in ("attention_mask", "image_grid_thw", "mm_token_type_ids")
+                       if name in host}
+        positions, rope_deltas = model.model.get_rope_index(ids_host, **rope_kwargs)
         image_rows = None
-        if inputs.get("image_grid_thw") is not None:
+        if "image_grid_thw" in host:
             rows = (ids_host[0, start:] == int(model.config.image_token_id)).nonzero().flatten()
-            image_rows = rows.to(input_ids.device)
-        return Prefill(input_ids, int(start), positions[:, :, start:].to(input_ids.device), rope_deltas, image_rows)
+            image_rows = upload(rows, device)
+        return Prefill(input_ids, int(start), upload(positions[:, :, start:], device), rope_deltas, image_rows)
 
     # ------------------------------------------------------------------ GPU side
 

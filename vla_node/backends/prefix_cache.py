@@ -60,7 +60,7 @@ class PrefixCache(LruBacked):
         length = int(where[0, 0])
         return length if length >= self.min_tokens else 0
 
-    def seed(self, model, input_ids, scope: tuple, into=None, length: int | None = None):
+    def seed(self, model, input_ids, scope: tuple, into=None, length: int | None = None, ids_host=None):
         """A cache holding the prefix of ``input_ids`` (shape 1 x N), or None (no usable prefix).
 
         ``model`` is the Qwen-VL ``...ForConditionalGeneration`` (LoRA layers injected in place, so
@@ -68,7 +68,8 @@ class PrefixCache(LruBacked):
         into (reset here first); default a new ``DynamicCache``. When ``into`` already holds this
         prefix from the previous request (a robot's prompts share it), only its fill counters go back
         to the prefix's length: nothing writes below them, and the slots above are masked until rewritten.
-        ``length``: ``prefix_length(input_ids)`` when the caller has it already.
+        ``length``: ``prefix_length(input_ids)`` when the caller has it already; ``ids_host``:
+        ``input_ids`` on the host, when the caller has them (the prefix's key is read from them).
         """
         if self.capacity == 0:
             return None
@@ -81,7 +82,8 @@ class PrefixCache(LruBacked):
         import torch
 
         prefix = input_ids[:, :length]
-        digest = hashlib.blake2b(prefix.cpu().numpy().tobytes(), digest_size=16)
+        digest = hashlib.blake2b((ids_host if ids_host is not None else input_ids)[:, :length].cpu().numpy().tobytes(),
+                                 digest_size=16)
         digest.update(repr(scope).encode())
         key = digest.digest()
         layers = self._lru.get_or_make(key, lambda: self._prefill(model, prefix, torch))

@@ -115,11 +115,12 @@ class StaticDecoder:
     decode_kernels.py's Triton kernels (CUDA with Triton only; the products need ``fused``).
     ``layer_step`` (with ``kernels``, one row): the whole step by layer_step.py's fused layers where
     the model allows (a plain LoRA adapter merged into weight copies; see LayerStep.unsupported); nothing to
-    compile then.
+    compile then; ``dependent_launch``: its kernels launched programmatically dependent where the
+    device allows (LayerStep's).
     """
 
     def __init__(self, model, cache, eos_ids: list[int], use_graph: bool, compile_step: bool = False,
-                 fused=None, kernels: bool = False, layer_step: bool = False):
+                 fused=None, kernels: bool = False, layer_step: bool = False, dependent_launch: bool = True):
         import torch
 
         self._torch = torch
@@ -157,6 +158,7 @@ class StaticDecoder:
         if fused is not None and self._fused is None:
             log.warning("fused projections no longer share their weights: decoding with separate products")
         self.requested_layer_step = bool(layer_step)
+        self.requested_dependent_launch = bool(dependent_launch)
         self._layer_step = self._new_layer_step(model) if self.requested_layer_step and self.kernels and rows == 1 \
             else None
         self.compiled = bool(compile_step) and self.use_graph and self._layer_step is None
@@ -194,7 +196,7 @@ class StaticDecoder:
         if reason is not None:
             log.info("decode step through transformers' layers: %s", reason)
             return None
-        return LayerStep(model, self._fused)
+        return LayerStep(model, self._fused, self.requested_dependent_launch)
 
     @property
     def layer_step(self) -> bool:
@@ -283,16 +285,17 @@ class StaticDecoder:
 
     def _run(self, name: str) -> None:
         """Run the step ``name`` ("greedy", "forward" or the masked "choice"): its graph when
-        recorded, else eagerly."""
-        if not self.use_graph:
-            self._body(name)()
-            return
-        graph = self._graphs.get(name)
+        recorded, else eagerly. Only a recording or an eager step runs the model's code, so only
+        they switch its attention and projections (_decode_attention: ~250 attribute swaps for a
+        36-layer model, a millisecond of host time a command that replays need not spend)."""
+        graph = self._graphs.get(name) if self.use_graph else None
         if graph is None:
-            graph = self._capture(name, self._body(name))
-            if graph is None:  # a failed capture drops the compiled forward too
-                self._body(name)()
-                return
+            with self._decode_attention():
+                if self.use_graph:
+                    graph = self._capture(name, self._body(name))
+                if graph is None:  # eager, or a failed capture (which drops the compiled forward too)
+                    self._body(name)()
+                    return
         graph.replay()
         self.graph_replays += 1
 
@@ -361,7 +364,7 @@ class StaticDecoder:
             raise ValueError(f"{longest} steps do not fit the cache ({self.capacity - fill} slots left)")
         # idle rows attend to their own new slots only: finite scores, nothing read from the others
         starts = [int(s) for s in (starts or [0] * count)] + [fill] * idle
-        with self._lock, self._decode_attention():
+        with self._lock:
             self._token.copy_(torch.tensor([int(t) for t in first_tokens] + [0] * idle).view(self.rows, 1))
             self._rope_delta.copy_(torch.tensor([int(d) for d in rope_deltas] + [0] * idle))
             self._start.copy_(torch.tensor(starts))

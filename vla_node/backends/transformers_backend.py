@@ -33,7 +33,7 @@ from vla_node.backends.prefix_cache import PrefixCache
 from vla_node.backends.prefix_cache import reset as reset_static_cache
 from vla_node.backends.fused_projections import FusedProjections
 from vla_node.backends.one_image_inputs import OneImageInputs
-from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs
+from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs, host_inputs
 from vla_node.backends.static_decode import DecodeResult, StaticDecoder, greedy_choice
 from vla_node.backends.vision_attention import use_block_attention
 from vla_node.backends.vision_graph import VisionGraphs
@@ -138,7 +138,9 @@ class TransformersBackend(BatchedGeneration, Backend):
     Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only). The attribute
     ``layer_kernels`` (default True, with ``decode_kernels``): a one-row step by layer_step.py's fused
     layer kernels (seven launches per layer, nothing for torch.compile; an active plain LoRA adapter
-    merged into copies of the matrices it adapts) where LayerStep.unsupported allows.
+    merged into copies of the matrices it adapts) where LayerStep.unsupported allows; the attribute
+    ``dependent_launch`` (default True): those kernels launched programmatically dependent on Hopper
+    and later GPUs (each overlaps the end of the one before; layer_kernels.py).
 
     On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
     layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
@@ -218,6 +220,7 @@ class TransformersBackend(BatchedGeneration, Backend):
         self.decode_kernels = True
         # ... and, for one row, the whole step by fused layer kernels (layer_step.py; with decode_kernels)
         self.layer_kernels = True
+        self.dependent_launch = True  # ... launched programmatically dependent where the GPU allows
         self._static_cache_len = 0
         self._gpu_image_processing = True  # see _process
 
@@ -716,10 +719,14 @@ class TransformersBackend(BatchedGeneration, Backend):
         supported, else a one-token ``generate`` (with ``generate_kwargs``: its stop criteria and
         grammar processor; ``stop_check`` its stop criterion)."""
         prompt_len = int(inputs["input_ids"].shape[1])
-        # host work first (prefix, rope positions), so nothing waits for the vision tower after it
-        cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET)
-        prefill = PrefillGraphs.prepare(self.base_model, inputs, start) if self._uses_static_prefill(inputs) else None
+        host = host_inputs(inputs)  # read back before the vision tower is queued: the reads wait for nothing
         model_inputs = self._model_inputs(inputs, image)
+        # the host work (prefix lookup, rope positions) while the GPU runs the tower: nothing below
+        # reads the device back before the prefill
+        cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET,
+                                           host["input_ids"])
+        prefill = (PrefillGraphs.prepare(self.base_model, inputs, start, host) if self._uses_static_prefill(inputs)
+                   else None)
         if prefill is not None:
             first, stopped = self._static_first_token(prefill, model_inputs, stop_event, constraint)
             return first, stopped, prefill.rope_deltas
@@ -778,12 +785,14 @@ class TransformersBackend(BatchedGeneration, Backend):
     def _current_decoder(self, decoder: StaticDecoder | None, cache) -> StaticDecoder:
         """``decoder`` if it still decodes on ``cache`` with the requested kernels, else a new one."""
         if (decoder is not None and decoder.cache is cache and decoder.requested_kernels == self.decode_kernels
-                and decoder.requested_layer_step == self.layer_kernels):
+                and decoder.requested_layer_step == self.layer_kernels
+                and decoder.requested_dependent_launch == self.dependent_launch):
             return decoder
         cuda = self.device.type == "cuda"
         return StaticDecoder(self.base_model, cache, self._eos_ids, use_graph=cuda,
                              compile_step=cuda and self.compile_decode, fused=self._fused_projections,
-                             kernels=self.decode_kernels, layer_step=self.layer_kernels)
+                             kernels=self.decode_kernels, layer_step=self.layer_kernels,
+                             dependent_launch=self.dependent_launch)
 
     @staticmethod
     def _answer(first: tuple[int, float], rest) -> tuple[list[int], float]:
@@ -792,7 +801,7 @@ class TransformersBackend(BatchedGeneration, Backend):
         mean_logprob = sum(logprobs) / len(logprobs)
         return [first[0], *rest.tokens], min(1.0, max(math.exp(mean_logprob), 1e-12))
 
-    def _initial_cache(self, input_ids, total_len: int):
+    def _initial_cache(self, input_ids, total_len: int, ids_host=None):
         """(cache, tokens it holds): the KV cache generation starts from: the prompt's cached shared
         prefix (see prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an
         empty StaticCache, or None (generate's default DynamicCache).
@@ -800,7 +809,8 @@ class TransformersBackend(BatchedGeneration, Backend):
         Like transformers' own static caches, the StaticCache is allocated once and reused per
         request (emptied, or set back to the prefix it still holds), so its tensors keep their
         addresses (the CUDA graphs are recorded once); it holds ``total_len`` slots rounded up to
-        256, at least ``static_cache_min_slots``, and only ever grows.
+        256, at least ``static_cache_min_slots``, and only ever grows. ``ids_host``: ``input_ids`` on
+        the host, when the caller has them (nothing is read back from the device then).
         """
         static = None
         if self.decode_cache == "static":
@@ -810,8 +820,10 @@ class TransformersBackend(BatchedGeneration, Backend):
                 self._static_cache = self._new_static_cache(slots)
             static = self._static_cache
         scope = (self.adapter_id, str(self.dtype), str(self.device))
-        length = self.prefix_cache.prefix_length(input_ids)
-        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static, length=length)
+        ids_host = ids_host if ids_host is not None else input_ids.cpu()
+        length = self.prefix_cache.prefix_length(ids_host)
+        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static, length=length,
+                                        ids_host=ids_host)
         if seeded is None:
             if static is not None:
                 reset_static_cache(static)

@@ -17,6 +17,10 @@ whole tower took 47-98 s (3B, 640x480 on an H200: 17.9 -> 11.8 ms per frame for 
 at the first frame, 5.4 s at a second size; gpu_history_h200.txt run 21). The blocks keep their
 own forwards outside the recording.
 
+The recording runs Qwen2.5-VL's block MLPs with their hidden size padded from 3420 to 3456
+(aligned_mlp.py: Hopper's GEMM kernels need 16-byte aligned rows) and the patch embedding as a
+matrix product instead of cuDNN's Conv3d (patch_linear.py).
+
 Outputs equal the tower's own (tests/test_vision_graph.py); on a CPU, or when a grid cannot be
 recorded, the same pre-computed call runs eagerly.
 """
@@ -25,7 +29,9 @@ from __future__ import annotations
 import logging
 import threading
 
+from vla_node.backends.aligned_mlp import AlignedMlps
 from vla_node.backends.cuda_graph import record_cuda_graph
+from vla_node.backends.patch_linear import PatchEmbedAsLinear
 from vla_node.backends.regional_compile import CompiledForwards
 from vla_node.lru import CountingLru, LruBacked
 
@@ -96,6 +102,8 @@ class VisionGraphs(LruBacked):
         self.use_graph = bool(use_graph)
         # every block's forward compiled (one compiled graph per grid and attention kind, shared)
         self._blocks = CompiledForwards(getattr(self.visual, "blocks", None) or [], enabled=compile_blocks)
+        self._aligned = None  # the blocks' MLPs padded to aligned sizes (aligned_mlp.py), at the first recording
+        self._patch_product = PatchEmbedAsLinear(self.visual)  # the patch embedding as a product (patch_linear.py)
         self._lock = threading.Lock()
         self.graph_replays = 0
 
@@ -149,8 +157,10 @@ class VisionGraphs(LruBacked):
         pixels.copy_(pixel_values)
         if not (self.use_graph and pixel_values.device.type == "cuda"):
             return _Recorded(pixels, image_grid_thw, plan, None, None)
+        if self._aligned is None:
+            self._aligned = AlignedMlps(getattr(self.visual, "blocks", None) or [])
         try:
-            with self._blocks.active():
+            with self._blocks.active(), self._aligned.active(), self._patch_product.active():
                 graph, outputs = record_cuda_graph(lambda: self._run(pixels, image_grid_thw, plan))
         except Exception as error:  # a tower that cannot be recorded still encodes, eagerly
             if self.compile_blocks:
