@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from gpu_latency import COMMAND, camera_frame, node_command, synchronize, versions  # noqa: E402
+from gpu_latency import COMMAND, camera_frame, node_command, synchronize, timed, versions  # noqa: E402
 
 PHASES = ("inputs", "cache", "positions", "vision", "prefill", "decode")
 
@@ -78,7 +78,7 @@ class PhaseTimer:
     def _timed(self, phase: str, fn):
         import torch
 
-        def timed(*args, **kwargs):
+        def phase_call(*args, **kwargs):
             if self.sync:
                 synchronize(self.device)
             started = time.perf_counter()
@@ -89,7 +89,7 @@ class PhaseTimer:
             self.samples[phase].append((time.perf_counter() - started) * 1000.0)
             return out
 
-        return timed
+        return phase_call
 
     def _wrap(self, backend, method: str, phase: str) -> None:
         setattr(backend, method, self._timed(phase, getattr(backend, method)))
@@ -101,15 +101,9 @@ class PhaseTimer:
 
 
 def phase_table(run, timer: PhaseTimer, commands: int) -> dict:
-    """Medians of each phase and of the whole command over ``commands`` calls of ``run(i)``."""
+    """Medians of each phase and of the whole command over ``commands`` calls of ``run()``."""
     timer.samples.clear()
-    totals = []
-    for i in range(commands):
-        synchronize(timer.device)
-        started = time.perf_counter()
-        run(i)
-        synchronize(timer.device)
-        totals.append((time.perf_counter() - started) * 1000.0)
+    totals = timed(run, timer.device, commands, 0)
     medians = {phase: statistics.median(timer.samples[phase]) for phase in PHASES if timer.samples[phase]}
     medians["rest"] = statistics.median(totals) - sum(medians.values())
     medians["total (phases synchronised)"] = statistics.median(totals)
@@ -217,21 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {json.dumps(versions(device))}")
     counter = iter(range(1, 1 << 30))
 
-    def command(_=None) -> None:  # a new frame each time: the vision tower runs for every command
+    def command() -> None:  # a new frame each time: the vision tower runs for every command
         node_command(core, camera_frame(rgb, next(counter)), args.new_tokens)
 
-    for _ in range(3):  # first commands build, time block shapes, record
-        command()
     report: dict = {"model": args.model, "device": device, "new_tokens": args.new_tokens, "commands": commands}
-
-    pipelined = []
-    for _ in range(commands):
-        synchronize(device)
-        started = time.perf_counter()
-        command()
-        synchronize(device)
-        pipelined.append((time.perf_counter() - started) * 1000.0)
-    report["end_to_end_ms"] = statistics.median(pipelined)
+    # three untimed commands first: they build, time block shapes, record
+    report["end_to_end_ms"] = statistics.median(timed(command, device, commands, 3))
 
     timer = PhaseTimer(backend, device)
     try:

@@ -6,10 +6,11 @@ code: RMSNorm + q/k/v product (split-K partial sums); their reduction with bias,
 fill counter, which the second advances); o product + residual; RMSNorm + gate/up product + SiLU *
 up; down product (+ reduction) + residual. Then the final RMSNorm + lm_head product into float32
 logits. On Hopper and later the kernels launch programmatically dependent (layer_kernels.py:
-each overlaps the end of the one before, its weights prefetched). Nothing is compiled by
-torch.compile: a CUDA graph records the launches (static_decode.py), so a decoder is ready once
-Triton has compiled the kernels and the products' block shapes are timed: 8.1 s on a fresh H200 for the 3B architecture, 1.1-1.3 s with Triton's cache warm
-(benchmarks/results/gpu_history_h200.txt, runs 29-31), not the 30-45 s of compiling transformers'
+each overlaps the end of the one before, the first loop step of its weights prefetched). Nothing
+is compiled by torch.compile: a CUDA graph records the launches (static_decode.py), so a decoder
+is ready once Triton has compiled the kernels and the products' block shapes are timed: 8.1-8.9 s
+on a fresh H200 for the 3B architecture, 1.1-1.3 s with Triton's cache warm
+(benchmarks/results/gpu_history_h200.txt, runs 29-35), not the 30-45 s of compiling transformers'
 step.
 
 For plain decoder layers only (``unsupported`` says why not): full attention, SiLU MLP, default

@@ -82,8 +82,8 @@ class PrefixCache(LruBacked):
         import torch
 
         prefix = input_ids[:, :length]
-        digest = hashlib.blake2b((ids_host if ids_host is not None else input_ids)[:, :length].cpu().numpy().tobytes(),
-                                 digest_size=16)
+        ids = ids_host if ids_host is not None else input_ids
+        digest = hashlib.blake2b(ids[:, :length].cpu().numpy().tobytes(), digest_size=16)
         digest.update(repr(scope).encode())
         key = digest.digest()
         layers = self._lru.get_or_make(key, lambda: self._prefill(model, prefix, torch))
