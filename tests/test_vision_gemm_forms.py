@@ -92,6 +92,19 @@ def test_replaced_and_adapted_mlps_are_left_alone(unaligned_checkpoint):
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["gate_proj"]), adapted.model.visual)
     assert AlignedMlps(adapted.model.visual.blocks).padded == 0, "an adapter's layers are not padded"
 
+    # an adapter loaded after the padding: its updates have the unpadded size, so the MLP computes as it is
+    later = _model(unaligned_checkpoint)
+    pixels, grid = _frame(unaligned_checkpoint)
+    aligned = AlignedMlps(later.model.visual.blocks)
+    config = LoraConfig(r=2, target_modules=["gate_proj"], init_lora_weights=False)  # nonzero updates
+    inject_adapter_in_model(config, later.model.visual.blocks[0])
+    expected = _tower(later, pixels, grid)
+    with aligned.active():
+        wrapped, plain = (block.mlp for block in later.model.visual.blocks)
+        assert wrapped.up_proj.weight.shape[0] == HIDDEN and plain.up_proj.weight.shape[0] == PAD_TO
+        got = _tower(later, pixels, grid)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
     aligned_model = _model(unaligned_checkpoint)
     for block in aligned_model.model.visual.blocks:  # hidden size 64: aligned already
         mlp = block.mlp
@@ -139,3 +152,5 @@ def test_patch_embedding_as_a_product_gives_the_convolutions_outputs(tiny_checkp
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     model.model.visual.patch_embed.proj.stride = (1, 1, 1)  # no longer one output per patch
     assert not PatchEmbedAsLinear(model.model.visual).applies
+    with product.active():  # changed since it was made: the module keeps its own forward
+        assert "forward" not in vars(model.model.visual.patch_embed)

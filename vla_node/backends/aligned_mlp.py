@@ -12,7 +12,8 @@ The padded matrices are the storage of the module's own weights (the originals a
 the gate/up rows a prefix, the down columns a strided slice), so the padding costs no memory and an
 in-place change of a weight reaches both. ``active()`` swaps the full padded matrices in while the
 caller records; outside, the modules keep their shapes. An MLP whose weights were replaced since
-(another dtype, a new state dict) is no longer a view of its padded matrices: it computes as it is.
+(another dtype, a new state dict) is no longer a view of its padded matrices, and one whose
+projections an adapter has wrapped since adds updates of the unpadded size: both compute as they are.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import contextlib
 
 __all__ = ["AlignedMlps"]
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _SWAPS = "_aligned_mlp_swaps"  # an MLP's padded matrices, kept on the module: another AlignedMlps reuses them
 ALIGN = 8  # elements: 16 bytes of bfloat16, what Hopper's GEMM kernels need of a row
 PAD_TO = 64  # the padded size: a whole GEMM tile edge
@@ -31,11 +33,12 @@ class AlignedMlps:
     alone); the others are left as they are. ``padded`` counts the MLPs padded."""
 
     def __init__(self, blocks):
-        self._mlps: list[list[tuple[object, str, object]]] = []  # per MLP: (module, attribute, padded Parameter)
+        self._mlps: list[tuple[object, list]] = []  # (MLP, its (module, attribute, padded Parameter) swaps)
         for block in blocks:
-            swaps = self._pad(getattr(block, "mlp", None))
+            mlp = getattr(block, "mlp", None)
+            swaps = self._pad(mlp)
             if swaps:
-                self._mlps.append(swaps)
+                self._mlps.append((mlp, swaps))
 
     @property
     def padded(self) -> int:
@@ -46,7 +49,7 @@ class AlignedMlps:
 
         if mlp is not None and _SWAPS in vars(mlp):
             return vars(mlp)[_SWAPS]
-        projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        projections = [getattr(mlp, name, None) for name in PROJECTIONS]
         if not all(type(module) is torch.nn.Linear for module in projections):
             return []
         gate, up, down = projections
@@ -77,14 +80,24 @@ class AlignedMlps:
         setattr(module, attribute, torch.nn.Parameter(view(padded), requires_grad=original.requires_grad))
         return module, attribute, torch.nn.Parameter(padded, requires_grad=original.requires_grad)
 
+    @staticmethod
+    def _intact(mlp, swaps) -> bool:
+        """Whether ``mlp`` still computes with the padded modules: its own plain Linear projections
+        (no adapter wrapped around them since), each weight still a view of its padded matrix."""
+        import torch
+
+        modules = {id(module) for module, _, _ in swaps}
+        return (all(type(getattr(mlp, name, None)) is torch.nn.Linear and id(getattr(mlp, name)) in modules
+                    for name in PROJECTIONS)
+                and all(getattr(module, attribute).data_ptr() == padded.data_ptr() for module, attribute, padded in swaps))
+
     @contextlib.contextmanager
     def active(self):
         """While inside: the padded MLPs compute with their full padded matrices."""
         kept = []
-        for swaps in self._mlps:
-            if not all(getattr(module, attribute).data_ptr() == padded.data_ptr()
-                       for module, attribute, padded in swaps):
-                continue  # replaced since: not a view of its padded matrices any more
+        for mlp, swaps in self._mlps:
+            if not self._intact(mlp, swaps):
+                continue
             for module, attribute, padded in swaps:
                 kept.append((module, attribute, getattr(module, attribute)))
                 setattr(module, attribute, padded)

@@ -39,7 +39,7 @@ class PatchEmbedAsLinear:
     def active(self):
         """While inside: the embedding is flattened patches times the flattened kernel (+ bias)."""
         embed = self._embed
-        if embed is None:
+        if embed is None or not self._exact(getattr(embed, "proj", None)):  # an adapter may wrap it since
             yield
             return
         import torch
