@@ -34,6 +34,7 @@ class OneImageInputs:
         self._processor = processor
         self.verified: bool | None = None  # None: not yet compared with the processor; False: not used
         self._heads: dict[str, list[int]] = {}  # text before the pad -> its ids
+        self._pad_is_one_token: bool | None = None  # the pad tokenises to its one id (asked once)
 
     def _encode(self, text: str) -> list[int]:
         """``text``'s ids as the tokenizer gives them inside a prompt (no special tokens added)."""
@@ -66,7 +67,9 @@ class OneImageInputs:
         if not pad or merge is None or text.count(pad) != 1:
             return None
         pad_id = processor.tokenizer.convert_tokens_to_ids(pad)
-        if self._encode(pad) != [pad_id]:  # the pad is not one added token: the processor's way
+        if self._pad_is_one_token is None:
+            self._pad_is_one_token = self._encode(pad) == [pad_id]
+        if not self._pad_is_one_token:  # the pad is not one added token: the processor's way
             return None
         image_inputs = image_processor(images=[image], return_tensors="pt", **images_kwargs)
         grid = image_inputs["image_grid_thw"]
