@@ -134,6 +134,11 @@ def system_differs(sample: Any, prompt: PromptBuilder) -> bool:
     return role != "system" or text != prompt.system_text
 
 
+def _answer_kind(sample: Any) -> str:
+    """"text" for a free-form sample (training.answer_kinds), else "actions" or ""."""
+    return (sample.get("answer_kind") if isinstance(sample, Mapping) else getattr(sample, "answer_kind", "")) or ""
+
+
 def _where(sample: Any) -> str:
     for attr in ("where", "source", "location"):
         v = sample.get(attr) if isinstance(sample, Mapping) else getattr(sample, attr, None)
@@ -152,9 +157,13 @@ class VLACollator:
     processor: Any
     prompt: PromptBuilder
     limits: PixelLimits
-    # True: the system message is always PromptBuilder.system_text (what the robot sends), whatever
-    # the dataset carries; False: keep the dataset's system message (LLaMA-Factory behaviour).
+    # True: an action sample's system message is always PromptBuilder.system_text (what the robot
+    # sends), whatever the dataset carries; False: keep the dataset's system message (LLaMA-Factory
+    # behaviour). Free-form samples (answer_kind "text") always keep theirs.
     builder_system: bool = True
+    # LLaMA-Factory's cutoff_len: longest sequence in tokens; a longer answer is cut (its end-of-turn
+    # kept), a prompt that alone is that long is an EncodeError. None: no limit.
+    cutoff_len: int | None = None
 
     def __post_init__(self) -> None:
         tok = self.processor.tokenizer
@@ -170,7 +179,7 @@ class VLACollator:
     def split_chat(self, sample: Any) -> tuple[list[dict], str]:
         """(chat messages up to the last user turn, target answer text)."""
         chat = self.prompt.chat_from_sharegpt(_messages_of(sample))
-        if self.builder_system:
+        if self.builder_system and _answer_kind(sample) != "text":
             system = {"role": "system", "content": [{"type": "text", "text": self.prompt.system_text}]}
             chat = [system] + (chat[1:] if chat and chat[0].get("role") == "system" else chat)
         if not chat or chat[-1].get("role") != "assistant":
@@ -216,8 +225,15 @@ class VLACollator:
         target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
         if not target_ids or target_ids[-1] != self.im_end_id:
             target_ids = list(target_ids) + [self.im_end_id]
-        tgt = torch.tensor(target_ids, dtype=torch.long)
         prompt_ids = enc["input_ids"][0]
+        if self.cutoff_len is not None and prompt_ids.shape[0] + len(target_ids) > self.cutoff_len:
+            room = self.cutoff_len - prompt_ids.shape[0]
+            if room < 2:
+                raise EncodeError(f"{_where(sample)}: the prompt alone is {prompt_ids.shape[0]} tokens (images "
+                                  f"included), cutoff_len is {self.cutoff_len}: raise cutoff_len or lower "
+                                  "image_max_pixels")
+            target_ids = list(target_ids[: room - 1]) + [self.im_end_id]
+        tgt = torch.tensor(target_ids, dtype=torch.long)
         out: dict[str, torch.Tensor] = {
             "input_ids": torch.cat([prompt_ids, tgt]),
             "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tgt]),

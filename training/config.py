@@ -1,10 +1,10 @@
 """TrainConfig: every knob of `vla-train`, loaded from YAML with `key=value` command-line overrides.
 
-The YAML keys are the field names below. They follow LLaMA-Factory where a name exists there
-(`dataset`, `eval_dataset`, `dataset_dir`, `finetuning_type`, `lora_rank`, `lora_target`,
-`image_min_pixels`, ...), so its example configs translate line by line; `model_name_or_path`
-is accepted as an alias of `model_path`. Unknown keys are an error (with a suggestion), never
-silently ignored.
+The YAML keys are the field names below. They are LLaMA-Factory's names with LLaMA-Factory's
+meaning (`dataset`, `cutoff_len`, `finetuning_type`, `lora_rank`, `val_size`, `deepspeed`, ...), so
+its SFT example configs run as they are; its other names and its keys without meaning here are
+sorted by training.llamafactory_keys. Unknown keys are an error (with a suggestion), all of a run's
+reported at once, never silently ignored.
 
     cfg = load_config("training/configs/tiny_cpu.yaml", ["max_steps=20", "learning_rate=5e-4"])
 """
@@ -12,7 +12,7 @@ silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,9 +21,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from training.llamafactory_keys import STAGES, TEMPLATES, sort_keys
+
 __all__ = ["TrainConfig", "ConfigError", "load_config", "parse_overrides", "config_help"]
 
-ALIASES = {"model_name_or_path": "model_path", "lora_r": "lora_rank"}
+log = logging.getLogger("vla_train")
+FINETUNING_TYPES = ("lora", "full", "freeze")
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 class ConfigError(ValueError):
@@ -34,9 +39,22 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------
     model_path: str = field(default="", metadata={"help": "base checkpoint directory (Qwen2/2.5/3-VL)"})
-    finetuning_type: str = field(default="lora", metadata={"help": "lora | full"})
+    stage: str = field(default="sft", metadata={"help": "sft (the only training stage here; LLaMA-Factory's "
+                                                        "pt, rm, ppo, dpo and kto are refused)"})
+    do_train: bool = field(default=True, metadata={"help": "true (false: nothing to do; evaluate with vla-eval)"})
+    template: Optional[str] = field(
+        default=None,
+        metadata={"help": "LLaMA-Factory chat template name, checked against the model family (qwen2_vl: "
+                          "Qwen2-VL and Qwen2.5-VL; qwen3_vl, qwen3_vl_nothink: Qwen3-VL); the checkpoint's own "
+                          "chat template renders the prompts"}
+    )
+    finetuning_type: str = field(
+        default="lora",
+        metadata={"help": "lora | full | freeze (freeze: only the last freeze_trainable_layers layers train)"}
+    )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (scale = alpha / rank); "
+                                                                      "default 2 x lora_rank"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
     lora_target: str = field(
         default="all",
@@ -52,16 +70,54 @@ class TrainConfig:
             "(peft modules_to_save), e.g. 'embed_tokens' so an adapter can teach tokens the base never read"
         },
     )
-    freeze_vision_tower: bool = field(default=True, metadata={"help": "freeze the vision encoder (full mode)"})
-    freeze_multi_modal_projector: bool = field(default=True, metadata={"help": "freeze the merger/projector (full mode)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scaling (alpha / sqrt(rank))"})
+    freeze_vision_tower: bool = field(
+        default=True, metadata={"help": "keep the vision encoder frozen (false: it trains too; with LoRA, LoRA "
+                                        "goes on its linear layers)"})
+    freeze_multi_modal_projector: bool = field(
+        default=True, metadata={"help": "keep the merger/projector frozen (false: it trains too, as above)"})
+    freeze_language_model: bool = field(
+        default=False, metadata={"help": "keep the language model frozen (then the vision tower or projector "
+                                         "must train)"})
+    freeze_trainable_layers: int = field(
+        default=2, metadata={"help": "finetuning_type freeze: the last N decoder layers train (negative: the "
+                                     "first -N)"})
+    freeze_trainable_modules: str = field(
+        default="all", metadata={"help": "finetuning_type freeze: comma list of modules inside those layers "
+                                         "(mlp, self_attn, ...) or all"})
+    freeze_extra_modules: Optional[str] = field(
+        default=None, metadata={"help": "finetuning_type freeze: comma list of modules outside the layers that "
+                                        "train too (e.g. embed_tokens, norm)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     vocabulary: Optional[str] = field(default=None, metadata={"help": "actions.yaml (default: the packaged one)"})
     # --- data --------------------------------------------------------------------------------
     dataset_dir: str = field(default="data", metadata={"help": "folder of dataset_info.json and the data files"})
-    dataset: str = field(default="", metadata={"help": "comma list of dataset names (dataset_info.json) or file paths"})
+    dataset: str = field(
+        default="",
+        metadata={"help": "comma list of dataset names (dataset_info.json) or file paths; action and free-form "
+                          "datasets may be mixed"})
     eval_dataset: Optional[str] = field(default=None, metadata={"help": "names/paths of the validation split"})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N training samples"})
+    media_dir: Optional[str] = field(default=None, metadata={"help": "folder relative image paths are read from "
+                                                                     "(default: dataset_dir)"})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of each dataset"})
+    mix_strategy: str = field(
+        default="concat",
+        metadata={"help": "how several datasets are mixed: concat | interleave_under (until the first one runs "
+                          "out) | interleave_over (until all ran out, the shorter repeating)"})
+    interleave_probs: Optional[str] = field(
+        default=None, metadata={"help": "interleave_*: comma list of sampling probabilities, one per dataset "
+                                        "(default: in turn)"})
+    val_size: float = field(
+        default=0.0, metadata={"help": "hold out this fraction (< 1) or number (>= 1) of the training samples "
+                                       "for eval, when there is no eval_dataset"})
+    cutoff_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "longest sequence in tokens (images included): longer answers are cut, a prompt that "
+                          "alone is longer is an error (default: no limit)"})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "threads that check the dataset's images before training (default 1)"})
     skip_invalid: bool = field(default=False, metadata={"help": "drop invalid samples (counted) instead of failing"})
     max_errors_shown: int = field(default=50, metadata={"help": "how many dataset errors to list before stopping"})
     keep_dataset_system: bool = field(
@@ -86,18 +142,35 @@ class TrainConfig:
     per_device_train_batch_size: int = field(default=2, metadata={"help": "samples per device per micro-step"})
     per_device_eval_batch_size: int = field(default=2, metadata={"help": "samples per device for eval loss"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    deepspeed: Optional[str] = field(
+        default=None,
+        metadata={"help": "DeepSpeed JSON config (e.g. LLaMA-Factory's examples/deepspeed/ds_z2_config.json, "
+                          "ds_z3_config.json), run by the Trainer's DeepSpeed integration; launch with "
+                          "torchrun, deepspeed or accelerate"})
+    ddp_timeout: int = field(default=1800, metadata={"help": "seconds a distributed collective may wait"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant | ..."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps for linear warmup"})
     seed: int = field(default=42, metadata={"help": "random seed (model init of LoRA, data order)"})
-    bf16: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that supports it, else fp32) | true | false"})
+    bf16: str = field(default="auto", metadata={"help": "auto | true | false: bf16 where the GPU supports it; "
+                                                        "true without such a GPU warns once and trains in fp32"})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision on a GPU (without one: a warning, "
+                                                        "fp32)"})
     # --- bookkeeping ---------------------------------------------------------------------------
     logging_steps: int = field(default=10, metadata={"help": "log loss/lr/samples-per-s every N steps"})
+    eval_strategy: Optional[str] = field(
+        default=None, metadata={"help": "no | steps | epoch (default: steps when there is eval data, else no)"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "eval loss every N steps (default: at save_steps)"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
     save_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints"})
+    save_only_model: bool = field(
+        default=False, metadata={"help": "checkpoints without optimizer state (smaller; cannot be resumed)"})
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "checkpoint dir, or 'true' for the latest in output_dir"}
+        default=None, metadata={"help": "checkpoint dir, or 'true' for the latest in output_dir (unset: "
+                                        "the latest checkpoint in output_dir, as in LLaMA-Factory)"}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh in an output_dir that holds a previous run (else: "
+                                         "resume its last checkpoint, or stop if it has none)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none | comma list"})
     plot_loss: bool = field(default=True, metadata={"help": "write loss_curve.png at the end"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bar"})
@@ -108,8 +181,36 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
         errs = []
-        if self.finetuning_type not in ("lora", "full"):
-            errs.append(f"finetuning_type must be 'lora' or 'full', not {self.finetuning_type!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank  # LLaMA-Factory's default
+        stage = str(self.stage).strip().lower()
+        if stage not in STAGES:
+            errs.append(f"stage {self.stage!r} is unknown (vla-train does supervised fine-tuning: stage: sft)")
+        elif STAGES[stage]:
+            errs.append(f"stage {self.stage!r} is not supported: {STAGES[stage]}; vla-train does supervised "
+                        "fine-tuning only (stage: sft)")
+        if not self.do_train:
+            errs.append("do_train: false leaves nothing to do; to score a model or adapter run vla-eval")
+        if self.template is not None and self.template not in TEMPLATES:
+            errs.append(f"template {self.template!r} is not a Qwen-VL template (one of {', '.join(TEMPLATES)})")
+        if self.finetuning_type not in FINETUNING_TYPES:
+            errs.append(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
+        if self.mix_strategy not in MIX_STRATEGIES:
+            errs.append(f"mix_strategy must be one of {', '.join(MIX_STRATEGIES)}, not {self.mix_strategy!r}")
+        if self.eval_strategy is not None and self.eval_strategy not in EVAL_STRATEGIES:
+            errs.append(f"eval_strategy must be one of {', '.join(EVAL_STRATEGIES)}, not {self.eval_strategy!r}")
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            errs.append(f"val_size must be a fraction in [0, 1) or a whole number of samples, not {self.val_size}")
+        if self.cutoff_len is not None and self.cutoff_len < 2:
+            errs.append(f"cutoff_len must be >= 2, not {self.cutoff_len}")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            errs.append(f"preprocessing_num_workers must be >= 1, not {self.preprocessing_num_workers}")
+        if self.ddp_timeout < 1:
+            errs.append(f"ddp_timeout must be >= 1, not {self.ddp_timeout}")
+        if self.fp16 and str(self.bf16).lower() == "true":
+            errs.append("bf16 and fp16 are both true: choose one")
+        if self.freeze_trainable_layers == 0:
+            errs.append("freeze_trainable_layers must not be 0")
         for name in ("lora_rank", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_errors_shown"):
             if getattr(self, name) < 1:
@@ -131,8 +232,22 @@ class TrainConfig:
         if self.image_min_pixels is not None and self.image_max_pixels is not None:
             if self.image_min_pixels > self.image_max_pixels:
                 errs.append("image_min_pixels must be <= image_max_pixels")
+        if self.interleave_probs is not None:
+            try:
+                probs = self.mixing_probabilities
+            except ValueError:
+                errs.append(f"interleave_probs must be comma-separated numbers, not {self.interleave_probs!r}")
+            else:
+                if len(probs) != len(self.datasets) and self.datasets:
+                    errs.append(f"interleave_probs has {len(probs)} value(s) for {len(self.datasets)} dataset(s)")
+                if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+                    errs.append(f"interleave_probs must be >= 0 and sum to 1, not {self.interleave_probs!r}")
         if errs:
             raise ConfigError("; ".join(errs))
+
+    @property
+    def mixing_probabilities(self) -> list[float] | None:
+        return [float(p) for p in _split(self.interleave_probs)] if self.interleave_probs is not None else None
 
     def check_runnable(self) -> None:
         """The fields a run needs (a config file may leave them to the command line)."""
@@ -224,39 +339,49 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def _canonical_key(key: str) -> str:
-    key = key.strip().replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key not in _FIELDS:
-        close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint}")
-    return key
+def _yaml_value(text: str) -> Any:
+    """A command-line value as YAML types it (numbers, booleans, lists), strings otherwise."""
+    try:
+        parsed = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    # keep strings the YAML parser would mangle (e.g. 'a,b' is fine; dates/octal are not wanted)
+    if parsed is not None and not isinstance(parsed, (str, int, float, bool, list)):
+        return text
+    return parsed
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """['max_steps=20', 'dataset=a,b'] -> {'max_steps': 20, 'dataset': 'a,b'} (YAML-typed values)."""
-    out = {}
+def _override_items(items: list[str] | None) -> list[tuple[str, Any, str]]:
+    out = []
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
-        k = _canonical_key(k)
-        try:
-            parsed = yaml.safe_load(v) if v.strip() else ""
-        except yaml.YAMLError:
-            parsed = v
-        # keep strings the YAML parser would mangle (e.g. 'a,b' is fine; dates/octal are not wanted)
-        if isinstance(parsed, (dict,)) or (parsed is not None and not isinstance(parsed, (str, int, float, bool, list))):
-            parsed = v
-        out[k] = parsed
+        out.append((k, _yaml_value(v), "command line"))
     return out
+
+
+def _resolve(items: list[tuple[str, Any, str]]) -> dict:
+    """Field values of ``items``; every bad key of them in one ConfigError; one log line per key
+    accepted without effect."""
+    sorted_keys = sort_keys(items, _FIELDS)
+    if sorted_keys.problems:
+        n = len(sorted_keys.problems)
+        raise ConfigError(f"{n} bad config key{'s' if n != 1 else ''}:\n  " + "\n  ".join(sorted_keys.problems))
+    for note in sorted_keys.notes:
+        log.info("%s", note)
+    return sorted_keys.values
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """['max_steps=20', 'dataset=a,b'] -> {'max_steps': 20, 'dataset': 'a,b'} (YAML-typed values)."""
+    return _resolve(_override_items(items))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``path`` (YAML mapping) then apply ``key=value`` overrides; relative paths in the YAML
     stay relative to the current directory (like LLaMA-Factory)."""
-    raw: dict = {}
+    items: list[tuple[str, Any, str]] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -267,19 +392,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value")
-        for k, v in data.items():
-            try:
-                raw[_canonical_key(str(k))] = v
-            except ConfigError as e:
-                raise ConfigError(f"{p}: {e}") from None
-    raw.update(parse_overrides(overrides))
+        items += [(str(k), v, str(p)) for k, v in data.items()]
+    raw = _resolve(items + _override_items(overrides))
     values = {k: _coerce(k, v) for k, v in raw.items()}
     return TrainConfig(**values)
 
 
 def config_help() -> str:
     """One line per key (name, default, help) for `vla-train --help`."""
-    lines = []
+    from training.llamafactory_keys import NO_EFFECT, RENAMED, UNSUPPORTED
+
+    lines = [f"  LLaMA-Factory names also read: {', '.join(sorted(RENAMED))}",
+             f"  accepted without effect (one log line each): {', '.join(sorted(NO_EFFECT))}",
+             f"  refused with the reason: {', '.join(sorted(UNSUPPORTED))}", ""]
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
         lines.append(f"  {f.name} (default: {default}): {f.metadata.get('help', '')}")

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 IMAGE_TAG = "<image>"  # LLaMA-Factory's placeholder; == vla_node.prompt.IMAGE_PLACEHOLDER
+MEDIA_TAGS = ("<video>", "<audio>")  # LLaMA-Factory's other placeholders: refused
 DATASET_INFO = "dataset_info.json"
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -85,12 +86,20 @@ class Mapping:
     observation_tag: str = "observation"
     function_tag: str = "function_call"
     system_tag: Optional[str] = "system"
+    # "actions" | "text" when the entry declares it (training.answer_kinds.MARKER), else None
+    answers: Optional[str] = None
+    # columns of a file read without a registration that hold video or audio (refused per sample)
+    videos: Optional[str] = None
+    audios: Optional[str] = None
+    # registered columns this reader does not use (e.g. tools, kto_tag): warned about
+    unused: tuple = ()
 
     @classmethod
     def from_dataset_info(cls, entry: dict) -> "Mapping":
         """Build from a dataset_info.json entry (``{"formatting":..., "columns":..., "tags":...}``).
 
-        Raises ValueError for entries this reader cannot load (alpaca formatting, ranking data).
+        Raises ValueError for entries this reader cannot load (alpaca formatting, ranking data,
+        video or audio columns).
         """
         if not isinstance(entry, dict):
             raise ValueError("dataset_info.json entry must be an object")
@@ -103,7 +112,14 @@ class Mapping:
         tags = entry.get("tags") or {}
         if not isinstance(columns, dict) or not isinstance(tags, dict):
             raise ValueError("'columns' and 'tags' must be objects")
+        for media in ("videos", "audios"):
+            if columns.get(media):
+                raise ValueError(f"column {media!r} (\"{columns[media]}\"): {media[:-1]} is not supported, the node "
+                                 "serves single camera frames; train on images (one <image> per frame)")
         kwargs: dict[str, Any] = {}
+        kwargs["unused"] = tuple(sorted(k for k, v in columns.items() if v and k not in ("messages", "images", "system")))
+        if "vla_answers" in entry:
+            kwargs["answers"] = entry["vla_answers"]
         if formatting == "openai":  # role/content/user/assistant unless the tags say otherwise
             kwargs.update(messages="messages", role_tag="role", content_tag="content", user_tag="user",
                           assistant_tag="assistant", function_tag="function")
@@ -124,13 +140,14 @@ class Mapping:
         if isinstance(sample, dict):
             images = "images" if "images" in sample else None
             system = "system" if "system" in sample else None
+            media = {k: k for k in ("videos", "audios") if k in sample}
             if "messages" in sample and "conversations" not in sample:
                 msgs = sample.get("messages")
                 first = msgs[0] if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) else {}
                 if "from" in first:
-                    return cls(messages="messages", images=images, system=system)
-                return cls.openai_style(images=images, system=system)
-            return cls(images=images, system=system)
+                    return cls(messages="messages", images=images, system=system, **media)
+                return replace(cls.openai_style(images=images, system=system), **media)
+            return cls(images=images, system=system, **media)
         return cls(images="images")
 
     @classmethod
@@ -235,6 +252,8 @@ class Sample:
     images: list[Path]
     source: str = ""
     _where: Optional[_Where] = field(default=None, repr=False, compare=False)
+    # "actions" | "text" (training.answer_kinds) once the dataset was classified; "" before
+    answer_kind: str = field(default="", compare=False)
 
     @property
     def answers(self) -> list[str]:
@@ -268,10 +287,12 @@ class Sample:
 class SampleList(list):
     """A list of samples that also says what was dropped (``load_validated(skip_invalid=True)``)."""
 
-    def __init__(self, items: Iterable[Sample] = (), dropped: int = 0, errors: Sequence[DataError] = ()):
+    def __init__(self, items: Iterable[Sample] = (), dropped: int = 0, errors: Sequence[DataError] = (),
+                 verdict=None):
         super().__init__(items)
         self.dropped = dropped
         self.errors = list(errors)
+        self.verdict = verdict  # training.answer_kinds.Verdict, when answers were classified
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +443,15 @@ def read_dataset_info(dataset_dir: PathLike) -> tuple[dict, _Source]:
     return info, src
 
 
+_WARNED_COLUMNS: set = set()
+_UNUSED_COLUMNS = {
+    "kto_tag": "KTO labels are ignored, every answer trains as a good one (those tagged undesirable too)",
+    "tools": "the tool descriptions are not shown to the model",
+    "chosen": "preference pairs are not trained",
+    "rejected": "preference pairs are not trained",
+}
+
+
 def resolve_dataset(dataset_dir: PathLike, name: str) -> tuple[list[Path], Mapping]:
     """The files and mapping of dataset ``name`` registered in ``dataset_dir/dataset_info.json``."""
     dataset_dir = Path(dataset_dir)
@@ -439,6 +469,12 @@ def resolve_dataset(dataset_dir: PathLike, name: str) -> tuple[list[Path], Mappi
         mapping = Mapping.from_dataset_info(entry)
     except ValueError as e:
         raise fail(f"dataset {name!r}: {e}", (name,)) from None
+    for column in mapping.unused:
+        key = (str(src.file), name, column)
+        if key not in _WARNED_COLUMNS:  # once per run, however often the dataset is resolved
+            _WARNED_COLUMNS.add(key)
+            log.warning("dataset %r: column %r (%r) is not used: %s", name, column, entry["columns"][column],
+                        _UNUSED_COLUMNS.get(column, "its values are ignored"))
     file_name = entry.get("file_name")
     if not isinstance(file_name, str) or not file_name:
         remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -497,6 +533,11 @@ def _convert(value: Any, start: int, src: _Source, mapping: Mapping, media_dir: 
     if not isinstance(raw, list):
         err(f"column {mapping.messages!r} must be a list of messages", (mapping.messages,))
         return None
+    for media in (mapping.videos, mapping.audios):
+        if media and value.get(media):
+            err(f"column {media!r}: {media.rstrip('s')} is not supported, the node serves single camera frames; "
+                "train on images (one <image> per frame)", (media,))
+            return None
     roles = mapping.role_map()
     messages: list[dict] = []
     paths: list[tuple] = []
@@ -681,6 +722,9 @@ def _image_problem(path: Path, cache: dict) -> Optional[str]:
     return problem
 
 
+_PARSER_REJECTED = "answer rejected by the action parser"
+
+
 def validate_sample(sample: Sample, vocab=None, check_images: bool = True,
                     image_cache: Optional[dict] = None) -> list[DataError]:
     """Every problem of one sample (see validate); ``image_cache`` shares image checks between calls."""
@@ -704,6 +748,10 @@ def validate_sample(sample: Sample, vocab=None, check_images: bool = True,
     for index, m in enumerate(sample.messages):
         if m["role"] == ASSISTANT and not m["content"].strip():
             errors.append(sample._message_error(index, f"empty assistant answer (message {index})", content=True))
+        for tag in MEDIA_TAGS:
+            if tag in m["content"]:
+                errors.append(sample._message_error(
+                    index, f"{tag} tag: {tag[1:-1]} is not supported, the node serves single camera frames", content=True))
     if check_images:
         cache = image_cache if image_cache is not None else {}
         for j, p in enumerate(sample.images):
@@ -720,11 +768,9 @@ def validate_sample(sample: Sample, vocab=None, check_images: bool = True,
                 parse_actions(m["content"], vocab)
             except ParseError as e:
                 reason = getattr(e, "reason", None) or str(e)
-                errors.append(sample._message_error(
-                    index, f"answer rejected by the action parser: {reason}", content=True))
+                errors.append(sample._message_error(index, f"{_PARSER_REJECTED}: {reason}", content=True))
             except ValueError as e:  # ActionError and pydantic errors, should the parser let one through
-                errors.append(sample._message_error(
-                    index, f"answer rejected by the action parser: {e}", content=True))
+                errors.append(sample._message_error(index, f"{_PARSER_REJECTED}: {e}", content=True))
     return errors
 
 
@@ -746,33 +792,76 @@ def validate(samples: Iterable[Sample], vocab=None, check_images: bool = True,
     return errors
 
 
+def _declared_kind(samples: Sequence[Sample]) -> Optional[str]:
+    for s in samples:
+        if s._where is not None:
+            return s._where.mapping.answers
+    return None
+
+
+def check_images_in_threads(samples: Sequence[Sample], cache: dict, workers: int) -> None:
+    """Decode every distinct image of ``samples`` once, ``workers`` at a time (OpenCV's decoding
+    releases the GIL), filling the cache validate_sample reads."""
+    paths = list(dict.fromkeys(p for s in samples for p in s.images))
+    if workers <= 1 or len(paths) < 2:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, problem in zip(paths, pool.map(lambda p: _image_problem(p, {}), paths)):
+            cache[str(path)] = problem
+
+
 def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Union[None, dict, Mapping] = None,
                    media_dir: Optional[PathLike] = None, vocab=None, check_images: bool = True,
-                   skip_invalid: bool = False, max_listed: int = 20) -> SampleList:
+                   skip_invalid: bool = False, max_listed: int = 20, answers: Optional[str] = None,
+                   workers: int = 1) -> SampleList:
     """Read + validate. Raises DatasetInvalid on any error, or with ``skip_invalid`` drops the
     invalid samples (count in ``.dropped``, errors in ``.errors``, a warning is logged).
 
-    Even with ``skip_invalid``, a dataset whose JSON array cannot be parsed to its end, or that
-    ends up with no valid sample, raises: what was lost cannot be counted.
+    With ``vocab`` the dataset's answers are classified (training.answer_kinds: ``answers`` or the
+    dataset_info.json declaration, else its content) and only an action dataset's answers must
+    parse as actions; each sample's ``answer_kind`` and the list's ``verdict`` say which it is.
+    ``workers`` threads decode the images. Even with ``skip_invalid``, a dataset whose JSON array
+    cannot be parsed to its end, or that ends up with no valid sample, raises: what was lost cannot
+    be counted.
     """
+    from training.answer_kinds import ACTIONS, classify
+
     samples, read_errors = read_samples(path, dataset=dataset, mapping=mapping, media_dir=media_dir)
+    verdict = None
+    if vocab is not None:
+        try:
+            verdict = classify((a for s in samples for a in s.answers), vocab, answers or _declared_kind(samples))
+        except ValueError as e:
+            where = str(Path(path) / DATASET_INFO) if Path(path).is_dir() else str(path)
+            raise DatasetInvalid([DataError(where, 1, 1, f"dataset {dataset!r}: {e}")]) from None
+        for s in samples:
+            s.answer_kind = verdict.kind
+    check_vocab = vocab if verdict is not None and verdict.kind == ACTIONS else None
+    hint = verdict.typo_hint if verdict is not None else ""
     all_errors = list(read_errors)
     kept: list[Sample] = []
     cache: dict = {}
+    if check_images:
+        check_images_in_threads(samples, cache, workers)
     for s in samples:
-        errs = validate_sample(s, vocab, check_images, cache)
+        errs = validate_sample(s, check_vocab, check_images, cache)
+        if hint:
+            errs = [replace(e, message=e.message + hint) if e.message.startswith(_PARSER_REJECTED) else e
+                    for e in errs]
         if errs:
             all_errors.extend(errs)
         else:
             kept.append(s)
     if not all_errors:
-        return SampleList(kept)
+        return SampleList(kept, verdict=verdict)
     fatal = [e for e in read_errors if e.fatal]
     if not skip_invalid or fatal or not kept:
         raise DatasetInvalid(all_errors, max_listed=max_listed)
     dropped = len(samples) - len(kept) + len(read_errors)
     log.warning("dropped %d invalid sample(s) of %d (first: %s)", dropped, dropped + len(kept), all_errors[0])
-    return SampleList(kept, dropped=dropped, errors=all_errors)
+    return SampleList(kept, dropped=dropped, errors=all_errors, verdict=verdict)
 
 
 # --------------------------------------------------------------------------------------------

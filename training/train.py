@@ -92,31 +92,48 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
 
     Validation (training.sharegpt) happens before any model is loaded and fails with DataError
     listing up to ``cfg.max_errors_shown`` problems as file:line:col, unless ``cfg.skip_invalid``:
-    then the bad samples are dropped and counted in the log.
+    then the bad samples are dropped and counted in the log. Each dataset is an action or a
+    free-form one (training.answer_kinds); ``max_samples`` applies to each, then they are mixed by
+    ``mix_strategy`` (training.mixing).
     """
     from training import sharegpt
+    from training.mixing import mix
 
-    samples: list = []
+    per_dataset: list[list] = []
     files: list[Path] = []
+    common = dict(vocab=vocab, skip_invalid=cfg.skip_invalid, max_listed=cfg.max_errors_shown,
+                  media_dir=cfg.media_dir, workers=cfg.preprocessing_num_workers or 1)
     for name in names:
         ref = _is_file_ref(cfg, name)
         try:
             if ref is not None:
-                got = sharegpt.load_validated(ref, vocab=vocab, skip_invalid=cfg.skip_invalid,
-                                              max_listed=cfg.max_errors_shown)
+                got = sharegpt.load_validated(ref, **common)
                 files.append(ref)
             else:
-                got = sharegpt.load_validated(cfg.dataset_dir, name, vocab=vocab, skip_invalid=cfg.skip_invalid,
-                                              max_listed=cfg.max_errors_shown)
+                got = sharegpt.load_validated(cfg.dataset_dir, name, **common)
                 files.extend(sharegpt.resolve_dataset(cfg.dataset_dir, name)[0])
         except sharegpt.DatasetInvalid as e:
             raise DataError(f"{what} dataset {name!r}: {e}") from None
         if getattr(got, "dropped", 0):
             log.warning("%s dataset %r: skipped %d invalid sample(s) (skip_invalid=true)", what, name, got.dropped)
-        samples.extend(got)
+        kept = list(got)[: cfg.max_samples] if cfg.max_samples else list(got)
+        if got.verdict is not None:
+            log.info("%s dataset %r: %d sample(s), answers: %s", what, name, len(kept), got.verdict.describe())
+        per_dataset.append(kept)
+    try:
+        samples = mix(per_dataset, cfg.mix_strategy, cfg.mixing_probabilities, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"{what} datasets: {e}") from None
     if not samples:
         raise DataError(f"{what} dataset {', '.join(names)} has no samples")
     return samples, _digest(samples, files)
+
+
+def answer_kinds_of(samples: list) -> list[str]:
+    """The kinds of answer (training.answer_kinds) a list of samples teaches, sorted."""
+    from training.answer_kinds import ACTIONS
+
+    return sorted({getattr(s, "answer_kind", "") or ACTIONS for s in samples})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,17 +186,30 @@ def lora_target_regex(model, target: str = "all") -> tuple[str, list[str]]:
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
-    """Whether training runs in bf16: cfg.bf16 "auto" = where the GPU supports it; "true" without
-    such a GPU is a ConfigError."""
+    """Whether training runs in bf16: where the GPU supports it, unless cfg.bf16 is "false" (or fp16
+    is asked for). "true" without such a GPU (a laptop running a LLaMA-Factory YAML) warns once and
+    trains in fp32."""
     import torch
 
     flag = str(cfg.bf16).lower()
-    if flag == "false":
+    if flag == "false" or (cfg.fp16 and flag == "auto"):
         return False
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if flag == "true" and not gpu_bf16:
-        raise ConfigError("bf16=true needs a CUDA GPU with bf16 support (use bf16=auto to fall back to fp32)")
+        log.warning("bf16: true, but there is no CUDA GPU with bf16 here: training in fp32")
     return gpu_bf16
+
+
+def use_fp16(cfg: TrainConfig) -> bool:
+    """fp16 mixed precision: asked for and on a CUDA GPU (else one warning, fp32)."""
+    import torch
+
+    if not cfg.fp16:
+        return False
+    if not torch.cuda.is_available():
+        log.warning("fp16: true, but there is no CUDA GPU here: training in fp32")
+        return False
+    return True
 
 
 def build_model(cfg: TrainConfig, bf16: bool):
@@ -199,32 +229,38 @@ def build_model(cfg: TrainConfig, bf16: bool):
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input
 
-    if cfg.finetuning_type == "lora":
-        from peft import LoraConfig, get_peft_model
+    from training.trainable import LANGUAGE, TrainableError, freeze_all_but, lora_target_pattern, parts_to_train
 
-        regex, matched = lora_target_regex(model, cfg.lora_target)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=regex,
-            modules_to_save=_additional_targets(model, cfg.additional_target),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-        for p in model.parameters():  # LoRA weights train in fp32 even when the base is bf16
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        log.info("LoRA r=%d alpha=%d on %d linear layers of the language model", cfg.lora_rank, cfg.lora_alpha,
-                 len(matched))
-    else:
-        for name, p in model.named_parameters():
-            frozen = (cfg.freeze_vision_tower and re.search(r"(^|\.)visual\.", name) and ".merger." not in name) or (
-                cfg.freeze_multi_modal_projector and re.search(r"(^|\.)(merger|multi_modal_projector)\.", name))
-            p.requires_grad_(not frozen)
+    try:
+        parts = parts_to_train(cfg)
+        if cfg.finetuning_type == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            language_regex = lora_target_regex(model, cfg.lora_target)[0] if LANGUAGE in parts else ""
+            regex, matched = lora_target_pattern(model, cfg, language_regex)
+            lora = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=regex,
+                modules_to_save=_additional_targets(model, cfg.additional_target),
+                use_dora=cfg.use_dora,
+                use_rslora=cfg.use_rslora,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+            for p in model.parameters():  # LoRA weights train in fp32 even when the base is bf16
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            log.info("LoRA r=%d alpha=%d on %d linear layers of the %s", cfg.lora_rank, cfg.lora_alpha,
+                     len(matched), ", ".join(sorted(parts)))
+        else:
+            log.info("%s fine-tuning of: %s", cfg.finetuning_type, "; ".join(freeze_all_but(model, cfg)))
+    except TrainableError as e:
+        raise ConfigError(str(e)) from None
     bad = [n for n, p in model.named_parameters() if p.requires_grad and cfg.finetuning_type == "lora"
-           and _NOT_LANGUAGE.search(n)]
+           and _NOT_LANGUAGE.search(n) and not parts - {LANGUAGE}]
     if bad:
         raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:5]}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -350,11 +386,15 @@ def _dataloader_workers(cfg: TrainConfig) -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
 
 
-def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
+def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fp16: bool = False):
     """The transformers TrainingArguments `vla-train` trains with (also benchmarks/train_throughput.py's arm)."""
     import torch
     from transformers import TrainingArguments
 
+    from training.distributed import deepspeed_config
+
+    eval_strategy = cfg.eval_strategy or "steps"
+    has_eval = has_eval and eval_strategy != "no"
     eval_steps = cfg.eval_steps or cfg.save_steps
     report = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip().lower() != "none"]
     return TrainingArguments(
@@ -374,12 +414,13 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=eval_steps if has_eval else None,
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=eval_steps if has_eval and eval_strategy == "steps" else None,
         prediction_loss_only=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
+        fp16=fp16,
         use_cpu=not torch.cuda.is_available(),
         **checkpointing_kwargs(TrainingArguments, cfg.gradient_checkpointing),
         report_to=report or "none",
@@ -390,7 +431,9 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
         disable_tqdm=cfg.disable_tqdm,
-        save_only_model=False,
+        save_only_model=cfg.save_only_model,
+        ddp_timeout=cfg.ddp_timeout,
+        deepspeed=deepspeed_config(cfg.deepspeed),
     )
 
 
@@ -444,12 +487,66 @@ def _final_metrics(log_history: list[dict], train_output, eval_metrics: dict | N
 # the run
 # ------------------------------------------------------------------------------------------------
 
+# what a finished run leaves in output_dir (LLaMA-Factory's rule reads the same files)
+_TRAINED_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+                  "pytorch_model.bin")
+
+
+def resume_point(cfg: TrainConfig) -> str | None:
+    """The checkpoint to resume from: the one asked for, or (LLaMA-Factory's rule) the last one in an
+    existing output_dir unless overwrite_output_dir; an output_dir holding a finished model and no
+    checkpoint is an error then."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.output_dir)
+    resume = cfg.resume_path()
+    if resume == "latest":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume is None:
+            log.warning("resume_from_checkpoint=true but no checkpoint in %s: starting fresh", out)
+    elif resume is not None and not Path(resume).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {resume} is not a directory")
+    elif resume is None and out.is_dir() and not cfg.overwrite_output_dir:
+        resume = get_last_checkpoint(str(out))
+        if resume is None and any((out / name).is_file() for name in _TRAINED_FILES):
+            raise ConfigError(f"output_dir {out} holds a trained model already: set overwrite_output_dir=true "
+                              "to train it again from the start, or choose another output_dir")
+        if resume is not None:
+            log.info("output_dir holds checkpoints: resuming from %s (overwrite_output_dir=true starts afresh)", resume)
+            return resume
+    if resume:
+        log.info("resuming from %s", resume)
+    return resume
+
+
+def check_template(cfg: TrainConfig) -> None:
+    """LLaMA-Factory's ``template`` must be the one of the model's family (the checkpoint's own chat
+    template renders the prompts, as it does at serving time)."""
+    from training.llamafactory_keys import TEMPLATES
+    from vla_node.manifest import read_json_object
+
+    if cfg.template is None:
+        return
+    config = Path(cfg.model_path) / "config.json"
+    if not config.is_file():
+        return  # the model load reports the missing checkpoint
+    model_type = read_json_object(config).get("model_type", "")
+    if model_type not in TEMPLATES[cfg.template]:
+        fitting = [t for t, families in TEMPLATES.items() if model_type in families]
+        raise ConfigError(f"template {cfg.template!r} is not the chat template of {cfg.model_path} (a {model_type!r} "
+                          f"model): use {' or '.join(fitting) if fitting else 'a Qwen-VL checkpoint'}")
+
+
 
 def train(cfg: TrainConfig) -> TrainResult:
+    from training.distributed import deepspeed_config
+
     cfg.check_runnable()
+    check_template(cfg)
+    deepspeed_config(cfg.deepspeed)  # a missing file or package fails now, not after the data
+    resume = resume_point(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoProcessor, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
     from vla_node.manifest import make_manifest, write_manifest
@@ -462,9 +559,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 1. data first: a broken dataset fails before the model is loaded
     train_samples, dataset_sha = load_split(cfg, cfg.datasets, vocab, "training")
-    if cfg.max_samples:
-        train_samples = train_samples[: cfg.max_samples]
     eval_samples = load_split(cfg, cfg.eval_datasets, vocab, "eval")[0] if cfg.eval_datasets else None
+    if cfg.val_size and eval_samples:
+        log.warning("val_size=%s ignored: eval_dataset %s is the eval data", cfg.val_size, cfg.eval_dataset)
+    elif cfg.val_size:
+        from training.mixing import hold_out
+
+        try:
+            train_samples, eval_samples = hold_out(train_samples, cfg.val_size, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     log.info("training samples: %d%s", len(train_samples),
              f", eval samples: {len(eval_samples)}" if eval_samples else "")
 
@@ -472,27 +576,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     limits = pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels)
     set_pixel_limits(processor, limits)
-    collator = VLACollator(processor, prompt, limits, builder_system=not cfg.keep_dataset_system)
-    differ = sum(system_differs(s, prompt) for s in train_samples)
+    collator = VLACollator(processor, prompt, limits, builder_system=not cfg.keep_dataset_system,
+                           cutoff_len=cfg.cutoff_len)
+    differ = sum(system_differs(s, prompt) for s in train_samples if getattr(s, "answer_kind", "") != "text")
     if differ and cfg.keep_dataset_system:
         log.warning("%d of %d training samples carry no or another system message than vla_node.prompt builds; "
                     "kept (keep_dataset_system=true), so the robot will prompt differently from training",
                     differ, len(train_samples))
     elif differ:
         log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
-                 "(the one the robot sends)", differ, len(train_samples))
+                 "(the one the robot sends); free-form samples keep their own", differ, len(train_samples))
     train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
     eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
 
     # 3. model
     bf16 = use_bf16(cfg)
+    fp16 = use_fp16(cfg)
     model = build_model(cfg, bf16)
 
     # 4. trainer
     VLATrainer, ThroughputCallback, LossProgressCallback = trainer_classes()
     from transformers.trainer_callback import ProgressCallback
 
-    args = training_args_for(cfg, bf16, eval_ds is not None)
+    args = training_args_for(cfg, bf16, eval_ds is not None, fp16)
     if args.n_gpu > 1:
         # Without torchrun/accelerate the Trainer would fall back to nn.DataParallel, whose
         # replicas break Qwen-VL's vision dtype lookup; DDP is the supported multi-GPU path.
@@ -514,16 +620,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressCallback)
 
-    resume = cfg.resume_path()
-    if resume == "latest":
-        resume = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if resume is None:
-            log.warning("resume_from_checkpoint=true but no checkpoint in %s: starting fresh", cfg.output_dir)
-    elif resume is not None and not Path(resume).is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {resume} is not a directory")
-    if resume:
-        log.info("resuming from %s", resume)
-
     train_output = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
 
@@ -543,6 +639,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             dataset_sha256=dataset_sha,
             metrics=metrics,
             template=TEMPLATE_ID,
+            answers=answer_kinds_of(train_samples),
         )
         manifest_path = write_manifest(out, manifest)
         trainer.save_metrics("train", metrics)

@@ -11,7 +11,12 @@ not match what it is serving. Format (SPEC)::
      "image": {"min_pixels": int, "max_pixels": int},
      "coordinate_convention": "absolute_resized" | "normalized_1000",
      "vocabulary": {"version": str, "fingerprint": str},
-     "dataset_sha256": str, "metrics": {...}, "created": iso8601}
+     "dataset_sha256": str, "metrics": {...}, "created": iso8601,
+     "answers": ["actions"] | ["text"] | ["actions", "text"]}
+
+``answers`` says what the adapter was trained to answer: robot actions, free-form text, or both
+(absent in older manifests: actions). The node serves actions, so an adapter trained only on
+free-form text is refused (:func:`check_adapter_against_base`, ``require_actions``).
 
 Pure Python (no torch), so training tools and tests can use it cheaply.
 """
@@ -42,9 +47,13 @@ __all__ = [
     "has_manifest",
     "check_adapter_against_base",
     "read_json_object",
+    "ANSWER_KINDS",
+    "answers_of",
+    "require_action_answers",
 ]
 
 MANIFEST_NAME = "vla_manifest.json"
+ANSWER_KINDS = ("actions", "text")  # == training.answer_kinds.KINDS
 MANIFEST_FORMAT = 1
 TEMPLATE_ID = "vla_node.prompt/v1"
 
@@ -160,6 +169,7 @@ def make_manifest(
     template: str = TEMPLATE_ID,
     name_or_path: str | None = None,
     created: str | None = None,
+    answers: list[str] | tuple[str, ...] = ("actions",),
 ) -> dict:
     """Build a validated manifest dict for an adapter trained on the checkpoint at ``base_dir``.
 
@@ -183,6 +193,7 @@ def make_manifest(
         "dataset_sha256": dataset_sha256,
         "metrics": dict(metrics or {}),
         "created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "answers": sorted(set(answers)),
     }
     return validate_manifest(manifest)
 
@@ -239,7 +250,26 @@ def validate_manifest(data: Any, source: str | os.PathLike = "manifest") -> dict
         _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
     except ValueError:
         raise ManifestError(f"{src}: field 'created' = {created!r} is not an ISO 8601 timestamp") from None
+    if "answers" in data:
+        answers = data["answers"]
+        if not isinstance(answers, list) or not answers or any(a not in ANSWER_KINDS for a in answers):
+            raise ManifestError(f"{src}: field 'answers' = {answers!r} must be a non-empty list of "
+                                f"{', '.join(repr(k) for k in ANSWER_KINDS)}")
     return data
+
+
+def answers_of(manifest: Mapping[str, Any]) -> list[str]:
+    """What an adapter answers; manifests written before the field existed describe action adapters."""
+    return list(manifest.get("answers", ["actions"]))
+
+
+def require_action_answers(manifest: Mapping[str, Any], source: str | os.PathLike = "adapter manifest") -> None:
+    """Raise ManifestError unless the adapter answers with actions (what the node serves)."""
+    if "actions" not in answers_of(manifest):
+        raise ManifestError(
+            f"{source}: field 'answers' = {answers_of(manifest)!r}: the adapter was trained only on free-form "
+            "text answers and cannot answer with robot actions, which the node needs; train it on an action "
+            "dataset too (a comma-separated dataset: mixes both), and score free-form skills with vla-eval")
 
 
 def _manifest_path(path: str | os.PathLike) -> Path:
@@ -297,6 +327,7 @@ def check_adapter_against_base(
     expected: Mapping[str, Any] | None = None,
     *,
     source: str | os.PathLike | None = None,
+    require_actions: bool = True,
 ) -> None:
     """Raise ManifestError unless the adapter described by ``manifest`` fits the base at ``base_dir``.
 
@@ -308,6 +339,7 @@ def check_adapter_against_base(
 
     ``manifest`` is a dict or an adapter dir / manifest path (then read + validated here). The
     error names the manifest (``source`` or the path), the field, and both values.
+    ``require_actions`` (the node) refuses an adapter trained only on free-form answers.
     """
     if isinstance(manifest, (str, os.PathLike)):
         src = str(_manifest_path(manifest))
@@ -322,6 +354,9 @@ def check_adapter_against_base(
 
     def mismatch(field: str, got: Any, want: Any, what: str) -> ManifestError:
         return ManifestError(f"{src}: field '{field}' = {got!r} does not match {what} {want!r}")
+
+    if require_actions:
+        require_action_answers(m, src)
 
     cfg_path, cfg = _load_config(base_dir)
     base_sha = config_sha256(cfg_path)

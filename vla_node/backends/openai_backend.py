@@ -315,6 +315,7 @@ class OpenAIBackend(Backend):
         if local.is_dir() and _manifest.has_manifest(local):
             try:
                 man = _manifest.read_manifest(local)
+                _manifest.require_action_answers(man, local / _manifest.MANIFEST_NAME)
             except _manifest.ManifestError as e:
                 raise BackendError(f"adapter '{path}' refused: {e}") from e
             fingerprint = (man.get("vocabulary") or {}).get("fingerprint")
