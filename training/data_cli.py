@@ -3,6 +3,7 @@
     vla-data check data/ --dataset tabletop_train --actions
     vla-data check my_set.jsonl
     vla-data synth data/tabletop --num 2000 --seed 0 --languages en,zh
+    vla-data synth-vqa data/tabletop_vqa --num 240      # free-form: "What is on the table?"
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,13 +61,11 @@ def _datasets_of(path: Path, dataset: Optional[str]) -> list[Optional[str]]:
 
 
 def _check(args) -> int:
+    from training.answer_kinds import ACTIONS, classify
     from training.sharegpt import DatasetInvalid, read_samples, validate_sample
+    from vla_node.vocabulary import Vocabulary
 
-    vocab = None
-    if args.actions:
-        from vla_node.vocabulary import Vocabulary
-
-        vocab = Vocabulary.load(args.vocab)
+    vocab = Vocabulary.load(args.vocab)
     count_tokens, how = _token_counter(args.tokenizer)
     path = Path(args.path)
     if not path.exists():
@@ -77,11 +77,9 @@ def _check(args) -> int:
         for err in e.errors:
             print(str(err))
         return 1
-    system_text = None
-    if vocab is not None:
-        from vla_node.prompt import PromptBuilder
+    from vla_node.prompt import PromptBuilder
 
-        system_text = PromptBuilder(vocab).system_text
+    system_text = PromptBuilder(vocab).system_text
     total_errors = 0
     shown = 0
     usable = True
@@ -92,10 +90,22 @@ def _check(args) -> int:
             errors, samples = e.errors, []
         bad_samples = {e.file + ":" + str(e.line) for e in errors}
         errors = list(errors)
+        declared = ACTIONS if args.actions else next(
+            (s._where.mapping.answers for s in samples if s._where is not None), None)
+        try:
+            verdict = classify((a for s in samples for a in s.answers), vocab, declared)
+        except ValueError as e:
+            print(f"{path} [{name}]: {e}")
+            usable = False
+            continue
+        check_vocab = vocab if verdict.kind == ACTIONS else None
         cache: dict = {}
         valid = 0
         for s in samples:
-            errs = validate_sample(s, vocab, not args.no_images, cache)
+            errs = validate_sample(s, check_vocab, not args.no_images, cache)
+            if verdict.typo_hint:
+                errs = [replace(e, message=e.message + verdict.typo_hint) if "action parser" in e.message else e
+                        for e in errs]
             if errs:
                 errors.extend(errs)
             else:
@@ -114,8 +124,9 @@ def _check(args) -> int:
         print(f"  images: {images} ({unique} distinct files)")
         print(f"  text tokens: {text_tokens} total, {answer_tokens} in answers "
               f"(image tokens not included; {how})")
-        if vocab is not None:
-            print("  actions mode: answers checked with vla_node.parser.parse_actions")
+        print("  answers: " + ("actions (--actions)" if args.actions else verdict.describe()))
+        if verdict.kind == ACTIONS:
+            print("  answers checked with vla_node.parser.parse_actions")
             other = sum(1 for s in samples if not s.messages or s.messages[0]["role"] != "system"
                         or s.messages[0]["content"] != system_text)
             if other:
@@ -168,6 +179,22 @@ def _synth(args) -> int:
     return 0
 
 
+def _synth_vqa(args) -> int:
+    from training.synth import SynthError, parse_size
+    from training.synth_vqa import VQAConfig, generate_vqa_dataset
+
+    try:
+        counts = generate_vqa_dataset(args.out_dir, VQAConfig(
+            num=args.num, seed=args.seed, size=parse_size(args.size), val_frac=args.val_frac,
+            languages=tuple(x.strip() for x in args.languages.split(",") if x.strip())))
+    except SynthError as e:
+        print(f"vla-data synth-vqa: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {sum(counts.values())} free-form samples to {args.out_dir}: "
+          + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return 0
+
+
 def _pixel_limits(args) -> dict:
     """min/max pixels and factor: a processor's preprocessor_config.json, then explicit flags."""
     out: dict = {}
@@ -208,16 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a ShareGPT dataset (JSON array or JSONL; messages/role/content or "
                     "conversations/from/value) the way LLaMA-Factory would, and report every problem as "
                     "file:line:col: samples that do not parse, <image> tags that do not match the images, "
-                    "missing or undecodable images, roles out of order, empty answers, and with --actions "
-                    "answers the vla_node action parser rejects. Prints a summary (samples, turns, images, "
-                    "text tokens). Exit status 1 when there are errors (see --skip-invalid), 0 otherwise.")
+                    "missing or undecodable images, roles out of order, empty answers, video or audio (refused), "
+                    "and in an action dataset the answers the vla_node action parser rejects. A dataset is an "
+                    "action dataset when dataset_info.json declares it (\"vla_answers\": \"actions\"), with "
+                    "--actions, or when more than half of its answers parse as actions (then the others are "
+                    "likely typos); otherwise its answers are free-form text, as vla-train reads it. Prints a "
+                    "summary (samples, turns, images, text tokens, kind of answer). Exit status 1 when there "
+                    "are errors (see --skip-invalid), 0 otherwise.")
     c.add_argument("path", metavar="PATH",
                    help="a .json/.jsonl file, or a dataset directory with dataset_info.json (without "
                         "--dataset every sharegpt dataset registered there is checked)")
     c.add_argument("--dataset", metavar="NAME", help="dataset name registered in PATH/dataset_info.json")
     c.add_argument("--actions", action="store_true",
-                   help="also parse every assistant answer with vla_node.parser.parse_actions")
-    c.add_argument("--vocab", metavar="YAML", help="action vocabulary for --actions (default: config/actions.yaml)")
+                   help="treat every dataset as an action dataset: parse every assistant answer with "
+                        "vla_node.parser.parse_actions")
+    c.add_argument("--vocab", metavar="YAML", help="action vocabulary (default: config/actions.yaml)")
     c.add_argument("--skip-invalid", action="store_true",
                    help="exit 0 when the invalid samples could simply be dropped (as vla-train's "
                         "skip_invalid does); errors are still printed with the count that would be dropped")
@@ -265,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="processes drawing and encoding scenes (output is identical for any count)")
     s.set_defaults(func=_synth)
+
+    q = sub.add_parser(
+        "synth-vqa", help="generate a free-form dataset: \"What is on the table?\" answered in words",
+        description="Draw training.synth's table-top scenes and ask what is on the table; the answer names every "
+                    "object and container from left to right (English or Chinese, as the question). Writes "
+                    "OUT_DIR/images/*.png, vqa_train.json, vqa_val.json and dataset_info.json registering "
+                    "tabletop_vqa_train and tabletop_vqa_val as free-form (\"vla_answers\": \"text\").")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    q.add_argument("--num", type=int, default=240, help="number of samples in both splits (default 240)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--size", default="320x240", metavar="WxH", help="image size in pixels (default 320x240)")
+    q.add_argument("--languages", default="en,zh", help="question languages: en, zh (default en,zh)")
+    q.add_argument("--val-frac", type=float, default=0.2, help="fraction of samples in val (default 0.2)")
+    q.set_defaults(func=_synth_vqa)
     return p
 
 

@@ -1,6 +1,11 @@
-"""`vla-eval`: score a model (+ adapter) on a ShareGPT split with the robot's own inference code.
+"""`vla-eval`: score a model (+ adapter) on a ShareGPT split, action or free-form
+(training.answer_kinds decides which, as for training).
 
-Every sample goes through exactly what the node runs for a command: the command text is
+Free-form datasets (visual question answering, captions, ...) are scored like LLaMA-Factory's
+`do_predict`: BLEU-4 and ROUGE-1/2/L of the generated last answer (training.freeform_eval,
+training.nlg_metrics). Action datasets are scored as follows.
+
+Every action sample goes through exactly what the node runs for a command: the command text is
 sanitised (vla_node.text), then vla_node.pipeline.InferenceCore (built by vla_node.factory:
 TransformersBackend, PromptBuilder, parser, safety policy) turns image + command into a plan.
 The stop-phrase fast path of the live pipeline is NOT used: the model itself is scored.
@@ -21,8 +26,15 @@ fractions in 0..1 except latencies in ms):
     latency_p50_ms / latency_p95_ms
                          wall time of InferenceCore.infer (preprocess + generate + parse + policy)
 
-Outputs in --out: metrics.json, metrics.md (a table; base vs adapter with --compare-base) and
-predictions_<run>.jsonl (one line per sample).
+Multi-turn samples: the last assistant answer is the target, the turns before it are context
+(action samples: the last user turn is the command).
+
+Outputs in --out: metrics.json, metrics.md (a table; base vs adapter with --compare-base),
+LLaMA-Factory's generated_predictions.jsonl ({"prompt", "predict", "label"} per sample) and
+predict_results.json (predict_bleu-4, predict_rouge-1/2/l, ...) for the adapter (or model) at the
+top and for the base model in base/, and for action datasets predictions_<run>.jsonl (one line per
+sample with the plan and status). Every dataset problem is reported before a model loads; --out is
+written only when the whole run succeeded.
 """
 
 from __future__ import annotations
@@ -192,7 +204,8 @@ class _Item:
     image: Path
 
 
-def evaluate_core(core, samples, ref_limits=None, predictions_path: Path | None = None) -> dict:
+def evaluate_core(core, samples, ref_limits=None, predictions_path: Path | None = None,
+                  records: list | None = None) -> dict:
     """Score ``samples`` (training.sharegpt.Sample) with an InferenceCore as it is configured now
     (its backend's current adapter) and aggregate. ``ref_limits`` (PixelLimits) is the pixel budget
     that the references' absolute boxes refer to (default: the backend's current one)."""
@@ -205,13 +218,15 @@ def evaluate_core(core, samples, ref_limits=None, predictions_path: Path | None 
         core.backend = _Recorder(core.backend)
     try:
         recorder = core.backend
-        return _run(core, recorder, items, core.vocab, ref_limits or recorder.pixel_limits, predictions_path)
+        return _run(core, recorder, items, core.vocab, ref_limits or recorder.pixel_limits, predictions_path,
+                    records)
     finally:
         if wrap:
             core.backend = core.backend._backend
 
 
-def _run(core, recorder, items: list[_Item], vocab, ref_limits, predictions_path: Path | None) -> dict:
+def _run(core, recorder, items: list[_Item], vocab, ref_limits, predictions_path: Path | None,
+         records: list | None = None) -> dict:
     """Infer every item with ``core`` (its backend's current adapter) and aggregate."""
     from vla_node.actions import StageLatency, StatusCode
     from vla_node.image import smart_resize
@@ -250,6 +265,10 @@ def _run(core, recorder, items: list[_Item], vocab, ref_limits, predictions_path
             scores.append(s)
             latencies.append(wall_ms)
             statuses.append(status_code)
+            if records is not None:  # LLaMA-Factory's generated_predictions.jsonl row
+                from training.freeform_eval import Prediction
+
+                records.append(Prediction(it.command, raw, it.reference, it.source))
             if out is not None:
                 out.write(json.dumps({
                     "source": it.source, "command": it.command, "reference": it.reference, "raw_text": raw,
@@ -300,12 +319,12 @@ def _fmt(v, fmt: str) -> str:
     return fmt.format(v)
 
 
-def markdown_table(runs: dict[str, dict]) -> str:
+def markdown_table(runs: dict[str, dict], rows=None) -> str:
     """Rows = metrics, columns = runs (e.g. base, adapter) and, for two runs, the change."""
     names = list(runs)
     header = ["metric"] + names + (["change"] if len(names) == 2 else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, label, fmt in _ROWS:
+    for key, label, fmt in rows or _ROWS:
         vals = [runs[n].get(key) for n in names]
         row = [label] + [_fmt(v, fmt) for v in vals]
         if len(names) == 2:
@@ -314,10 +333,55 @@ def markdown_table(runs: dict[str, dict]) -> str:
                 row.append("")
             elif fmt == "pct":
                 row.append(f"{100.0 * (b - a):+.1f} pt")
+            elif fmt == "{:.2f}":
+                row.append(f"{b - a:+.2f}")
             else:
                 row.append(f"{b - a:+.1f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+_FREE_FORM_ROWS = [
+    ("n", "samples", "{:d}"),
+    ("predict_bleu-4", "BLEU-4", "{:.2f}"),
+    ("predict_rouge-1", "ROUGE-1", "{:.2f}"),
+    ("predict_rouge-2", "ROUGE-2", "{:.2f}"),
+    ("predict_rouge-l", "ROUGE-L", "{:.2f}"),
+    ("predict_samples_per_second", "samples/s", "{:.2f}"),
+]
+
+
+def load_eval_samples(dataset_dir: str, dataset: str, vocab, skip_invalid: bool = False, limit: int | None = None):
+    """(samples, kind) of a comma list of datasets, every one checked before any model loads: the
+    reader's checks, one kind of answer for all, and what scoring that kind needs (one image per
+    action sample, a user turn before each scored answer). Raises ValueError naming file:line."""
+    from training.answer_kinds import ACTIONS
+    from training.freeform_eval import check_samples
+    from training.sharegpt import DatasetInvalid, load_validated
+
+    samples, kinds = [], {}
+    for name in [n.strip() for n in dataset.split(",") if n.strip()]:
+        try:
+            got = load_validated(dataset_dir, name, vocab=vocab, skip_invalid=skip_invalid)
+        except DatasetInvalid as e:
+            raise ValueError(f"evaluation dataset {name!r}: {e}") from None
+        kinds[name] = got.verdict.kind
+        samples.extend(got)
+    if len(set(kinds.values())) > 1:
+        raise ValueError("evaluate action and free-form datasets separately: "
+                         + ", ".join(f"{n}: {k}" for n, k in kinds.items()))
+    if limit:
+        samples = samples[: int(limit)]
+    kind = next(iter(kinds.values()), ACTIONS)
+    if kind == ACTIONS:
+        from vla_node.prompt import PromptBuilder
+
+        prompt = PromptBuilder(vocab)
+        for s in samples:
+            _sample_parts(s, prompt)
+    else:
+        check_samples(samples)
+    return samples, kind
 
 
 def evaluate(
@@ -334,18 +398,91 @@ def evaluate(
     vocabulary: str | None = None,
     skip_invalid: bool = False,
 ) -> dict:
-    """Run the evaluation; returns the metrics dict that metrics.json holds."""
-    from training.sharegpt import DatasetInvalid, load_validated
-    from vla_node.factory import RuntimeSettings, build_backend, build_core
+    """Run the evaluation; returns the metrics dict that metrics.json holds. ``out`` is written only
+    when the whole evaluation succeeded (a failed run leaves no folder, an existing one untouched)."""
+    import shutil
+    import tempfile
+
+    from training.answer_kinds import ACTIONS
     from vla_node.vocabulary import Vocabulary
 
     vocab = Vocabulary.load(vocabulary)
+    samples, kind = load_eval_samples(dataset_dir, dataset, vocab, skip_invalid, limit)
+    runs_todo: list[tuple[str, bool]] = [("base", False), ("adapter", True)] if adapter and compare_base \
+        else [("adapter" if adapter else "model", bool(adapter))]
+    out_dir = Path(out) if out else None
+    staging = None
+    if out_dir:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} is a file")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        samples = load_validated(dataset_dir, dataset, vocab=vocab, skip_invalid=skip_invalid)
-    except DatasetInvalid as e:
-        raise ValueError(f"evaluation dataset {dataset!r}: {e}") from None
-    if limit:
-        samples = samples[: int(limit)]
+        if kind == ACTIONS:
+            runs = _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype,
+                                     vocabulary, vocab)
+        else:
+            runs = _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype)
+        result = {
+            "dataset": {"dir": str(dataset_dir), "name": dataset, "samples": len(samples), "answers": kind},
+            "model": str(model),
+            "adapter": str(adapter) if adapter else None,
+            "runs": runs,
+        }
+        if staging is not None:
+            (staging / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+            title = f"# vla-eval: {dataset} ({len(samples)} samples)\n\nmodel: `{model}`" + (
+                f"  \nadapter: `{adapter}`" if adapter else "") + "\n\n"
+            (staging / "metrics.md").write_text(title + table_for(result), encoding="utf-8")
+            _publish(staging, out_dir)
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished files into out_dir (created if needed; other files in it are kept)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        item.replace(target)
+
+
+def _run_folder(staging: Path | None, name: str, runs_todo) -> Path | None:
+    """The last run (the adapter, or the model) writes LLaMA-Factory's files at the top, a base run
+    compared with it into base/."""
+    if staging is None:
+        return None
+    return staging if name == runs_todo[-1][0] else staging / name
+
+
+def _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype) -> dict:
+    from training.freeform_eval import FreeFormModel, run_predictions, write_predictions
+
+    generator = FreeFormModel(str(model), adapter, device=device, dtype=dtype)
+    runs: dict[str, dict] = {}
+    for name, with_adapter in runs_todo:
+        log.info("evaluating %s on %d free-form samples", name, len(samples))
+        predictions, results = run_predictions(generator, samples, max_new_tokens, with_adapter)
+        folder = _run_folder(staging, name, runs_todo)
+        if folder is not None:
+            write_predictions(folder, predictions, results)
+        runs[name] = {"n": len(samples), **results}
+    return runs
+
+
+def _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype, vocabulary,
+                      vocab) -> dict:
+    from training.freeform_eval import write_predictions
+    from training.nlg_metrics import predict_results, sample_scores
+    from vla_node.factory import RuntimeSettings, build_backend, build_core
+
     settings = RuntimeSettings(
         model_path=str(model),
         adapters=[f"{ADAPTER_NAME}={adapter}"] if adapter else [],
@@ -360,40 +497,33 @@ def evaluate(
     # reference boxes are in the convention of the pixel limits the data was made for: the
     # adapter's (its manifest) when there is one, else the model's
     ref_limits = backend.pixel_limits
-
-    runs_todo: list[tuple[str, str | None]] = []
-    if adapter:
-        if compare_base:
-            runs_todo.append(("base", None))
-        runs_todo.append(("adapter", ADAPTER_NAME))
-    else:
-        runs_todo.append(("model", None))
-    out_dir = Path(out) if out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
     try:
-        for name, active in runs_todo:
-            backend.set_adapter(active)
+        for name, with_adapter in runs_todo:
+            backend.set_adapter(ADAPTER_NAME if with_adapter else None)
             log.info("evaluating %s (%s) on %d samples", name, backend.adapter_id or backend.model_id, len(samples))
+            folder = _run_folder(staging, name, runs_todo)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            records: list = []
+            started = time.perf_counter()
             runs[name] = evaluate_core(core, samples, ref_limits,
-                                       out_dir / f"predictions_{name}.jsonl" if out_dir else None)
+                                       staging / f"predictions_{name}.jsonl" if staging else None, records)
             runs[name]["model_id"] = backend.model_id
             runs[name]["adapter_id"] = backend.adapter_id
+            if folder is not None:
+                scores = [sample_scores(r.predict, r.label) for r in records]
+                write_predictions(folder, records, predict_results(scores, time.perf_counter() - started,
+                                                                   len(records), len(records)))
     finally:
         backend.close()
-    result = {
-        "dataset": {"dir": str(dataset_dir), "name": dataset, "samples": len(samples)},
-        "model": str(model),
-        "adapter": str(adapter) if adapter else None,
-        "runs": runs,
-    }
-    if out_dir:
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        title = f"# vla-eval: {dataset} ({len(samples)} samples)\n\nmodel: `{model}`" + (
-            f"  \nadapter: `{adapter}`" if adapter else "") + "\n\n"
-        (out_dir / "metrics.md").write_text(title + markdown_table(runs), encoding="utf-8")
-    return result
+    return runs
+
+
+def table_for(result: dict) -> str:
+    """The before/after table of a metrics.json result (action or free-form rows)."""
+    rows = _FREE_FORM_ROWS if result["dataset"].get("answers") == "text" else _ROWS
+    return markdown_table(result["runs"], rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,11 +534,15 @@ def evaluate(
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vla-eval",
-        description="Evaluate a Qwen-VL checkpoint (+ LoRA adapter) on a ShareGPT split with the robot's own\n"
-        "inference path (vla_node.pipeline.InferenceCore + TransformersBackend; the live pipeline's\n"
-        "stop-phrase shortcut is not used, the model answers every command). Reports parse-valid rate,\n"
-        "policy acceptance, plan exact match (verbs + labels), per-field accuracy, box IoU@0.5,\n"
-        "CLARIFY precision/recall, BLEU-4 and ROUGE-L of the raw text, latency p50/p95.",
+        description="Evaluate a Qwen-VL checkpoint (+ LoRA adapter) on a ShareGPT split.\n\n"
+        "Action datasets run through the robot's own inference path (vla_node.pipeline.InferenceCore +\n"
+        "TransformersBackend; the live pipeline's stop-phrase shortcut is not used, the model answers every\n"
+        "command): parse-valid rate, policy acceptance, plan exact match (verbs + labels), per-field\n"
+        "accuracy, box IoU@0.5, CLARIFY precision/recall, BLEU-4 and ROUGE-L of the raw text, latency.\n"
+        "Free-form datasets (answers that are not actions) are scored like LLaMA-Factory's do_predict:\n"
+        "BLEU-4 and ROUGE-1/2/L of the generated last answer. Both write LLaMA-Factory's\n"
+        "generated_predictions.jsonl and predict_results.json. Dataset problems are reported before any\n"
+        "model loads, and a failed run leaves no --out folder.",
         epilog="example:\n  vla-eval --model models/tabletop-tiny --adapter out/lora --dataset-dir data "
         "--dataset tabletop_val --compare-base --out out/eval",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -416,9 +550,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base (or merged) checkpoint directory")
     p.add_argument("--adapter", help="LoRA adapter directory (with vla_manifest.json)")
     p.add_argument("--dataset-dir", required=True, help="folder with dataset_info.json")
-    p.add_argument("--dataset", required=True, help="dataset name registered in dataset_info.json")
+    p.add_argument("--dataset", required=True,
+                   help="dataset name registered in dataset_info.json (a comma list of one kind of answer)")
     p.add_argument("--compare-base", action="store_true", help="also score the base model (adapter off) and tabulate both")
-    p.add_argument("--out", help="write metrics.json, metrics.md and predictions_*.jsonl here")
+    p.add_argument("--out", help="write metrics.json, metrics.md, generated_predictions.jsonl, predict_results.json "
+                                 "(base run: in base/) and, for action datasets, predictions_*.jsonl here")
     p.add_argument("--limit", type=int, help="only the first N samples")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="generation budget (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
@@ -447,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vla-eval: {e}", file=sys.stderr)
             return 1
         raise
-    print(markdown_table(result["runs"]), end="")
+    print(table_for(result), end="")
     return 0
 
 

@@ -896,9 +896,13 @@ def dataset_sha256(path_or_dir: PathLike) -> str:
 
 
 # The registration write_sharegpt adds to dataset_info.json.
-def sharegpt_registration(file_name: str) -> dict:
+def sharegpt_registration(file_name: str, answers: Optional[str] = None) -> dict:
+    """``answers`` ("actions" | "text") declares the kind of answer (training.answer_kinds); LLaMA-Factory
+    ignores the key."""
+    marker = {"vla_answers": answers} if answers else {}
     return {
         "file_name": file_name,
+        **marker,
         "formatting": "sharegpt",
         "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -930,13 +934,15 @@ def _image_ref(p: Path, base: Path) -> str:
         return str(Path(p).resolve())
 
 
-def write_sharegpt(path: PathLike, samples: Iterable[Sample], dataset_info_name: Optional[str] = None) -> Path:
+def write_sharegpt(path: PathLike, samples: Iterable[Sample], dataset_info_name: Optional[str] = None,
+                   answers: Optional[str] = None) -> Path:
     """Write samples as LLaMA-Factory ShareGPT (``messages``/``role``/``content``, ``images``).
 
     ``.jsonl`` -> one sample per line; anything else -> a JSON array with one sample per line
     (sample i is on line i + 2). Image paths are written relative to the file's directory when
     inside it (LLaMA-Factory's media_dir default), else absolute. With ``dataset_info_name`` the
-    dataset is (re-)registered in dataset_info.json next to the file, other entries kept.
+    dataset is (re-)registered in dataset_info.json next to the file, other entries kept, its kind
+    of answer declared when ``answers`` is given.
     Output is deterministic (same samples -> same bytes).
     """
     path = Path(path)
@@ -956,6 +962,6 @@ def write_sharegpt(path: PathLike, samples: Iterable[Sample], dataset_info_name:
         info: dict = {}
         if info_path.is_file():
             info, _ = read_dataset_info(base)
-        info[dataset_info_name] = sharegpt_registration(path.name)
+        info[dataset_info_name] = sharegpt_registration(path.name, answers)
         _atomic_write(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return path

@@ -259,8 +259,9 @@ def build_model(cfg: TrainConfig, bf16: bool):
             log.info("%s fine-tuning of: %s", cfg.finetuning_type, "; ".join(freeze_all_but(model, cfg)))
     except TrainableError as e:
         raise ConfigError(str(e)) from None
+    asked = {t.strip() for t in (cfg.additional_target or "").split(",") if t.strip()}  # trained in full on purpose
     bad = [n for n, p in model.named_parameters() if p.requires_grad and cfg.finetuning_type == "lora"
-           and _NOT_LANGUAGE.search(n) and not parts - {LANGUAGE}]
+           and _NOT_LANGUAGE.search(n) and not parts - {LANGUAGE} and not asked & set(n.split("."))]
     if bad:
         raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:5]}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -589,16 +590,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
     eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
 
-    # 3. model
+    # 3. model (the training arguments first: with DeepSpeed ZeRO-3 they make the model load partitioned)
     bf16 = use_bf16(cfg)
     fp16 = use_fp16(cfg)
+    args = training_args_for(cfg, bf16, eval_ds is not None, fp16)
     model = build_model(cfg, bf16)
 
     # 4. trainer
     VLATrainer, ThroughputCallback, LossProgressCallback = trainer_classes()
     from transformers.trainer_callback import ProgressCallback
 
-    args = training_args_for(cfg, bf16, eval_ds is not None, fp16)
     if args.n_gpu > 1:
         # Without torchrun/accelerate the Trainer would fall back to nn.DataParallel, whose
         # replicas break Qwen-VL's vision dtype lookup; DDP is the supported multi-GPU path.
