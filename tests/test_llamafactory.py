@@ -242,7 +242,15 @@ def lf_data(tmp_path_factory) -> Path:
                for a in ['PICK_OBJECT(object="red cube")', 'PICK_OBJECT(object="blue cube")', "STOP()",
                          'PICK_OBJECT(object="red cube")', 'PICK_OBJCT(object="red cube")']]
     (root / "actions.json").write_text(json.dumps(actions, indent=1))
+    alpaca = [{"instruction": "Name the colour.", "input": "red square", "output": "Red.", "system": "Be brief.",
+               "history": [["Hello", "Hi."]]},
+              {"instruction": "<image>What colour is the square?", "input": "", "output": "Blue.",
+               "images": ["media/blue.png"]}]
+    (root / "alpaca.json").write_text(json.dumps(alpaca, indent=1))
     info = {
+        "alpaca_demo": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "query": "input",
+                                                                "response": "output", "system": "system",
+                                                                "history": "history", "images": "images"}},
         "vqa_demo": {"file_name": "qa.json", **LF_MULTIMODAL_ENTRY},
         "vqa_declared_actions": {"file_name": "qa.json", "vla_answers": "actions", **LF_MULTIMODAL_ENTRY},
         "video_demo": {"file_name": "video.json", "formatting": "sharegpt",
@@ -279,6 +287,27 @@ def test_a_free_form_dataset_registered_like_llamafactory_is_free_form(lf_data, 
 
     with pytest.raises(DatasetInvalid, match="answer rejected by the action parser"):
         load_validated(lf_data, "vqa_declared_actions", vocab=vocab)
+
+
+def test_alpaca_datasets_are_converted_as_llamafactory_converts_them(lf_data, vocab, tmp_path):
+    from training.sharegpt import load_validated
+
+    got = load_validated(lf_data, "alpaca_demo", vocab=vocab)
+    assert got.verdict.kind == "text"
+    assert got[0].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                               {"role": "assistant", "content": "Hi."},
+                               {"role": "user", "content": "Name the colour.\nred square"},
+                               {"role": "assistant", "content": "Red."}]
+    assert got[1].messages[-2:] == [{"role": "user", "content": "<image>What colour is the square?"},
+                                    {"role": "assistant", "content": "Blue."}]
+    assert got[1].images == [lf_data / "media" / "blue.png"]
+    # an unregistered file is recognised by its columns; a missing answer points at the sample
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"instruction": "Say hi", "output": "Hi."}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    from training.sharegpt import DatasetInvalid
+
+    with pytest.raises(DatasetInvalid, match=r"chat.jsonl:2:1: column 'output' \(the answer\) must be a string"):
+        load_validated(f, vocab=vocab)
 
 
 def test_a_mostly_action_dataset_reports_the_rest_as_likely_typos(lf_data, vocab):
@@ -357,6 +386,8 @@ def vqa_dir(tmp_path_factory, synth_dir) -> Path:
     counts = generate_vqa_dataset(root / "vqa", VQAConfig(num=20, size=IMAGE_SIZE, val_frac=0.2))
     assert counts == {"train": 16, "val": 4}
     info = json.loads((root / "dataset_info.json").read_text())
+    chat = [{"instruction": f"Say {w}.", "input": "", "output": f"{w.capitalize()}."} for w in ("hi", "yes", "no", "ok")]
+    (root / "chat.json").write_text(json.dumps(chat))  # text only, alpaca, read by its path
     for name, entry in json.loads((root / "vqa" / "dataset_info.json").read_text()).items():
         info[name] = dict(entry, file_name=f"vqa/{entry['file_name']}")
         data = root / "vqa" / entry["file_name"]  # image paths relative to the shared dataset_dir
@@ -379,12 +410,13 @@ def test_a_mixed_free_form_and_action_dataset_trains(train_model_dir, vqa_dir, t
     from training.train import train
 
     out = tmp_path / "mixed"
-    cfg = load_config(None, train_overrides(train_model_dir, vqa_dir, out, dataset="tabletop_train,tabletop_vqa_train",
+    cfg = load_config(None, train_overrides(train_model_dir, vqa_dir, out,
+                                            dataset="tabletop_train,tabletop_vqa_train,chat.json",
                                             max_steps=4, save_steps=100, val_size=4, max_samples=12,
                                             mix_strategy="interleave_under", eval_strategy="steps", eval_steps=4))
     result = train(cfg)
     assert result.global_step == 4
-    assert result.metrics["train_samples"] == 20  # 12 + 12 interleaved, 4 held out for eval
+    assert result.metrics["train_samples"] == 8  # 3 x 4 interleaved until chat.json ran out, 4 held out for eval
     assert "eval_loss" in result.metrics
     assert answers_of(read_manifest(out)) == ["actions", "text"]
 

@@ -52,10 +52,11 @@ def _datasets_of(path: Path, dataset: Optional[str]) -> list[Optional[str]]:
         return [dataset]
     if path.is_dir() or path.name == DATASET_INFO:
         info, _ = read_dataset_info(path if path.is_dir() else path.parent)
-        names = [n for n, e in info.items() if isinstance(e, dict) and e.get("formatting") in ("sharegpt", "openai")]
+        names = [n for n, e in info.items() if isinstance(e, dict) and not e.get("ranking")
+                 and e.get("formatting", "alpaca") in ("sharegpt", "openai", "alpaca")]
         if not names:
             where = str((path if path.is_dir() else path.parent) / DATASET_INFO)
-            raise DatasetInvalid([DataError(where, 1, 1, "registers no sharegpt dataset; pass --dataset NAME")])
+            raise DatasetInvalid([DataError(where, 1, 1, "registers no dataset vla-data can read (sharegpt, openai or alpaca); pass --dataset NAME")])
         return names
     return [None]
 

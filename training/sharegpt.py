@@ -1,6 +1,9 @@
 """LLaMA-Factory ShareGPT (multimodal) datasets: read, validate with file:line:col, write.
 
-Two on-disk shapes are read, as JSON (a list of samples) or JSONL (one sample per line):
+Three on-disk shapes are read, as JSON (a list of samples) or JSONL (one sample per line): the two
+ShareGPT ones, and LLaMA-Factory's alpaca one (``{"instruction", "input", "output", "system",
+"history", "images"}``, converted as LLaMA-Factory converts it: history pairs, then instruction and
+input joined by a newline as the user turn, then output):
 
     {"messages": [{"role": "user", "content": "<image>..."}, {"role": "assistant", ...}],
      "images": ["images/0001.png"]}
@@ -93,6 +96,12 @@ class Mapping:
     audios: Optional[str] = None
     # registered columns this reader does not use (e.g. tools, kto_tag): warned about
     unused: tuple = ()
+    # "alpaca" (instruction/input/output columns, LLaMA-Factory's default formatting) or "sharegpt"
+    formatting: str = "sharegpt"
+    prompt: Optional[str] = "instruction"
+    query: Optional[str] = "input"
+    response: Optional[str] = "output"
+    history: Optional[str] = None
 
     @classmethod
     def from_dataset_info(cls, entry: dict) -> "Mapping":
@@ -104,8 +113,8 @@ class Mapping:
         if not isinstance(entry, dict):
             raise ValueError("dataset_info.json entry must be an object")
         formatting = entry.get("formatting", "alpaca")
-        if formatting not in ("sharegpt", "openai"):
-            raise ValueError(f"formatting {formatting!r} is not supported (only 'sharegpt' and 'openai')")
+        if formatting not in ("sharegpt", "openai", "alpaca"):
+            raise ValueError(f"formatting {formatting!r} is not supported (only 'sharegpt', 'openai' and 'alpaca')")
         if entry.get("ranking"):
             raise ValueError("ranking (preference) datasets are not supported")
         columns = entry.get("columns") or {}
@@ -117,7 +126,14 @@ class Mapping:
                 raise ValueError(f"column {media!r} (\"{columns[media]}\"): {media[:-1]} is not supported, the node "
                                  "serves single camera frames; train on images (one <image> per frame)")
         kwargs: dict[str, Any] = {}
-        kwargs["unused"] = tuple(sorted(k for k, v in columns.items() if v and k not in ("messages", "images", "system")))
+        used = ("prompt", "query", "response", "history", "images", "system") if formatting == "alpaca" \
+            else ("messages", "images", "system")
+        kwargs["unused"] = tuple(sorted(k for k, v in columns.items() if v and k not in used))
+        if formatting == "alpaca":
+            kwargs["formatting"] = "alpaca"
+            for key in ("prompt", "query", "response", "history"):
+                if key in columns:
+                    kwargs[key] = columns[key]
         if "vla_answers" in entry:
             kwargs["answers"] = entry["vla_answers"]
         if formatting == "openai":  # role/content/user/assistant unless the tags say otherwise
@@ -141,6 +157,9 @@ class Mapping:
             images = "images" if "images" in sample else None
             system = "system" if "system" in sample else None
             media = {k: k for k in ("videos", "audios") if k in sample}
+            if "instruction" in sample and "output" in sample and not {"messages", "conversations"} & set(sample):
+                return cls(formatting="alpaca", images=images, system=system,
+                           history="history" if "history" in sample else None, **media)
             if "messages" in sample and "conversations" not in sample:
                 msgs = sample.get("messages")
                 first = msgs[0] if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) else {}
@@ -511,17 +530,8 @@ def _resolve_image(value: str, media_dir: Path) -> Path:
     return p.resolve()  # LLaMA-Factory falls back to the path as given (relative to the cwd)
 
 
-def _convert(value: Any, start: int, src: _Source, mapping: Mapping, media_dir: Path,
-             errors: list[DataError]) -> Optional[Sample]:
-    """One raw JSON sample -> Sample, or None with one structural error appended."""
-
-    def err(message: str, path: tuple = ()) -> None:
-        line, col = src.line_col(_find_path(src.text, start, path))
-        errors.append(DataError(src.file, line, col, message))
-
-    if not isinstance(value, dict):
-        err(f"a sample must be a JSON object, got {type(value).__name__}")
-        return None
+def _sharegpt_messages(value: dict, mapping: Mapping, err) -> Optional[tuple[list[dict], list[tuple]]]:
+    """A ShareGPT/OpenAI sample's messages (normalised roles) and their JSON paths; None after err()."""
     raw = value.get(mapping.messages)
     if raw is None:
         hint = ""
@@ -533,11 +543,6 @@ def _convert(value: Any, start: int, src: _Source, mapping: Mapping, media_dir: 
     if not isinstance(raw, list):
         err(f"column {mapping.messages!r} must be a list of messages", (mapping.messages,))
         return None
-    for media in (mapping.videos, mapping.audios):
-        if media and value.get(media):
-            err(f"column {media!r}: {media.rstrip('s')} is not supported, the node serves single camera frames; "
-                "train on images (one <image> per frame)", (media,))
-            return None
     roles = mapping.role_map()
     messages: list[dict] = []
     paths: list[tuple] = []
@@ -563,6 +568,70 @@ def _convert(value: Any, start: int, src: _Source, mapping: Mapping, media_dir: 
             return None
         messages.append({"role": roles[tag], "content": content})
         paths.append(path)
+    return messages, paths
+
+
+def _alpaca_messages(value: dict, mapping: Mapping, err) -> Optional[tuple[list[dict], list[tuple]]]:
+    """LLaMA-Factory's alpaca conversion: history pairs, then instruction + "\\n" + input, then output."""
+    messages: list[dict] = []
+    paths: list[tuple] = []
+    history = value.get(mapping.history) if mapping.history else None
+    if history is not None:
+        if not isinstance(history, list):
+            err(f"column {mapping.history!r} must be a list of [instruction, answer] pairs", (mapping.history,))
+            return None
+        for k, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                err(f"history item {k} must be a pair of strings [instruction, answer]", (mapping.history, k))
+                return None
+            messages += [{"role": USER, "content": pair[0]}, {"role": ASSISTANT, "content": pair[1]}]
+            paths += [(mapping.history, k, 0), (mapping.history, k, 1)]
+    query = []
+    for column in (mapping.prompt, mapping.query):
+        text = value.get(column) if column else None
+        if text is not None and not isinstance(text, str):
+            err(f"column {column!r} must be a string, got {type(text).__name__}", (column,))
+            return None
+        if text:
+            query.append(text)
+    messages.append({"role": USER, "content": "\n".join(query)})
+    paths.append((mapping.prompt,))
+    answer = value.get(mapping.response) if mapping.response else None
+    if not isinstance(answer, str):
+        err(f"column {mapping.response!r} (the answer) must be a string, got {type(answer).__name__}",
+            (mapping.response,) if answer is not None else ())
+        return None
+    messages.append({"role": ASSISTANT, "content": answer})
+    paths.append((mapping.response,))
+    return messages, paths
+
+
+def _convert(value: Any, start: int, src: _Source, mapping: Mapping, media_dir: Path,
+             errors: list[DataError]) -> Optional[Sample]:
+    """One raw JSON sample -> Sample, or None with one structural error appended."""
+
+    def err(message: str, path: tuple = ()) -> None:
+        line, col = src.line_col(_find_path(src.text, start, path))
+        errors.append(DataError(src.file, line, col, message))
+
+    if not isinstance(value, dict):
+        err(f"a sample must be a JSON object, got {type(value).__name__}")
+        return None
+    for media in (mapping.videos, mapping.audios):
+        if media and value.get(media):
+            err(f"column {media!r}: {media.rstrip('s')} is not supported, the node serves single camera frames; "
+                "train on images (one <image> per frame)", (media,))
+            return None
+    if mapping.formatting == "alpaca":
+        converted = _alpaca_messages(value, mapping, err)
+        if converted is None:
+            return None
+        messages, paths = converted
+    else:
+        converted = _sharegpt_messages(value, mapping, err)
+        if converted is None:
+            return None
+        messages, paths = converted
     if mapping.system and value.get(mapping.system) and not (messages and messages[0]["role"] == SYSTEM):
         system = value[mapping.system]
         if not isinstance(system, str):
