@@ -71,6 +71,17 @@ class TrainConfig:
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "processes that encode the dataset once for the fast path (default: cores - 1, at most 16)"},
+    )
+    fast_path: str = field(
+        default="auto",
+        metadata={"help": "auto | true | false: encode the data once into tensors kept on the device and compute "
+                          "the prompt prefix every sample shares once per batch (training/fast_path.py; same loss); "
+                          "auto = whenever the data allows (one same-size image per sample, one shared prefix, "
+                          "one process), true = fail if it does not"},
+    )
     dataloader_num_workers: Optional[int] = field(
         default=None,
         metadata={"help": "DataLoader worker processes (default: 0 on CPU; on a GPU min(4, cores - 1), so image "
@@ -114,6 +125,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_errors_shown"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 0:
+            errs.append(f"preprocessing_num_workers must be >= 0, not {self.preprocessing_num_workers}")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             errs.append(f"dataloader_num_workers must be >= 0, not {self.dataloader_num_workers}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -126,6 +139,8 @@ class TrainConfig:
             errs.append("set max_steps > 0 or num_train_epochs > 0")
         if self.eval_steps is not None and self.eval_steps < 1:
             errs.append(f"eval_steps must be >= 1, not {self.eval_steps}")
+        if str(self.fast_path).lower() not in ("auto", "true", "false"):
+            errs.append(f"fast_path must be auto, true or false, not {self.fast_path!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             errs.append(f"bf16 must be auto, true or false, not {self.bf16!r}")
         if self.image_min_pixels is not None and self.image_max_pixels is not None:

@@ -299,9 +299,17 @@ def trainer_classes():
             return super().on_log(args, state, control, logs=logs, **kw)
 
     class VLATrainer(Trainer):
-        def __init__(self, *a, throughput: ThroughputCallback | None = None, **kw):
+        def __init__(self, *a, throughput: ThroughputCallback | None = None, fast_path=None, **kw):
             super().__init__(*a, **kw)
             self.throughput = throughput
+            self.fast_path = fast_path  # training.fast_path.FastPath: its loss replaces the model call
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fast_path is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            loss = self.fast_path.loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self.throughput is not None and "loss" in logs:
@@ -340,21 +348,25 @@ def _sampling_kwargs(args_cls, group_by_length: bool) -> dict:
     return {"group_by_length": group_by_length}
 
 
-def _dataloader_workers(cfg: TrainConfig) -> int:
+def _dataloader_workers(cfg: TrainConfig, fast_path: bool = False) -> int:
     """Explicit setting, else 0 on CPU (the cores are busy training) and min(4, cores - 1) on a GPU:
-    with no worker the processor's image work runs between GPU steps, the GPU waiting."""
+    with no worker the processor's image work runs between GPU steps, the GPU waiting. The fast
+    path's batches are gathers on the device: no worker."""
     import torch
 
+    if fast_path:
+        return 0
     if cfg.dataloader_num_workers is not None:
         return cfg.dataloader_num_workers
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
 
 
-def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
+def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fast_path: bool = False):
     """The transformers TrainingArguments `vla-train` trains with (also benchmarks/train_throughput.py's arm)."""
     import torch
     from transformers import TrainingArguments
 
+    workers = _dataloader_workers(cfg, fast_path)
     eval_steps = cfg.eval_steps or cfg.save_steps
     report = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip().lower() != "none"]
     return TrainingArguments(
@@ -385,9 +397,9 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool):
         report_to=report or "none",
         remove_unused_columns=False,  # the collator's output is exactly the model's input
         **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
-        dataloader_num_workers=_dataloader_workers(cfg),
-        dataloader_persistent_workers=_dataloader_workers(cfg) > 0,  # no re-fork per epoch / eval
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,  # no re-fork per epoch / eval
+        dataloader_pin_memory=torch.cuda.is_available() and not fast_path,
         ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
         disable_tqdm=cfg.disable_tqdm,
         save_only_model=False,
@@ -445,13 +457,17 @@ def _final_metrics(log_history: list[dict], train_output, eval_metrics: dict | N
 # ------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
+    """Run vla-train's training for ``cfg``. ``callbacks``: extra transformers TrainerCallbacks;
+    ``on_data(processor, fast_path)``, if given, is called once the data is encoded and may return
+    more callbacks (a build's own evaluations)."""
     cfg.check_runnable()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoProcessor, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
+    from training.fast_path import prepare_fast_path
     from vla_node.manifest import make_manifest, write_manifest
     from vla_node.prompt import TEMPLATE_ID, PromptBuilder
     from vla_node.vocabulary import Vocabulary
@@ -481,18 +497,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif differ:
         log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
                  "(the one the robot sends)", differ, len(train_samples))
-    train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
-    eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
+    bf16 = use_bf16(cfg)
+    fast = prepare_fast_path(cfg, collator, train_samples, eval_samples, bf16,
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if fast is not None:
+        train_ds, eval_ds, data_collator = fast.train_dataset, fast.eval_dataset, fast.builder
+    else:
+        train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
+        eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
+        data_collator = collator
 
     # 3. model
-    bf16 = use_bf16(cfg)
     model = build_model(cfg, bf16)
 
     # 4. trainer
     VLATrainer, ThroughputCallback, LossProgressCallback = trainer_classes()
     from transformers.trainer_callback import ProgressCallback
 
-    args = training_args_for(cfg, bf16, eval_ds is not None)
+    args = training_args_for(cfg, bf16, eval_ds is not None, fast_path=fast is not None)
     if args.n_gpu > 1:
         # Without torchrun/accelerate the Trainer would fall back to nn.DataParallel, whose
         # replicas break Qwen-VL's vision dtype lookup; DDP is the supported multi-GPU path.
@@ -505,10 +527,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=collator,
+        data_collator=data_collator,
         processing_class=processor,
-        callbacks=[throughput],
+        callbacks=[throughput, *callbacks, *((on_data(processor, fast) or ()) if on_data else ())],
         throughput=throughput,
+        fast_path=fast,
     )
     if not cfg.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
