@@ -5,7 +5,7 @@
 1. synthetic tabletop data (training.synth): an English set for the base, a Chinese+English
    set for the adapter, a small mixed corpus for the tokenizer;
 2. a Qwen2.5-VL-architecture checkpoint with a tokenizer trained on that corpus
-   (vla_node.tiny_models), randomly initialised;
+   (training.tiny_models), randomly initialised;
 3. full fine-tuning of every weight (vision tower included) on the English set -> tabletop-tiny;
 4. a LoRA adapter (LLaMA-Factory defaults: rank 8, alpha 16, all language-model linears) on the
    Chinese+English set -> tabletop-tiny-zh-lora: the skill the base lacks is Chinese commands;
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
-# The architecture: Qwen2.5-VL with every size shrunk (see vla_node.tiny_models.DEFAULT_SIZES).
+# The architecture: Qwen2.5-VL with every size shrunk (see training.tiny_models.DEFAULT_SIZES).
 MODEL_SIZES = dict(
     vocab_size=3000,
     hidden_size=256,
@@ -81,7 +81,7 @@ def corpus(data_dirs: list[Path]) -> list[str]:
 
 
 def base_init(out: Path, texts: list[str], seed: int) -> Path:
-    from vla_node.tiny_models import build_tiny_checkpoint
+    from training.tiny_models import build_tiny_checkpoint
 
     if (out / "config.json").is_file():
         return out
