@@ -12,7 +12,7 @@ a few thousand parameters per layer is initialised from ``seed``.
 
 CLI::
 
-    python -m vla_node.tiny_models OUT_DIR --family qwen2_5_vl --seed 0
+    python -m training.tiny_models OUT_DIR --family qwen2_5_vl --seed 0
 """
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ def build_tiny_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vla_node.tiny_models",
+        prog="python -m training.tiny_models",
         description=(
             "Write a tiny random-weight Qwen-VL checkpoint (locally trained BPE tokenizer, real "
             "Qwen processor classes, tiny config) that AutoProcessor / AutoModelForImageTextToText "
