@@ -175,7 +175,7 @@ def probe_rate(init: Path, data: Path, common: dict, batch: int, work: Path) -> 
     rates = [h["samples_per_s"] for h in result.log_history if "samples_per_s" in h][1:]  # first includes warm-up
     shutil.rmtree(out, ignore_errors=True)
     rate = sorted(rates)[len(rates) // 2]
-    log(f"probe: {rate:.0f} training samples/s")
+    log(f"probe: {rate:.1f} training samples/s")
     return rate
 
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                         help="processes for rendering and encoding the data (default: cores - 1, at most 16)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (default: %(default)s)")
-    parser.add_argument("--gen-eval-samples", type=int, default=512,
+    parser.add_argument("--gen-eval-samples", type=int, default=256,
                         help="held-out val samples answered greedily at every evaluation (default: %(default)s)")
     parser.add_argument("--deadline-minutes", type=float, default=None,
                         help="stop each training early (it still saves) once this many minutes of the build have passed")
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
                         help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
+    import logging
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
                   preprocessing_num_workers=args.workers, seed=args.seed, logging_steps=25,
                   save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
-                  bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto",
+                  bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
                   image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
     data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
     data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
             steps = int(rate * args.base_minutes * 60 / args.batch_size)
-            log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.0f} samples/s)")
+            log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
         base = run_training(deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
                             freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
                             dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "base_train"),

@@ -23,7 +23,7 @@ __all__ = ["GenerationEval", "generation_eval_callback"]
 
 class GenerationEval:
     def __init__(self, encoded: EncodedTensors, arithmetic: ProcessorArithmetic, tokenizer, vocab,
-                 frame_size: tuple[int, int], batch_size: int = 128, max_new_tokens: int = 96):
+                 frame_size: tuple[int, int], batch_size: int = 256, max_new_tokens: int = 96):
         from vla_node.parser import BoxCodec
 
         self.encoded, self.arithmetic, self.tokenizer, self.vocab = encoded, arithmetic, tokenizer, vocab

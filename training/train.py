@@ -240,6 +240,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
 
 def trainer_classes():
     """Defined lazily so `vla-train --help` does not import torch/transformers."""
+    import torch
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -317,6 +318,13 @@ def trainer_classes():
                 if rate is not None:
                     logs["samples_per_s"] = rate
             super().log(logs, start_time)
+
+        def _get_eval_sampler(self, eval_dataset):
+            lengths = getattr(eval_dataset, "lengths", None)
+            if self.fast_path is not None and lengths:  # the exact lengths are known: no encoding pass
+                return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
+                                            generator=torch.Generator().manual_seed(self.args.seed))
+            return super()._get_eval_sampler(eval_dataset)
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
