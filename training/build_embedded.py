@@ -81,14 +81,27 @@ def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: i
     return out
 
 
-def corpus(data_dirs: list[Path]) -> list[str]:
-    """Every distinct text the model will read or write: system prompt, commands, answers."""
+# The system prompt is in every sample: in the tokenizer's corpus it counts as often as a sample
+# does, so its words become single tokens (a short prefix) like the commands' and answers' words.
+SYSTEM_PROMPT_WEIGHT = 20000
+
+
+def corpus(configs: list, workers: int) -> list[str]:
+    """What the model will read or write: every distinct command and answer of the training data
+    (texts only: no picture is drawn) and the system prompt, weighted as in the data."""
+    from training.synth import Synthesizer
+
     texts: dict[str, None] = {}
-    for data in data_dirs:
-        for sample in json.loads((data / "train.json").read_text(encoding="utf-8")):
-            for message in sample["messages"]:
-                texts[message["content"]] = None
-    return list(texts)
+    system = ""
+    for cfg in configs:
+        syn = Synthesizer(cfg)
+        for messages in syn.texts(syn.splits()["train"], workers=workers):
+            for message in messages:
+                if message["role"] == "system":
+                    system = message["content"]
+                else:
+                    texts[message["content"]] = None
+    return list(texts) + [system] * SYSTEM_PROMPT_WEIGHT
 
 
 def base_init(out: Path, texts: list[str], seed: int) -> Path:
@@ -243,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="models", help="where the finished models go (default: %(default)s)")
     parser.add_argument("--work", default="out/embedded", help="data, checkpoints and logs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
-    parser.add_argument("--base-samples", type=int, default=120000, help="English synthetic samples (default: %(default)s)")
-    parser.add_argument("--lora-samples", type=int, default=40000, help="Chinese+English samples (default: %(default)s)")
+    parser.add_argument("--base-samples", type=int, default=96000, help="English synthetic samples (default: %(default)s)")
+    parser.add_argument("--lora-samples", type=int, default=30000, help="Chinese+English samples (default: %(default)s)")
     parser.add_argument("--base-steps", default="3000",
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
@@ -281,14 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                   save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
                   bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
                   image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
-    data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
-    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers)
     histories: dict[str, list[dict]] = {}
     if (out / EMBEDDED_MODEL / "config.json").is_file():  # exported by an earlier (maybe remote) run
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")
     else:
-        init = Path(args.base_from) if args.base_from else \
-            base_init(work / "base_init", corpus([data_en, data_zh]), args.seed)
+        data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
+        init = Path(args.base_from) if args.base_from else base_init(
+            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed)
         steps = int(args.base_steps) if args.base_steps != "auto" else None
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
@@ -304,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
         return 0
+    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers)
     lora = run_training(deadline, args.gen_eval_samples, model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora",
                         lora_rank=8, lora_alpha=16, lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS,
                         dataset_dir=str(data_zh), dataset="tabletop_train", eval_dataset="tabletop_val",

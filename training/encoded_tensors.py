@@ -67,6 +67,7 @@ class EncodedTensors:
 # ------------------------------------------------------------------------------------------------
 
 _WORK: dict[str, Any] = {}  # what forked workers inherit: the collator, the samples, the shared frames
+_HEADS: dict[str, list[int]] = {}  # token ids of prompt text before the image, per distinct text
 
 
 def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[list[int], int]:
@@ -80,8 +81,10 @@ def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[l
     tok = collator.tokenizer
     head, tail = prompt.split("<|image_pad|>")
     pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    prompt_ids = (tok(head, add_special_tokens=False)["input_ids"] + [pad_id] * image_tokens
-                  + tok(tail, add_special_tokens=False)["input_ids"])
+    head_ids = _HEADS.get(head)
+    if head_ids is None:  # the system prompt and the user turn's opening: the same in most samples
+        head_ids = _HEADS[head] = tok(head, add_special_tokens=False)["input_ids"]
+    prompt_ids = list(head_ids) + [pad_id] * image_tokens + tok(tail, add_special_tokens=False)["input_ids"]
     target_ids = list(tok(target, add_special_tokens=False)["input_ids"])
     if not target_ids or target_ids[-1] != collator.im_end_id:
         target_ids.append(collator.im_end_id)

@@ -694,7 +694,9 @@ class Synthesizer:
         return things, text, [self._clarify(reason)], "clarify_ambiguous"
 
     # ---- public -------------------------------------------------------------------------------
-    def sample(self, index: int) -> SynthSample:
+    def sample(self, index: int, render: bool = True) -> SynthSample:
+        """Sample ``index``; ``render=False`` leaves ``image`` None (the text costs a fraction of the
+        picture, and the image is drawn last, so every other field is the same)."""
         rng = np.random.default_rng([self.cfg.seed, index])
         for _ in range(200):
             skill = self.skills[int(rng.choice(len(self.skills), p=self.skill_p))]
@@ -704,12 +706,21 @@ class Synthesizer:
             except _Retry:
                 continue
             answer = render_steps(steps, self.vocab, self.codec)
-            image = self._render(rng, things)
+            image = self._render(rng, things) if render else None
             return SynthSample(index=index, image=image, command=command, language=lang, skill=skill, kind=kind,
                                steps=steps, answer=answer, things=things,
                                messages=self.prompt.sharegpt_messages(command, answer))
         raise SynthError(f"sample {index}: could not generate any of the skills {self.skills} with these "
                          "objects/destinations (too few labels or too small an image?)")
+
+    def texts(self, indices: Sequence[int], workers: int = 1) -> list[list[dict]]:
+        """The ShareGPT messages of these samples, without drawing their pictures."""
+        if workers <= 1 or len(indices) < 2048:
+            return [self.sample(i, render=False).messages for i in indices]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers, _init_worker, (self.cfg,)) as pool:
+            return pool.map(_messages_of_sample, indices, chunksize=256)
 
     def samples(self, indices: Optional[Sequence[int]] = None) -> Iterator[SynthSample]:
         for i in (indices if indices is not None else range(self.cfg.num)):
@@ -773,6 +784,10 @@ def _encode(syn: "Synthesizer", index: int) -> tuple[int, bytes, list, str, str]
 
 def _encode_sample(index: int) -> tuple[int, bytes, list, str, str]:
     return _encode(_WORKER_SYNTH, index)
+
+
+def _messages_of_sample(index: int) -> list[dict]:
+    return _WORKER_SYNTH.sample(index, render=False).messages
 
 
 def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = None,
