@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if not model:
-        from vla_node.tiny_models import build_tiny_checkpoint
+        from training.tiny_models import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", family="qwen2_5_vl"))
     rclpy.init()

@@ -3,7 +3,7 @@
 Speed depends on the architecture, not on the weights, so the GPU benchmarks build the real
 shapes with random bf16 weights directly on the device and save them as an ordinary checkpoint
 directory, which the node then loads exactly like a downloaded one. The tokenizer is the small
-locally trained BPE of vla_node.tiny_models (its ids are all valid in the 151936-entry vocabulary).
+locally trained BPE of training.tiny_models (its ids are all valid in the 151936-entry vocabulary).
 
 Two edits keep a random model honest for timing: the embedding rows of the end-of-sequence ids
 and of ids the small tokenizer does not have are zeroed (tied embeddings: their logits become 0
@@ -71,7 +71,7 @@ def architecture(name: str, tiny: bool = False) -> dict:
 
 
 def build_config(spec: dict, tokenizer):
-    from vla_node.tiny_models import QWEN_SPECIAL_TOKENS
+    from training.tiny_models import QWEN_SPECIAL_TOKENS
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     text = dict(spec["text"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -95,7 +95,7 @@ def build_random_checkpoint(out_dir, name: str, device: str = "cuda", dtype: str
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from vla_node.tiny_models import _build_processor, default_corpus, train_tokenizer
+    from training.tiny_models import _build_processor, default_corpus, train_tokenizer
 
     spec = architecture(name, tiny)
     family = spec["family"]

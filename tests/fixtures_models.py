@@ -134,7 +134,7 @@ class _LazyCheckpoints(dict):
         self.root = root
 
     def __missing__(self, family: str) -> Path:
-        from vla_node.tiny_models import build_tiny_checkpoint
+        from training.tiny_models import build_tiny_checkpoint
 
         path = build_tiny_checkpoint(self.root / family, family=family, seed=0)
         self[family] = path

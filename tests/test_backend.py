@@ -24,7 +24,7 @@ from tests.fixtures_models import (  # noqa: F401  (pytest fixtures)
 from tests.stop_events import SetOnCheck
 from vla_node import manifest as m
 from vla_node.backends import Backend, BackendError, GenerationRequest, GenerationResult, TransformersBackend
-from vla_node.tiny_models import FAMILIES
+from training.tiny_models import FAMILIES
 
 # peft 0.21 calls a transformers API that transformers 5.23 deprecated; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -286,7 +286,7 @@ def test_corrupt_or_missing_adapter(tmp_path, tiny_model_dir, tiny_adapter):
 
     # an adapter for another architecture (no manifest to catch it) fails inside peft, after
     # peft injected its layers: they are removed again
-    from vla_node.tiny_models import build_tiny_checkpoint
+    from training.tiny_models import build_tiny_checkpoint
 
     narrow = build_tiny_checkpoint(tmp_path / "narrow", family="qwen2_5_vl", hidden_size=32)
     alien = build_lora_adapter(narrow, tmp_path / "alien", manifest=False)

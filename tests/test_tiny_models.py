@@ -16,7 +16,7 @@ from tests.fixtures_models import (  # noqa: F401  (pytest fixtures)
     tiny_messages,
     tiny_qwen2_5_vl,
 )
-from vla_node.tiny_models import FAMILIES, QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, main
+from training.tiny_models import FAMILIES, QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, main
 
 PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 MODEL = {
@@ -120,7 +120,7 @@ def test_size_overrides_and_custom_vocab(tmp_path):
 
 def test_cli(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "vla_node.tiny_models", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "training.tiny_models", "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0
     assert "--family" in r.stdout and "qwen3_vl" in r.stdout and "--max-pixels" in r.stdout

@@ -15,7 +15,7 @@ HIDDEN = 60  # not a multiple of 8, as Qwen2.5-VL's 3420
 
 @pytest.fixture(scope="module")
 def unaligned_checkpoint(tmp_path_factory):
-    from vla_node.tiny_models import build_tiny_checkpoint
+    from training.tiny_models import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("unaligned"), "qwen2_5_vl", vision_intermediate_size=HIDDEN)
 

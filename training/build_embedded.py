@@ -3,16 +3,20 @@
     python -m training.build_embedded [--out models] [--work out/embedded]   (make models)
 
 1. synthetic tabletop data (training.synth): an English set for the base, a Chinese+English
-   set for the adapter, a small mixed corpus for the tokenizer;
-2. a Qwen2.5-VL-architecture checkpoint with a tokenizer trained on that corpus
-   (vla_node.tiny_models), randomly initialised;
-3. full fine-tuning of every weight (vision tower included) on the English set -> tabletop-tiny;
-4. a LoRA adapter (LLaMA-Factory defaults: rank 8, alpha 16, all language-model linears) on the
-   Chinese+English set -> tabletop-tiny-zh-lora: the skill the base lacks is Chinese commands;
-5. held-out evaluation of base and base+adapter with vla-eval's code (written next to the models).
+   set for the adapter (rendered by --workers processes);
+2. a Qwen2.5-VL-architecture checkpoint (training/tiny_models) with a tokenizer trained on that
+   data's text (every number up to 640 one token), randomly initialised;
+3. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
+   once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
+   fp32 weights) -> tabletop-tiny;
+4. a LoRA adapter (rank 8, alpha 16, all language-model linears, plus the token embedding trained
+   in full: the base never read Chinese) on the Chinese+English set -> tabletop-tiny-zh-lora;
+5. the held-out recipes, the learning curve (learning_curve.png: eval loss, and plan exact match
+   and box IoU@0.5 of greedy answers, against steps) and, unless --skip-eval, the CPU metrics.
 
-Every stage is skipped when its output exists (delete the work folder to start over). A GPU
-makes this take minutes; on 2 CPU cores it takes hours (use --base-samples to shrink it).
+Every stage is skipped when its output exists (delete the work folder to start over); an
+interrupted training resumes from its last checkpoint. On one H200 the whole build takes about
+eight minutes (benchmarks/results/embedded_build_h200.log); on a CPU it takes days.
 """
 from __future__ import annotations
 
@@ -26,27 +30,33 @@ from pathlib import Path
 
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
-# The architecture: Qwen2.5-VL with every size shrunk (see vla_node.tiny_models.DEFAULT_SIZES).
+# The architecture: Qwen2.5-VL with every size shrunk, and one visual token per 16x16 pixels:
+# a 320x240 frame is 20x15 = 300 visual tokens, so a 20-35 px object spans several of them.
 MODEL_SIZES = dict(
-    vocab_size=3000,
-    hidden_size=256,
-    intermediate_size=768,
+    vocab_size=4096,
+    hidden_size=384,
+    intermediate_size=1152,
     num_hidden_layers=4,
-    num_attention_heads=4,
+    num_attention_heads=6,
     num_key_value_heads=2,
-    vision_hidden_size=192,
-    vision_intermediate_size=512,
-    vision_depth=4,
+    vision_hidden_size=256,
+    vision_intermediate_size=768,
+    vision_depth=6,
     vision_num_heads=4,
-    min_pixels=56 * 56,
-    max_pixels=252 * 196,  # a 320x240 frame is seen as 252x196 (63 visual tokens)
-    vision_window_attention=False,  # 6 windows per frame would mean 6x the attention calls
+    patch_size=16,
+    merge_size=1,
+    min_pixels=64 * 64,
+    max_pixels=320 * 240,
+    vision_window_attention=False,  # a frame is one window of 300 patches: full attention
+    whole_numbers=1,  # a box coordinate is one token
 )
 IMAGE_SIZE = (320, 240)
+FACTOR = MODEL_SIZES["patch_size"] * MODEL_SIZES["merge_size"]
 # The base never reads Chinese, so the Chinese tokens' embeddings stay at their random init; LoRA
 # alone (linear layers only) could not give them meaning: the adapter trains the embedding too.
 ADAPTER_TRAINS_EMBEDDINGS = "embed_tokens"
 BOXES = "absolute_resized"  # the model answers with boxes in its own input pixels (Qwen2.5-VL style)
+SEED_ZH_OFFSET = 1
 
 
 def log(message: str) -> None:
@@ -57,8 +67,8 @@ def synth_config(num: int, seed: int, languages: tuple[str, ...]):
     from training.synth import SynthConfig
 
     return SynthConfig(num=num, seed=seed, size=IMAGE_SIZE, languages=languages, boxes=BOXES,
-                       min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"],
-                       val_frac=0.02, test_frac=0.03)
+                       min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"], factor=FACTOR,
+                       val_frac=0.01, test_frac=0.01)
 
 
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int) -> Path:
@@ -66,22 +76,36 @@ def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: i
 
     if (out / "dataset_info.json").is_file():
         return out
-    report = generate_dataset(out, synth_config(num, seed, languages), workers=workers)
+    report = generate_dataset(out, synth_config(num, seed, languages), workers=workers, overwrite=True)
     log(f"synth {out.name}: {report.counts} in {report.seconds:.0f} s")
     return out
 
 
-def corpus(data_dirs: list[Path]) -> list[str]:
-    """Every text the model will read or write: system prompt, commands, answers."""
-    texts = []
-    for data in data_dirs:
-        for sample in json.loads((data / "train.json").read_text(encoding="utf-8")):
-            texts += [message["content"] for message in sample["messages"]]
-    return texts
+# The system prompt is in every sample: in the tokenizer's corpus it counts as often as a sample
+# does, so its words become single tokens (a short prefix) like the commands' and answers' words.
+SYSTEM_PROMPT_WEIGHT = 20000
+
+
+def corpus(configs: list, workers: int) -> list[str]:
+    """What the model will read or write: every distinct command and answer of the training data
+    (texts only: no picture is drawn) and the system prompt, weighted as in the data."""
+    from training.synth import Synthesizer
+
+    texts: dict[str, None] = {}
+    system = ""
+    for cfg in configs:
+        syn = Synthesizer(cfg)
+        for messages in syn.texts(syn.splits()["train"], workers=workers):
+            for message in messages:
+                if message["role"] == "system":
+                    system = message["content"]
+                else:
+                    texts[message["content"]] = None
+    return list(texts) + [system] * SYSTEM_PROMPT_WEIGHT
 
 
 def base_init(out: Path, texts: list[str], seed: int) -> Path:
-    from vla_node.tiny_models import build_tiny_checkpoint
+    from training.tiny_models import build_tiny_checkpoint
 
     if (out / "config.json").is_file():
         return out
@@ -90,7 +114,50 @@ def base_init(out: Path, texts: list[str], seed: int) -> Path:
     return out
 
 
-def run_training(**overrides) -> Path:
+class Deadline:
+    """A TrainerCallback factory: stop a training (it still saves) once ``seconds`` have passed,
+    so a build inside a time-limited machine always leaves a model."""
+
+    def __init__(self, seconds: float | None):
+        self.at = time.time() + seconds if seconds else None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        at = self.at
+
+        class _Deadline(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if at is not None and time.time() > at and not control.should_training_stop:
+                    log(f"time budget reached at step {state.global_step} of {state.max_steps}: stopping early")
+                    control.should_training_stop = True
+
+        return _Deadline()
+
+
+def generation_evaluator(eval_samples: int):
+    """on_data hook for train(): greedy-answer metrics on the first eval samples at every evaluation."""
+
+    def hook(processor, fast):
+        if fast is None or fast.eval is None or eval_samples <= 0:
+            return ()
+        from training.encoded_tensors import EncodedTensors, processor_arithmetic
+        from training.generation_eval import GenerationEval, generation_eval_callback
+        from vla_node.vocabulary import Vocabulary
+
+        enc = fast.eval
+        n = min(eval_samples, len(enc))
+        subset = EncodedTensors(enc.ids[:n], enc.lengths[:n], enc.answer_starts[:n], enc.frames[:n],
+                                enc.prefix_length, enc.grid_thw)
+        height, width = int(enc.frames.shape[1]), int(enc.frames.shape[2])
+        evaluator = GenerationEval(subset, processor_arithmetic(processor.image_processor), processor.tokenizer,
+                                   Vocabulary.load(None), (width, height))
+        return (generation_eval_callback(evaluator),)
+
+    return hook
+
+
+def run_training(deadline: Deadline, eval_samples: int, **overrides) -> Path:
     from training.config import TrainConfig
     from training.train import train
 
@@ -100,12 +167,32 @@ def run_training(**overrides) -> Path:
     if any(final.glob("checkpoint-*")):  # an interrupted run continues where it stopped
         overrides["resume_from_checkpoint"] = "true"
     cfg = TrainConfig(**overrides)
-    result = train(cfg)
+    result = train(cfg, callbacks=[deadline.callback()], on_data=generation_evaluator(eval_samples))
+    (final / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")
     log(f"trained {final}: step {result.global_step}, {result.metrics}")
     return final
 
 
-def export_model(trained: Path, target: Path, files_from: Path | None = None) -> None:
+def probe_rate(init: Path, data: Path, common: dict, batch: int, work: Path) -> float:
+    """Training samples/s of the fast path on this machine (a few steps on a small subset)."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    out = work / "probe"
+    shutil.rmtree(out, ignore_errors=True)
+    probe = {**common, "max_samples": batch * 30, "save_steps": 10**6, "eval_steps": None, "logging_steps": 5,
+             "report_to": "none", "plot_loss": False}
+    result = train(TrainConfig(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
+                               freeze_multi_modal_projector=False, dataset_dir=str(data), dataset="tabletop_train",
+                               output_dir=str(out), learning_rate=1e-4, max_steps=25, **probe))
+    rates = [h["samples_per_s"] for h in result.log_history if "samples_per_s" in h][1:]  # first includes warm-up
+    shutil.rmtree(out, ignore_errors=True)
+    rate = sorted(rates)[len(rates) // 2]
+    log(f"probe: {rate:.1f} training samples/s")
+    return rate
+
+
+def export_model(trained: Path, target: Path) -> None:
     """Copy the final weights (bf16 to halve the committed size) and processor files."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -115,7 +202,7 @@ def export_model(trained: Path, target: Path, files_from: Path | None = None) ->
     target.mkdir(parents=True)
     for item in sorted(trained.iterdir()):
         if item.is_file() and item.suffix in (".json", ".jinja", ".safetensors", ".png") \
-                and not item.name.startswith(("trainer_state", "training_args")):
+                and not item.name.startswith(("trainer_state", "training_args", "log_history")):
             shutil.copy2(item, target / item.name)
     for weights in target.glob("*.safetensors"):
         tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}
@@ -127,74 +214,134 @@ def export_model(trained: Path, target: Path, files_from: Path | None = None) ->
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def plot_learning_curve(histories: dict[str, list[dict]], path: Path) -> Path | None:
+    """eval loss (left) and greedy plan exact match / box IoU@0.5 (right) against steps, one panel
+    per training stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [(name, h) for name, h in histories.items() if any("eval_loss" in e for e in h)]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4), dpi=100, squeeze=False)
+    for ax, (name, history) in zip(axes[0], stages):
+        loss = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+        ax.plot(*zip(*loss), "o-", color="tab:blue", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss", color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_title(name)
+        right = ax.twinx()
+        for key, colour, label in (("gen_plan_exact_match", "tab:green", "plan exact match"),
+                                   ("gen_box_iou50", "tab:red", "box IoU@0.5")):
+            points = [(e["step"], e[key]) for e in history if key in e]
+            if points:
+                right.plot(*zip(*points), "s--", color=colour, label=label)
+        right.set_ylim(0, 1.02)
+        right.set_ylabel("greedy answers on held-out val samples")
+        lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.build_embedded", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="models", help="where the finished models go (default: %(default)s)")
     parser.add_argument("--work", default="out/embedded", help="data, checkpoints and logs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
-    parser.add_argument("--base-samples", type=int, default=40000, help="English synthetic samples (default: %(default)s)")
-    parser.add_argument("--lora-samples", type=int, default=16000, help="Chinese+English samples (default: %(default)s)")
-    parser.add_argument("--base-epochs", type=float, default=8, help="full fine-tuning epochs (default: %(default)s)")
-    parser.add_argument("--lora-epochs", type=float, default=4, help="LoRA epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch (default: %(default)s)")
-    parser.add_argument("--base-lr", type=float, default=1e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
+    parser.add_argument("--base-samples", type=int, default=96000, help="English synthetic samples (default: %(default)s)")
+    parser.add_argument("--lora-samples", type=int, default=30000, help="Chinese+English samples (default: %(default)s)")
+    parser.add_argument("--base-steps", default="3000",
+                        help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
+                             "a short probe measures (default: %(default)s)")
+    parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
+    parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
+    parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
+    parser.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA peak learning rate (default: %(default)s)")
     parser.add_argument("--base-from", default=None,
                         help="start full fine-tuning from this checkpoint instead of a random init (a second stage)")
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
-                        help="processes for data generation and loading (default: cores - 2, at most 12)")
-    parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per evaluation (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+                        help="processes for rendering and encoding the data (default: cores - 1, at most 16)")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (default: %(default)s)")
+    parser.add_argument("--gen-eval-samples", type=int, default=256,
+                        help="held-out val samples answered greedily at every evaluation (default: %(default)s)")
+    parser.add_argument("--deadline-minutes", type=float, default=None,
+                        help="stop each training early (it still saves) once this many minutes of the build have passed")
+    parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per split for METRICS (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
                         help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
+    import logging
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    deadline = Deadline(args.deadline_minutes * 60 - (time.time() - started) if args.deadline_minutes else None)
     heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",)),
-               "test_zh": synth_config(args.lora_samples, args.seed + 1, ("zh", "en"))}
-
+               "test_zh": synth_config(args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"))}
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-                  dataloader_num_workers=args.workers, seed=args.seed, logging_steps=20,
-                  save_steps=500, save_total_limit=3, eval_steps=500, max_grad_norm=0.5,
-                  # fp32: a bf16 run at lr 1e-3 diverged to NaN after two epochs (H200, 2026-11-22);
-                  # the small model is bound by data loading, not by matmul speed.
-                  bf16="false", report_to="tensorboard", lr_scheduler_type="cosine",
+                  preprocessing_num_workers=args.workers, seed=args.seed, logging_steps=25,
+                  save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
+                  bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
                   image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
+    histories: dict[str, list[dict]] = {}
     if (out / EMBEDDED_MODEL / "config.json").is_file():  # exported by an earlier (maybe remote) run
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")
     else:
         data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
-        data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
-        init = Path(args.base_from) if args.base_from else \
-            base_init(work / "base_init", corpus([data_en, data_zh]), args.seed)
-        base = run_training(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
-                            freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset="tabletop_train",
-                            eval_dataset="tabletop_val", output_dir=str(work / "base_train"), learning_rate=args.base_lr,
-                            weight_decay=0.01, warmup_ratio=0.03, num_train_epochs=args.base_epochs, **common)
+        init = Path(args.base_from) if args.base_from else base_init(
+            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed)
+        steps = int(args.base_steps) if args.base_steps != "auto" else None
+        if steps is None:
+            rate = probe_rate(init, data_en, common, args.batch_size, work)
+            steps = int(rate * args.base_minutes * 60 / args.batch_size)
+            log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
+        base = run_training(deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
+                            freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
+                            dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "base_train"),
+                            learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
+                            **common)
         export_model(base, out / EMBEDDED_MODEL)
+    histories["base (tabletop-tiny)"] = _history(work / "base_train")
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
         return 0
-    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + 1, ("zh", "en"), args.workers)
-    lora = run_training(model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora", lora_rank=8, lora_alpha=16,
-                        lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS, dataset_dir=str(data_zh), dataset="tabletop_train",
-                        eval_dataset="tabletop_val", output_dir=str(work / "lora_train"), learning_rate=2e-3,
-                        warmup_ratio=0.05, num_train_epochs=args.lora_epochs, **common)
+    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers)
+    lora = run_training(deadline, args.gen_eval_samples, model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora",
+                        lora_rank=8, lora_alpha=16, lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS,
+                        dataset_dir=str(data_zh), dataset="tabletop_train", eval_dataset="tabletop_val",
+                        output_dir=str(work / "lora_train"), learning_rate=args.lora_lr, warmup_ratio=0.05,
+                        max_steps=args.lora_steps, **{**common, "eval_steps": max(50, args.lora_steps // 4)})
     export_model(lora, out / EMBEDDED_ADAPTER)
+    histories["LoRA (tabletop-tiny-zh-lora, zh+en)"] = _history(work / "lora_train")
     # Training data stays in the work folder; the held-out test splits travel with the models
-    # as their recipe (a sample depends on seed and index alone): the images would be 160 MB.
+    # as their recipe (a sample depends on seed and index alone): the images would be 100s of MB.
     from training.heldout import write_heldout_spec
 
     for name, cfg in heldout.items():
         write_heldout_spec(out / "heldout" / f"{name}.json", cfg)
-    log(f"models written to {out} in {time.time() - started:.0f} s")
+    curve = plot_learning_curve(histories, out / "learning_curve.png")
+    log(f"models written to {out} in {time.time() - started:.0f} s" + (f"; learning curve {curve}" if curve else ""))
     if not args.skip_eval:
         from training.embedded_metrics import evaluate_embedded
 
         evaluate_embedded(out, limit=args.eval_limit)
     return 0
+
+
+def _history(run: Path) -> list[dict]:
+    path = run / "log_history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 if __name__ == "__main__":

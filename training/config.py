@@ -116,8 +116,6 @@ class TrainConfig:
         default=None,
         metadata={"help": "longest sequence in tokens (images included): longer answers are cut, a prompt that "
                           "alone is longer is an error (default: no limit)"})
-    preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "threads that check the dataset's images before training (default 1)"})
     skip_invalid: bool = field(default=False, metadata={"help": "drop invalid samples (counted) instead of failing"})
     max_errors_shown: int = field(default=50, metadata={"help": "how many dataset errors to list before stopping"})
     keep_dataset_system: bool = field(
@@ -127,6 +125,17 @@ class TrainConfig:
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "processes that encode the dataset once for the fast path (default: cores - 1, at most 16)"},
+    )
+    fast_path: str = field(
+        default="auto",
+        metadata={"help": "auto | true | false: encode the data once into tensors kept on the device and compute "
+                          "the prompt prefix every sample shares once per batch (training/fast_path.py; same loss); "
+                          "auto = whenever the data allows (one same-size image per sample, one shared prefix, "
+                          "one process), true = fail if it does not"},
+    )
     dataloader_num_workers: Optional[int] = field(
         default=None,
         metadata={"help": "DataLoader worker processes (default: 0 on CPU; on a GPU min(4, cores - 1), so image "
@@ -203,8 +212,6 @@ class TrainConfig:
             errs.append(f"val_size must be a fraction in [0, 1) or a whole number of samples, not {self.val_size}")
         if self.cutoff_len is not None and self.cutoff_len < 2:
             errs.append(f"cutoff_len must be >= 2, not {self.cutoff_len}")
-        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
-            errs.append(f"preprocessing_num_workers must be >= 1, not {self.preprocessing_num_workers}")
         if self.ddp_timeout < 1:
             errs.append(f"ddp_timeout must be >= 1, not {self.ddp_timeout}")
         if self.fp16 and str(self.bf16).lower() == "true":
@@ -215,6 +222,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_errors_shown"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 0:
+            errs.append(f"preprocessing_num_workers must be >= 0, not {self.preprocessing_num_workers}")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             errs.append(f"dataloader_num_workers must be >= 0, not {self.dataloader_num_workers}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -227,6 +236,8 @@ class TrainConfig:
             errs.append("set max_steps > 0 or num_train_epochs > 0")
         if self.eval_steps is not None and self.eval_steps < 1:
             errs.append(f"eval_steps must be >= 1, not {self.eval_steps}")
+        if str(self.fast_path).lower() not in ("auto", "true", "false"):
+            errs.append(f"fast_path must be auto, true or false, not {self.fast_path!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             errs.append(f"bf16 must be auto, true or false, not {self.bf16!r}")
         if self.image_min_pixels is not None and self.image_max_pixels is not None:

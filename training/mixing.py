@@ -32,28 +32,24 @@ def mix(datasets: Sequence[Sequence[T]], strategy: str = "concat", probabilities
         raise ValueError("interleaving needs every dataset to hold samples")
     if probabilities is not None and len(probabilities) != len(lists):
         raise ValueError(f"{len(probabilities)} interleave_probs for {len(lists)} datasets")
+    if probabilities is not None and strategy == "interleave_over" and min(probabilities) <= 0:
+        raise ValueError("interleave_over with a zero interleave_prob would never see that dataset run out")
+    if probabilities is None:  # in turn, whole rounds: as many rounds as the shortest (under) or longest (over)
+        rounds = (min if strategy == "interleave_under" else max)(len(d) for d in lists)
+        return [d[r % len(d)] for r in range(rounds) for d in lists]
     rng = random.Random(seed)
     position = [0] * len(lists)
     finished = [False] * len(lists)
     out: list[T] = []
-    turn = 0
-    while True:
-        if probabilities is None:
-            i = turn % len(lists)
-            turn += 1
-        else:
-            i = rng.choices(range(len(lists)), weights=probabilities)[0]
-        if position[i] == len(lists[i]):
-            finished[i] = True
-            if strategy == "interleave_under" or all(finished):
-                return out
-            position[i] = 0  # interleave_over: this one starts over
+    stop = any if strategy == "interleave_under" else all
+    while not stop(finished):
+        i = rng.choices(range(len(lists)), weights=probabilities)[0]
         out.append(lists[i][position[i]])
         position[i] += 1
-        if position[i] == len(lists[i]):
+        if position[i] == len(lists[i]):  # ran out: starts over (interleave_over)
             finished[i] = True
-            if strategy == "interleave_over" and all(finished):
-                return out
+            position[i] = 0
+    return out
 
 
 def hold_out(samples: Sequence[T], val_size: float, seed: int = 0) -> tuple[list[T], list[T]]:

@@ -46,6 +46,8 @@ import numpy as np
 
 from vla_node.actions import ActionStep, Box, render_steps
 from vla_node.prompt import PromptBuilder
+from training.synth_language import Language
+from training.synth_language import Ref as _Ref
 from vla_node.vocabulary import Vocabulary
 
 __all__ = [
@@ -82,20 +84,8 @@ COLOURS_BGR = {
     "pink": (185, 130, 250), "brown": (35, 75, 130), "grey": (128, 128, 128), "gray": (128, 128, 128),
     "cyan": (215, 200, 40),
 }
-COLOURS_ZH = {
-    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色", "purple": "紫色",
-    "white": "白色", "black": "黑色", "pink": "粉色", "brown": "棕色", "grey": "灰色", "gray": "灰色",
-    "cyan": "青色",
-}
 OBJECT_SHAPES = ("cube", "block", "ball", "sphere", "cylinder", "can", "cone")
 CONTAINER_SHAPES = ("bowl", "tray", "box", "plate", "basket")
-SHAPES_ZH = {
-    "cube": "方块", "block": "积木", "ball": "球", "sphere": "球", "cylinder": "圆柱", "can": "罐子",
-    "cone": "圆锥", "bowl": "碗", "tray": "托盘", "box": "盒子", "plate": "盘子", "basket": "篮子",
-}
-# English / Chinese prepositions per container: (in, into, 里)
-_PREP = {"bowl": ("in", "into", "里"), "box": ("in", "into", "里"), "basket": ("in", "into", "里"),
-         "tray": ("on", "onto", "上"), "plate": ("on", "onto", "上")}
 # Table looks (BGR base colours)
 _WOODS = ((55, 95, 145), (40, 75, 120), (85, 135, 185), (70, 110, 160), (95, 150, 200))
 _CLOTHS = ((60, 115, 55), (150, 150, 150), (165, 195, 210), (140, 105, 70), (95, 85, 120), (200, 200, 200))
@@ -334,168 +324,6 @@ def _draw_thing(img: np.ndarray, t: Thing, colour: tuple[int, int, int]) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Language
-# ---------------------------------------------------------------------------------------------
-
-EN_MOVE = (
-    "put the {o} {in_} the {d}", "move the {o} {into} the {d}", "place the {o} {in_} the {d}",
-    "drop the {o} {into} the {d}", "please put the {o} {in_} the {d}", "could you move the {o} {into} the {d}?",
-    "transfer the {o} to the {d}", "I want the {o} {in_} the {d}", "put the {o} {in_} the {d}, please",
-    "get the {o} {into} the {d}", "move the {o} over to the {d}", "can you place the {o} {in_} the {d}?",
-)
-EN_PICK = (
-    "pick up the {o}", "pick the {o} up", "grab the {o}", "take the {o}", "lift the {o}",
-    "get the {o}", "please pick up the {o}", "can you grab the {o}?", "hold the {o}", "pick up the {o}, please",
-)
-EN_PLACE = (
-    "put it {in_} the {d}", "place it {in_} the {d}", "drop it {into} the {d}", "now put it {in_} the {d}",
-    "put what you are holding {in_} the {d}", "set it down {in_} the {d}", "release it {into} the {d}",
-)
-EN_PICK_PLACE = (
-    "pick up the {o} and then put it {in_} the {d}", "first pick up the {o}, then place it {in_} the {d}",
-    "grab the {o}, then drop it {into} the {d}", "pick up the {o}. After that, put it {in_} the {d}",
-    "take the {o} and then set it down {in_} the {d}",
-)
-EN_MOVE_MOVE = (
-    "put the {o1} {in1} the {d1} and then put the {o2} {in2} the {d2}",
-    "move the {o1} {into1} the {d1}, then move the {o2} {into2} the {d2}",
-    "first put the {o1} {in1} the {d1}, then the {o2} {in2} the {d2}",
-)
-EN_STOP = ("stop", "stop!", "stop now", "halt", "freeze", "stop moving", "wait, stop", "emergency stop",
-           "STOP", "please stop", "stop right there", "hold on, stop everything")
-ZH_MOVE = ("把{o}放到{d}{li}", "将{o}放到{d}{li}", "请把{o}移到{d}{li}", "把{o}移动到{d}{li}", "{o}放到{d}{li}去",
-           "把{o}放在{d}{li}", "请将{o}放到{d}{li}")
-ZH_PICK = ("拿起{o}", "捡起{o}", "抓起{o}", "请拿起{o}", "把{o}拿起来", "抓住{o}", "帮我拿一下{o}")
-ZH_PLACE = ("把它放到{d}{li}", "放到{d}{li}", "把手里的东西放到{d}{li}", "把它放在{d}{li}", "现在放到{d}{li}")
-ZH_PICK_PLACE = ("先拿起{o}，然后放到{d}{li}", "拿起{o}，再把它放到{d}{li}", "先抓起{o}，然后把它放在{d}{li}",
-                 "把{o}拿起来，然后放到{d}{li}")
-ZH_MOVE_MOVE = ("把{o1}放到{d1}{li1}，然后把{o2}放到{d2}{li2}", "先把{o1}放到{d1}{li1}，再把{o2}放到{d2}{li2}")
-ZH_STOP = ("停", "停下", "停止", "别动", "快停下", "停下来", "紧急停止", "停！", "马上停下")
-
-
-@dataclass(frozen=True)
-class _Ref:
-    """How the command names a thing. kind: label | side | nearest | only | colour | shape."""
-
-    kind: str
-    noun: str  # label or shape word the reference is built on
-    side: str = ""  # left | right
-    anchor: Optional[Thing] = None  # container for "nearest"
-    colour: str = ""
-
-
-class _Lang:
-    def __init__(self, vocab: Vocabulary):
-        self.zh_of: dict[str, list[str]] = {}
-        for zh, label in sorted(getattr(vocab, "labels_zh", {}).items()):
-            self.zh_of.setdefault(label, []).append(zh)
-
-    # ---- names --------------------------------------------------------------------------------
-    def zh_label(self, rng, label: str, de: bool = True) -> str:
-        """A Chinese name: the vocabulary's labels_zh forms, or colour + (的) + shape."""
-        colour, _, shape = label.partition(" ")
-        options = list(self.zh_of.get(label, []))
-        if colour in COLOURS_ZH and shape in SHAPES_ZH:
-            if not options:
-                options.append(COLOURS_ZH[colour] + SHAPES_ZH[shape])
-            if de:  # "红色的方块"; not inside "左边的…" (one 的 is enough)
-                options.append(COLOURS_ZH[colour] + "的" + SHAPES_ZH[shape])
-        if not options:
-            return label  # no Chinese name known: code-switching is realistic speech
-        return options[int(rng.integers(len(options)))]
-
-    def zh_noun(self, rng, noun: str) -> str:
-        return SHAPES_ZH.get(noun) or (self.zh_label(rng, noun, de=False) if " " in noun else noun)
-
-    def ref(self, rng, lang: str, ref: _Ref) -> str:
-        """Text naming a thing; English without the article (templates say 'the {o}')."""
-        if lang == "en":
-            n = ref.noun
-            if ref.kind in ("label", "shape"):
-                return n
-            if ref.kind == "side":
-                opts = (f"{n} on the {ref.side}", f"{ref.side}most {n}", f"{ref.side} {n}",
-                        f"{n} on the {ref.side} side")
-            elif ref.kind == "nearest":
-                a = ref.anchor.label
-                opts = (f"{n} nearest to the {a}", f"{n} closest to the {a}", f"{n} next to the {a}",
-                        f"{n} nearest the {a}")
-            elif ref.kind == "only":
-                opts = (f"only {n}", f"only {n} on the table")
-            else:  # colour
-                opts = (f"{ref.colour} object", f"{ref.colour} thing", f"{ref.colour} one")
-            return opts[int(rng.integers(len(opts)))]
-        n = self.zh_noun(rng, ref.noun) if ref.kind != "label" else self.zh_label(rng, ref.noun)
-        if ref.kind in ("label", "shape"):
-            return n
-        if ref.kind == "side":
-            s = "左" if ref.side == "left" else "右"
-            opts = (f"{s}边的{n}", f"最{s}边的{n}", f"{s}侧的{n}")
-        elif ref.kind == "nearest":
-            a = self.zh_label(rng, ref.anchor.label)
-            opts = (f"离{a}最近的{n}", f"最靠近{a}的{n}", f"{a}旁边的{n}")
-        elif ref.kind == "only":
-            opts = (f"唯一的{n}", f"那个{n}")
-        else:
-            c = COLOURS_ZH.get(ref.colour, ref.colour)
-            opts = (f"{c}的东西", f"{c}的物体", f"{c}的那个")
-        return opts[int(rng.integers(len(opts)))]
-
-    def dest(self, rng, lang: str, label: str) -> str:
-        return label if lang == "en" else self.zh_label(rng, label)
-
-    # ---- sentences ----------------------------------------------------------------------------
-    @staticmethod
-    def _prep(shape: str) -> tuple[str, str, str]:
-        return _PREP.get(shape, ("in", "into", "里"))
-
-    def sentence(self, rng, lang: str, templates: Sequence[str], **slots) -> str:
-        text = templates[int(rng.integers(len(templates)))].format(**slots)
-        if lang == "en":
-            if rng.random() < 0.5:
-                text = text[0].upper() + text[1:]
-            if rng.random() < 0.25 and not text.endswith(("?", "!", ".")):
-                text += "."
-        elif rng.random() < 0.25 and not text.endswith(("？", "！", "。")):
-            text += "。"
-        return text
-
-    def move(self, rng, lang, o: str, d: Thing) -> str:
-        i, into, li = self._prep(d.shape)
-        if lang == "en":
-            return self.sentence(rng, lang, EN_MOVE, o=o, d=d.label, in_=i, into=into)
-        return self.sentence(rng, lang, ZH_MOVE, o=o, d=self.dest(rng, lang, d.label), li=li)
-
-    def pick(self, rng, lang, o: str) -> str:
-        return self.sentence(rng, lang, EN_PICK if lang == "en" else ZH_PICK, o=o)
-
-    def place(self, rng, lang, d: Thing) -> str:
-        i, into, li = self._prep(d.shape)
-        if lang == "en":
-            return self.sentence(rng, lang, EN_PLACE, d=d.label, in_=i, into=into)
-        return self.sentence(rng, lang, ZH_PLACE, d=self.dest(rng, lang, d.label), li=li)
-
-    def pick_place(self, rng, lang, o: str, d: Thing) -> str:
-        i, into, li = self._prep(d.shape)
-        if lang == "en":
-            return self.sentence(rng, lang, EN_PICK_PLACE, o=o, d=d.label, in_=i, into=into)
-        return self.sentence(rng, lang, ZH_PICK_PLACE, o=o, d=self.dest(rng, lang, d.label), li=li)
-
-    def move_move(self, rng, lang, o1: str, d1: Thing, o2: str, d2: Thing) -> str:
-        i1, into1, li1 = self._prep(d1.shape)
-        i2, into2, li2 = self._prep(d2.shape)
-        if lang == "en":
-            return self.sentence(rng, lang, EN_MOVE_MOVE, o1=o1, d1=d1.label, in1=i1, into1=into1,
-                                 o2=o2, d2=d2.label, in2=i2, into2=into2)
-        return self.sentence(rng, lang, ZH_MOVE_MOVE, o1=o1, d1=self.dest(rng, lang, d1.label), li1=li1,
-                             o2=o2, d2=self.dest(rng, lang, d2.label), li2=li2)
-
-    def stop(self, rng, lang) -> str:
-        opts = EN_STOP if lang == "en" else ZH_STOP
-        return opts[int(rng.integers(len(opts)))]
-
-
-# ---------------------------------------------------------------------------------------------
 # The generator
 # ---------------------------------------------------------------------------------------------
 
@@ -518,7 +346,7 @@ class Synthesizer:
         self.cfg = cfg
         self.vocab = vocab if vocab is not None else Vocabulary.load(cfg.vocab_path)
         self.prompt = PromptBuilder(self.vocab)
-        self.lang = _Lang(self.vocab)
+        self.lang = Language(self.vocab)
         self.w, self.h = cfg.size
         self.canvas = _Canvas(self.w, self.h, cfg.seed)
         self.objects = self._labels(self.vocab.objects, cfg.objects, OBJECT_SHAPES, "objects", _DEFAULT_OBJECTS)
@@ -866,7 +694,9 @@ class Synthesizer:
         return things, text, [self._clarify(reason)], "clarify_ambiguous"
 
     # ---- public -------------------------------------------------------------------------------
-    def sample(self, index: int) -> SynthSample:
+    def sample(self, index: int, render: bool = True) -> SynthSample:
+        """Sample ``index``; ``render=False`` leaves ``image`` None (the text costs a fraction of the
+        picture, and the image is drawn last, so every other field is the same)."""
         rng = np.random.default_rng([self.cfg.seed, index])
         for _ in range(200):
             skill = self.skills[int(rng.choice(len(self.skills), p=self.skill_p))]
@@ -876,12 +706,21 @@ class Synthesizer:
             except _Retry:
                 continue
             answer = render_steps(steps, self.vocab, self.codec)
-            image = self._render(rng, things)
+            image = self._render(rng, things) if render else None
             return SynthSample(index=index, image=image, command=command, language=lang, skill=skill, kind=kind,
                                steps=steps, answer=answer, things=things,
                                messages=self.prompt.sharegpt_messages(command, answer))
         raise SynthError(f"sample {index}: could not generate any of the skills {self.skills} with these "
                          "objects/destinations (too few labels or too small an image?)")
+
+    def texts(self, indices: Sequence[int], workers: int = 1) -> list[list[dict]]:
+        """The ShareGPT messages of these samples, without drawing their pictures."""
+        if workers <= 1 or len(indices) < 2048:
+            return [self.sample(i, render=False).messages for i in indices]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers, _init_worker, (self.cfg,)) as pool:
+            return pool.map(_messages_of_sample, indices, chunksize=256)
 
     def samples(self, indices: Optional[Sequence[int]] = None) -> Iterator[SynthSample]:
         for i in (indices if indices is not None else range(self.cfg.num)):
@@ -945,6 +784,10 @@ def _encode(syn: "Synthesizer", index: int) -> tuple[int, bytes, list, str, str]
 
 def _encode_sample(index: int) -> tuple[int, bytes, list, str, str]:
     return _encode(_WORKER_SYNTH, index)
+
+
+def _messages_of_sample(index: int) -> list[dict]:
+    return _WORKER_SYNTH.sample(index, render=False).messages
 
 
 def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = None,

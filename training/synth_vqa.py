@@ -44,7 +44,7 @@ def _a(noun: str) -> str:
 
 def describe_table(things: Sequence, language: str) -> str:
     """The answer: every thing (training.synth.Thing) from left to right."""
-    from training.synth import COLOURS_ZH, SHAPES_ZH
+    from training.synth_language import COLOURS_ZH, SHAPES_ZH
 
     ordered = sorted(things, key=lambda t: (t.center[0], t.center[1]))
     if language == "zh":

@@ -74,16 +74,15 @@ def _digest(samples: list, files: list[Path]) -> str:
 
     from training.sharegpt import dataset_sha256
 
+    from concurrent.futures import ThreadPoolExecutor
+
     h = hashlib.sha256()
     for f in files:
         h.update(f"{Path(f).name}:{dataset_sha256(f)}\n".encode())
-    seen: set[str] = set()
-    for s in samples:
-        for img in s.images:
-            key = str(img)
-            if key not in seen:
-                seen.add(key)
-                h.update(f"{Path(img).name}:{dataset_sha256(img)}\n".encode())
+    images = list(dict.fromkeys(str(img) for s in samples for img in s.images))
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+        for img, digest in zip(images, pool.map(dataset_sha256, images, chunksize=256)):
+            h.update(f"{Path(img).name}:{digest}\n".encode())
     return h.hexdigest()
 
 
@@ -102,7 +101,7 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
     per_dataset: list[list] = []
     files: list[Path] = []
     common = dict(vocab=vocab, skip_invalid=cfg.skip_invalid, max_listed=cfg.max_errors_shown,
-                  media_dir=cfg.media_dir, workers=cfg.preprocessing_num_workers or 1)
+                  media_dir=cfg.media_dir)
     for name in names:
         ref = _is_file_ref(cfg, name)
         try:
@@ -277,6 +276,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
 
 def trainer_classes():
     """Defined lazily so `vla-train --help` does not import torch/transformers."""
+    import torch
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -336,9 +336,17 @@ def trainer_classes():
             return super().on_log(args, state, control, logs=logs, **kw)
 
     class VLATrainer(Trainer):
-        def __init__(self, *a, throughput: ThroughputCallback | None = None, **kw):
+        def __init__(self, *a, throughput: ThroughputCallback | None = None, fast_path=None, **kw):
             super().__init__(*a, **kw)
             self.throughput = throughput
+            self.fast_path = fast_path  # training.fast_path.FastPath: its loss replaces the model call
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fast_path is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            loss = self.fast_path.loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self.throughput is not None and "loss" in logs:
@@ -346,6 +354,13 @@ def trainer_classes():
                 if rate is not None:
                     logs["samples_per_s"] = rate
             super().log(logs, start_time)
+
+        def _get_eval_sampler(self, eval_dataset):
+            lengths = getattr(eval_dataset, "lengths", None)
+            if lengths:  # known (exactly on the fast path, estimated otherwise): no encoding pass
+                return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
+                                            generator=torch.Generator().manual_seed(self.args.seed))
+            return super()._get_eval_sampler(eval_dataset)
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -377,23 +392,27 @@ def _sampling_kwargs(args_cls, group_by_length: bool) -> dict:
     return {"group_by_length": group_by_length}
 
 
-def _dataloader_workers(cfg: TrainConfig) -> int:
+def _dataloader_workers(cfg: TrainConfig, fast_path: bool = False) -> int:
     """Explicit setting, else 0 on CPU (the cores are busy training) and min(4, cores - 1) on a GPU:
-    with no worker the processor's image work runs between GPU steps, the GPU waiting."""
+    with no worker the processor's image work runs between GPU steps, the GPU waiting. The fast
+    path's batches are gathers on the device: no worker."""
     import torch
 
+    if fast_path:
+        return 0
     if cfg.dataloader_num_workers is not None:
         return cfg.dataloader_num_workers
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
 
 
-def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fp16: bool = False):
+def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fast_path: bool = False, fp16: bool = False):
     """The transformers TrainingArguments `vla-train` trains with (also benchmarks/train_throughput.py's arm)."""
     import torch
     from transformers import TrainingArguments
 
     from training.distributed import deepspeed_config
 
+    workers = _dataloader_workers(cfg, fast_path)
     eval_strategy = cfg.eval_strategy or "steps"
     has_eval = has_eval and eval_strategy != "no"
     eval_steps = cfg.eval_steps or cfg.save_steps
@@ -427,9 +446,9 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fp16: bool =
         report_to=report or "none",
         remove_unused_columns=False,  # the collator's output is exactly the model's input
         **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
-        dataloader_num_workers=_dataloader_workers(cfg),
-        dataloader_persistent_workers=_dataloader_workers(cfg) > 0,  # no re-fork per epoch / eval
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,  # no re-fork per epoch / eval
+        dataloader_pin_memory=torch.cuda.is_available() and not fast_path,
         ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
         disable_tqdm=cfg.disable_tqdm,
         save_only_model=cfg.save_only_model,
@@ -539,7 +558,10 @@ def check_template(cfg: TrainConfig) -> None:
 
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
+    """Run vla-train's training for ``cfg``. ``callbacks``: extra transformers TrainerCallbacks;
+    ``on_data(processor, fast_path)``, if given, is called once the data is encoded and may return
+    more callbacks (a build's own evaluations)."""
     from training.distributed import deepspeed_config
 
     cfg.check_runnable()
@@ -550,6 +572,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from transformers import AutoProcessor, set_seed
 
     from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
+    from training.fast_path import prepare_fast_path
     from vla_node.manifest import make_manifest, write_manifest
     from vla_node.prompt import TEMPLATE_ID, PromptBuilder
     from vla_node.vocabulary import Vocabulary
@@ -587,13 +610,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif differ:
         log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
                  "(the one the robot sends); free-form samples keep their own", differ, len(train_samples))
-    train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
-    eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=False) if eval_samples else None
-
-    # 3. model (the training arguments first: with DeepSpeed ZeRO-3 they make the model load partitioned)
     bf16 = use_bf16(cfg)
     fp16 = use_fp16(cfg)
-    args = training_args_for(cfg, bf16, eval_ds is not None, fp16)
+    fast = prepare_fast_path(cfg, collator, train_samples, eval_samples, bf16,
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if fast is not None:
+        train_ds, eval_ds, data_collator = fast.train_dataset, fast.eval_dataset, fast.builder
+    else:
+        train_ds = EncodedDataset(train_samples, collator, compute_lengths=cfg.group_by_length)
+        # lengths for the eval sampler too: transformers' own would look for pixel_values in each
+        # sample, which a text-only (free-form) sample does not have
+        eval_ds = EncodedDataset(eval_samples, collator, compute_lengths=cfg.group_by_length) if eval_samples else None
+        data_collator = collator
+
+    # 3. model (the training arguments first: with DeepSpeed ZeRO-3 they make the model load partitioned)
+    args = training_args_for(cfg, bf16, eval_ds is not None, fast_path=fast is not None, fp16=fp16)
     model = build_model(cfg, bf16)
 
     # 4. trainer
@@ -612,10 +643,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=collator,
+        data_collator=data_collator,
         processing_class=processor,
-        callbacks=[throughput],
+        callbacks=[throughput, *callbacks, *((on_data(processor, fast) or ()) if on_data else ())],
         throughput=throughput,
+        fast_path=fast,
     )
     if not cfg.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -12,7 +12,7 @@ a few thousand parameters per layer is initialised from ``seed``.
 
 CLI::
 
-    python -m vla_node.tiny_models OUT_DIR --family qwen2_5_vl --seed 0
+    python -m training.tiny_models OUT_DIR --family qwen2_5_vl --seed 0
 """
 
 from __future__ import annotations
@@ -111,11 +111,29 @@ DEFAULT_SIZES: dict = {
     # False makes every block full attention: transformers runs non-flash vision attention once
     # per window in a Python loop, so windows cost far more than they save on small images.
     "vision_window_attention": True,
+    # Pixels per patch side; 0 = the family's own (14 for Qwen2/2.5-VL, 16 for Qwen3-VL).
+    "patch_size": 0,
+    # Patches merged per visual token side (2 in every real Qwen-VL). 1 gives one visual token per
+    # patch: a 16 px patch is a 16 px token, so a 20 px object spans several tokens.
+    "merge_size": 2,
+    # 1: a number of up to three digits (with its leading space) is one token, so a box
+    # coordinate is one choice among a few hundred, not three digit choices; 0: one token per
+    # digit (Qwen's own pre-tokenizer).
+    "whole_numbers": 0,
 }
 
 _PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
-_MERGE = 2
 _TEMPORAL = 2
+# Qwen2's pre-tokenizer regex with `\p{N}` (one digit) widened to ` ?\p{N}{1,3}`.
+WHOLE_NUMBER_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}{1,3}|"""
+                      r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Every coordinate a box can carry in this many pixels is in the corpus, so the BPE learns each
+# number (with and without its leading space) as one token.
+WHOLE_NUMBERS_UP_TO = 640
+
+
+def patch_size_of(family: str, sizes: dict) -> int:
+    return int(sizes.get("patch_size") or 0) or _PATCH[family]
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,21 +227,32 @@ def default_corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = "qwen2_5_vl"):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = "qwen2_5_vl",
+                    whole_numbers: bool = False):
     """Train a byte-level BPE like Qwen's and wrap it as a transformers ``Qwen2Tokenizer``.
 
     The BPE uses Qwen2's exact pre-tokenizer (regex split + byte level), so it can encode any
     text. Special tokens get ids after the BPE vocabulary, like the real Qwen tokenizers.
+    ``whole_numbers``: the regex keeps up to three digits (and their leading space) together and
+    every number up to WHOLE_NUMBERS_UP_TO is learnt as one token; the tokenizer is then saved as
+    a plain fast tokenizer (tokenizer.json as written), since Qwen2Tokenizer would rebuild Qwen's
+    regex on load.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+    regex = WHOLE_NUMBER_REGEX if whole_numbers else PRETOKENIZE_REGEX
+    texts = list(texts)
+    if whole_numbers:  # each number twice per line form: alone ("12") and after a space (" 12")
+        numbers = [str(n) for n in range(WHOLE_NUMBERS_UP_TO + 1)]
+        texts += ["".join(f" {n}" for n in numbers[i:i + 32]) + "," + ",".join(numbers[i:i + 32])
+                  for i in range(0, len(numbers), 32)] * 2
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -235,7 +264,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    bpe.train_from_iterator(list(texts), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     model_json = json.loads(bpe.to_str())["model"]
     vocab = dict(sorted(model_json["vocab"].items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
@@ -258,7 +287,34 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True)
     tok.eos_token = "<|im_end|>"  # as in the Instruct checkpoints (ids keep Qwen's order)
     tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    if whole_numbers:
+        tok = _as_plain_fast_tokenizer(tok, regex)
     return tok
+
+
+def _as_plain_fast_tokenizer(tok, regex: str):
+    """The same vocabulary, merges and special tokens with ``regex`` as the pre-tokenizer, as a
+    generic fast tokenizer (its tokenizer.json loads unchanged)."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tok.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=tok.model_max_length,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    plain.chat_template = tok.chat_template
+    return plain
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,16 +322,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
 # --------------------------------------------------------------------------------------------
 
 
-def _build_processor(family: str, tokenizer, min_pixels: int, max_pixels: int):
+def _build_processor(family: str, tokenizer, min_pixels: int, max_pixels: int, patch_size: int = 0,
+                     merge_size: int = 2):
     from transformers import Qwen2VLImageProcessor
 
-    patch = _PATCH[family]
+    patch = patch_size or _PATCH[family]
     common = dict(
         min_pixels=int(min_pixels),
         max_pixels=int(max_pixels),
         patch_size=patch,
         temporal_patch_size=_TEMPORAL,
-        merge_size=_MERGE,
+        merge_size=int(merge_size),
     )
     if family == "qwen3_vl":
         mean_std = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -349,8 +406,8 @@ def _build_config(family: str, tokenizer, s: dict):
             hidden_size=hidden,  # output of the patch merger == LLM hidden size
             mlp_ratio=max(1, int(s["vision_intermediate_size"]) // vhidden),
             num_heads=int(s["vision_num_heads"]),
-            patch_size=_PATCH[family],
-            spatial_merge_size=_MERGE,
+            patch_size=patch_size_of(family, s),
+            spatial_merge_size=int(s["merge_size"]),
             temporal_patch_size=_TEMPORAL,
         )
     elif family == "qwen2_5_vl":
@@ -362,8 +419,8 @@ def _build_config(family: str, tokenizer, s: dict):
             intermediate_size=int(s["vision_intermediate_size"]),
             out_hidden_size=hidden,
             num_heads=int(s["vision_num_heads"]),
-            patch_size=_PATCH[family],
-            spatial_merge_size=_MERGE,
+            patch_size=patch_size_of(family, s),
+            spatial_merge_size=int(s["merge_size"]),
             temporal_patch_size=_TEMPORAL,
             window_size=112,
             fullatt_block_indexes=[vdepth - 1] if s["vision_window_attention"] else list(range(vdepth)),
@@ -387,8 +444,8 @@ def _build_config(family: str, tokenizer, s: dict):
             intermediate_size=int(s["vision_intermediate_size"]),
             out_hidden_size=hidden,
             num_heads=int(s["vision_num_heads"]),
-            patch_size=_PATCH[family],
-            spatial_merge_size=_MERGE,
+            patch_size=patch_size_of(family, s),
+            spatial_merge_size=int(s["merge_size"]),
             temporal_patch_size=_TEMPORAL,
             num_position_embeddings=576,
             deepstack_visual_indexes=[0] if vdepth == 1 else [vdepth - 2],
@@ -425,8 +482,10 @@ def build_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     texts = list(vocab_texts) if vocab_texts is not None else default_corpus()
-    tokenizer = train_tokenizer(texts, vocab_size=sizes["vocab_size"], family=family)
-    processor = _build_processor(family, tokenizer, sizes["min_pixels"], sizes["max_pixels"])
+    tokenizer = train_tokenizer(texts, vocab_size=sizes["vocab_size"], family=family,
+                                whole_numbers=bool(sizes["whole_numbers"]))
+    processor = _build_processor(family, tokenizer, sizes["min_pixels"], sizes["max_pixels"],
+                                 patch_size_of(family, sizes), sizes["merge_size"])
     config = _build_config(family, tokenizer, sizes)
 
     torch.manual_seed(int(seed))
@@ -452,7 +511,7 @@ def build_tiny_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vla_node.tiny_models",
+        prog="python -m training.tiny_models",
         description=(
             "Write a tiny random-weight Qwen-VL checkpoint (locally trained BPE tokenizer, real "
             "Qwen processor classes, tiny config) that AutoProcessor / AutoModelForImageTextToText "

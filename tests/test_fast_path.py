@@ -1,0 +1,173 @@
+"""vla-train's fast path for small models (training/fast_path.py): data encoded once into tensors,
+the shared prompt prefix computed once per batch. Everything is checked against the ordinary path
+on real tiny checkpoints: the encoded ids, labels and pixels, the loss and every gradient (three
+model families, and a LoRA adapter with a module trained in full), and whole vla-train runs whose
+logged losses must agree step by step. CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures_train import train_overrides
+
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_train"]
+
+BATCH = [0, 3, 5, 7]
+
+
+def _collator(model_dir: Path):
+    from transformers import AutoProcessor
+
+    from training.collate import VLACollator, pixel_limits_of, set_pixel_limits
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    limits = pixel_limits_of(processor, 56 * 56, 224 * 224)
+    set_pixel_limits(processor, limits)
+    return VLACollator(processor, PromptBuilder(Vocabulary.load()), limits)
+
+
+def _samples(data_dir: Path, name: str = "tabletop_train"):
+    from training import sharegpt
+    from vla_node.vocabulary import Vocabulary
+
+    return sharegpt.load_validated(str(data_dir), name, vocab=Vocabulary.load())
+
+
+def _fast_path(collator, encoded):
+    from training.encoded_tensors import processor_arithmetic
+    from training.fast_path import BatchBuilder, FastPath
+
+    builder = BatchBuilder({"train": encoded}, processor_arithmetic(collator.processor.image_processor),
+                           torch.device("cpu"))
+    return FastPath(train=encoded, eval=None, builder=builder, bf16=False)
+
+
+def _gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_to_ordinary(model, collator, samples, encoded):
+    fast = _fast_path(collator, encoded)
+    model.zero_grad()
+    ordinary = model(**collator([samples[i] for i in BATCH])).loss
+    ordinary.backward()
+    want = _gradients(model)
+    model.zero_grad()
+    loss = fast.loss(model, fast.builder([("train", i) for i in BATCH]))
+    loss.backward()
+    got = _gradients(model)
+    assert float(loss.detach()) == pytest.approx(float(ordinary.detach()), rel=1e-5)
+    assert set(got) == set(want) and want
+    for name in want:
+        scale = float(want[name].abs().max()) + 1e-8
+        assert float((got[name] - want[name]).abs().max()) <= 1e-4 * scale, name
+
+
+def test_encoded_tensors_hold_what_the_collator_makes(train_model_dir, synth_box_dir):
+    from training.encoded_tensors import encode_samples, pixel_values_of, processor_arithmetic
+
+    collator = _collator(train_model_dir)
+    samples = _samples(synth_box_dir, "tabletop_val")
+    encoded = encode_samples(samples, collator, workers=2)  # forked workers, frames through a file mapping
+    again = encode_samples(samples, collator, workers=0)
+    assert torch.equal(encoded.ids, again.ids) and torch.equal(encoded.frames, again.frames)
+    arithmetic = processor_arithmetic(collator.processor.image_processor)
+    for i, sample in enumerate(samples):
+        want = collator.encode(sample)
+        length = int(encoded.lengths[i])
+        assert torch.equal(encoded.ids[i, :length].long(), want["input_ids"])
+        assert int(encoded.answer_starts[i]) == int((want["labels"] != -100).nonzero()[0])
+        assert torch.equal(torch.tensor([encoded.grid_thw]), want["image_grid_thw"])
+        assert torch.allclose(pixel_values_of(encoded.frames[i:i + 1], arithmetic), want["pixel_values"], atol=1e-5)
+    # every prompt shares the system text and the user turn's opening, up to the image
+    image = collator.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int(encoded.ids[0, encoded.prefix_length]) == image
+    assert image not in encoded.ids[:, :encoded.prefix_length]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, tiny_checkpoints, synth_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from training.encoded_tensors import encode_samples
+
+    collator = _collator(tiny_checkpoints[family])
+    samples = _samples(synth_dir)
+    encoded = encode_samples(samples, collator)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], dtype=torch.float32)
+    torch.manual_seed(0)
+    for p in model.parameters():  # random init is near-uniform: make every gradient large enough to compare
+        p.data.normal_(0.0, 0.05)
+    _compare_to_ordinary(model, collator, samples, encoded)
+
+
+def test_shared_prefix_with_a_lora_adapter_and_a_fully_trained_embedding(train_model_dir, synth_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from training.encoded_tensors import encode_samples
+    from training.train import lora_target_regex
+
+    collator = _collator(train_model_dir)
+    samples = _samples(synth_dir)
+    encoded = encode_samples(samples, collator)
+    model = AutoModelForImageTextToText.from_pretrained(train_model_dir, dtype=torch.float32)
+    regex, _ = lora_target_regex(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=regex, init_lora_weights=False,
+                                             modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"))
+    _compare_to_ordinary(model, collator, samples, encoded)
+    assert any("modules_to_save" in name and "embed_tokens" in name and p.grad is not None
+               for name, p in model.named_parameters())
+
+
+def _losses(result) -> list[float]:
+    return [h["loss"] for h in result.log_history if "loss" in h]
+
+
+def test_vla_train_fast_path_logs_the_ordinary_paths_losses(train_model_dir, synth_dir, tmp_path, caplog):
+    """A whole vla-train run each way, same seed and batches: the same loss at every step."""
+    from training.config import load_config
+    from training.train import train
+
+    caplog.set_level(logging.INFO, logger="vla_train")
+    runs = {}
+    for choice in ("true", "false"):
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / choice, max_steps=4,
+                                                logging_steps=1, save_steps=100, group_by_length="false",
+                                                fast_path=choice))
+        runs[choice] = train(cfg)
+    fast, ordinary = _losses(runs["true"]), _losses(runs["false"])
+    assert len(fast) == len(ordinary) == 4
+    assert fast == pytest.approx(ordinary, rel=2e-4)
+    assert fast[-1] < fast[0]  # and it learns
+    assert "fast path: 28 training samples encoded once" in caplog.text
+    manifest = json.loads((tmp_path / "true" / "vla_manifest.json").read_text())
+    assert (tmp_path / "true" / "adapter_model.safetensors").is_file() and manifest["metrics"]["global_step"] == 4
+
+
+def test_data_the_fast_path_cannot_serve_takes_the_ordinary_path(train_model_dir, synth_dir, tmp_path, caplog):
+    """Frames of two sizes: auto falls back with the reason in the log; true refuses to start."""
+    import cv2
+
+    from training.config import ConfigError, load_config
+    from training.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    first = json.loads((data / "train.json").read_text())[0]["images"][0]
+    image = cv2.imread(str(data / first))
+    cv2.imwrite(str(data / first), cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2)))
+    caplog.set_level(logging.INFO, logger="vla_train")
+    with pytest.raises(ConfigError, match="fast_path=true, but images of different sizes"):
+        train(load_config(None, train_overrides(train_model_dir, data, tmp_path / "a", max_steps=1, fast_path="true")))
+    result = train(load_config(None, train_overrides(train_model_dir, data, tmp_path / "b", max_steps=1)))
+    assert result.global_step == 1
+    assert "ordinary training path: the fast path does not serve images of different sizes" in caplog.text

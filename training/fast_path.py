@@ -1,0 +1,198 @@
+"""vla-train's fast path for small models: data encoded once and kept on the device, the shared
+prompt prefix computed once per batch.
+
+A small model's step is short, so the ordinary path's per-epoch work (decode the PNG, fit it,
+run the processor, tokenise the whole prompt, in DataLoader workers) and the ~400 identical
+system-prompt tokens at the head of every sample are most of the cost. Here:
+
+1. training.encoded_tensors encodes each sample once (in parallel processes) into token ids and
+   the fitted uint8 frame, held on the training device;
+2. a batch is assembled there (gathers, the processor's rescale/normalise/patchify as tensor ops);
+3. training.shared_prefix computes the loss with the prefix's keys and values computed once.
+
+Loss and gradients equal the ordinary path's (tests/test_fast_path.py). The Trainer (optimiser,
+schedule, clipping, checkpoints, resume, logging, evaluation) is unchanged.
+
+``fast_path: auto`` (the default) takes it whenever the data has its shape (one image per sample,
+all of one size after fitting, one shared prompt prefix) and the run is a single process without
+gradient checkpointing; ``true`` makes a mismatch an error; ``false`` always takes the ordinary path.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from training.collate import IGNORE_INDEX, VLACollator
+from training.config import ConfigError
+from training.encoded_tensors import (EncodedTensors, NotEncodable, ProcessorArithmetic, default_workers,
+                                      encode_samples, pixel_values_of, processor_arithmetic)
+from training.shared_prefix import rope_positions, shared_prefix_loss
+
+log = logging.getLogger("vla_train")
+
+__all__ = ["FastPath", "FastPathUnavailable", "prepare_fast_path", "IndexDataset"]
+
+FAST_PATH_CHOICES = ("auto", "true", "false")
+
+
+class FastPathUnavailable(ConfigError):
+    """fast_path: true, but the run cannot take it (the message says why)."""
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Sample i of split ``name`` is just (name, i): the batch builder gathers from the encoded
+    tensors. ``lengths`` feeds the length-grouped sampler."""
+
+    def __init__(self, name: str, encoded: EncodedTensors):
+        self.name = name
+        self.lengths = encoded.lengths.tolist()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.name, index
+
+
+@dataclass
+class BatchBuilder:
+    """The Trainer's data_collator: (split, index) items -> the shared-prefix loss's inputs."""
+
+    splits: dict[str, EncodedTensors]
+    arithmetic: ProcessorArithmetic
+    device: torch.device
+    lengths: dict[str, list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:  # read once on the host: no device sync per batch
+        self.lengths = {name: enc.lengths.tolist() for name, enc in self.splits.items()}
+
+    def __call__(self, items: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        names = {name for name, _ in items}
+        if len(names) != 1:
+            raise ValueError(f"a batch mixes splits {sorted(names)}")
+        name = names.pop()
+        enc, lengths = self.splits[name], self.lengths[name]
+        indices = [index for _, index in items]
+        longest = max(lengths[i] for i in indices)
+        rows = torch.as_tensor(indices, device=enc.ids.device)
+        ids = enc.ids[rows, :longest].long()
+        slot = torch.arange(longest, device=ids.device)
+        answer = (slot[None, :] >= enc.answer_starts[rows, None]) & (slot[None, :] < enc.lengths[rows, None])
+        labels = torch.where(answer, ids, torch.full_like(ids, IGNORE_INDEX))
+        frames = enc.frames[rows.to(enc.frames.device)].to(self.device, non_blocking=True)
+        prefix = enc.prefix_length
+        return {
+            "prefix_ids": ids[:1, :prefix].to(self.device),
+            "input_ids": ids[:, prefix:].to(self.device),
+            "labels": labels[:, prefix:].to(self.device),
+            "pixel_values": pixel_values_of(frames, self.arithmetic),
+            "image_grid_thw": torch.tensor([enc.grid_thw] * len(rows), device=self.device),
+        }
+
+
+@dataclass
+class FastPath:
+    train: EncodedTensors
+    eval: EncodedTensors | None
+    builder: BatchBuilder
+    bf16: bool
+    _positions: torch.Tensor | None = None
+
+    @property
+    def train_dataset(self) -> IndexDataset:
+        return IndexDataset("train", self.train)
+
+    @property
+    def eval_dataset(self) -> IndexDataset | None:
+        return IndexDataset("eval", self.eval) if self.eval is not None else None
+
+    def positions(self, model, length: int) -> torch.Tensor:
+        """rope_positions of the longest sample, computed once with the model's own code."""
+        if self._positions is None:
+            longest = [self.train] + ([self.eval] if self.eval is not None else [])
+            widest = max(longest, key=lambda enc: enc.ids.shape[1])
+            row = int(torch.argmax(widest.lengths))
+            ids = widest.ids[row:row + 1, : int(widest.lengths[row])].long().to(self.builder.device)
+            grid = torch.tensor([widest.grid_thw], device=self.builder.device)
+            self._positions = rope_positions(model, ids, grid)
+        if length > self._positions.shape[-1]:
+            raise RuntimeError(f"a batch of {length} tokens is longer than the longest sample")
+        return self._positions[:, :, :length]
+
+    def loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = inputs["prefix_ids"].shape[1] + inputs["input_ids"].shape[1]
+        device_type = inputs["input_ids"].device.type
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            return shared_prefix_loss(model, position_ids=self.positions(model, total), **inputs)
+
+
+def _why_not(cfg, world_size: int) -> str | None:
+    if world_size > 1:
+        return f"a distributed run ({world_size} processes)"
+    if getattr(cfg, "deepspeed", None):
+        return "DeepSpeed"
+    if cfg.gradient_checkpointing:
+        return "gradient_checkpointing"
+    return None
+
+
+def prepare_fast_path(cfg, collator: VLACollator, train_samples: Sequence[Any], eval_samples: Sequence[Any] | None,
+                      bf16: bool, world_size: int = 1) -> FastPath | None:
+    """The fast path's data for this run, or None (ordinary path) with one log line saying why."""
+    choice = str(getattr(cfg, "fast_path", "auto")).lower()
+    if choice == "false":
+        return None
+    reason = _why_not(cfg, world_size)
+    if reason is None:
+        try:
+            return _encode(cfg, collator, train_samples, eval_samples, bf16)
+        except NotEncodable as e:
+            reason = str(e)
+    if choice == "true":
+        raise FastPathUnavailable(f"fast_path=true, but {reason}")
+    log.info("ordinary training path: the fast path does not serve %s", reason)
+    return None
+
+
+def _storage_device(nbytes: int) -> torch.device:
+    """The GPU when the encoded data takes at most half of its free memory, else host memory."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if nbytes <= free // 2:
+            return torch.device("cuda")
+        log.info("encoded data (%.1f GB) kept in host memory: more than half the GPU's free memory", nbytes / 1e9)
+    return torch.device("cpu")
+
+
+def _encode(cfg, collator: VLACollator, train_samples, eval_samples, bf16: bool) -> FastPath:
+    import time
+
+    workers = getattr(cfg, "preprocessing_num_workers", None)
+    workers = default_workers() if workers is None else int(workers)
+    started = time.perf_counter()
+    # the frames dominate the size: one fitted frame of the first sample tells it
+    train = encode_samples(train_samples, collator, workers=workers, device="cpu")
+    evaluation = encode_samples(eval_samples, collator, workers=workers, device="cpu") if eval_samples else None
+    if evaluation is not None and (evaluation.prefix_length != train.prefix_length
+                                   or evaluation.grid_thw != train.grid_thw
+                                   or not torch.equal(evaluation.ids[0, :train.prefix_length],
+                                                      train.ids[0, :train.prefix_length])):
+        raise NotEncodable("the eval data's prompts or frame size differ from the training data's")
+    compute = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    storage = _storage_device(train.nbytes + (evaluation.nbytes if evaluation is not None else 0))
+    train = train.to(storage)
+    evaluation = evaluation.to(storage) if evaluation is not None else None
+    arithmetic = processor_arithmetic(collator.processor.image_processor)
+    seconds = time.perf_counter() - started
+    log.info("fast path: %d training%s samples encoded once in %.1f s (%d workers; %.2f GB on %s); "
+             "the %d prompt tokens every sample shares are computed once per batch",
+             len(train), f" + {len(evaluation)} eval" if evaluation is not None else "", seconds, workers,
+             (train.nbytes + (evaluation.nbytes if evaluation is not None else 0)) / 1e9, storage.type,
+             train.prefix_length)
+    splits = {"train": train, **({"eval": evaluation} if evaluation is not None else {})}
+    return FastPath(train=train, eval=evaluation, builder=BatchBuilder(splits, arithmetic, compute), bf16=bf16)

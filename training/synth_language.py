@@ -1,0 +1,471 @@
+"""The spoken side of the synthetic data: how people say move / pick / place / stop commands.
+
+A command is composed, not picked from a list: a sentence frame (imperative, "I want the ... in
+the ...", "the ... goes in the ...", a fronted destination, an elliptical "the red cube into the
+bowl"), a verb from a family of synonyms, a politeness wrapper ("could you", "would you mind
+-ing", "go ahead and", "请", "麻烦你", "能不能 ... 吗"), fillers before and after ("okay so",
+"thanks", "嗯", "吧"), noun synonyms ("block" for a cube, "sphere" for a ball, "积木", "小球"),
+and then the speech layer: casing, punctuation or none, a repeated word, an "uh" in the middle,
+a dropped article, as an automatic speech recogniser writes them.
+
+The answer never depends on the wording beyond its meaning: one put/move phrase is one
+MOVE_OBJECT; naming the pick and the place as separate verbs ("take the X and put it in Y",
+"先拿起X，然后放到Y里") is PICK_OBJECT + PLACE_OBJECT (training.synth owns that rule).
+
+Everything draws from the numpy Generator it is given, so a sample stays a function of its seed
+and index. models/heldout/phrasings.json holds phrasings written apart from this grammar; the
+held-out evaluation (training.phrasings) checks the model generalises from one to the other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+__all__ = ["COLOURS_ZH", "SHAPES_ZH", "Ref", "Language", "prepositions"]
+
+COLOURS_ZH = {
+    "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色", "purple": "紫色",
+    "white": "白色", "black": "黑色", "pink": "粉色", "brown": "棕色", "grey": "灰色", "gray": "灰色",
+    "cyan": "青色",
+}
+SHAPES_ZH = {
+    "cube": "方块", "block": "积木", "ball": "球", "sphere": "球", "cylinder": "圆柱", "can": "罐子",
+    "cone": "圆锥", "bowl": "碗", "tray": "托盘", "box": "盒子", "plate": "盘子", "basket": "篮子",
+}
+# Other words for a shape, used only when that word is not itself a shape of the vocabulary.
+EN_SYNONYMS = {"cube": ("block",), "ball": ("sphere",), "box": ("bin", "crate")}
+ZH_SYNONYMS = {"cube": ("积木", "立方体", "方块儿"), "ball": ("小球", "圆球"), "cylinder": ("圆柱体", "柱子"),
+               "cone": ("锥体",), "box": ("箱子",), "plate": ("碟子",)}
+ZH_SHORT_COLOUR = {"红色": "红", "绿色": "绿", "蓝色": "蓝", "黄色": "黄", "橙色": "橙", "紫色": "紫", "白色": "白",
+                   "黑色": "黑", "粉色": "粉", "灰色": "灰", "棕色": "棕", "青色": "青"}
+_INSIDE = ("bowl", "box", "basket")  # containers one puts things *in* (into, 放进 ... 里)
+
+
+def prepositions(shape: str) -> tuple[str, str, str]:
+    """(in, into, 里) for a container shape: a tray or plate takes on / onto / 上."""
+    return ("in", "into", "里") if shape in _INSIDE or shape not in ("tray", "plate") else ("on", "onto", "上")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """How the command names a thing. kind: label | side | nearest | only | colour | shape."""
+
+    kind: str
+    noun: str  # label or shape word the reference is built on
+    side: str = ""  # left | right
+    anchor: Optional[object] = None  # the container (a synth Thing) for "nearest"
+    colour: str = ""
+
+
+def _pick(rng, options: Sequence):
+    return options[int(rng.integers(len(options)))]
+
+
+def _chance(rng, p: float) -> bool:
+    return bool(rng.random() < p)
+
+
+# ---------------------------------------------------------------------------------------------
+# English
+# ---------------------------------------------------------------------------------------------
+
+# verb -> (-ing form, particle that may follow the object)
+EN_MOVE_VERBS = {
+    "put": ("putting", ""), "place": ("placing", ""), "move": ("moving", ""), "drop": ("dropping", ""),
+    "set": ("setting", "down"), "stick": ("sticking", ""), "pop": ("popping", ""), "toss": ("tossing", ""),
+    "transfer": ("transferring", ""), "shift": ("shifting", ""), "slide": ("sliding", ""), "get": ("getting", ""),
+    "bring": ("bringing", "over"), "carry": ("carrying", "over"), "take": ("taking", "over"),
+    "relocate": ("relocating", ""), "lay": ("laying", ""), "throw": ("throwing", ""),
+}
+EN_PICK_FORMS = (  # {o} = "the red cube"
+    "pick up {o}", "pick {o} up", "grab {o}", "take {o}", "lift {o}", "lift up {o}", "lift {o} up", "get {o}",
+    "fetch {o}", "grasp {o}", "hold {o}", "take hold of {o}", "collect {o}", "snatch {o}", "raise {o}",
+    "get me {o}", "grab me {o}", "hand me {o}", "bring me {o}", "pick {o}", "seize {o}", "go get {o}",
+    "go grab {o}", "go pick up {o}",
+)
+EN_PICK_GERUNDS = ("picking up {o}", "grabbing {o}", "lifting {o}", "getting {o}", "fetching {o}", "taking {o}")
+EN_PLACE_HELD = ("it", "it", "it", "that", "this", "what you are holding", "what you're holding",
+                 "the thing you are holding", "the object", "what you have", "the thing in your hand")
+EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop")
+EN_POLITE = ("please ", "could you ", "can you ", "would you ", "will you ", "I'd like you to ", "I want you to ",
+             "I need you to ", "go ahead and ", "let's ", "kindly ", "try to ", "you can ", "you should ",
+             "could you please ", "can you please ", "please go ahead and ", "now ", "just ")
+EN_PREFIX = ("ok ", "okay ", "alright ", "so ", "um ", "uh ", "hey ", "hey robot ", "robot, ", "next ", "right, ",
+             "well ", "and ", "then ", "hmm ", "okay so ", "now then ", "ok robot ", "all right ")
+EN_SUFFIX = (" please", " thanks", " thank you", " now", " for me", " right now", " if you can",
+             " if you could", " when you can", " ok", " okay", " real quick", " quickly", " carefully", " thx",
+             " please and thank you")
+EN_FILLERS = ("uh", "um", "er", "like")
+EN_THEN = ("and then", "then", "and", "after that", "and after that", "and next", "then after that")
+
+
+class _English:
+    def thing(self, rng, label: str, vocab_shapes: frozenset) -> str:
+        """'red cube', sometimes 'red block' / 'cube that is red' (never a word the vocabulary
+        uses for another shape)."""
+        colour, _, shape = label.rpartition(" ")
+        if not colour:
+            return label
+        synonyms = [s for s in EN_SYNONYMS.get(shape, ()) if s not in vocab_shapes]
+        noun = _pick(rng, synonyms) if synonyms and _chance(rng, 0.2) else shape
+        if _chance(rng, 0.05):
+            return f"{noun} that is {colour}"
+        if colour in ("grey", "gray") and _chance(rng, 0.5):
+            colour = "gray" if colour == "grey" else "grey"
+        return f"{colour} {noun}"
+
+    @staticmethod
+    def the(rng) -> str:
+        return _pick(rng, ("the",) * 12 + ("that", "this"))
+
+    def dest(self, rng, d_text: str, shape: str) -> str:
+        """'in the blue bowl' / 'into ...' / 'to ...' / 'over to ...' / 'inside ...' / 'on top of ...'."""
+        i, into, _ = prepositions(shape)
+        forms = [f"{i} the {d_text}"] * 4 + [f"{into} the {d_text}"] * 3 + [f"to the {d_text}", f"over to the {d_text}"]
+        forms += [f"inside the {d_text}"] if shape in _INSIDE else [f"on top of the {d_text}"]
+        return _pick(rng, forms)
+
+    def imperative(self, rng, core: str, gerund: str | None) -> str:
+        """Politeness around an imperative core; 'would you mind' takes the -ing form."""
+        if _chance(rng, 0.45):
+            return core
+        if gerund is not None and _chance(rng, 0.08):
+            return f"would you mind {gerund}"
+        return _pick(rng, EN_POLITE) + core
+
+    def move(self, rng, o_text: str, d_text: str, shape: str) -> str:
+        o = f"{self.the(rng)} {o_text}"
+        where = self.dest(rng, d_text, shape)
+        verb = _pick(rng, tuple(EN_MOVE_VERBS))
+        ing, particle = EN_MOVE_VERBS[verb]
+        particle = f" {particle}" if particle and _chance(rng, 0.6) else ""
+        frame = rng.random()
+        if frame < 0.62:
+            return self.imperative(rng, f"{verb} {o}{particle} {where}", f"{ing} {o}{particle} {where}")
+        if frame < 0.70:
+            return f"{o} " + _pick(rng, ("goes", "should go", "needs to go", "has to go", "belongs")) + f" {where}"
+        if frame < 0.78:
+            wish = _pick(rng, ("I want", "I need", "I would like", "I'd like", "we need"))
+            return f"{wish} {o} " + _pick(rng, ("", "moved ", "put ", "placed ")) + where
+        if frame < 0.84:
+            return f"{where}, {verb} {o}" if _chance(rng, 0.5) else f"{where} {verb} {o}"
+        if frame < 0.92:
+            return f"{o} {where}" if _chance(rng, 0.5) else f"{o_text} {where}"
+        if frame < 0.96:
+            return _pick(rng, ("can", "could")) + f" {o} go {where}"
+        return f"{verb} {o} {where} " + _pick(rng, ("would you", "will you", "can you", "ok"))
+
+    def pick(self, rng, o_text: str) -> str:
+        o = f"{self.the(rng)} {o_text}"
+        frame = rng.random()
+        if frame < 0.85:
+            return self.imperative(rng, _pick(rng, EN_PICK_FORMS).format(o=o), _pick(rng, EN_PICK_GERUNDS).format(o=o))
+        if frame < 0.93:
+            return f"{o}, pick it up" if _chance(rng, 0.5) else f"{o} " + _pick(rng, ("pick it up", "grab it", "lift it"))
+        return _pick(rng, ("can I have", "could I have", "I want to hold")) + f" {o}"
+
+    def place(self, rng, d_text: str, shape: str) -> str:
+        held = _pick(rng, EN_PLACE_HELD)
+        where = self.dest(rng, d_text, shape)
+        frame = rng.random()
+        if frame < 0.8:
+            verb = _pick(rng, EN_PLACE_VERBS)
+            down = " down" if verb in ("put", "set", "place") and _chance(rng, 0.25) else ""
+            core = f"{verb} {held}{down} {where}"
+            return self.imperative(rng, core, f"putting {held}{down} {where}")
+        if frame < 0.9:
+            return _pick(rng, ("it goes", "that goes", "it belongs", "now")) + f" {where}"
+        return f"{where} with it" if _chance(rng, 0.5) else f"now {where}"
+
+    def pick_place(self, rng, o_text: str, d_text: str, shape: str) -> str:
+        o = f"{self.the(rng)} {o_text}"
+        first = _pick(rng, EN_PICK_FORMS[:20]).format(o=o)
+        verb = _pick(rng, EN_PLACE_VERBS[:7])
+        then = _pick(rng, EN_THEN)
+        second = f"{verb} it {self.dest(rng, d_text, shape)}"
+        opening = _pick(rng, ("", "", "first ", "first, "))
+        return self.imperative(rng, f"{opening}{first}{',' if _chance(rng, 0.3) else ''} {then} {second}", None)
+
+    def move_move(self, rng, o1: str, d1: str, s1: str, o2: str, d2: str, s2: str) -> str:
+        first = self.move(rng, o1, d1, s1) if _chance(rng, 0.3) else \
+            f"{_pick(rng, ('put', 'move', 'place', 'drop'))} the {o1} {self.dest(rng, d1, s1)}"
+        verb = _pick(rng, ("put", "move", "place", "drop"))
+        second = f"{verb} the {o2} {self.dest(rng, d2, s2)}" if _chance(rng, 0.75) else \
+            f"the {o2} {self.dest(rng, d2, s2)}"
+        opening = _pick(rng, ("", "", "first ", "first, "))
+        return f"{opening}{first}{',' if _chance(rng, 0.4) else ''} {_pick(rng, EN_THEN)} {second}"
+
+    def stop(self, rng) -> str:
+        return _pick(rng, ("stop", "stop!", "stop now", "halt", "freeze", "stop moving", "wait, stop", "emergency stop",
+                           "STOP", "please stop", "stop right there", "hold on, stop everything", "stop stop",
+                           "stop it", "abort", "stop the robot", "okay stop", "no no stop", "stop please"))
+
+    def wrap(self, rng, text: str, question: bool) -> str:
+        """Fillers before and after, then the speech layer."""
+        if _chance(rng, 0.22):
+            text = _pick(rng, EN_PREFIX) + text
+        if _chance(rng, 0.18):
+            text = text + _pick(rng, EN_SUFFIX)
+        return self.speech(rng, text, question)
+
+    @staticmethod
+    def speech(rng, text: str, question: bool) -> str:
+        words = text.split()
+        if len(words) > 2 and _chance(rng, 0.07):  # a repeated word
+            k = int(rng.integers(len(words)))
+            words.insert(k, words[k])
+        if len(words) > 3 and _chance(rng, 0.06):  # a filler in the middle
+            words.insert(int(rng.integers(1, len(words))), _pick(rng, EN_FILLERS))
+        if _chance(rng, 0.05):  # a dropped article
+            words = [w for w in words if w != "the"] or words
+        text = " ".join(words)
+        style = rng.random()
+        if style < 0.45:  # ASR-like: lower case, no punctuation
+            text = "".join(c for c in text.lower() if c not in ",.!?")
+            return " ".join(text.split())
+        if style < 0.5:
+            text = text.upper()
+        elif _chance(rng, 0.8):
+            text = text[0].upper() + text[1:]
+        if _chance(rng, 0.6) and not text.endswith(("?", "!", ".")):
+            text += "?" if question else _pick(rng, (".", ".", ".", "!"))
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Chinese
+# ---------------------------------------------------------------------------------------------
+
+ZH_MOVE_VERBS = ("放", "放", "放", "移", "挪", "搬", "摆", "搁", "丢", "扔", "移动", "放置")
+ZH_PICK_FORMS = ("拿起{o}", "捡起{o}", "抓起{o}", "拿{o}", "抓{o}", "捡{o}", "拿住{o}", "抓住{o}", "举起{o}", "提起{o}",
+                 "拿一下{o}", "抓一下{o}", "把{o}拿起来", "把{o}捡起来", "把{o}抓起来", "把{o}举起来", "把{o}提起来",
+                 "{o}拿起来", "去拿{o}", "帮我拿一下{o}", "把{o}拿一下", "拿起来{o}", "给我拿{o}")
+ZH_HELD = ("它", "它", "这个", "那个", "东西", "手里的东西", "手上的东西", "手里的", "拿着的东西")
+ZH_POLITE = ("请", "麻烦", "麻烦你", "请你", "帮我", "你帮我", "你", "去", "快", "赶紧", "现在", "可以")
+ZH_ASK = (("能不能", ""), ("你能不能", ""), ("可以", "吗"), ("你可以", "吗"), ("能", "吗"), ("你能", "吗"))
+ZH_PREFIX = ("嗯", "嗯，", "那个", "那个，", "好", "好的，", "来，", "然后", "机器人，", "喂，", "哎，", "行，")
+ZH_SUFFIX = ("吧", "一下", "好吗", "谢谢", "可以吗", "就行", "啊", "哈", "呗", "好不好")
+ZH_THEN = ("然后", "再", "接着", "之后", "完了")
+
+
+class _Chinese:
+    def __init__(self, names: dict[str, list[str]]):
+        self.names = names  # label -> the vocabulary's Chinese names
+
+    def thing(self, rng, label: str, vocab_shapes: frozenset, de: bool = True) -> str:
+        colour, _, shape = label.rpartition(" ")
+        options = list(self.names.get(label, []))
+        if colour in COLOURS_ZH and shape in SHAPES_ZH:
+            c = COLOURS_ZH[colour]
+            nouns = [SHAPES_ZH[shape]] + [s for s in ZH_SYNONYMS.get(shape, ()) if _chance(rng, 0.5)]
+            noun = _pick(rng, nouns) if _chance(rng, 0.3) else SHAPES_ZH[shape]
+            if not options or _chance(rng, 0.3):
+                options.append(c + noun)
+                options.append(ZH_SHORT_COLOUR.get(c, c) + noun)
+            if de:  # "红色的方块"; not inside "左边的…" (one 的 is enough)
+                options.append(c + "的" + noun)
+        if not options:
+            return label  # no Chinese name known: code-switching is realistic speech
+        return _pick(rng, options)
+
+    @staticmethod
+    def det(rng) -> str:
+        return _pick(rng, ("",) * 8 + ("那个", "这个"))
+
+    @staticmethod
+    def where(rng, d_text: str, shape: str) -> str:
+        li = prepositions(shape)[2]
+        return d_text + _pick(rng, (li, li, li + "面", li + "边" if li == "里" else li))
+
+    def move(self, rng, o_text: str, d_text: str, shape: str) -> str:
+        o = self.det(rng) + o_text
+        verb = _pick(rng, ZH_MOVE_VERBS)
+        to = _pick(rng, ("到", "到", "到", "在"))
+        where = self.where(rng, d_text, shape)
+        tail = _pick(rng, ("", "", "", "去"))
+        frame = rng.random()
+        if frame < 0.55:
+            core = f"{_pick(rng, ('把', '把', '将'))}{o}{verb}{to}{where}{tail}"
+        elif frame < 0.68:
+            core = f"{o}{verb}{to}{where}{tail}"
+        elif frame < 0.76 and shape in _INSIDE:
+            core = f"把{o}{_pick(rng, ('放', '丢', '扔', '塞'))}进{d_text}{_pick(rng, ('', '里', '里面'))}"
+        elif frame < 0.84:
+            core = f"往{where}{_pick(rng, ('放', '搁', '丢'))}{o}"
+        elif frame < 0.92:
+            core = f"把{o}给我{verb}{to}{where}"
+        else:
+            core = f"拿{o}放{_pick(rng, ('到', '在', ''))}{where}"
+        return self.polite(rng, core)
+
+    def pick(self, rng, o_text: str) -> str:
+        return self.polite(rng, _pick(rng, ZH_PICK_FORMS).format(o=self.det(rng) + o_text))
+
+    def place(self, rng, d_text: str, shape: str) -> str:
+        where = self.where(rng, d_text, shape)
+        verb = _pick(rng, ("放", "放", "搁", "丢", "放下", "摆"))
+        to = _pick(rng, ("到", "到", "在"))
+        frame = rng.random()
+        if frame < 0.5:
+            core = f"把{_pick(rng, ZH_HELD)}{verb}{to}{where}"
+        elif frame < 0.8:
+            core = f"{verb}{to}{where}"
+        elif frame < 0.9 and shape in _INSIDE:
+            core = f"放进{d_text}{_pick(rng, ('', '里'))}"
+        else:
+            core = f"{verb}{where}{_pick(rng, ('', '去'))}"
+        return self.polite(rng, core)
+
+    def pick_place(self, rng, o_text: str, d_text: str, shape: str) -> str:
+        first = _pick(rng, ZH_PICK_FORMS[:18]).format(o=self.det(rng) + o_text)
+        held = _pick(rng, ("", "", "把它", "把它"))
+        second = f"{_pick(rng, ZH_THEN)}{held}{_pick(rng, ('放', '放', '搁', '放下'))}{_pick(rng, ('到', '在'))}" \
+                 f"{self.where(rng, d_text, shape)}"
+        return self.polite(rng, f"{_pick(rng, ('', '', '先'))}{first}{_pick(rng, ('，', '，', ' ', ''))}{second}")
+
+    def move_move(self, rng, o1: str, d1: str, s1: str, o2: str, d2: str, s2: str) -> str:
+        first = f"把{o1}{_pick(rng, ('放', '移', '放'))}到{self.where(rng, d1, s1)}"
+        second = f"{_pick(rng, ('', '把'))}{o2}{_pick(rng, ('放', '放', '移'))}到{self.where(rng, d2, s2)}"
+        if not second.startswith("把"):
+            second = "把" + second
+        return f"{_pick(rng, ('', '先'))}{first}{_pick(rng, ('，', ' ', ''))}{_pick(rng, ('然后', '再', '接着'))}{second}"
+
+    def stop(self, rng) -> str:
+        return _pick(rng, ("停", "停下", "停止", "别动", "快停下", "停下来", "紧急停止", "停！", "马上停下", "停停停",
+                           "不要动", "住手", "停一下", "立刻停下", "别动了"))
+
+    def polite(self, rng, core: str) -> str:
+        roll = rng.random()
+        if roll < 0.5:
+            return core
+        if roll < 0.82:
+            polite = _pick(rng, ZH_POLITE)
+            return polite + (core[1:] if polite.endswith("帮我") and core.startswith("帮我") else core)
+        ask, end = _pick(rng, ZH_ASK)
+        return ask + core + end
+
+    @staticmethod
+    def wrap(rng, text: str) -> str:
+        if _chance(rng, 0.2):
+            text = _pick(rng, ZH_PREFIX) + text
+        if _chance(rng, 0.15) and not text.endswith("吗"):
+            text = text + _pick(rng, ZH_SUFFIX)
+        return _Chinese.speech(rng, text)
+
+    @staticmethod
+    def speech(rng, text: str) -> str:
+        if len(text) > 3 and _chance(rng, 0.07):  # a repeated character pair or word
+            k = int(rng.integers(len(text) - 1))
+            n = 2 if "\u4e00" <= text[k] <= "\u9fff" and "\u4e00" <= text[k + 1] <= "\u9fff" else 1
+            text = text[:k + n] + text[k:k + n] + text[k + n:]
+        if len(text) > 4 and _chance(rng, 0.05):
+            k = int(rng.integers(1, len(text)))
+            text = text[:k] + _pick(rng, ("嗯", "那个", "就是")) + text[k:]
+        style = rng.random()
+        if style < 0.45:
+            return "".join(c for c in text if c not in "，。！？,.!? ")
+        if not text.endswith(("。", "！", "？", "吗")) and _chance(rng, 0.5):
+            text += _pick(rng, ("。", "。", "！"))
+        elif text.endswith("吗") and _chance(rng, 0.6):
+            text += "？"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface training.synth uses
+# ---------------------------------------------------------------------------------------------
+
+
+class Language:
+    """Commands in English or Chinese for the synth generator's kinds."""
+
+    def __init__(self, vocab):
+        names: dict[str, list[str]] = {}
+        for zh, label in sorted(getattr(vocab, "labels_zh", {}).items()):
+            names.setdefault(label, []).append(zh)
+        self.en = _English()
+        self.zh = _Chinese(names)
+        words = set()
+        for label in list(vocab.objects or []) + list(vocab.destinations or []):
+            words.add(str(label).rpartition(" ")[2])
+        self.vocab_shapes = frozenset(words)
+
+    # ---- names --------------------------------------------------------------------------------
+    def label(self, rng, lang: str, label: str, de: bool = True) -> str:
+        return self.en.thing(rng, label, self.vocab_shapes) if lang == "en" else \
+            self.zh.thing(rng, label, self.vocab_shapes, de=de)
+
+    def zh_noun(self, rng, noun: str) -> str:
+        return SHAPES_ZH.get(noun) or (self.zh.thing(rng, noun, self.vocab_shapes, de=False) if " " in noun else noun)
+
+    def ref(self, rng, lang: str, ref: Ref) -> str:
+        """Text naming a thing; English without the article (sentences add it)."""
+        if lang == "en":
+            n = self.label(rng, lang, ref.noun) if ref.kind == "label" else ref.noun
+            if ref.kind in ("label", "shape"):
+                return n
+            if ref.kind == "side":
+                opts = (f"{n} on the {ref.side}", f"{ref.side}most {n}", f"{ref.side} {n}",
+                        f"{n} on the {ref.side} side", f"{n} on the {ref.side} hand side", f"{n} to the {ref.side}")
+            elif ref.kind == "nearest":
+                a = ref.anchor.label
+                opts = (f"{n} nearest to the {a}", f"{n} closest to the {a}", f"{n} next to the {a}",
+                        f"{n} nearest the {a}", f"{n} by the {a}", f"{n} beside the {a}")
+            elif ref.kind == "only":
+                opts = (f"only {n}", f"only {n} on the table", f"one and only {n}", f"single {n}")
+            else:  # colour
+                opts = (f"{ref.colour} object", f"{ref.colour} thing", f"{ref.colour} one", f"{ref.colour} item")
+            return _pick(rng, opts)
+        n = self.zh_noun(rng, ref.noun) if ref.kind != "label" else self.label(rng, lang, ref.noun)
+        if ref.kind in ("label", "shape"):
+            return n
+        if ref.kind == "side":
+            s = "左" if ref.side == "left" else "右"
+            opts = (f"{s}边的{n}", f"最{s}边的{n}", f"{s}侧的{n}", f"{s}面的{n}", f"靠{s}的{n}")
+        elif ref.kind == "nearest":
+            a = self.label(rng, lang, ref.anchor.label)
+            opts = (f"离{a}最近的{n}", f"最靠近{a}的{n}", f"{a}旁边的{n}", f"挨着{a}的{n}")
+        elif ref.kind == "only":
+            opts = (f"唯一的{n}", f"那个{n}", f"唯一一个{n}")
+        else:
+            c = COLOURS_ZH.get(ref.colour, ref.colour)
+            opts = (f"{c}的东西", f"{c}的物体", f"{c}的那个", f"{c}的")
+        return _pick(rng, opts)
+
+    def dest(self, rng, lang: str, label: str) -> str:
+        return self.label(rng, lang, label)
+
+    # ---- sentences ----------------------------------------------------------------------------
+    def move(self, rng, lang: str, o: str, d) -> str:
+        if lang == "en":
+            text = self.en.move(rng, o, self.dest(rng, lang, d.label), d.shape)
+            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+        return self.zh.wrap(rng, self.zh.move(rng, o, self.dest(rng, lang, d.label), d.shape))
+
+    def pick(self, rng, lang: str, o: str) -> str:
+        if lang == "en":
+            text = self.en.pick(rng, o)
+            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+        return self.zh.wrap(rng, self.zh.pick(rng, o))
+
+    def place(self, rng, lang: str, d) -> str:
+        if lang == "en":
+            text = self.en.place(rng, self.dest(rng, lang, d.label), d.shape)
+            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+        return self.zh.wrap(rng, self.zh.place(rng, self.dest(rng, lang, d.label), d.shape))
+
+    def pick_place(self, rng, lang: str, o: str, d) -> str:
+        if lang == "en":
+            text = self.en.pick_place(rng, o, self.dest(rng, lang, d.label), d.shape)
+            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+        return self.zh.wrap(rng, self.zh.pick_place(rng, o, self.dest(rng, lang, d.label), d.shape))
+
+    def move_move(self, rng, lang: str, o1: str, d1, o2: str, d2) -> str:
+        if lang == "en":
+            return self.en.wrap(rng, self.en.move_move(rng, o1, self.dest(rng, lang, d1.label), d1.shape, o2,
+                                                       self.dest(rng, lang, d2.label), d2.shape), question=False)
+        return self.zh.wrap(rng, self.zh.move_move(rng, o1, self.dest(rng, lang, d1.label), d1.shape, o2,
+                                                   self.dest(rng, lang, d2.label), d2.shape))
+
+    def stop(self, rng, lang: str) -> str:
+        return self.en.stop(rng) if lang == "en" else self.zh.stop(rng)
