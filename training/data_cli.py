@@ -223,6 +223,17 @@ def _pixel_limits(args) -> dict:
     return out
 
 
+def _scene_arguments(parser, out_help: str, num: int, val_frac: float, languages: str) -> None:
+    """The options both generators of drawn scenes take."""
+    parser.add_argument("out_dir", metavar="OUT_DIR", help=out_help)
+    parser.add_argument("--num", type=int, default=num, help=f"number of samples in all splits (default {num})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--size", default="320x240", metavar="WxH", help="image size in pixels (default 320x240)")
+    parser.add_argument("--languages", default="en,zh", help=f"comma-separated {languages}: en, zh (default en,zh)")
+    parser.add_argument("--val-frac", type=float, default=val_frac,
+                        help=f"fraction of samples in val (default {val_frac})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.synth import BOX_MODES, SKILLS
 
@@ -269,12 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ShareGPT files: OUT_DIR/images/*.png, train.json, val.json, test.json, dataset_info.json "
                     "(registering <prefix>_train, <prefix>_val, <prefix>_test) and synth_config.json. "
                     "The same options and seed give byte-identical files.")
-    s.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty unless --overwrite)")
-    s.add_argument("--num", type=int, default=1000, help="number of samples in all splits (default 1000)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--size", default="320x240", metavar="WxH", help="image size in pixels (default 320x240)")
-    s.add_argument("--languages", default="en,zh", help="comma-separated command languages: en, zh (default en,zh)")
-    s.add_argument("--val-frac", type=float, default=0.1, help="fraction of samples in val (default 0.1)")
+    _scene_arguments(s, "output directory (must be empty unless --overwrite)", num=1000, val_frac=0.1,
+                     languages="command languages")
     s.add_argument("--test-frac", type=float, default=0.1, help="fraction of samples in test (default 0.1)")
     s.add_argument("--skills", default=",".join(SKILLS),
                    help=f"comma-separated subset of {','.join(SKILLS)} (default: all)")
@@ -305,12 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "object and container from left to right (English or Chinese, as the question). Writes "
                     "OUT_DIR/images/*.png, vqa_train.json, vqa_val.json and dataset_info.json registering "
                     "tabletop_vqa_train and tabletop_vqa_val as free-form (\"vla_answers\": \"text\").")
-    q.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
-    q.add_argument("--num", type=int, default=240, help="number of samples in both splits (default 240)")
-    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    q.add_argument("--size", default="320x240", metavar="WxH", help="image size in pixels (default 320x240)")
-    q.add_argument("--languages", default="en,zh", help="question languages: en, zh (default en,zh)")
-    q.add_argument("--val-frac", type=float, default=0.2, help="fraction of samples in val (default 0.2)")
+    _scene_arguments(q, "output directory", num=240, val_frac=0.2, languages="question languages")
     q.set_defaults(func=_synth_vqa)
     return p
 
