@@ -1,6 +1,6 @@
 """Proof that `vla-train`'s `deepspeed:` key trains under ZeRO-2 and ZeRO-3 with LLaMA-Factory's own configs.
 
-    python3 benchmarks/deepspeed_zero.py --out results_dir [--configs DIR] [--steps 8] [--gpus 1]
+    python3 benchmarks/deepspeed_zero.py --out results_dir [--configs DIR] [--steps 8] [--gpus 1] [--work DIR]
 
 Four short runs of `vla-train` on the embedded model (models/tabletop-tiny, Qwen2.5-VL architecture) and a
 synthetic table-top dataset made here (training.synth), each launched by torchrun, one process per GPU:
@@ -15,9 +15,10 @@ The ZeRO configs are LLaMA-Factory's examples/deepspeed files as they are (--con
 benchmarks/device_wheels.sh extracts from its PyPI sdist into .whl/llamafactory/). Checked for each
 run: exit status 0, the steps done, a loss logged, DeepSpeed's partitioned checkpoint
 (checkpoint-N/global_stepN/*optim_states.pt) for the ZeRO runs, and a saved adapter (or model) whose
-tensors are all non-empty, with a vla_manifest.json. Prints a table (seconds, steps, final loss) and
-writes it with the commands and versions to OUT/deepspeed_zero.txt (run logs in OUT/runs/). Exit status
-1 when a check fails.
+tensors are all non-empty, with a vla_manifest.json. Prints a table (seconds, steps, first and final
+loss) and writes it with the commands and versions to OUT/deepspeed_zero.txt, each run's log to
+OUT/logs/; the data, checkpoints and weights stay in --work (default: a temporary folder, removed).
+Exit status 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,11 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(ROOT / "models" / "tabletop-tiny"), help="base checkpoint")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per run (default 1)")
+    p.add_argument("--work", help="folder for the data, checkpoints and weights (default: a temporary one, removed)")
     a = p.parse_args(argv)
 
     out = Path(a.out).resolve()
-    work = out / "runs"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    work = Path(a.work).resolve() if a.work else Path(tempfile.mkdtemp(prefix="deepspeed_zero."))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_all(a, out, work)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_all(a, out: Path, work: Path) -> int:
     configs = Path(a.configs)
     for name in ("ds_z2_config.json", "ds_z3_config.json"):
         if not (configs / name).is_file():
@@ -105,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"model_path={a.model}", f"dataset_dir={data}", "dataset=tabletop_train", f"max_steps={a.steps}",
               f"save_steps={a.steps}", "logging_steps=1", "per_device_train_batch_size=4",
               "gradient_accumulation_steps=2", "learning_rate=1e-4", "report_to=none", "disable_tqdm=true",
-              "plot_loss=false", "overwrite_output_dir=true", "bf16=true", "dataloader_num_workers=2"]
+              "plot_loss=false", "overwrite_output_dir=true", "bf16=true", "dataloader_num_workers=2",
+              "fast_path=false"]  # the same (ordinary) training path with and without DeepSpeed
     runs = [
         ("plain", [], False, True),
         ("zero2", [f"deepspeed={configs / 'ds_z2_config.json'}"], True, True),
@@ -127,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
-        (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        (out / "logs" / f"{name}.log").write_text(proc.stdout + proc.stderr)
         result = {}
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith("{") and "global_step" in line:
                 result = json.loads(line)
                 break
-        problems = [f"exit status {proc.returncode} (log: runs/{name}.log)"] if proc.returncode else []
+        problems = [f"exit status {proc.returncode} (log: logs/{name}.log)"] if proc.returncode else []
         if not problems:
             problems = _check(run_out, a.steps, zero, lora)
             if result.get("global_step") != a.steps:
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
     text = "\n".join([
         "# benchmarks/deepspeed_zero.py: vla-train under DeepSpeed ZeRO-2 / ZeRO-3 (LLaMA-Factory's configs)",
-        "", f"command: python3 benchmarks/deepspeed_zero.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        "", f"command: python3 benchmarks/deepspeed_zero.py {' '.join(sys.argv[1:])}",
         f"versions: {_versions()}", f"configs: {configs}", "", *rows, "", "runs:", *lines, ""])
     (out / "deepspeed_zero.txt").write_text(text)
     print(text)
