@@ -263,8 +263,9 @@ def build_model(cfg: TrainConfig, bf16: bool):
            and _NOT_LANGUAGE.search(n) and not parts - {LANGUAGE} and not asked & set(n.split("."))]
     if bad:
         raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:5]}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 leaves empty placeholders
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     log.info("trainable parameters: %d / %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
     return model
 
