@@ -657,3 +657,31 @@ def test_zero3_trains_the_same_adapter_as_a_plain_run(train_model_dir, synth_dir
     assert sorted(a) == sorted(b) and all(b[k].numel() > 0 for k in b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert any(float(b[k].abs().sum()) > 0 for k in b if "lora_B" in k)  # trained, not the zero init
+
+
+def test_cutoff_len_cuts_long_answers_and_refuses_long_prompts_before_the_model_loads(train_model_dir, vqa_dir,
+                                                                                       tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    from training.collate import IGNORE_INDEX, VLACollator, pixel_limits_of
+    from training.sharegpt import load_validated
+    from training.train import main
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    vocab = Vocabulary.load()
+    sample = load_validated(vqa_dir, "tabletop_vqa_train", vocab=vocab)[0]
+    proc = AutoProcessor.from_pretrained(str(train_model_dir))
+    full = VLACollator(proc, PromptBuilder(vocab), pixel_limits_of(proc)).encode(sample)
+    n_prompt = int((full["labels"] == IGNORE_INDEX).sum())
+    cut = VLACollator(proc, PromptBuilder(vocab), pixel_limits_of(proc), cutoff_len=n_prompt + 4).encode(sample)
+    assert cut["input_ids"].shape[0] == n_prompt + 4 < full["input_ids"].shape[0]
+    kept = cut["labels"][cut["labels"] != IGNORE_INDEX]
+    assert kept[:-1].tolist() == full["labels"][n_prompt:n_prompt + 3].tolist()  # the answer's start ...
+    assert kept[-1] == full["labels"][-1]  # ... and its end of turn
+    # a prompt that fills cutoff_len alone: refused with the samples named, before any model loads
+    rc = main([str(_yaml(tmp_path / "c.yaml", vqa_dir, "tabletop_vqa_train")), f"cutoff_len={n_prompt - 8}",
+               f"model_name_or_path={train_model_dir}", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"have a prompt (images included) as long as cutoff_len={n_prompt - 8}" in err
+    assert "vqa_train.json:" in err and not (tmp_path / "never").exists()

@@ -251,11 +251,12 @@ class VLACollator:
                 out[key] = value
         return out
 
-    def estimate_length(self, sample: Any) -> int:
-        """Cheap token count (no image decode) for length grouping."""
+    def estimate_length(self, sample: Any, with_answer: bool = True) -> int:
+        """Cheap token count (no image decode) for length grouping; without the answer: the prompt's."""
         try:
             chat, answer = self.split_chat(sample)
-            n = len(self.tokenizer(self.prompt_text(chat) + answer, add_special_tokens=False)["input_ids"])
+            text = self.prompt_text(chat) + (answer if with_answer else "")
+            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             for p in _images_of(sample):  # <|image_pad|> expands to (h/factor)*(w/factor) tokens
                 w, h = _image_size(p) if not isinstance(p, np.ndarray) else (p.shape[1], p.shape[0])
                 rh, rw = smart_resize(h, w, self.limits)

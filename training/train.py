@@ -540,6 +540,19 @@ def resume_point(cfg: TrainConfig) -> str | None:
     return resume
 
 
+def check_cutoff(cfg: TrainConfig, collator, samples: list) -> None:
+    """Before the model loads: no prompt may fill cutoff_len on its own (an answer is cut to fit,
+    a prompt cannot be: its image tokens would be cut)."""
+    if cfg.cutoff_len is None:
+        return
+    over = [(s, n) for s in samples for n in [collator.estimate_length(s, with_answer=False)] if n >= cfg.cutoff_len - 1]
+    if over:
+        where = ", ".join(f"{s.source} ({n} tokens)" for s, n in over[:5])
+        raise DataError(f"{len(over)} sample(s) have a prompt (images included) as long as cutoff_len="
+                        f"{cfg.cutoff_len} or longer: {where}{' ...' if len(over) > 5 else ''}; raise cutoff_len or "
+                        "lower image_max_pixels")
+
+
 def check_template(cfg: TrainConfig) -> None:
     """LLaMA-Factory's ``template`` must be the one of the model's family (the checkpoint's own chat
     template renders the prompts, as it does at serving time)."""
@@ -611,6 +624,7 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
     elif differ:
         log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
                  "(the one the robot sends); free-form samples keep their own", differ, len(train_samples))
+    check_cutoff(cfg, collator, train_samples + (eval_samples or []))
     bf16 = use_bf16(cfg)
     fp16 = use_fp16(cfg)
     fast = prepare_fast_path(cfg, collator, train_samples, eval_samples, bf16,
