@@ -117,6 +117,20 @@ def test_training_never_imports_ros():
     assert importers_of(("vla_node.ros", "vla_node.node", "rclpy"), "training") == []
 
 
+def test_the_runtime_never_imports_training():
+    assert importers_of(("training",), "vla_node") == []
+
+
+def test_no_import_cycles():
+    graph = imports_graph()
+    assert graph["training.export"] and graph["vla_node.replay"]  # the graph holds real edges
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
 def test_core_modules_import_no_torch():
     heavy = {"torch", "transformers", "rclpy"}
     core = [ROOT / "vla_node" / f"{name}.py" for name in CORE]

@@ -25,19 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
+from vla_node.files import atomic_write_text, replace_dir
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
     FrameRecord,
     ReportFileError,
-    atomic_write_text,
     build_report,
     compare,
     expectations_from_results,
     export_dataset,
     load_corrections,
     load_expectations,
-    replace_dir,
     write_report,
 )
 
