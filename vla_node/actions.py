@@ -72,6 +72,25 @@ class Box(_Strict):
         return [self.x_min, self.y_min, self.x_max, self.y_max]
 
 
+def box_iou(a: Box | list[float], b: Box | list[float]) -> float:
+    """Intersection over union of two axis-aligned boxes (Box, or [x1, y1, x2, y2] with the
+    corners in any order). Identical boxes give 1.0, also empty ones (a point matches itself);
+    otherwise no overlap, or no area at all, gives 0.0."""
+    ax1, ay1, ax2, ay2 = _corners(a)
+    bx1, by1, bx2, by2 = _corners(b)
+    if (ax1, ay1, ax2, ay2) == (bx1, by1, bx2, by2):
+        return 1.0
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _corners(box: Box | list[float]) -> tuple[float, float, float, float]:
+    values = (box.x_min, box.y_min, box.x_max, box.y_max) if hasattr(box, "x_min") else box
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
 class ActionStep(_Strict):
     """Mirrors msg/ActionStep.msg field for field (boxes: None <-> has_*_box false)."""
 

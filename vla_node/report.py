@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vla_node.actions import ActionPlan, ActionStep, CommandStatus
+from vla_node.actions import ActionPlan, ActionStep, CommandStatus, box_iou
 from vla_node.files import atomic_write_text, replace_dir
 
 NO_STATUS = "NO_STATUS"  # the node never answered the command (not a node status code)
@@ -217,16 +217,6 @@ def load_expectations(path: str | Path) -> dict:
     return data
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    if union <= 0:
-        return 1.0 if a == b else 0.0
-    return inter / union
-
-
 def _fmt_box(box: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
@@ -273,7 +263,7 @@ def _command_lines(index: int, expected: dict | None, actual: dict | None, min_i
             if reference is None:
                 shown[key] = _fmt_box(box)
                 continue
-            overlap = iou(reference[key], box)
+            overlap = box_iou(reference[key], box)
             shown[key] = (_fmt_box(reference[key]) if overlap >= min_iou
                           else f"{_fmt_box(box)} (IoU {overlap:.2f} < {min_iou:g})")
         act_lines.append(_step_line(step, shown))
