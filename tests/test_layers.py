@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("vla_node", "training")
-CORE = ("actions", "vocabulary", "parser", "prompt", "policy", "image", "text", "grammar", "pipeline")
+CORE = ("actions", "vocabulary", "parser", "prompt", "policy", "image", "text", "grammar", "settings", "pipeline")
 # Tools above it all may use the ROS room (vla_node/node.py: the deprecated name of vla_node.ros.node).
 ROS_USERS = {"vla_node.replay", "vla_node.demo", "vla_node.node"}
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
 from vla_node.files import atomic_write_text, replace_dir
+from vla_node.settings import PARAMETERS, ParameterError, coerce
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
@@ -171,9 +172,7 @@ class ReplayOptions:
 
 
 def parse_node_parameter(spec: str) -> tuple[str, Any]:
-    """'name:=value' typed like the parameter's default in vla_node.ros.node.PARAMETERS."""
-    from vla_node.ros.node import PARAMETERS
-
+    """'name:=value' typed like the parameter's default (vla_node.settings)."""
     name, sep, text = spec.partition(":=")
     if not sep:
         name, sep, text = spec.partition("=")
@@ -185,25 +184,10 @@ def parse_node_parameter(spec: str) -> tuple[str, Any]:
 
 
 def coerce_parameter(name: str, value: Any) -> Any:
-    from vla_node.ros.node import PARAMETERS
-
-    default = PARAMETERS[name][0]
     try:
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return lowered in ("true", "1")
-        if isinstance(default, list):
-            if isinstance(value, str):
-                text = value.strip()
-                value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",")]
-            return [str(v) for v in value] or [""]
-        return type(default)(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ReplayError(f"parameter {name}: {value!r} is not a {type(default).__name__}") from None
+        return coerce(name, value)
+    except ParameterError as error:
+        raise ReplayError(str(error)) from None
 
 
 def options_from_args(args: argparse.Namespace) -> ReplayOptions:
@@ -252,8 +236,6 @@ class BackendInfo:
 
 def node_parameters(options: ReplayOptions, info: BagInfo) -> dict[str, Any]:
     """The in-process node's parameters: the user's, and the topics and transport of the bag."""
-    from vla_node.ros.node import PARAMETERS
-
     params = {name: coerce_parameter(name, value) for name, value in options.node_parameters.items()}
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -601,8 +583,6 @@ def main(argv: list[str] | None = None) -> int:
             taken = {k: v for k, v in expect.get("node_parameters", {}).items()
                      if k not in options.node_parameters}
             if taken and not options.external:
-                from vla_node.ros.node import PARAMETERS
-
                 unknown = sorted(set(taken) - set(PARAMETERS))
                 if unknown:
                     raise ReportFileError(f"{args.expect}: node_parameters has unknown parameters {unknown}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vla_node.settings import default
+
 try:  # the single definition lives in vla_node.image (CORE)
     from vla_node.image import PixelLimits
 except ImportError:  # pragma: no cover - only while vla_node.image is not written yet
@@ -25,8 +27,7 @@ except ImportError:  # pragma: no cover - only while vla_node.image is not writt
 __all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits",
            "DEFAULT_MAX_NEW_TOKENS", "token_budget", "warmup_request"]
 
-# A two-step plan with boxes is ~110 tokens for the embedded model; 64 cut such plans short.
-DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = default("max_new_tokens")  # the node parameter's default (vla_node.settings)
 
 
 class BackendError(Exception):

@@ -25,65 +25,10 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from vla_node import msg as vla_msg
-from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS
-from vla_node.backends.openai_backend import ServerSettings
-from vla_node.factory import RuntimeSettings, build_core, parse_adapter_specs
-from vla_node.pipeline import CommandPipeline, Frame, PipelineConfig
+from vla_node.factory import build_core, parse_adapter_specs, settings_from_parameters
+from vla_node.pipeline import CommandPipeline, Frame
 from vla_node.ros.convert import image_decoder, plan_to_msg, status_to_msg, time_to_ns
-from vla_node.text import DEFAULT_STOP_PHRASES
-
-# name -> (default, description, read_only). Read-only ones take effect at configure.
-PARAMETERS: dict[str, tuple[Any, str, bool]] = {
-    "model_path": ("", "Local Qwen2-VL/Qwen2.5-VL/Qwen3-VL directory (backend onnx: a vla-export --onnx folder); '' = the embedded tabletop-tiny model", True),
-    "adapters": ([""], "LoRA adapters to load, each 'name=path' (or 'embedded'); several may be loaded", False),
-    "active_adapter": ("", "Name of the adapter to use ('' = base model); change it at runtime to hot-swap", False),
-    "backend": ("transformers", "Inference backend: transformers (local) | onnx (onnxruntime, no torch) | openai (OpenAI-compatible server)", True),
-    "server_url": ("", "backend openai: server base URL, e.g. http://gpu-host:8000/v1", True),
-    "server_model": ("", "backend openai: served base model name; adapters are requested by their served name", True),
-    "api_key_env": ("", "backend openai: environment variable holding the API key ('' = no key)", True),
-    "server_timeout_s": (10.0, "backend openai: hard deadline of one request attempt", True),
-    "server_max_retries": (2, "backend openai: retries after timeouts, connection errors, 408/429/5xx", True),
-    "server_retry_backoff_s": (0.25, "backend openai: first retry delay, doubling each retry", True),
-    "server_breaker_failures": (3, "backend openai: consecutive failures that open the circuit breaker", True),
-    "server_breaker_reset_s": (15.0, "backend openai: seconds the breaker fails fast before one trial", True),
-    "server_tls_verify": (True, "backend openai: verify https certificates", True),
-    "server_ca_file": ("", "backend openai: CA bundle for a private server certificate", True),
-    "server_structured_output": ("json_schema", "backend openai: json_schema | structured_outputs (vLLM >= 0.12) | guided_json (older vLLM) | none", True),
-    "server_model_family": ("", "backend openai: qwen2_vl | qwen2_5_vl | qwen3_vl ('' = from model_path)", True),
-    "server_min_pixels": (0, "backend openai: image pixel limits of the server's processor (0 = from model_path)", True),
-    "server_max_pixels": (0, "backend openai: must match the server, or boxes are scaled wrong", True),
-    "device": ("auto", "auto | cpu | cuda | cuda:N", True),
-    "dtype": ("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", True),
-    "prefix_cache": (True, "backend transformers: prefill the shared system-prompt prefix once and reuse its KV cache (same outputs)", True),
-    "decode_cache": ("auto", "backend transformers: KV cache for decoding: auto (static on CUDA, dynamic on CPU) | dynamic | static (own prefill and decode loop; CUDA graphs on CUDA)", True),
-    "compile_decode": (True, "backend transformers, static decode cache on CUDA: torch.compile the decode step before recording it (faster steps; the first request compiles, tens of seconds)", True),
-    "compile_layers": (True, "backend transformers on CUDA: torch.compile the vision tower's blocks and the language model's norms and MLPs before the vision and prefill graphs are recorded (faster frames; the first frame of each size compiles, seconds)", True),
-    "torch_threads": (0, "backend transformers: torch CPU threads, process-wide (0 = torch's default, one per core; 1 is often fastest on a shared CPU)", True),
-    "vocabulary_path": ("", "Action vocabulary + safety policy YAML; '' = config/actions.yaml", True),
-    "camera_topic": ("camera/image_raw", "Camera topic (relative names follow the node namespace)", True),
-    "camera_transport": ("raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)", True),
-    "camera_reliability": ("auto", "auto (reliable unless a camera publisher is best effort; re-checked each second) | best_effort | reliable", True),
-    "speech_topic": ("speech/text", "Transcribed speech topic (std_msgs/String)", True),
-    "action_topic": ("vla/actions", "Plans out (vla_node/ActionPlan)", True),
-    "status_topic": ("vla/status", "One status per command (vla_node/CommandStatus)", True),
-    "max_image_age_s": (2.0, "A command whose closest image is older than this gets STALE_IMAGE", True),
-    "frame_buffer": (8, "Undecoded camera messages kept to pair a command with the closest frame", True),
-    "queue_size": (4, "Commands waiting for the model at most", True),
-    "queue_policy": ("drop_oldest", "drop_oldest (newest command wins) | reject_newest", True),
-    "max_batch": (1, "Waiting commands run as one batched generation at most (capped by the backend; 1 = one at a time)", True),
-    "max_new_tokens": (DEFAULT_MAX_NEW_TOKENS, "Upper bound on generated tokens per command (a two-step plan with boxes is ~110 tokens)", True),
-    "generation_timeout_s": (30.0, "Watchdog: generation longer than this gives TIMEOUT", True),
-    "max_command_bytes": (512, "Longer speech text is refused with BAD_COMMAND", True),
-    "stop_phrases": (list(DEFAULT_STOP_PHRASES),
-                     "Utterances that publish STOP at once, without the model, and cancel pending work", True),
-    "min_confidence": (-1.0, "Refuse plans below this confidence; < 0 keeps the vocabulary file's value", True),
-    "max_steps": (-1, "Refuse plans longer than this; < 0 keeps the vocabulary file's value", True),
-    "constrained_decoding": (True, "Grammar-constrained decoding: only well-formed plans of the vocabulary can be generated", True),
-    "constrain_to_policy": (False, "The grammar also applies the policy's allowed verbs/objects/destinations "
-                                   "(off: a refused label is reported as REJECTED_BY_POLICY instead)", True),
-    "warmup": (True, "Run one generation at configure so the first command is not slow (with max_batch > 1, one tiny batch per batch size as well)", True),
-    "diagnostics_period_s": (1.0, "Period of /diagnostics messages", True),
-}
+from vla_node.settings import PARAMETERS, NodeParameter, default
 
 _RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                        durability=QoSDurabilityPolicy.VOLATILE)
@@ -94,9 +39,6 @@ _STATUS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.VOLATILE)
 
 
-_CAMERA_RELIABILITY = ("auto", "best_effort", "reliable")
-
-
 def _camera_qos(reliable: bool) -> QoSProfile:
     """The sensor-data profile (keep last 5, volatile), best effort or reliable."""
     return QoSProfile(depth=qos_profile_sensor_data.depth, history=qos_profile_sensor_data.history,
@@ -104,12 +46,15 @@ def _camera_qos(reliable: bool) -> QoSProfile:
                       reliability=QoSReliabilityPolicy.RELIABLE if reliable else QoSReliabilityPolicy.BEST_EFFORT)
 
 
-def _descriptor(name: str, default: Any, description: str, read_only: bool) -> ParameterDescriptor:
-    types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-             float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
-             list: ParameterType.PARAMETER_STRING_ARRAY}
-    return ParameterDescriptor(name=name, type=types[type(default)], description=description,
-                               read_only=read_only)
+_ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+              list: ParameterType.PARAMETER_STRING_ARRAY}
+
+
+def _descriptor(parameter: NodeParameter) -> ParameterDescriptor:
+    return ParameterDescriptor(name=parameter.name, type=_ROS_TYPES[parameter.type],
+                               description=parameter.description, additional_constraints=parameter.range_text(),
+                               read_only=not parameter.runtime)
 
 
 class VlaRuntime:
@@ -118,8 +63,8 @@ class VlaRuntime:
     def __init__(self, node: Node):
         self.node = node
         self.log = node.get_logger()
-        for name, (default, description, read_only) in PARAMETERS.items():
-            node.declare_parameter(name, default, _descriptor(name, default, description, read_only))
+        for parameter in PARAMETERS.values():  # declared once, in vla_node.settings
+            node.declare_parameter(parameter.name, default(parameter.name), _descriptor(parameter))
         self.pipeline: CommandPipeline | None = None
         self.core = None
         self._entities: list[Any] = []
@@ -135,50 +80,7 @@ class VlaRuntime:
     # ------------------------------------------------------------------ lifecycle steps
     def configure(self) -> None:
         """Load vocabulary, policy, model and adapters; raises with a reason on failure."""
-        if self.param("camera_reliability") not in _CAMERA_RELIABILITY:
-            raise ValueError(f"camera_reliability must be one of {', '.join(_CAMERA_RELIABILITY)}, "
-                             f"not {self.param('camera_reliability')!r}")
-        settings = RuntimeSettings(
-            model_path=self.param("model_path"),
-            adapters=[a for a in self.param("adapters") if a],
-            active_adapter=self.param("active_adapter"),
-            backend=self.param("backend"),
-            device=self.param("device"),
-            dtype=self.param("dtype"),
-            prefix_cache=self.param("prefix_cache"),
-            decode_cache=self.param("decode_cache"),
-            compile_decode=self.param("compile_decode"),
-            compile_layers=self.param("compile_layers"),
-            torch_threads=self.param("torch_threads"),
-            vocabulary_path=self.param("vocabulary_path"),
-            max_new_tokens=self.param("max_new_tokens"),
-            min_confidence=self.param("min_confidence") if self.param("min_confidence") >= 0 else None,
-            max_steps=self.param("max_steps") if self.param("max_steps") >= 0 else None,
-            constrained_decoding=self.param("constrained_decoding"),
-            constrain_to_policy=self.param("constrain_to_policy"),
-            server=ServerSettings(
-                url=self.param("server_url"), model=self.param("server_model"),
-                api_key_env=self.param("api_key_env"), timeout_s=self.param("server_timeout_s"),
-                max_retries=self.param("server_max_retries"),
-                retry_backoff_s=self.param("server_retry_backoff_s"),
-                breaker_failures=self.param("server_breaker_failures"),
-                breaker_reset_s=self.param("server_breaker_reset_s"),
-                tls_verify=self.param("server_tls_verify"), ca_file=self.param("server_ca_file"),
-                structured_output=self.param("server_structured_output"),
-                model_family=self.param("server_model_family"),
-                min_pixels=self.param("server_min_pixels"), max_pixels=self.param("server_max_pixels"),
-            ) if self.param("backend") == "openai" else ServerSettings(),
-        )
-        config = PipelineConfig(
-            queue_size=self.param("queue_size"),
-            queue_policy=self.param("queue_policy"),
-            max_batch=self.param("max_batch"),
-            max_image_age_s=self.param("max_image_age_s"),
-            frame_buffer=self.param("frame_buffer"),
-            generation_timeout_s=self.param("generation_timeout_s"),
-            max_command_bytes=self.param("max_command_bytes"),
-            stop_phrases=tuple(self.param("stop_phrases")),
-        )
+        settings, config = settings_from_parameters({name: self.param(name) for name in PARAMETERS})
         self.core = build_core(settings)
         if self.param("warmup"):
             self.core.backend.warmup()
