@@ -14,9 +14,9 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
                  to the pixel limits, prompt, TransformersBackend.generate, parse, safety gate),
                  with the runtime's speed options switched on one loaded backend:
     plain            dynamic KV cache, transformers' generate loop, no prefix reuse
-    + prefix KV reuse    the system-prompt prefix prefilled once (vla_node/backends/prefix_cache.py)
+    + prefix KV reuse    the system-prompt prefix prefilled once (vla_node/backends/engine/prefix_cache.py)
     + static cache, graphed decode   decode_cache=static: generate prefills, StaticDecoder
-                     (vla_node/backends/static_decode.py) decodes with one compiled CUDA-graph
+                     (vla_node/backends/engine/static_decode.py) decodes with one compiled CUDA-graph
                      replay per token (q/k/v and gate/up as one product each,
                      fused_projections.py); the first such request compiles (its time is printed)
     prefix reuse + static  both; these four rows run the vision tower eagerly inside generate
@@ -40,7 +40,7 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
-                     once (vla_node/backends/frame_cache.py); the others encode it every time
+                     once (vla_node/backends/engine/frame_cache.py); the others encode it every time
     default + LoRA adapter  after the batches: a random rank --adapter-rank LoRA adapter
                      on every language-model projection loaded and active; the fused layer step
                      merges it into copies of the matrices (layer_step.py), the prefill and vision
@@ -56,7 +56,7 @@ reading every language-model weight byte plus the KV cache once at the measured 
 bandwidth, plus prefill and vision FLOPs at the measured bf16 matmul rate; and speed-up over the
 baseline and p50 / floor. --batches also times InferenceCore.infer_batch (the node's max_batch
 path: on the static cache each command prefilled alone, then one decode step per token for the
-whole batch, vla_node/backends/batch_cache.py) against a naive batched model.generate at batch 1,
+whole batch, vla_node/backends/engine/batch_cache.py) against a naive batched model.generate at batch 1,
 4, 16. Each command of a batch has its own frame (several cameras: no frame-cache hits); the first
 batch of each size (its decoder compiled and recorded) is timed apart.
 """
@@ -343,15 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                                 device, args.new_tokens, iters, warmup, lambda: naive_tokens[-1]))
 
     # The runtime's speed options, switched on the one loaded backend (the backend reads them per call).
-    from vla_node.backends.frame_cache import VisionCache
-    from vla_node.backends.prefix_cache import PrefixCache
+    from vla_node.backends.engine.frame_cache import VisionCache
+    from vla_node.backends.engine.prefix_cache import PrefixCache
 
     grammar, frame_cache, prefix_cache = backend.action_grammar, backend.vision_cache, backend.prefix_cache
     default_decode = backend.decode_cache
     no_prefix = PrefixCache(prefix_cache.boundary_token_id, capacity=0)
 
     vision_graphs = backend.vision_graphs
-    from vla_node.backends.vision_graph import VisionGraphs
+    from vla_node.backends.engine.vision_graph import VisionGraphs
 
     # session 7's tower: recorded with the blocks' own (uncompiled) forwards
     uncompiled_graphs = (VisionGraphs(backend.base_model, use_graph=True)

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     decoder = getattr(backend, "_decoder", None)
     if device == "cuda" and decoder is not None:
-        from vla_node.backends import layer_step
+        from vla_node.backends.engine import layer_step
 
         variants = [("dependent launches, first loop step prefetched (default)", True, layer_step.PREFETCH_STEPS),
                     ("dependent launches, no prefetch", True, 0),

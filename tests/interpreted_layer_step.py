@@ -20,7 +20,7 @@ def decode_both_ways(model_dir: str, adapter_dir: str | None = None) -> dict:
     import torch
 
     from tests.fixtures_models import tiny_image, tiny_messages
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
     from vla_node.backends.base import GenerationRequest
     from vla_node.backends.transformers_backend import TransformersBackend
     from vla_node.vocabulary import Vocabulary

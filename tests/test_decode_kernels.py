@@ -1,4 +1,4 @@
-"""The Triton decode kernels (vla_node/backends/decode_kernels.py) compute what PyTorch computes.
+"""The Triton decode kernels (vla_node/backends/engine/decode_kernels.py) compute what PyTorch computes.
 
 On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_kernels.py):
 every matrix-vector config against torch's linear, the one-token attention against SDPA over
@@ -36,7 +36,7 @@ def interpreted(tiny_model_dir) -> dict:
 
 
 def test_every_matvec_config_equals_torch_linear(interpreted):
-    from vla_node.backends.decode_kernels import MATVEC_CANDIDATES
+    from vla_node.backends.engine.decode_kernels import MATVEC_CANDIDATES
 
     errors = interpreted["matvec"]
     for shape in ("40x96", "33x1100"):
@@ -80,7 +80,7 @@ def test_one_row_products_go_to_the_matvec_and_longer_inputs_to_linear(tiny_mode
     rows keep torch's linear; outside, the layers are their own again."""
     import torch
 
-    from vla_node.backends.fused_projections import FusedProjections
+    from vla_node.backends.engine.fused_projections import FusedProjections
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static")
@@ -123,7 +123,7 @@ def test_one_row_products_go_to_the_matvec_and_longer_inputs_to_linear(tiny_mode
 def test_the_kernels_are_for_cuda_only():
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     assert not decode_kernels.available(torch.device("cpu"))
 
@@ -135,7 +135,7 @@ def test_the_kernels_are_for_cuda_only():
 def test_cuda_kernels_equal_torch():
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     assert decode_kernels.available(torch.device("cuda"))
     generator = torch.Generator(device="cuda").manual_seed(0)

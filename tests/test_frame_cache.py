@@ -7,7 +7,7 @@ import pytest
 
 from tests.fixtures_models import tiny_image, tiny_messages
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.frame_cache import VisionCache
+from vla_node.backends.engine.frame_cache import VisionCache
 from vla_node.backends.transformers_backend import TransformersBackend
 
 COMMANDS = ("put the red cube in the blue bowl", "pick up the green ball")

@@ -1,4 +1,4 @@
-"""The fused decode layers (vla_node/backends/layer_step.py, layer_kernels.py) decode what
+"""The fused decode layers (vla_node/backends/engine/layer_step.py, layer_kernels.py) decode what
 transformers' layers decode.
 
 On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_layer_step.py):
@@ -67,7 +67,7 @@ def test_merged_matrices_give_the_adapters_projections(tiny_model_dir, tiny_adap
     multiply as peft's LoRA layers do (base + scale * B A x); without it they are the base weights."""
     import torch
 
-    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.engine.layer_step import LayerStep
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tiny_adapter)
@@ -104,7 +104,7 @@ def test_a_dora_adapter_keeps_transformers_step(tiny_model_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from tests.fixtures_models import lora_target_modules
-    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.engine.layer_step import LayerStep
     from vla_node.backends.transformers_backend import TransformersBackend
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir), local_files_only=True)
@@ -173,7 +173,7 @@ def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_c
     logits are off by no more than about transformers' own, and both write the step's key."""
     import torch
 
-    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.engine.static_decode import StaticDecoder
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="bfloat16", decode_cache="static",
@@ -216,9 +216,9 @@ def test_cuda_dependent_launches_change_no_bit(tiny_checkpoints, family):
     and cache, bit for bit (a kernel reading before the one before it finished would differ)."""
     import torch
 
-    from vla_node.backends import layer_step
-    from vla_node.backends.layer_kernels import dependent_launch_supported
-    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.engine import layer_step
+    from vla_node.backends.engine.layer_kernels import dependent_launch_supported
+    from vla_node.backends.engine.static_decode import StaticDecoder
     from vla_node.backends.transformers_backend import TransformersBackend
 
     if not dependent_launch_supported(torch.device("cuda")):

@@ -1,4 +1,4 @@
-"""One prompt + one image without the processor's call (vla_node/backends/one_image_inputs.py):
+"""One prompt + one image without the processor's call (vla_node/backends/engine/one_image_inputs.py):
 the same tensors as the processor for all three families and odd frame sizes, taken by the backend
 only after they matched on a real request, and dropped when they do not."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from tests.fixtures_models import tiny_image, tiny_messages
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.one_image_inputs import OneImageInputs
+from vla_node.backends.engine.one_image_inputs import OneImageInputs
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 

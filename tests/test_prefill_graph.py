@@ -1,4 +1,4 @@
-"""The prefill on the StaticCache (vla_node/backends/prefill_graph.py) changes no output: the first
+"""The prefill on the StaticCache (vla_node/backends/engine/prefill_graph.py) changes no output: the first
 token's logits, the answers and the confidence equal transformers' generate prefill, with and
 without the shared prefix, for prompts of several lengths in one bucket and in several, for every
 family (Qwen3-VL's deepstack features included); its step reads nothing back to the host (so it can
@@ -12,7 +12,7 @@ import torch
 from tests.fixtures_models import tiny_image, tiny_messages
 from tests.host_reads import no_host_reads
 from tests.decode_answers import answers, assert_same
-from vla_node.backends.prefill_graph import (PREFILL_ATTENTION, PREFILL_BUCKET, PrefillGraphs,
+from vla_node.backends.engine.prefill_graph import (PREFILL_ATTENTION, PREFILL_BUCKET, PrefillGraphs,
                                              lower_right_causal_attention)
 from vla_node.backends.transformers_backend import TransformersBackend
 

@@ -14,8 +14,8 @@ import pytest
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
 from tests.stop_events import SetOnCheck
 from vla_node.backends.base import BackendError, GenerationRequest
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.prefix_cache import PrefixCache
+from vla_node.backends.engine.frame_cache import VisionCache
+from vla_node.backends.engine.prefix_cache import PrefixCache
 from vla_node.backends.transformers_backend import TransformersBackend
 
 COMMANDS = ("put the red cube in the blue bowl", "pick up the green ball")

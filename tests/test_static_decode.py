@@ -1,4 +1,4 @@
-"""Static decoding (vla_node/backends/static_decode.py) changes no output: each step's logits, the
+"""Static decoding (vla_node/backends/engine/static_decode.py) changes no output: each step's logits, the
 tokens, the text and the confidence equal transformers' generate loop on a DynamicCache, for every
 Qwen-VL family, with the prefix and vision caches, adapters (switched between requests),
 constrained decoding, stop events, every token budget and a cache that has to grow; and on the
@@ -15,7 +15,7 @@ import pytest
 from tests.decode_answers import COMMANDS, NEW_TOKENS, answers, assert_same
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.static_decode import StaticDecoder
+from vla_node.backends.engine.static_decode import StaticDecoder
 from vla_node.backends.transformers_backend import TransformersBackend
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "tabletop-tiny"
@@ -136,7 +136,7 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
 def test_grouped_query_attention_equals_repeated_kv_sdpa(q_len):
     import torch
 
-    from vla_node.backends.static_decode import grouped_query_attention
+    from vla_node.backends.engine.static_decode import grouped_query_attention
 
     generator = torch.Generator().manual_seed(q_len)
     batch, heads, kv_heads, slots, dim = 2, 8, 2, 11, 16
@@ -154,7 +154,7 @@ def test_grouped_query_attention_equals_repeated_kv_sdpa(q_len):
 
 
 def test_decode_steps_use_grouped_attention_and_the_prefill_keeps_its_own(tiny_model_dir):
-    from vla_node.backends import static_decode
+    from vla_node.backends.engine import static_decode
 
     static = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS)
     config = static.base_model.model.language_model.config

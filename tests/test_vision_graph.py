@@ -1,4 +1,4 @@
-"""The vision tower on pre-computed grid tensors (vla_node/backends/vision_graph.py) gives the
+"""The vision tower on pre-computed grid tensors (vla_node/backends/engine/vision_graph.py) gives the
 tower's own outputs, reads nothing back to the host (so it can be recorded as a CUDA graph), and is
 replayed per grid on CUDA; the backend drops its recordings when the adapter changes."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from tests.fixtures_models import tiny_image, tiny_messages
 from tests.host_reads import no_host_reads
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.vision_attention import use_block_attention
-from vla_node.backends.vision_graph import VisionGraphs, supports
+from vla_node.backends.engine.frame_cache import VisionCache
+from vla_node.backends.engine.vision_attention import use_block_attention
+from vla_node.backends.engine.vision_graph import VisionGraphs, supports
 
 pytest_plugins = ["tests.fixtures_models"]
 

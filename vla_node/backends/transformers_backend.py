@@ -27,17 +27,17 @@ from vla_node.backends.base import (
     token_budget,
     warmup_request,
 )
-from vla_node.backends.batched_generation import BatchedGeneration
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.prefix_cache import PrefixCache
-from vla_node.backends.prefix_cache import reset as reset_static_cache
-from vla_node.backends.fused_projections import FusedProjections
-from vla_node.backends.one_image_inputs import OneImageInputs
-from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs, host_inputs
-from vla_node.backends.static_decode import DecodeResult, StaticDecoder, greedy_choice
-from vla_node.backends.vision_attention import use_block_attention
-from vla_node.backends.vision_graph import VisionGraphs
-from vla_node.backends.vision_graph import supports as vision_graph_supported
+from vla_node.backends.engine.batched_generation import BatchedGeneration
+from vla_node.backends.engine.frame_cache import VisionCache
+from vla_node.backends.engine.prefix_cache import PrefixCache
+from vla_node.backends.engine.prefix_cache import reset as reset_static_cache
+from vla_node.backends.engine.fused_projections import FusedProjections
+from vla_node.backends.engine.one_image_inputs import OneImageInputs
+from vla_node.backends.engine.prefill_graph import PREFILL_BUCKET, PrefillGraphs, host_inputs
+from vla_node.backends.engine.static_decode import DecodeResult, StaticDecoder, greedy_choice
+from vla_node.backends.engine.vision_attention import use_block_attention
+from vla_node.backends.engine.vision_graph import VisionGraphs
+from vla_node.backends.engine.vision_graph import supports as vision_graph_supported
 
 __all__ = ["TransformersBackend"]
 
@@ -120,14 +120,14 @@ class TransformersBackend(BatchedGeneration, Backend):
 
     ``prefix_cache`` (default True): the prompt tokens before the image (system text + user turn
     opening, about half the prompt) are prefilled once per (prefix tokens, active adapter, dtype,
-    device) and each request starts from a copy of that KV cache (vla_node/backends/prefix_cache.py,
+    device) and each request starts from a copy of that KV cache (vla_node/backends/engine/prefix_cache.py,
     LRU of 4). Greedy outputs are token-identical with and without it. Hits/misses:
     ``prefix_cache_stats``.
 
     ``decode_cache``: "dynamic" (DynamicCache, transformers' ``generate`` loop), "static" (a
-    preallocated StaticCache; vla_node/backends/prefill_graph.py prefills the prompt and the first
+    preallocated StaticCache; vla_node/backends/engine/prefill_graph.py prefills the prompt and the first
     token is chosen from its logits (``static_prefill``; requests without an image use
-    ``generate``), then vla_node/backends/static_decode.py decodes the rest with the step's inputs
+    ``generate``), then vla_node/backends/engine/static_decode.py decodes the rest with the step's inputs
     on the device and q/k/v, gate/up fused (fused_projections.py); on CUDA both are CUDA-graph
     replays) or "auto" (static on CUDA, dynamic elsewhere). Static composes with ``prefix_cache``:
     the prefix is copied into the one StaticCache and stays there while requests share it (the
@@ -135,7 +135,7 @@ class TransformersBackend(BatchedGeneration, Backend):
     ``static_cache_min_slots``), so the recorded steps keep their addresses. ``compile_decode``
     (default True): torch.compile the decode step before recording it (CUDA only). The attribute
     ``decode_kernels`` (default True): the step's one-row products, attention and greedy choice by
-    Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only). The attribute
+    Triton kernels (vla_node/backends/engine/decode_kernels.py; CUDA with Triton only). The attribute
     ``layer_kernels`` (default True, with ``decode_kernels``): a one-row step by layer_step.py's fused
     layer kernels (seven launches per layer, nothing for torch.compile; an active plain LoRA adapter
     merged into copies of the matrices it adapts) where LayerStep.unsupported allows; the attribute
@@ -143,8 +143,8 @@ class TransformersBackend(BatchedGeneration, Backend):
     and later GPUs (each overlaps the end of the one before; layer_kernels.py).
 
     On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
-    layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
-    image grid (vla_node/backends/vision_graph.py). ``compile_layers`` (default True): the vision
+    layer (vla_node/backends/engine/vision_attention.py) and the tower is replayed as a CUDA graph per
+    image grid (vla_node/backends/engine/vision_graph.py). ``compile_layers`` (default True): the vision
     blocks, and the language model's norms and MLPs in the prefill graphs, are compiled by
     torch.compile before recording (regional_compile.py; the first frame of each size compiles, seconds).
 

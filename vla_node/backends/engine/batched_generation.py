@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from vla_node.backends.base import BackendError, GenerationRequest, GenerationResult, token_budget, warmup_request
-from vla_node.backends.batch_cache import new_batch_cache, padded_rows, place_row, set_fill
+from vla_node.backends.engine.batch_cache import new_batch_cache, padded_rows, place_row, set_fill
 
 __all__ = ["BatchedGeneration"]
 

@@ -1,0 +1,1 @@
+"""The CUDA fast path of TransformersBackend: graphs, static caches, Triton kernels, batching, caches."""
