@@ -106,6 +106,7 @@ def decoding(model_dir: str) -> dict:
     from tests.fixtures_models import tiny_image, tiny_messages
     from vla_node.backends.engine import decode_kernels
     from vla_node.backends.base import GenerationRequest
+    from vla_node.backends.engine import EngineOptions
     from vla_node.backends.transformers_backend import TransformersBackend
 
     calls = {"matvec": 0, "attention": 0, "choice": 0}
@@ -125,9 +126,10 @@ def decoding(model_dir: str) -> dict:
 
     answers = {}
     for cache in ("static", "dynamic"):
-        backend = TransformersBackend(model_dir, device="cpu", decode_cache=cache, max_new_tokens=6)
-        backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: fewer slots
-        backend.layer_kernels = False  # transformers' layers around these kernels (test_layer_step.py: fused)
+        # the interpreter runs each attention program in Python: fewer slots; transformers' layers
+        # around these kernels (test_layer_step.py: the fused layers)
+        backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=6, engine=EngineOptions(
+            decode_cache=cache, static_cache_min_slots=256, layer_kernels=False))
         answers[cache] = []
         for constrained in (False, True):  # greedy, then under the action grammar
             if constrained:
@@ -137,7 +139,7 @@ def decoding(model_dir: str) -> dict:
                 max_new_tokens=6))  # each interpreted launch costs ~0.1 s: few tokens
             answers[cache].append((result.text, result.new_tokens, result.confidence))
         if cache == "static":
-            answers["kernels"] = backend._decoder.kernels
+            answers["kernels"] = backend.engine.decoder.kernels
         backend.close()
     answers["calls"] = calls
     return answers

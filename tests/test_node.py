@@ -90,7 +90,7 @@ def _scene(seed: int = 0) -> np.ndarray:
 def test_warm_up_prepares_every_batch_size_of_max_batch(graph_factory, tiny_model_dir):
     graph = graph_factory(model_path=str(tiny_model_dir), warmup=True, decode_cache="static", max_batch=3)
     backend = graph.vla.runtime.core.backend
-    assert sorted(backend._batch_decoders) == [2, 4], "batches of 2 and 3 commands: 2- and 4-row decoders"
+    assert sorted(backend.engine.batches.decoders) == [2, 4], "batches of 2 and 3 commands: 2- and 4-row decoders"
     graph.send_image(_scene())
     graph.say("put the red cube in the blue bowl")
     (status,) = graph.wait_statuses(1)

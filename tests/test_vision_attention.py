@@ -101,7 +101,7 @@ def test_backend_uses_it_on_cuda_only(tiny_checkpoints):
 
     backend = TransformersBackend(str(tiny_checkpoints["qwen2_5_vl"]), device="cpu")
     try:  # a CPU pays for the masked N x N attention and has no launch overhead to save
-        assert backend.block_vision_attention is False
+        assert backend.engine.block_vision_attention is False
         assert backend.base_model.model.visual.config._attn_implementation == "sdpa"
     finally:
         backend.close()
