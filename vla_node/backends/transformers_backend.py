@@ -28,6 +28,7 @@ from vla_node.backends.base import (
     warmup_request,
 )
 from vla_node.backends.engine import Engine, EngineOptions
+from vla_node.backends.engine.guard import probe_disagreement
 from vla_node.backends.generation import LoadedModel, generate_kwargs, greedy_config, on_device, tokens_of
 from vla_node.prompt import TEMPLATE_ID
 
@@ -45,6 +46,7 @@ _DTYPES = {
     "half": "float16",
 }
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PROBE_TOKENS = 4  # tokens the warm-up's probe compares between the engine and the plain path
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -81,7 +83,9 @@ class TransformersBackend(Backend):
     EngineOptions: ``engine=EngineOptions(...)``, or from the node parameters' arguments
     ``prefix_cache``, ``decode_cache``, ``compile_decode`` and ``compile_layers`` (see
     vla_node.settings); ``engine=False``: the plain path only. ``use_engine()`` replaces it (another
-    configuration on the same weights).
+    configuration on the same weights). The engine refuses a model it does not know, and is
+    dropped at warm-up if its first answer is not the plain path's (engine/guard.py): one log line
+    each, and the plain path serves.
 
     ``torch_threads`` (default 0 = torch's own choice, one per core): torch's CPU intra-op
     threads, process-wide. On a CPU robot shared with other processes, 1 can be several times
@@ -183,6 +187,7 @@ class TransformersBackend(Backend):
         pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         self.loaded = LoadedModel(model, self.processor, self.device, self.dtype, tuple(eos), int(pad_id))
         self.engine: Engine | None = None
+        self._engine_probed = False
         self.use_engine(options)
 
         if adapter_path is not None:
@@ -213,12 +218,14 @@ class TransformersBackend(Backend):
 
     def use_engine(self, options: EngineOptions | None) -> None:
         """Serve with a new engine built from ``options`` (None: the plain path). The current one
-        is closed first (its caches and recordings dropped, the model as it loaded it)."""
+        is closed first (its caches and recordings dropped, the model as it loaded it). The new
+        engine is probed again at the next warm-up."""
         with self._lock:
             self.ensure_open()
             if self.engine is not None:
                 self.engine.close()
                 self.engine = None
+            self._engine_probed = False
             if options is not None:
                 try:
                     self.engine = Engine.start(self.loaded, options)
@@ -577,11 +584,13 @@ class TransformersBackend(Backend):
                 generate_ms=generate_ms,
             )
 
-    def _generate_plain(self, inputs: dict, budget: int, stop_event, constraint):
-        """The plain path: transformers' ``generate`` with its own DynamicCache, greedy."""
+    def _generate_plain(self, inputs: dict, budget: int, stop_event, constraint, with_logits: bool = False):
+        """The plain path: transformers' ``generate`` with its own DynamicCache, greedy. Returns the
+        answer's Tokens (and, ``with_logits``, generate's per-step logits)."""
         kwargs, _ = generate_kwargs(stop_event, constraint)
         out = self.base_model.generate(**inputs, generation_config=greedy_config(self.loaded, budget), **kwargs)
-        return tokens_of(out, int(inputs["input_ids"].shape[1]))
+        answer = tokens_of(out, int(inputs["input_ids"].shape[1]))
+        return (answer, out.logits) if with_logits else answer
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BackendError]:
         """Several requests decoded together by the engine (engine/batched_generation.py: greedy
@@ -594,10 +603,14 @@ class TransformersBackend(Backend):
 
     def warmup(self) -> None:
         """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches; on
-        CUDA also one for the engine's ``warmup_frame_size`` frame."""
+        CUDA also one for the engine's ``warmup_frame_size`` frame. The first warm-up with an engine
+        probes it first: its answer to the warm-up image must be the plain path's (engine/guard.py),
+        else it is dropped, with one log line, and the plain path serves."""
         import numpy as np
 
         request = warmup_request(self.pixel_limits)
+        if self.engine is not None and not self._engine_probed:
+            self._probe_engine(request)
         self.generate(request)
         engine = self.engine
         if engine is not None and engine.vision_graphs is not None and engine.options.warmup_frame_size is not None:
@@ -615,6 +628,35 @@ class TransformersBackend(Backend):
             for result in self.generate_batch([warmup_request(self.pixel_limits) for _ in range(rows)]):
                 if isinstance(result, BackendError):
                     raise result
+
+    def _probe_engine(self, request: GenerationRequest) -> None:
+        """The engine's first answer against the plain path's, for the same inputs (built by the
+        processor) and the model as loaded; a disagreement drops the engine."""
+        import torch
+
+        with self._lock:
+            self.ensure_open()
+            engine = self.engine
+            self._engine_probed = True
+            lim = self.pixel_limits
+            images_kwargs = {"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}}
+            inputs = on_device(self.processor(text=[self.chat_text(request.messages)], images=[request.image],
+                                              return_tensors="pt", images_kwargs=images_kwargs),
+                               self.device, self.dtype)
+            try:
+                with torch.inference_mode():
+                    with engine.plain_model():
+                        plain, logits = self._generate_plain(inputs, _PROBE_TOKENS, None, None, with_logits=True)
+                    fast = engine.generate(inputs, request.image, _PROBE_TOKENS, None, None)
+            except Exception as e:
+                reason = f"the engine's first answer failed: {type(e).__name__}: {e}"
+            else:
+                reason = probe_disagreement(plain.ids, logits, fast.ids, str(self.dtype).replace("torch.", ""))
+            if reason is not None:
+                log.warning("engine off, serving the plain path: %s", reason)
+                self.warnings.append(f"engine off: {reason}")
+                engine.close()
+                self.engine = None
 
     def close(self) -> None:
         with self._lock:

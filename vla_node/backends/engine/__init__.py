@@ -4,6 +4,7 @@ runs the plain path (transformers' ``generate``), and the two give the same toke
 
     engine.py              the entry point: inputs, one request, caches, recordings, lifecycle
     options.py             EngineOptions: every switch, frozen
+    guard.py               the self-check: models it knows, and a first answer like the plain path's
     batched_generation.py  several requests decoded together (batch_cache.py: their StaticCache)
   inputs and vision
     one_image_inputs.py    one image's prompt tensors without the processor's call

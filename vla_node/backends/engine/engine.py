@@ -16,11 +16,13 @@ plain path (``model.generate``) would, faster:
 
 It changes the model in place only where the plain path computes the same: joint q/k/v and
 gate/up matrices whose views the projections become, padded vision MLPs over the same storage.
-The vision tower's block attention is a switch of the model's config, put back by ``close()``. Recorded graphs keep the weights
+The vision tower's block attention is a switch of the model's config, put back by ``close()``
+(and while ``plain_model()`` lets the plain path run alone). Recorded graphs keep the weights
 and kernels they were recorded with: ``adapter_changed()`` drops them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -28,6 +30,7 @@ from vla_node.backends.base import BackendError
 from vla_node.backends.engine.batched_generation import BatchedGeneration
 from vla_node.backends.engine.frame_cache import VisionCache
 from vla_node.backends.engine.fused_projections import FusedProjections
+from vla_node.backends.engine.guard import unknown_model
 from vla_node.backends.engine.one_image_inputs import OneImageInputs
 from vla_node.backends.engine.options import EngineOptions
 from vla_node.backends.engine.prefill_graph import PREFILL_BUCKET, PrefillGraphs, host_inputs
@@ -47,11 +50,15 @@ _STATIC_CACHE_BUCKET = 256  # static KV caches are sized in steps of this, so re
 
 
 class Engine:
-    """The fast path for one loaded model. Build it with ``Engine.start``; ``generate`` /
-    ``generate_batch`` answer like the plain path."""
+    """The fast path for one loaded model. Build it with ``Engine.start`` (None: a model it does
+    not know, with the reason logged); ``generate`` / ``generate_batch`` answer like the plain path."""
 
     @classmethod
     def start(cls, loaded: LoadedModel, options: EngineOptions) -> Engine | None:
+        reason = unknown_model(loaded.model)
+        if reason is not None:
+            log.warning("engine off, serving the plain path: %s", reason)
+            return None
         return cls(loaded, options)
 
     def __init__(self, loaded: LoadedModel, options: EngineOptions):
@@ -111,6 +118,20 @@ class Engine:
         self.batches.forget_decoders()
         if self.vision_graphs is not None:
             self.vision_graphs.clear()
+
+    @contextlib.contextmanager
+    def plain_model(self):
+        """While inside, the model computes as loaded (the vision tower's own attention): the plain
+        path's reference run at the probe."""
+        config, own = self._vision_config, self._vision_attention
+        engine = getattr(config, "_attn_implementation", None)
+        if config is not None and own is not None:
+            config._attn_implementation = own
+        try:
+            yield
+        finally:
+            if config is not None and own is not None:
+                config._attn_implementation = engine
 
     def close(self) -> None:
         """Put the model's vision attention back and drop every cache and recording."""
