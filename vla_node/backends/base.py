@@ -13,16 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vla_node.image import PixelLimits
 from vla_node.settings import default
-
-try:  # the single definition lives in vla_node.image (CORE)
-    from vla_node.image import PixelLimits
-except ImportError:  # pragma: no cover - only while vla_node.image is not written yet
-    @dataclass
-    class PixelLimits:  # type: ignore[no-redef]
-        min_pixels: int
-        max_pixels: int
-        factor: int = 28
 
 __all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits",
            "DEFAULT_MAX_NEW_TOKENS", "token_budget", "warmup_request"]
