@@ -429,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, options, variant_warmup in variants:
         configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
+            compiled_tower = vision_graphs is not None and default_options.compile_layers
             if options.get("compiled_layers", True) and options.get("vision_graph", True) \
-                    and first_compiled_layers_s is None and vision_graphs is not None and default_options.compile_layers:
+                    and first_compiled_layers_s is None and compiled_tower:
                 first_compiled_layers_s = once_s(first_command)
             if options["decode"] == "static" and options.get("layer_step", True) and first_layer_step_s is None:
                 first_layer_step_s = once_s(first_command)

@@ -88,7 +88,8 @@ def test_the_probe_compares_tokens_and_forgives_only_near_ties(tiny_model_dir):
     scores = logits[1][0]
     worst = int(scores.argmin())
     reason = probe_disagreement(ids, logits, [ids[0], worst, ids[2], ids[3]], "float32")
-    assert reason is not None and reason.startswith(f"the engine's token 2 is {worst} where the plain path chose {ids[1]}")
+    assert reason is not None
+    assert reason.startswith(f"the engine's token 2 is {worst} where the plain path chose {ids[1]}"), reason
     assert probe_disagreement(ids, logits, ids[:3], "float32") == \
         "the engine's answer has 3 tokens where the plain path's has 4"
     # a near tie: the runner-up, when its log-probability is within the tie of the choice
@@ -96,4 +97,18 @@ def test_the_probe_compares_tokens_and_forgives_only_near_ties(tiny_model_dir):
     gap = float(torch.log_softmax(scores.float(), -1)[ids[1]] - torch.log_softmax(scores.float(), -1)[runner_up])
     tied = probe_disagreement(ids, logits, [ids[0], runner_up, 0, 0], "bfloat16")
     assert (tied is None) == (gap <= 0.5), (gap, tied)
+    backend.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA engine needs a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_cuda_the_full_engine_passes_its_probe(tiny_checkpoints, family, dtype, caplog):
+    """Graphed vision tower, graphed prefill, the fused layer step: the warm-up's probe keeps them."""
+    with caplog.at_level(logging.WARNING):
+        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype=dtype, max_new_tokens=6)
+        backend.warmup()
+    assert backend.engine is not None and backend.decode_cache == "static", \
+        [r.getMessage() for r in caplog.records]
+    assert backend.engine.decoder is not None and backend.engine.decoder.graph_replays > 0
     backend.close()

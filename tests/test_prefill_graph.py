@@ -47,7 +47,8 @@ def test_static_prefill_equals_the_generate_prefill(tiny_checkpoints, family, pr
 
 def _prepared(backend, command=SHORT[0]):
     inputs = backend.prepare_inputs(tiny_image(168, 112), tiny_messages(command))
-    cache, start = backend.engine._initial_cache(inputs["input_ids"], int(inputs["input_ids"].shape[1]) + 8 + PREFILL_BUCKET)
+    slots = int(inputs["input_ids"].shape[1]) + 8 + PREFILL_BUCKET
+    cache, start = backend.engine._initial_cache(inputs["input_ids"], slots)
     prefill = PrefillGraphs.prepare(backend.base_model, inputs, start)
     features = backend.base_model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                            return_dict=True)

@@ -91,7 +91,8 @@ def test_parameter_values_become_the_core_settings():
 @pytest.mark.parametrize("name, value, message", [
     ("queue_size", 0, "queue_size must be >= 1, got 0"),
     ("max_image_age_s", 0.0, "max_image_age_s must be > 0, got 0.0"),
-    ("camera_reliability", "sometimes", "camera_reliability must be one of auto, best_effort, reliable, not 'sometimes'"),
+    ("camera_reliability", "sometimes",
+     "camera_reliability must be one of auto, best_effort, reliable, not 'sometimes'"),
     ("server_model_family", "llava", "server_model_family must be one of '', qwen2_vl"),
     ("warmup", 1, "warmup must be a bool, got 1"),
     ("max_batch", 2.0, "max_batch must be a int, got 2.0"),
