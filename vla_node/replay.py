@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
 from vla_node.files import atomic_write_text, replace_dir
-from vla_node.settings import PARAMETERS, ParameterError, coerce
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
@@ -40,6 +39,7 @@ from vla_node.report import (
     load_expectations,
     write_report,
 )
+from vla_node.settings import PARAMETERS, ParameterError, coerce
 
 if TYPE_CHECKING:  # the rclpy side, imported only when a replay runs
     from vla_node.ros.replay_session import ReplaySession
