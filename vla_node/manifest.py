@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from vla_node.prompt import TEMPLATE_ID  # the prompt's version an adapter was trained with
+
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_FORMAT",
@@ -46,7 +48,6 @@ __all__ = [
 
 MANIFEST_NAME = "vla_manifest.json"
 MANIFEST_FORMAT = 1
-TEMPLATE_ID = "vla_node.prompt/v1"
 
 # model_type (config.json) -> family
 FAMILIES: dict[str, str] = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
