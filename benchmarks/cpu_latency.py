@@ -11,7 +11,7 @@ run, interleaved so a noisy neighbour hits all alike:
             parse, safety gate. models/tabletop-tiny for English commands, + the LoRA adapter
             models/tabletop-tiny-zh-lora for Chinese ones.
   node, same frame again: the same command once more right after, about the same frame: the
-            backend's per-frame vision cache (vla_node/backends/frame_cache.py) skips the vision tower
+            backend's per-frame vision cache (vla_node/backends/engine/frame_cache.py) skips the vision tower
   baseline  what a plain transformers serving path does with the same weights: AutoProcessor on
             the raw frame + model.generate (default dynamic cache, no compile, max_new_tokens
             64, greedy) + tokenizer.decode, then the same parser.

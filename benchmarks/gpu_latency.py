@@ -14,9 +14,9 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
                  to the pixel limits, prompt, TransformersBackend.generate, parse, safety gate),
                  with the runtime's speed options switched on one loaded backend:
     plain            dynamic KV cache, transformers' generate loop, no prefix reuse
-    + prefix KV reuse    the system-prompt prefix prefilled once (vla_node/backends/prefix_cache.py)
+    + prefix KV reuse    the system-prompt prefix prefilled once (vla_node/backends/engine/prefix_cache.py)
     + static cache, graphed decode   decode_cache=static: generate prefills, StaticDecoder
-                     (vla_node/backends/static_decode.py) decodes with one compiled CUDA-graph
+                     (vla_node/backends/engine/static_decode.py) decodes with one compiled CUDA-graph
                      replay per token (q/k/v and gate/up as one product each,
                      fused_projections.py); the first such request compiles (its time is printed)
     prefix reuse + static  both; these four rows run the vision tower eagerly inside generate
@@ -40,7 +40,7 @@ the GPU in bf16 (benchmarks/random_checkpoint.py: no download) and times, in the
     default + grammar  constrained decoding on (the node's default); the grammar may end the plan
                      before --new-tokens, the token count is printed
     default + frame cache  every timed command is about the same frame, so the vision tower runs
-                     once (vla_node/backends/frame_cache.py); the others encode it every time
+                     once (vla_node/backends/engine/frame_cache.py); the others encode it every time
     default + LoRA adapter  after the batches: a random rank --adapter-rank LoRA adapter
                      on every language-model projection loaded and active; the fused layer step
                      merges it into copies of the matrices (layer_step.py), the prefill and vision
@@ -56,7 +56,7 @@ reading every language-model weight byte plus the KV cache once at the measured 
 bandwidth, plus prefill and vision FLOPs at the measured bf16 matmul rate; and speed-up over the
 baseline and p50 / floor. --batches also times InferenceCore.infer_batch (the node's max_batch
 path: on the static cache each command prefilled alone, then one decode step per token for the
-whole batch, vla_node/backends/batch_cache.py) against a naive batched model.generate at batch 1,
+whole batch, vla_node/backends/engine/batch_cache.py) against a naive batched model.generate at batch 1,
 4, 16. Each command of a batch has its own frame (several cameras: no frame-cache hits); the first
 batch of each size (its decoder compiled and recorded) is timed apart.
 """
@@ -70,6 +70,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -342,35 +343,36 @@ def main(argv: list[str] | None = None) -> int:
                                 lambda n: naive_tokens.append(naive.command(rgb, COMMAND, n)),
                                 device, args.new_tokens, iters, warmup, lambda: naive_tokens[-1]))
 
-    # The runtime's speed options, switched on the one loaded backend (the backend reads them per call).
-    from vla_node.backends.frame_cache import VisionCache
-    from vla_node.backends.prefix_cache import PrefixCache
-
-    grammar, frame_cache, prefix_cache = backend.action_grammar, backend.vision_cache, backend.prefix_cache
+    # The runtime's speed options: one engine per configuration on the one loaded model
+    # (TransformersBackend.use_engine; vla_node/backends/engine/options.py), built when a row's
+    # options differ from the engine's.
+    grammar = backend.action_grammar
+    default_options = backend.engine.options
     default_decode = backend.decode_cache
-    no_prefix = PrefixCache(prefix_cache.boundary_token_id, capacity=0)
+    vision_graphs = backend.engine.vision_graphs
+    static_prefill_supported = backend.engine.static_prefill
+    import torch._dynamo
 
-    vision_graphs = backend.vision_graphs
-    from vla_node.backends.vision_graph import VisionGraphs
-
-    # session 7's tower: recorded with the blocks' own (uncompiled) forwards
-    uncompiled_graphs = (VisionGraphs(backend.base_model, use_graph=True)
-                         if vision_graphs is not None and vision_graphs.compile_blocks else vision_graphs)
+    # every configuration's decoder compiles its step once: more than dynamo's default 8 in a full run
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def configure(decode: str, prefix: bool, constrained: bool = False, frames: bool = False,
                   vision_graph: bool = True, prefill_graph: bool = True, kernels: bool = True,
-                  compiled_layers: bool = True, layer_step: bool = True, dependent_launch: bool = True) -> None:
-        # the vision tower: recorded with compiled blocks, recorded as it is, or eager
-        backend.vision_graphs = (vision_graphs if compiled_layers else uncompiled_graphs) if vision_graph else None
-        backend.compile_layers = compiled_layers  # the prefill graphs' norms and MLPs (a change records them again)
-        backend.static_prefill = prefill_graph  # static decoding's prefill: PrefillGraphs or generate's
-        backend.decode_kernels = kernels  # the decode step's Triton kernels (a change builds a new decoder)
-        backend.layer_kernels = layer_step  # ... the whole one-row step by fused layer kernels (the same)
-        backend.dependent_launch = dependent_launch  # ... those launched programmatically dependent (the same)
-        backend.decode_cache = decode
-        backend.prefix_cache = prefix_cache if prefix else no_prefix
+                  compiled_layers: bool = True, layer_step: bool = True, dependent_launch: bool = True,
+                  max_batch_size: int | None = None) -> None:
+        options = replace(
+            default_options, decode_cache=decode, prefix_cache=prefix,
+            frame_cache=default_options.frame_cache if frames else 0,  # off: a new frame per command
+            vision_graphs=vision_graph,  # the vision tower: recorded (compiled blocks or as it is) or eager
+            compile_layers=compiled_layers,  # the tower's blocks, the prefill graphs' norms and MLPs
+            static_prefill=prefill_graph,  # static decoding's prefill: PrefillGraphs or generate's
+            decode_kernels=kernels,  # the decode step's Triton kernels
+            layer_kernels=layer_step,  # ... the whole one-row step by fused layer kernels
+            dependent_launch=dependent_launch,  # ... those launched programmatically dependent
+            max_batch_size=max_batch_size or default_options.max_batch_size)
+        if backend.engine is None or backend.engine.options != options:
+            backend.use_engine(options)
         backend.action_grammar = grammar if constrained else None  # off: exactly --new-tokens, like the baseline
-        backend.vision_cache = frame_cache if frames else VisionCache(capacity=0)  # off: a new frame per command
 
     # session 5's runtime: transformers' prefill, eager tower, cuBLAS / inductor decode kernels
     eager = dict(vision_graph=False, prefill_graph=False, kernels=False, compiled_layers=False, layer_step=False)
@@ -388,14 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     if vision_graphs is not None:
         variants.append(("+ graphed vision tower", dict(default, prefill_graph=False, kernels=False,
                                                         compiled_layers=False, layer_step=False), warmup))
-    if default_decode == "static" and not args.no_static and backend._static_prefill_supported:
+    if default_decode == "static" and not args.no_static and static_prefill_supported:
         variants.append(("+ graphed prefill", dict(default, kernels=False, compiled_layers=False, layer_step=False),
                          warmup))
     if default_decode == "static" and not args.no_static:
         # a new decoder: its first request compiles again, inside this row's warm-up
         variants.append(("+ Triton decode kernels", dict(default, compiled_layers=False, layer_step=False),
                          static_warmup))
-    if vision_graphs is not None and vision_graphs.compile_blocks:
+    if vision_graphs is not None and default_options.compile_layers:
         variants.append(("+ compiled layers", dict(default, layer_step=False), warmup))
     if default_decode == "static" and not args.no_static:
         variants.append(("+ fused layer step", dict(default, dependent_launch=False), warmup))
@@ -427,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, options, variant_warmup in variants:
         configure(**options)
         try:  # an optional variant that breaks (say, compile) must not cost the other figures
+            compiled_tower = vision_graphs is not None and default_options.compile_layers
             if options.get("compiled_layers", True) and options.get("vision_graph", True) \
-                    and first_compiled_layers_s is None and vision_graphs is not None and vision_graphs.compile_blocks:
+                    and first_compiled_layers_s is None and compiled_tower:
                 first_compiled_layers_s = once_s(first_command)
             if options["decode"] == "static" and options.get("layer_step", True) and first_layer_step_s is None:
                 first_layer_step_s = once_s(first_command)
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     # a camera of a new size or a prompt of a new length bucket: the runtime records its graphs again
     new_size_ms = None
     if default.get("decode") == "static":
-        for graphs in (backend.vision_graphs, backend._prefill_graphs):
+        for graphs in (backend.engine.vision_graphs, backend.engine.prefill_graphs):
             if graphs is not None:
                 graphs.clear()
         new_size_ms = once_s(first_command) * 1000.0
@@ -472,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_rows = []
     for batch_size in [int(b) for b in batches.split(",") if b.strip()]:
-        backend.max_batch_size = max(batch_size, 1)
+        configure(**default, max_batch_size=max(batch_size, 1))
+        first_command()  # a new engine: its one-command graphs recorded before the first batch is timed
         core.max_new_tokens = args.new_tokens
         jobs = [InferenceJob(camera_frame(rgb, camera), COMMAND) for camera in range(batch_size)]
         first_batch_s = once_s(lambda: core.infer_batch(jobs))

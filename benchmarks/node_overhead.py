@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from sensor_msgs.msg import Image
 
     from vla_node.image import fit_to_limits, image_to_rgb
-    from vla_node.node import VlaNode
+    from vla_node.ros.node import VlaNode
     from vla_node.parser import BoxCodec, parse_actions
-    from vla_node.ros_convert import image_decoder, plan_to_msg, status_to_msg
+    from vla_node.ros.convert import image_decoder, plan_to_msg, status_to_msg
     from vla_node.actions import ActionPlan, CommandStatus, StatusCode
 
     model = args.model

@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,18 +60,19 @@ class PhaseTimer:
     after) and marked for torch.profiler with a record_function range of the phase's name."""
 
     def __init__(self, backend, device: str):
-        from vla_node.backends import transformers_backend
+        from vla_node.backends.engine import engine as engine_module
 
         self.device = device
         self.sync = True
         self.samples: dict[str, list[float]] = collections.defaultdict(list)
         self._undo = []
+        engine = backend.engine
         self._wrap(backend, "prepare_inputs", "inputs")
-        self._wrap(backend, "_initial_cache", "cache")
-        self._wrap(backend, "_model_inputs", "vision")
-        self._wrap(backend, "_static_first_token", "prefill")
-        self._wrap(backend, "_decode_rest", "decode")
-        graphs = transformers_backend.PrefillGraphs
+        self._wrap(engine, "_initial_cache", "cache")
+        self._wrap(engine, "model_inputs", "vision")
+        self._wrap(engine, "_static_first_token", "prefill")
+        self._wrap(engine, "_decode_rest", "decode")
+        graphs = engine_module.PrefillGraphs
         original = graphs.__dict__["prepare"]
         graphs.prepare = staticmethod(self._timed("positions", original.__func__))
         self._undo.append(lambda: setattr(graphs, "prepare", original))
@@ -91,9 +93,9 @@ class PhaseTimer:
 
         return phase_call
 
-    def _wrap(self, backend, method: str, phase: str) -> None:
-        setattr(backend, method, self._timed(phase, getattr(backend, method)))
-        self._undo.append(lambda: delattr(backend, method))
+    def _wrap(self, owner, method: str, phase: str) -> None:
+        setattr(owner, method, self._timed(phase, getattr(owner, method)))
+        self._undo.append(lambda: delattr(owner, method))
 
     def close(self) -> None:
         for undo in self._undo:
@@ -266,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nhost functions by {order} over {commands} commands (cProfile)")
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:12000])
 
-    decoder = getattr(backend, "_decoder", None)
-    if device == "cuda" and decoder is not None:
-        from vla_node.backends import layer_step
+    engine = backend.engine
+    if device == "cuda" and engine is not None and engine.decoder is not None:
+        from vla_node.backends.engine import layer_step
 
         variants = [("dependent launches, first loop step prefetched (default)", True, layer_step.PREFETCH_STEPS),
                     ("dependent launches, no prefetch", True, 0),
@@ -276,17 +278,17 @@ def main(argv: list[str] | None = None) -> int:
                     ("plain launch order", False, 0)]
         default_prefetch = layer_step.PREFETCH_STEPS
         steps, tokens = {}, {}
+        options = engine.options
         for name, dependent, prefetch in variants:
-            backend.dependent_launch = dependent
             layer_step.PREFETCH_STEPS = prefetch
-            backend._decoder = None  # a new decoder: its step recorded with these launches
+            # a new engine: its decoder's step recorded with these launches
+            backend.use_engine(replace(options, dependent_launch=dependent))
             command()
             core.infer(rgb, COMMAND)
-            tokens[name] = backend._decoder._tokens[:args.new_tokens - 1].flatten().tolist()
-            steps[name] = step_ms(backend._decoder)
-        backend.dependent_launch = True
+            tokens[name] = backend.engine.decoder._tokens[:args.new_tokens - 1].flatten().tolist()
+            steps[name] = step_ms(backend.engine.decoder)
         layer_step.PREFETCH_STEPS = default_prefetch
-        backend._decoder = None
+        backend.use_engine(options)
         same = len({tuple(t) for t in tokens.values()}) == 1
         report["steps_ms"] = steps
         report["steps_same_tokens"] = same

@@ -5,7 +5,7 @@
 Two processes, one real rclpy graph: this driver publishes 1920x1080 rgb8 Images at --fps and a
 std_msgs/String command every --command-period seconds (a fixed mix of English and Chinese
 commands, stop phrases, a prompt injection, an empty and an oversized utterance), and subscribes
-to the plans and statuses. The vla_node runs as its own process (`python -m vla_node.node`) with
+to the plans and statuses. The vla_node runs as its own process (`python -m vla_node.ros.node`) with
 the embedded model (or --model DIR), so its RSS is measured alone (from /proc, every 5 s).
 
 Reports: frames and commands actually sent, statuses by code, statuses lost (commands without a
@@ -80,7 +80,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_node(args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vla_node.node", "--ros-args", "-r", f"__ns:={args.namespace}",
+    command = [sys.executable, "-m", "vla_node.ros.node", "--ros-args", "-r", f"__ns:={args.namespace}",
                "-p", f"max_new_tokens:={args.max_new_tokens}",
                "-p", f"queue_size:={args.queue_size}",
                "-p", "warmup:=true"]

@@ -1,4 +1,4 @@
-"""Runs vla_node/backends/decode_kernels.py's Triton kernels on the CPU under Triton's interpreter
+"""Runs vla_node/backends/engine/decode_kernels.py's Triton kernels on the CPU under Triton's interpreter
 and prints what tests/test_decode_kernels.py checks, as one JSON object.
 
     TRITON_INTERPRET=1 python -m tests.interpreted_kernels MODEL_DIR
@@ -17,7 +17,7 @@ def matvec_errors() -> dict:
     """Largest difference from torch's linear, per candidate config and matrix shape (float32)."""
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     generator = torch.Generator().manual_seed(0)
     errors = {}
@@ -41,7 +41,7 @@ def attention_errors() -> dict:
     that leaves gaps and slots beyond the keys (sliced off)."""
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     generator = torch.Generator().manual_seed(1)
     errors = {}
@@ -67,7 +67,7 @@ def choices() -> dict:
     """(index, expected index, log-probability, expected) for scores with ties and masked blocks."""
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     generator = torch.Generator().manual_seed(2)
     out = {}
@@ -89,8 +89,8 @@ def graph_breaks() -> int:
     """Graph breaks torch.compile meets in a step that calls the three operators."""
     import torch
 
-    from vla_node.backends import decode_kernels
-    from vla_node.backends.static_decode import kernel_attention
+    from vla_node.backends.engine import decode_kernels
+    from vla_node.backends.engine.static_decode import kernel_attention
 
     def step(x, weight, query, key, value, mask):
         attended, _ = kernel_attention(None, query, key, value, mask, 0.125)
@@ -104,8 +104,9 @@ def graph_breaks() -> int:
 def decoding(model_dir: str) -> dict:
     """Answers of static decoding with the kernels (CPU, interpreted) and of transformers' generate loop."""
     from tests.fixtures_models import tiny_image, tiny_messages
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
     from vla_node.backends.base import GenerationRequest
+    from vla_node.backends.engine import EngineOptions
     from vla_node.backends.transformers_backend import TransformersBackend
 
     calls = {"matvec": 0, "attention": 0, "choice": 0}
@@ -125,9 +126,10 @@ def decoding(model_dir: str) -> dict:
 
     answers = {}
     for cache in ("static", "dynamic"):
-        backend = TransformersBackend(model_dir, device="cpu", decode_cache=cache, max_new_tokens=6)
-        backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: fewer slots
-        backend.layer_kernels = False  # transformers' layers around these kernels (test_layer_step.py: fused)
+        # the interpreter runs each attention program in Python: fewer slots; transformers' layers
+        # around these kernels (test_layer_step.py: the fused layers)
+        backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=6, engine=EngineOptions(
+            decode_cache=cache, static_cache_min_slots=256, layer_kernels=False))
         answers[cache] = []
         for constrained in (False, True):  # greedy, then under the action grammar
             if constrained:
@@ -137,7 +139,7 @@ def decoding(model_dir: str) -> dict:
                 max_new_tokens=6))  # each interpreted launch costs ~0.1 s: few tokens
             answers[cache].append((result.text, result.new_tokens, result.confidence))
         if cache == "static":
-            answers["kernels"] = backend._decoder.kernels
+            answers["kernels"] = backend.engine.decoder.kernels
         backend.close()
     answers["calls"] = calls
     return answers
@@ -147,7 +149,7 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     decode_kernels.register()
     report = {"matvec": matvec_errors(), "attention": attention_errors(), "choice": choices(),

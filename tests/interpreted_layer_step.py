@@ -20,18 +20,19 @@ def decode_both_ways(model_dir: str, adapter_dir: str | None = None) -> dict:
     import torch
 
     from tests.fixtures_models import tiny_image, tiny_messages
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
     from vla_node.backends.base import GenerationRequest
+    from vla_node.backends.engine import EngineOptions
     from vla_node.backends.transformers_backend import TransformersBackend
     from vla_node.vocabulary import Vocabulary
 
     decode_kernels.available = lambda device: (decode_kernels.register(), True)[1]  # only the CUDA gate opened
     ways, caches = {}, {}
     for layer_step in (True, False):
-        backend = TransformersBackend(model_dir, device="cpu", decode_cache="static", max_new_tokens=4,
-                                      adapter_path=adapter_dir)
-        backend.static_cache_min_slots = 256  # the interpreter runs each attention program in Python: few slots
-        backend.layer_kernels = layer_step
+        # the interpreter runs each attention program in Python: few slots
+        backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=4, adapter_path=adapter_dir,
+                                      engine=EngineOptions(decode_cache="static", static_cache_min_slots=256,
+                                                           layer_kernels=layer_step))
         answers = []
         for constrained, command in ((False, "put the red cube in the blue bowl"), (True, "pick up the green ball")):
             if constrained:
@@ -39,14 +40,15 @@ def decode_both_ways(model_dir: str, adapter_dir: str | None = None) -> dict:
             result = backend.generate(GenerationRequest(image=tiny_image(168, 112, seed=len(answers)),
                                                         messages=tiny_messages(command), max_new_tokens=4))
             answers.append((result.text, result.new_tokens, result.confidence))
-        layers = backend._static_cache.layers
+        decoder = backend.engine.decoder
+        layers = backend.engine.static_cache.layers
         fills = [int(layer.cumulative_length) for layer in layers]
         caches[layer_step] = [(layer.keys[:, :, :fill].clone(), layer.values[:, :, :fill].clone())
                               for layer, fill in zip(layers, fills)]
         ways["fused" if layer_step else "transformers"] = {
-            "answers": answers, "fills": fills, "layer_step": backend._decoder.layer_step,
+            "answers": answers, "fills": fills, "layer_step": decoder.layer_step,
             "configs": {name: list(config) for name, config in
-                        (backend._decoder._layer_step.configs.items() if backend._decoder.layer_step else ())}}
+                        (decoder._layer_step.configs.items() if decoder.layer_step else ())}}
         backend.close()
     ways["cache_difference"] = max(float(torch.max((a - b).abs())) for pair_a, pair_b in zip(caches[True], caches[False])
                                    for a, b in zip(pair_a, pair_b))

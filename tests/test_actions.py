@@ -20,7 +20,6 @@ from vla_node.actions import (
     CommandStatus,
     StageLatency,
     StatusCode,
-    parse_steps,
     render_step,
     render_steps,
 )
@@ -282,9 +281,9 @@ def test_render_validates_and_normalises_first():
         render_step(ActionStep(verb="STOP", object="red cube"), VOCAB)
 
 
-def test_parse_steps_is_the_inverse_entry_point():
+def test_parse_actions_is_the_inverse_of_render_steps():
     text = 'MOVE_OBJECT(object="red cube", destination="blue bowl")\nSTOP()'
-    assert render_steps(parse_steps(text, VOCAB), VOCAB) == text
+    assert render_steps(parse_actions(text, VOCAB), VOCAB) == text
 
 
 # ---- the round-trip property --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def test_every_batch_row_equals_the_request_run_alone(backend, constrained):
     # the rows really differ (else equality would prove little)
     assert len({(r.text, r.model_input_size) for r in batched}) == len(batched)
     if backend.decode_cache == "static":  # three rows decoded by one decoder over a 4-row cache
-        assert list(backend._batch_decoders) == [4] and backend._batch_decoders[4].rows == 4
+        assert list(backend.engine.batches.decoders) == [4] and backend.engine.batches.decoders[4].rows == 4
 
 
 def test_rows_keep_their_own_budget_and_a_bad_row_fails_alone(backend):
@@ -131,7 +132,7 @@ def test_cuda_batched_graph_steps_equal_single_commands(tiny_checkpoints, family
         for one, row in zip(alone, batched):
             _same(one, row)
         assert batched[1].new_tokens <= 7
-    assert backend._batch_decoders[4].graph_replays > 0, "the batch's steps were recorded and replayed"
+    assert backend.engine.batches.decoders[4].graph_replays > 0, "the batch's steps were recorded and replayed"
     backend.close()
 
 
@@ -140,10 +141,10 @@ def test_batch_warm_up_builds_a_decoder_per_padded_row_count(tiny_checkpoints):
 
     backend = TransformersBackend(tiny_checkpoints["qwen2_5_vl"], device="cpu", decode_cache="static")
     backend.warmup_batches(3)  # batches of 2 and 3 run on 2- and 4-row caches
-    assert sorted(backend._batch_decoders) == [2, 4]
-    backend.max_batch_size = 6
-    backend.warmup_batches(16)  # capped by the backend: 5 and 6 commands run on a 6-row cache
-    assert sorted(backend._batch_decoders) == [2, 4, 6]
+    assert sorted(backend.engine.batches.decoders) == [2, 4]
+    backend.use_engine(replace(backend.engine.options, max_batch_size=6))
+    backend.warmup_batches(16)  # capped by the engine: 5 and 6 commands run on a 6-row cache
+    assert sorted(backend.engine.batches.decoders) == [2, 4, 6]
     backend.close()
 
 

@@ -1,4 +1,4 @@
-"""The Triton decode kernels (vla_node/backends/decode_kernels.py) compute what PyTorch computes.
+"""The Triton decode kernels (vla_node/backends/engine/decode_kernels.py) compute what PyTorch computes.
 
 On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_kernels.py):
 every matrix-vector config against torch's linear, the one-token attention against SDPA over
@@ -36,7 +36,7 @@ def interpreted(tiny_model_dir) -> dict:
 
 
 def test_every_matvec_config_equals_torch_linear(interpreted):
-    from vla_node.backends.decode_kernels import MATVEC_CANDIDATES
+    from vla_node.backends.engine.decode_kernels import MATVEC_CANDIDATES
 
     errors = interpreted["matvec"]
     for shape in ("40x96", "33x1100"):
@@ -80,12 +80,12 @@ def test_one_row_products_go_to_the_matvec_and_longer_inputs_to_linear(tiny_mode
     rows keep torch's linear; outside, the layers are their own again."""
     import torch
 
-    from vla_node.backends.fused_projections import FusedProjections
+    from vla_node.backends.engine.fused_projections import FusedProjections
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static")
     language_model = backend.base_model.model.language_model
-    fused = backend._fused_projections
+    fused = backend.engine.fused_projections
     assert isinstance(fused, FusedProjections) and len(fused.singles) == 2 * len(language_model.layers)
     shapes = []
 
@@ -123,7 +123,7 @@ def test_one_row_products_go_to_the_matvec_and_longer_inputs_to_linear(tiny_mode
 def test_the_kernels_are_for_cuda_only():
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     assert not decode_kernels.available(torch.device("cpu"))
 
@@ -135,7 +135,7 @@ def test_the_kernels_are_for_cuda_only():
 def test_cuda_kernels_equal_torch():
     import torch
 
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     assert decode_kernels.available(torch.device("cuda"))
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -172,20 +172,21 @@ def test_cuda_kernels_equal_torch():
 @cuda_only
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_cuda_decoding_with_the_kernels_gives_the_generate_loops_answers(tiny_checkpoints, family):
+    from vla_node.backends.engine import EngineOptions
     from vla_node.backends.transformers_backend import TransformersBackend
 
     answers = {}
     for cache in ("static", "dynamic"):
-        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", decode_cache=cache,
-                                      max_new_tokens=24)
-        backend.layer_kernels = False  # transformers' layers around the kernels (test_layer_step.py: the fused layers)
+        # transformers' layers around the kernels (test_layer_step.py: the fused layers)
+        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", max_new_tokens=24,
+                                      engine=EngineOptions(decode_cache=cache, layer_kernels=False))
         answers[cache] = []
         for command in ("put the red cube in the blue bowl", "pick up the green ball"):
             result = backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(command),
                                                         max_new_tokens=24))
             answers[cache].append((result.text, result.new_tokens, result.confidence))
         if cache == "static":
-            assert backend._decoder.kernels and backend._decoder.graph_replays > 0
+            assert backend.engine.decoder.kernels and backend.engine.decoder.graph_replays > 0
         backend.close()
     for (text, count, confidence), (text_d, count_d, confidence_d) in zip(answers["static"], answers["dynamic"]):
         assert (text, count) == (text_d, count_d)

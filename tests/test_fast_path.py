@@ -171,3 +171,35 @@ def test_data_the_fast_path_cannot_serve_takes_the_ordinary_path(train_model_dir
     result = train(load_config(None, train_overrides(train_model_dir, data, tmp_path / "b", max_steps=1)))
     assert result.global_step == 1
     assert "ordinary training path: the fast path does not serve images of different sizes" in caplog.text
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_prefix_on_cuda_equals_the_ordinary_forward(bf16, train_model_dir, synth_dir):
+    """On the GPU, where a bf16 build once trained a model blind to its own command: the fast path's
+    loss (bf16 autocast or fp32) equals the ordinary forward's, and so does the self-check's verdict."""
+    from transformers import AutoModelForImageTextToText
+
+    from training.encoded_tensors import encode_samples, processor_arithmetic
+    from training.fast_path import BatchBuilder, FastPath
+    from training.shared_prefix import ordinary_inputs
+
+    collator = _collator(train_model_dir)
+    samples = _samples(synth_dir)
+    encoded = encode_samples(samples, collator).to("cuda")
+    model = AutoModelForImageTextToText.from_pretrained(train_model_dir, dtype=torch.float32).cuda()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.05)
+    builder = BatchBuilder({"train": encoded}, processor_arithmetic(collator.processor.image_processor),
+                           torch.device("cuda"))
+    fast = FastPath(train=encoded, eval=None, builder=builder, bf16=bf16)
+    inputs = builder([("train", i) for i in range(8)])
+    loss = float(fast.loss(model, inputs).detach())
+    assert fast.shared_prefix_agrees is True
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
+        ordinary = float(model(**ordinary_inputs(model, **inputs)).loss)
+    assert loss == pytest.approx(ordinary, rel=0.02 if bf16 else 1e-4)

@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up products (vla_node/backends/fused_projections.py): the parameters become
+"""Fused q/k/v and gate/up products (vla_node/backends/engine/fused_projections.py): the parameters become
 views of one joint matrix, the model's outputs do not change, inside ``active()`` each group is one
 product whose slices equal the separate products (also under a LoRA adapter), and a decoder
 refuses fusion once a parameter no longer shares the joint matrix. The whole decode path with
@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from vla_node.backends.fused_projections import FusedProjections
+from vla_node.backends.engine.fused_projections import FusedProjections
 
 pytest_plugins = ["tests.fixtures_models"]
 
@@ -84,7 +84,7 @@ def test_a_lora_update_is_still_added_per_projection(tiny_model_dir, tiny_adapte
 def test_out_of_order_calls_fail_and_a_replaced_weight_disables_fusion(tiny_model_dir, caplog):
     from transformers import StaticCache
 
-    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.engine.static_decode import StaticDecoder
 
     model = _model(tiny_model_dir)
     fused = FusedProjections.build(model.model.language_model)

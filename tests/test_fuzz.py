@@ -149,7 +149,7 @@ COMMANDS = st.one_of(
 
 # ---- checks shared by both fuzz tests -----------------------------------------------------------
 def decode_size(message) -> tuple[int, int] | None:
-    from vla_node.ros_convert import image_decoder
+    from vla_node.ros.convert import image_decoder
 
     try:
         rgb = image_decoder(message)()
@@ -159,7 +159,7 @@ def decode_size(message) -> tuple[int, int] | None:
 
 
 def assert_plan_is_valid(plan: ActionPlan, image_size: tuple[int, int] | None) -> None:
-    from vla_node.ros_convert import msg_to_plan, plan_to_msg
+    from vla_node.ros.convert import msg_to_plan, plan_to_msg
 
     assert ActionPlan.model_validate(plan.model_dump()) == plan
     assert msg_to_plan(plan_to_msg(plan)).command_id == plan.command_id
@@ -233,7 +233,7 @@ def test_pipeline_answers_every_command_once_and_publishes_only_valid_plans(fuzz
     pipeline, backend, collector = fuzzed_pipeline
     backend.script(reply)
     message = ros_image(image) if "encoding" in image else ros_compressed(image)
-    from vla_node.ros_convert import image_decoder
+    from vla_node.ros.convert import image_decoder
 
     now = time.time_ns()
     pipeline.on_frame(Frame(stamp_ns=now, frame_id="cam", received_ns=now, decode=image_decoder(message)))
@@ -262,7 +262,7 @@ def node_graph(tiny_model_dir):
 
     from tests.ros_helpers import spin_until, wait_for_subscribers
     from vla_node import msg as vla_msg
-    from vla_node.node import VlaNode
+    from vla_node.ros.node import VlaNode
 
     context = rclpy.context.Context()
     rclpy.init(context=context)
@@ -302,7 +302,7 @@ def node_graph(tiny_model_dir):
 def test_node_graph_answers_every_command_once_and_publishes_only_valid_plans(node_graph, image, command, reply):
     from std_msgs.msg import String
 
-    from vla_node.ros_convert import msg_to_plan
+    from vla_node.ros.convert import msg_to_plan
 
     graph = node_graph
     graph["backend"].script(reply)

@@ -197,7 +197,7 @@ def _compressed(fmt: str, data: bytes):
 
 
 def test_malformed_camera_messages_give_bad_image_and_the_next_command_works():
-    from vla_node.ros_convert import image_decoder
+    from vla_node.ros.convert import image_decoder
 
     backend = ScriptedBackend([Reply('PICK_OBJECT(object="red cube")')])
     recorder = Recorder()
@@ -370,7 +370,7 @@ def test_a_broken_model_or_adapter_fails_configure_naming_the_path(breakage, tin
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from vla_node.node import _lifecycle_node_class
+    from vla_node.ros.node import _lifecycle_node_class
 
     model_dir, adapter = breakage(tiny_model_dir, tmp_path)
     blamed = adapter if adapter is not None else model_dir

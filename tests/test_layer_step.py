@@ -1,4 +1,4 @@
-"""The fused decode layers (vla_node/backends/layer_step.py, layer_kernels.py) decode what
+"""The fused decode layers (vla_node/backends/engine/layer_step.py, layer_kernels.py) decode what
 transformers' layers decode.
 
 On a CPU the kernels run under Triton's interpreter in a child process (tests/interpreted_layer_step.py):
@@ -67,11 +67,11 @@ def test_merged_matrices_give_the_adapters_projections(tiny_model_dir, tiny_adap
     multiply as peft's LoRA layers do (base + scale * B A x); without it they are the base weights."""
     import torch
 
-    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.engine.layer_step import LayerStep
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tiny_adapter)
-    model, fused = backend.base_model, backend._fused_projections
+    model, fused = backend.base_model, backend.engine.fused_projections
     assert LayerStep.unsupported(model, fused) is None
     step = LayerStep(model, fused)
     x = torch.randn(3, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
@@ -104,14 +104,14 @@ def test_a_dora_adapter_keeps_transformers_step(tiny_model_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from tests.fixtures_models import lora_target_modules
-    from vla_node.backends.layer_step import LayerStep
+    from vla_node.backends.engine.layer_step import LayerStep
     from vla_node.backends.transformers_backend import TransformersBackend
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir), local_files_only=True)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(), use_dora=True, init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(str(tmp_path / "dora"))
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", adapter_path=tmp_path / "dora")
-    reason = LayerStep.unsupported(backend.base_model, backend._fused_projections)
+    reason = LayerStep.unsupported(backend.base_model, backend.engine.fused_projections)
     assert reason is not None and "LoRA variant" in reason, reason
     backend.close()
 
@@ -121,7 +121,8 @@ def test_without_a_gpu_decoders_keep_transformers_step(tiny_model_dir):
 
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=3)
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=3))
-    assert backend.layer_kernels and not backend._decoder.layer_step, "the kernels are for CUDA only"
+    assert backend.engine.options.layer_kernels and not backend.engine.decoder.layer_step, \
+        "the kernels are for CUDA only"
     backend.close()
 
 
@@ -135,15 +136,16 @@ def test_cuda_fused_layers_answer_as_transformers_layers(tiny_checkpoints, tiny_
     LoRA adapter active, the fused layers' merged matrices against peft's layers."""
     import torch
 
+    from vla_node.backends.engine import EngineOptions
     from vla_node.backends.transformers_backend import TransformersBackend
     from vla_node.vocabulary import Vocabulary
 
     family, _, with_adapter = family.partition("+")
     answers, caches = {}, {}
     for layer_step in (True, False):
-        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", decode_cache="static",
-                                      max_new_tokens=24, adapter_path=tiny_adapter if with_adapter else None)
-        backend.layer_kernels = layer_step
+        backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="float32", max_new_tokens=24,
+                                      adapter_path=tiny_adapter if with_adapter else None,
+                                      engine=EngineOptions(decode_cache="static", layer_kernels=layer_step))
         answers[layer_step] = []
         for constrained in (False, True):
             if constrained:
@@ -151,10 +153,10 @@ def test_cuda_fused_layers_answer_as_transformers_layers(tiny_checkpoints, tiny_
             result = backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(),
                                                         max_new_tokens=24))
             answers[layer_step].append((result.text, result.new_tokens, result.confidence))
-        decoder = backend._decoder
+        decoder = backend.engine.decoder
         assert decoder.layer_step == layer_step and decoder.graph_replays > 0
         caches[layer_step] = [(int(layer.cumulative_length), layer.keys.clone(), layer.values.clone())
-                              for layer in backend._static_cache.layers]
+                              for layer in backend.engine.static_cache.layers]
         backend.close()
     for (text, count, confidence), (text_r, count_r, confidence_r) in zip(answers[True], answers[False]):
         assert (text, count) == (text_r, count_r)
@@ -173,13 +175,13 @@ def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_c
     logits are off by no more than about transformers' own, and both write the step's key."""
     import torch
 
-    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.engine.static_decode import StaticDecoder
     from vla_node.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="bfloat16", decode_cache="static",
                                   max_new_tokens=4)
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=4))
-    cache = backend._static_cache
+    cache = backend.engine.static_cache
     saved = [(layer.cumulative_length.clone(), layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
     @torch.inference_mode()
@@ -188,7 +190,7 @@ def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_c
             layer.cumulative_length.copy_(fill)
             dtype = backend.base_model.dtype
             layer.keys, layer.values = keys.to(dtype, copy=True), values.to(dtype, copy=True)
-        decoder = StaticDecoder(backend.base_model, cache, backend._eos_ids, use_graph=False, fused=fused,
+        decoder = StaticDecoder(backend.base_model, cache, list(backend.loaded.eos_ids), use_graph=False, fused=fused,
                                 kernels=layer_step is not None, layer_step=bool(layer_step))
         assert decoder.layer_step == bool(layer_step)
         decoder._token.fill_(7)
@@ -197,8 +199,8 @@ def test_cuda_bfloat16_step_is_as_close_to_float32_as_transformers_layers(tiny_c
             decoder._forward()
         return decoder._logits.clone(), [int(layer.cumulative_length) for layer in cache.layers]
 
-    fused_logits, fused_fills = step(True, backend._fused_projections)
-    reference_logits, reference_fills = step(False, backend._fused_projections)
+    fused_logits, fused_fills = step(True, backend.engine.fused_projections)
+    reference_logits, reference_fills = step(False, backend.engine.fused_projections)
     backend.base_model.float()  # the float32 truth: transformers' layers, eager, on upcast weights and cache
     truth, _ = step(None, None)
     assert fused_fills == reference_fills == [int(saved[0][0]) + 1] * len(saved)
@@ -216,9 +218,9 @@ def test_cuda_dependent_launches_change_no_bit(tiny_checkpoints, family):
     and cache, bit for bit (a kernel reading before the one before it finished would differ)."""
     import torch
 
-    from vla_node.backends import layer_step
-    from vla_node.backends.layer_kernels import dependent_launch_supported
-    from vla_node.backends.static_decode import StaticDecoder
+    from vla_node.backends.engine import layer_step
+    from vla_node.backends.engine.layer_kernels import dependent_launch_supported
+    from vla_node.backends.engine.static_decode import StaticDecoder
     from vla_node.backends.transformers_backend import TransformersBackend
 
     if not dependent_launch_supported(torch.device("cuda")):
@@ -226,7 +228,7 @@ def test_cuda_dependent_launches_change_no_bit(tiny_checkpoints, family):
     backend = TransformersBackend(tiny_checkpoints[family], device="cuda", dtype="bfloat16", decode_cache="static",
                                   max_new_tokens=4)
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=4))
-    cache = backend._static_cache
+    cache = backend.engine.static_cache
     saved = [(layer.cumulative_length.clone(), layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     runs = {}
     for dependent in (True, False):
@@ -235,7 +237,7 @@ def test_cuda_dependent_launches_change_no_bit(tiny_checkpoints, family):
                 layer.cumulative_length.copy_(fill)
                 layer.keys.copy_(keys)
                 layer.values.copy_(values)
-        decoder = StaticDecoder(backend.base_model, cache, [-1], use_graph=True, fused=backend._fused_projections,
+        decoder = StaticDecoder(backend.base_model, cache, [-1], use_graph=True, fused=backend.engine.fused_projections,
                                 kernels=True, layer_step=True, dependent_launch=dependent)
         assert decoder.layer_step and decoder._layer_step.dependent_launch == dependent
         assert decoder._layer_step.prefetch_steps == (layer_step.PREFETCH_STEPS if dependent else 0)

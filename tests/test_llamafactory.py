@@ -639,7 +639,8 @@ def test_zero3_trains_the_same_adapter_as_a_plain_run(train_model_dir, synth_dir
 
     def overrides(out):
         return train_overrides(train_model_dir, synth_dir, out, max_steps=2, save_steps=2, logging_steps=1,
-                               per_device_train_batch_size=2, gradient_accumulation_steps=2)
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                               fast_path=False)  # the same (ordinary) path as under DeepSpeed
 
     plain = train(load_config(None, overrides(tmp_path / "plain"))).output_dir
     ds = _zero_config(tmp_path / "ds_z3.json", 3)

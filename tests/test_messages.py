@@ -9,7 +9,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 
 from vla_node import actions  # noqa: E402
 from vla_node import msg as vla_msg  # noqa: E402
-from vla_node.ros_convert import msg_to_plan, msg_to_status, plan_to_msg, status_to_msg  # noqa: E402
+from vla_node.ros.convert import msg_to_plan, msg_to_status, plan_to_msg, status_to_msg  # noqa: E402
 
 
 def _ros_fields(message_type) -> list[str]:

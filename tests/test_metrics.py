@@ -70,7 +70,8 @@ def test_iou():
     assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
     assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
     assert iou([10, 10, 0, 0], [0, 0, 10, 10]) == pytest.approx(1.0)  # corners in any order
-    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 1.0  # identical, if empty: a point predicted exactly
+    assert iou([0, 0, 0, 0], [1, 1, 1, 1]) == 0.0  # no area, not the same: no overlap
 
     class B:
         x_min, y_min, x_max, y_max = 0, 0, 4, 4

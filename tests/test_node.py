@@ -22,7 +22,7 @@ from std_msgs.msg import String  # noqa: E402
 
 from vla_node import msg as vla_msg  # noqa: E402
 from vla_node.factory import EMBEDDED_MODEL, package_data_dir  # noqa: E402
-from vla_node.node import VlaNode  # noqa: E402
+from vla_node.ros.node import VlaNode  # noqa: E402
 
 
 class Graph:
@@ -90,7 +90,7 @@ def _scene(seed: int = 0) -> np.ndarray:
 def test_warm_up_prepares_every_batch_size_of_max_batch(graph_factory, tiny_model_dir):
     graph = graph_factory(model_path=str(tiny_model_dir), warmup=True, decode_cache="static", max_batch=3)
     backend = graph.vla.runtime.core.backend
-    assert sorted(backend._batch_decoders) == [2, 4], "batches of 2 and 3 commands: 2- and 4-row decoders"
+    assert sorted(backend.engine.batches.decoders) == [2, 4], "batches of 2 and 3 commands: 2- and 4-row decoders"
     graph.send_image(_scene())
     graph.say("put the red cube in the blue bowl")
     (status,) = graph.wait_statuses(1)
@@ -225,7 +225,7 @@ def _embedded_scene() -> tuple[np.ndarray, str]:
 def test_lifecycle_node_loads_on_configure_and_listens_on_activate(ros_context, tiny_model_dir):
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from vla_node.node import _lifecycle_node_class
+    from vla_node.ros.node import _lifecycle_node_class
 
     node = _lifecycle_node_class()(context=ros_context, parameter_overrides=[
         Parameter("model_path", value=str(tiny_model_dir)), Parameter("warmup", value=False)])
@@ -259,7 +259,7 @@ def test_lifecycle_node_loads_on_configure_and_listens_on_activate(ros_context, 
 def test_lifecycle_configure_fails_cleanly_on_a_missing_model(ros_context, tmp_path):
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from vla_node.node import _lifecycle_node_class
+    from vla_node.ros.node import _lifecycle_node_class
 
     node = _lifecycle_node_class()(context=ros_context, parameter_overrides=[
         Parameter("model_path", value=str(tmp_path / "missing"))])
@@ -353,3 +353,13 @@ def test_fixed_camera_reliability_and_a_bad_value(graph_factory, tiny_model_dir,
     with pytest.raises(ValueError, match="camera_reliability must be one of auto, best_effort, reliable"):
         VlaNode(context=ros_context, parameter_overrides=[Parameter("camera_reliability", value="sometimes"),
                                                            Parameter("model_path", value=str(tiny_model_dir))])
+
+
+def test_the_old_module_name_still_starts_the_node_with_a_deprecation_line():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "vla_node.node", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "--lifecycle" in run.stdout
+    assert "vla_node.node is deprecated: the node is vla_node.ros.node" in run.stderr

@@ -1,4 +1,4 @@
-"""One prompt + one image without the processor's call (vla_node/backends/one_image_inputs.py):
+"""One prompt + one image without the processor's call (vla_node/backends/engine/one_image_inputs.py):
 the same tensors as the processor for all three families and odd frame sizes, taken by the backend
 only after they matched on a real request, and dropped when they do not."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from tests.fixtures_models import tiny_image, tiny_messages
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.one_image_inputs import OneImageInputs
+from vla_node.backends.engine.one_image_inputs import OneImageInputs
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -83,7 +83,7 @@ def test_backend_uses_them_after_they_matched_and_answers_the_same(tiny_model_di
     for direct in (True, False):
         backend = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=6)
         if not direct:
-            backend._one_image_inputs.verified = False
+            backend.engine.one_image_inputs.verified = False
         calls = []
         processor_call = type(backend.processor).__call__
         type(backend.processor).__call__ = lambda self, *a, **k: (calls.append(1), processor_call(self, *a, **k))[1]
@@ -94,7 +94,7 @@ def test_backend_uses_them_after_they_matched_and_answers_the_same(tiny_model_di
         finally:
             type(backend.processor).__call__ = processor_call
         assert len(calls) == (1 if direct else 3)
-        assert backend._one_image_inputs.verified is (True if direct else False)
+        assert backend.engine.one_image_inputs.verified is (True if direct else False)
         backend.close()
     assert answers[True] == answers[False]
 
@@ -110,5 +110,5 @@ def test_cuda_image_processing_on_the_gpu_matches_too(tiny_checkpoints, family):
     for seed in range(2):
         backend.generate(GenerationRequest(image=tiny_image(168, 112, seed=seed), messages=tiny_messages(),
                                            max_new_tokens=4))
-    assert backend._gpu_image_processing and backend._one_image_inputs.verified is True
+    assert backend.engine._gpu_image_processing and backend.engine.one_image_inputs.verified is True
     backend.close()

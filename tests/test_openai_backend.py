@@ -469,7 +469,7 @@ def test_node_parameters_select_the_server_backend(scripted, vocab):
     from rclpy.parameter import Parameter
 
     from tests.ros_helpers import rclpy
-    from vla_node.node import VlaNode
+    from vla_node.ros.node import VlaNode
 
     context = rclpy.context.Context()
     rclpy.init(context=context)

@@ -1,4 +1,4 @@
-"""The prefill on the StaticCache (vla_node/backends/prefill_graph.py) changes no output: the first
+"""The prefill on the StaticCache (vla_node/backends/engine/prefill_graph.py) changes no output: the first
 token's logits, the answers and the confidence equal transformers' generate prefill, with and
 without the shared prefix, for prompts of several lengths in one bucket and in several, for every
 family (Qwen3-VL's deepstack features included); its step reads nothing back to the host (so it can
@@ -12,8 +12,9 @@ import torch
 from tests.fixtures_models import tiny_image, tiny_messages
 from tests.host_reads import no_host_reads
 from tests.decode_answers import answers, assert_same
-from vla_node.backends.prefill_graph import (PREFILL_ATTENTION, PREFILL_BUCKET, PrefillGraphs,
-                                             lower_right_causal_attention)
+from vla_node.backends.engine import EngineOptions
+from vla_node.backends.engine.prefill_graph import (PREFILL_ATTENTION, PREFILL_BUCKET, PrefillGraphs,
+                                                    lower_right_causal_attention)
 from vla_node.backends.transformers_backend import TransformersBackend
 
 NEW_TOKENS = 5
@@ -22,24 +23,23 @@ SHORT = ("put the red cube in the blue bowl", "pick up the green ball")
 LONG = ("put the red cube in the blue bowl " + "and then the green ball next to it " * 12,)
 
 
-def _pair(model_dir, **kwargs):
-    own = TransformersBackend(model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS, **kwargs)
-    generate = TransformersBackend(model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS, **kwargs)
-    generate.static_prefill = False
-    return own, generate
+def _pair(model_dir, prefix: bool):
+    """A backend prefilling by PrefillGraphs, and one by generate's prefill."""
+    return tuple(TransformersBackend(model_dir, device="cpu", max_new_tokens=NEW_TOKENS, engine=EngineOptions(
+        decode_cache="static", prefix_cache=prefix, static_prefill=own)) for own in (True, False))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("prefix", [True, False])
 def test_static_prefill_equals_the_generate_prefill(tiny_checkpoints, family, prefix):
-    own, generate = _pair(tiny_checkpoints[family], prefix_cache=prefix)
+    own, generate = _pair(tiny_checkpoints[family], prefix)
     image = tiny_image(168, 112)
     for commands in (SHORT, LONG):
         assert_same(answers(own, image, commands=commands), answers(generate, image, commands=commands))
-    graphs = own._prefill_graphs
-    assert isinstance(graphs, PrefillGraphs) and graphs.cache is own._static_cache
+    graphs = own.engine.prefill_graphs
+    assert isinstance(graphs, PrefillGraphs) and graphs.cache is own.engine.static_cache
     assert (graphs.misses, graphs.hits) == (2, 1), "two short prompts share a bucket, the long one needs another"
-    assert generate._prefill_graphs is None
+    assert generate.engine.prefill_graphs is None
     assert own.prefix_cache_stats["hits"] == (2 if prefix else 0)
     own.close()
     generate.close()
@@ -47,7 +47,8 @@ def test_static_prefill_equals_the_generate_prefill(tiny_checkpoints, family, pr
 
 def _prepared(backend, command=SHORT[0]):
     inputs = backend.prepare_inputs(tiny_image(168, 112), tiny_messages(command))
-    cache, start = backend._initial_cache(inputs["input_ids"], int(inputs["input_ids"].shape[1]) + 8 + PREFILL_BUCKET)
+    slots = int(inputs["input_ids"].shape[1]) + 8 + PREFILL_BUCKET
+    cache, start = backend.engine._initial_cache(inputs["input_ids"], slots)
     prefill = PrefillGraphs.prepare(backend.base_model, inputs, start)
     features = backend.base_model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                            return_dict=True)
@@ -99,8 +100,8 @@ def test_a_prompt_that_does_not_fit_the_cache_is_refused(tiny_model_dir):
     backend = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS)
     with torch.inference_mode():
         _, _, _, prefill, features = _prepared(backend)
-        small = backend._new_static_cache(prefill.start + 8)
-        backend.prefix_cache.seed(backend.base_model, prefill.input_ids, (backend.adapter_id, str(backend.dtype),
+        small = backend.engine._new_static_cache(prefill.start + 8)
+        backend.engine.prefix_cache.seed(backend.base_model, prefill.input_ids, (backend.adapter_id, str(backend.dtype),
                                                                           str(backend.device)), into=small)
         with pytest.raises(ValueError, match="does not fit the cache"):
             PrefillGraphs(backend.base_model, small, use_graph=False).run(prefill, features)
@@ -116,14 +117,14 @@ def test_cuda_graph_prefills_equal_eager_prefills(tiny_model_dir):
     graphed, eager = backend(), backend()
     image = tiny_image(168, 112)
     answers(eager, image, commands=SHORT[:1])  # builds its prefills ...
-    eager._prefill_graphs.use_graph = False  # ... and runs them eagerly from now on
+    eager.engine.prefill_graphs.use_graph = False  # ... and runs them eagerly from now on
     # (a replayed graph runs no Python: the per-call logits recorder sees only the eager calls)
     def results(backend):
         return [(text, count, round(confidence, 5)) for text, count, confidence, _ in
                 answers(backend, image, commands=SHORT + LONG)]
 
     assert results(graphed) == results(eager)
-    graphs = graphed._prefill_graphs
+    graphs = graphed.engine.prefill_graphs
     assert graphs.use_graph and graphs.graph_replays == 3 and (graphs.misses, graphs.hits) == (2, 1)
     assert graphs._layers.enabled, "recorded with the norms and MLPs compiled (two buckets), no fall-back"
     assert not any("forward" in vars(module) for module in graphs._layers.modules), "own forwards outside"

@@ -14,8 +14,9 @@ import pytest
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
 from tests.stop_events import SetOnCheck
 from vla_node.backends.base import BackendError, GenerationRequest
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.prefix_cache import PrefixCache
+from vla_node.backends.engine import EngineOptions
+from vla_node.backends.engine.frame_cache import VisionCache
+from vla_node.backends.engine.prefix_cache import PrefixCache
 from vla_node.backends.transformers_backend import TransformersBackend
 
 COMMANDS = ("put the red cube in the blue bowl", "pick up the green ball")
@@ -78,10 +79,11 @@ def _answers(backend, image: np.ndarray, messages_for=tiny_messages, stop_after=
 
 
 def _with_and_without_reuse(backend, image, messages_for=tiny_messages):
-    enabled = backend.prefix_cache
-    backend.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
+    # the same engine (its recordings, its cache's statistics) with its prefix cache set aside
+    enabled = backend.engine.prefix_cache
+    backend.engine.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
     without = _answers(backend, image, messages_for)
-    backend.prefix_cache = enabled
+    backend.engine.prefix_cache = enabled
     with_reuse = _answers(backend, image, messages_for)
     return without, with_reuse
 
@@ -105,13 +107,13 @@ def _count_language_model_tokens(backend) -> list[int]:
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_outputs_identical_with_and_without_prefix_reuse(tiny_checkpoints, family):
     backend = TransformersBackend(tiny_checkpoints[family], device="cpu", max_new_tokens=NEW_TOKENS)
-    assert backend.prefix_cache.capacity > 0, "prefix reuse is on by default"
+    assert backend.engine.prefix_cache.capacity > 0, "prefix reuse is on by default"
     image = tiny_image(168, 112)
     # combined with the per-frame vision cache (the default) and, for one family, alone
     vision_cache_capacities = (0, 2) if family == "qwen2_5_vl" else (2,)
     for vision_cache_capacity in vision_cache_capacities:
-        backend.vision_cache = VisionCache(capacity=vision_cache_capacity)
-        backend.prefix_cache.clear()
+        backend.engine.vision_cache = VisionCache(capacity=vision_cache_capacity)
+        backend.engine.prefix_cache.clear()
         without, with_reuse = _with_and_without_reuse(backend, image)
         assert with_reuse == without
     stats = backend.prefix_cache_stats
@@ -120,9 +122,9 @@ def test_outputs_identical_with_and_without_prefix_reuse(tiny_checkpoints, famil
 
     # with reuse the language model runs on the prefix once, not once per command
     input_ids = backend.prepare_inputs(image, tiny_messages())["input_ids"]
-    prefix_len = backend.prefix_cache.prefix_length(input_ids)
+    prefix_len = backend.engine.prefix_cache.prefix_length(input_ids)
     assert prefix_len > input_ids.shape[1] // 4, "the system text is a large share of the prompt"
-    backend.prefix_cache.clear()
+    backend.engine.prefix_cache.clear()
     seen = _count_language_model_tokens(backend)
     answers = _answers(backend, image)
     prompts = [backend.prepare_inputs(image, tiny_messages(c))["input_ids"].shape[1] for c in COMMANDS]
@@ -161,10 +163,10 @@ def test_constrained_decoding_and_stop_event_with_prefix_reuse(tiny_model_dir):
     assert all(answer.text for answer in with_reuse), "the grammar forces an action"
 
     backend.disable_constrained_decoding()
-    enabled = backend.prefix_cache
-    backend.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
+    enabled = backend.engine.prefix_cache
+    backend.engine.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
     without = _answers(backend, image, stop_after=3)
-    backend.prefix_cache = enabled
+    backend.engine.prefix_cache = enabled
     with_reuse = _answers(backend, image, stop_after=3)
     assert with_reuse == without
     assert all(answer.new_tokens == 2 for answer in with_reuse), "stopped after two tokens"
@@ -210,9 +212,10 @@ def test_static_decode_cache_gives_the_same_tokens(tiny_model_dir):
     image = tiny_image(168, 112)
     expected = _answers(dynamic, image)
     dynamic.close()
-    static = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=NEW_TOKENS, decode_cache="static")
+    # generate's prefill on the static cache (PrefillGraphs: tests/test_prefill_graph.py)
+    static = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=NEW_TOKENS,
+                                 engine=EngineOptions(decode_cache="static", static_prefill=False))
     assert static.decode_cache == "static"
-    static.static_prefill = False  # generate's prefill on the static cache (PrefillGraphs: tests/test_prefill_graph.py)
     cache_types, cache_ids = [], set()
     original = static.base_model.generate
 
@@ -232,8 +235,9 @@ def test_static_decode_cache_gives_the_same_tokens(tiny_model_dir):
     assert len(cache_ids) == 1  # one cache, reused per request: its addresses stay (CUDA graphs replay)
     assert static.prefix_cache_stats["hits"] == 1
     prompt_len = static.prepare_inputs(image, tiny_messages())["input_ids"].shape[1]
-    assert static._static_cache_len % 256 == 0 and static._static_cache_len >= prompt_len + NEW_TOKENS
-    assert static._static_cache_len >= static.static_cache_min_slots == 2048, "room for a camera frame's prompt"
+    slots = static.engine._static_cache_len
+    assert slots % 256 == 0 and slots >= prompt_len + NEW_TOKENS
+    assert slots >= static.engine.options.static_cache_min_slots == 2048, "room for a camera frame's prompt"
     static.close()
 
 
@@ -250,8 +254,9 @@ def test_decode_cache_auto_and_bad_value(tiny_model_dir):
                                             constrained_decoding=False, compile_decode=False,
                                             compile_layers=False), Vocabulary.load())
     assert backend.decode_cache == "dynamic", "auto is dynamic on CPU"
-    assert backend.compile_decode is False and backend.compile_layers is False, "the node parameters reach the backend"
-    assert backend.prefix_cache.capacity == 0
+    options = backend.engine.options
+    assert options.compile_decode is False and options.compile_layers is False, "the node parameters reach the engine"
+    assert backend.engine.prefix_cache.capacity == 0
     backend.generate(GenerationRequest(image=tiny_image(168, 112), messages=tiny_messages(), max_new_tokens=2))
     assert backend.prefix_cache_stats == {"hits": 0, "misses": 0, "skipped": 0, "entries": 0}
     backend.close()
@@ -279,10 +284,10 @@ def test_the_static_cache_keeps_its_prefix_between_requests(tiny_model_dir):
         expected = texts(dynamic)
         assert texts(static) == expected and texts(static) == expected
         assert len(copies) == 1, "the prefix is written into the static cache once, then stays"
-        enabled = static.prefix_cache  # a request without reuse empties the cache ...
-        static.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
+        enabled = static.engine.prefix_cache  # a request without reuse empties the cache ...
+        static.engine.prefix_cache = PrefixCache(enabled.boundary_token_id, capacity=0)
         assert texts(static) == expected
-        static.prefix_cache = enabled  # ... so the next one writes the prefix again
+        static.engine.prefix_cache = enabled  # ... so the next one writes the prefix again
         assert texts(static) == expected and len(copies) == 2
         static.set_adapter(None)  # same adapter scope: still resident
         assert texts(static) == expected and len(copies) == 2

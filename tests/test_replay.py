@@ -245,12 +245,14 @@ def test_external_node_on_the_current_domain(mini_run, tmp_path, tiny_model_dir,
     """--external: a vla_node process started the way launch files start it, on its own domain."""
     import subprocess
 
-    domain = replay.pick_free_domain()
+    from vla_node.ros.replay_session import pick_free_domain
+
+    domain = pick_free_domain()
     monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     log = tmp_path / "node.log"
     with open(log, "wb") as handle:
-        node = subprocess.Popen([sys.executable, "-m", "vla_node.node", "--ros-args", "-p",
+        node = subprocess.Popen([sys.executable, "-m", "vla_node.ros.node", "--ros-args", "-p",
                                  f"model_path:={tiny_model_dir}"], stdout=handle, stderr=subprocess.STDOUT)
     try:
         rc = replay.main([str(mini_run["bag"]), "--external", "--startup-timeout", "90", "--out",

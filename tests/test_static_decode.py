@@ -1,5 +1,6 @@
-"""Static decoding (vla_node/backends/static_decode.py) changes no output: each step's logits, the
-tokens, the text and the confidence equal transformers' generate loop on a DynamicCache, for every
+"""Static decoding (vla_node/backends/engine/static_decode.py) changes no output: each step's logits,
+the tokens, the text and the confidence equal the plain path (transformers' generate loop on a
+DynamicCache, the backend without its engine), for every
 Qwen-VL family, with the prefix and vision caches, adapters (switched between requests),
 constrained decoding, stop events, every token budget and a cache that has to grow; and on the
 embedded model, whose answers end with an end-of-answer token before the budget.
@@ -15,15 +16,18 @@ import pytest
 from tests.decode_answers import COMMANDS, NEW_TOKENS, answers, assert_same
 from tests.fixtures_models import TEST_VOCAB_FINGERPRINT, tiny_image, tiny_messages
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.static_decode import StaticDecoder
+from vla_node.backends.engine import EngineOptions
+from vla_node.backends.engine.static_decode import StaticDecoder
 from vla_node.backends.transformers_backend import TransformersBackend
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "tabletop-tiny"
 
 
-def _pair(model_dir, **kwargs):
-    return (TransformersBackend(model_dir, device="cpu", decode_cache="static", **kwargs),
-            TransformersBackend(model_dir, device="cpu", decode_cache="dynamic", **kwargs))
+def _pair(model_dir, static_slots: int = EngineOptions.static_cache_min_slots, **kwargs):
+    """A backend decoding on the engine's static cache, and one on the plain path."""
+    return (TransformersBackend(model_dir, device="cpu", engine=EngineOptions(
+                decode_cache="static", static_cache_min_slots=static_slots), **kwargs),
+            TransformersBackend(model_dir, device="cpu", engine=False, **kwargs))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -32,9 +36,9 @@ def test_static_decoding_equals_the_generate_loop(tiny_checkpoints, family):
     assert static.decode_cache == "static"
     for image in (tiny_image(168, 112), tiny_image(112, 168, seed=1)):
         assert_same(answers(static, image), answers(dynamic, image))
-    decoder = static._decoder
-    assert isinstance(decoder, StaticDecoder) and decoder.cache is static._static_cache
-    assert decoder._fused is static._fused_projections is not None, "steps use the fused projections"
+    decoder = static.engine.decoder
+    assert isinstance(decoder, StaticDecoder) and decoder.cache is static.engine.static_cache
+    assert decoder._fused is static.engine.fused_projections is not None, "steps use the fused projections"
     assert decoder.graph_replays == 0, "no CUDA graphs on the CPU"
     assert static.prefix_cache_stats["hits"] >= 3, "the prefix is seeded into the static cache"
     static.close()
@@ -42,8 +46,8 @@ def test_static_decoding_equals_the_generate_loop(tiny_checkpoints, family):
 
 
 def test_every_budget_stop_events_and_a_growing_cache(tiny_model_dir):
-    static, dynamic = _pair(tiny_model_dir, max_new_tokens=NEW_TOKENS)
-    static.static_cache_min_slots = 0  # sized by the requests, so a longer one has to grow it
+    # the static cache sized by the requests, so a longer one has to grow it
+    static, dynamic = _pair(tiny_model_dir, static_slots=0, max_new_tokens=NEW_TOKENS)
     image = tiny_image(168, 112)
     for budget in (1, 2, 3):
         assert_same(answers(static, image, budget), answers(dynamic, image, budget))
@@ -51,14 +55,14 @@ def test_every_budget_stop_events_and_a_growing_cache(tiny_model_dir):
         stopped = answers(static, image, stop_after=checks)
         assert_same(stopped, answers(dynamic, image, stop_after=checks))
         assert all(count == checks - 1 for _, count, _, _ in stopped)
-    first_cache, first_decoder = static._static_cache, static._decoder
+    first_cache, first_decoder = static.engine.static_cache, static.engine.decoder
     long_budget = 300  # prompt + budget needs more slots than the first requests did: a new cache and decoder
     static.max_new_tokens = dynamic.max_new_tokens = long_budget
     assert_same(answers(static, image, 40, commands=COMMANDS[:1]), answers(dynamic, image, 40, commands=COMMANDS[:1]))
     long = answers(static, image, long_budget, commands=COMMANDS[:1])
     assert_same(long, answers(dynamic, image, long_budget, commands=COMMANDS[:1]))
-    assert static._static_cache is not first_cache and static._decoder is not first_decoder
-    assert static._decoder.cache is static._static_cache
+    assert static.engine.static_cache is not first_cache and static.engine.decoder is not first_decoder
+    assert static.engine.decoder.cache is static.engine.static_cache
     static.close()
     dynamic.close()
 
@@ -72,13 +76,13 @@ def test_adapters_and_constrained_decoding(tiny_model_dir, tiny_adapter):
         backend.load_adapter(str(tiny_adapter), "a")
     base = answers(static, image)
     assert_same(base, answers(dynamic, image))
-    base_decoder = static._decoder
+    base_decoder = static.engine.decoder
     for backend in (static, dynamic):
         backend.set_adapter("a")
     adapted = answers(static, image)
     assert_same(adapted, answers(dynamic, image))
     assert [a[0] for a in adapted] != [b[0] for b in base], "the adapter must change the answers"
-    assert static._decoder is not base_decoder, "a step recorded with other weights is never replayed"
+    assert static.engine.decoder is not base_decoder, "a step recorded with other weights is never replayed"
 
     vocab = Vocabulary.load()
     for backend in (static, dynamic):
@@ -119,10 +123,10 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
     for constrained in (False, True):
         if constrained:
             graphed.enable_constrained_decoding(Vocabulary.load())
-        graphed._decoder = None
+        graphed.engine.decoder = None  # a new decoder: recorded with (or without) the grammar's steps
         replayed = answers(graphed, image, budget=24)
-        assert graphed._decoder.graph_replays > 0, "the step was recorded and replayed"
-        graphed._decoder.use_graph = False  # the same decoder, eager steps
+        assert graphed.engine.decoder.graph_replays > 0, "the step was recorded and replayed"
+        graphed.engine.decoder.use_graph = False  # the same decoder, eager steps
         eager = answers(graphed, image, budget=24)
         for (text, count, confidence, _), (text_e, count_e, confidence_e, _) in zip(replayed, eager):
             assert (text, count) == (text_e, count_e)
@@ -136,7 +140,7 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
 def test_grouped_query_attention_equals_repeated_kv_sdpa(q_len):
     import torch
 
-    from vla_node.backends.static_decode import grouped_query_attention
+    from vla_node.backends.engine.static_decode import grouped_query_attention
 
     generator = torch.Generator().manual_seed(q_len)
     batch, heads, kv_heads, slots, dim = 2, 8, 2, 11, 16
@@ -154,7 +158,7 @@ def test_grouped_query_attention_equals_repeated_kv_sdpa(q_len):
 
 
 def test_decode_steps_use_grouped_attention_and_the_prefill_keeps_its_own(tiny_model_dir):
-    from vla_node.backends import static_decode
+    from vla_node.backends.engine import static_decode
 
     static = TransformersBackend(tiny_model_dir, device="cpu", decode_cache="static", max_new_tokens=NEW_TOKENS)
     config = static.base_model.model.language_model.config

@@ -1,4 +1,4 @@
-"""The one-call block-diagonal vision attention (vla_node/backends/vision_attention.py) equals
+"""The one-call block-diagonal vision attention (vla_node/backends/engine/vision_attention.py) equals
 transformers' per-window (Qwen2.5-VL) or per-image (Qwen2-VL, Qwen3-VL) SDPA loop."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _encode(model, inputs) -> torch.Tensor:
 def test_block_attention_equals_the_per_segment_loop(tiny_checkpoints, family):
     from transformers import AutoModelForImageTextToText
 
-    from vla_node.backends import vision_attention
+    from vla_node.backends.engine import vision_attention
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints[family]),
                                                         attn_implementation="sdpa").eval()
@@ -60,7 +60,7 @@ def test_block_attention_equals_the_per_segment_loop(tiny_checkpoints, family):
 def test_a_single_image_is_one_plain_call(tiny_checkpoints):
     from transformers import AutoModelForImageTextToText
 
-    from vla_node.backends import vision_attention
+    from vla_node.backends.engine import vision_attention
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints["qwen3_vl"]),
                                                         attn_implementation="sdpa").eval()
@@ -89,7 +89,7 @@ def test_a_single_image_is_one_plain_call(tiny_checkpoints):
 def test_other_attention_implementations_are_left_alone(tiny_checkpoints):
     from transformers import AutoModelForImageTextToText
 
-    from vla_node.backends.vision_attention import use_block_attention
+    from vla_node.backends.engine.vision_attention import use_block_attention
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_checkpoints["qwen2_vl"]), attn_implementation="eager")
     assert not use_block_attention(model)
@@ -101,7 +101,7 @@ def test_backend_uses_it_on_cuda_only(tiny_checkpoints):
 
     backend = TransformersBackend(str(tiny_checkpoints["qwen2_5_vl"]), device="cpu")
     try:  # a CPU pays for the masked N x N attention and has no launch overhead to save
-        assert backend.block_vision_attention is False
+        assert backend.engine.block_vision_attention is False
         assert backend.base_model.model.visual.config._attn_implementation == "sdpa"
     finally:
         backend.close()
@@ -109,7 +109,7 @@ def test_backend_uses_it_on_cuda_only(tiny_checkpoints):
 
 def test_gradients_equal_the_per_segment_loop():
     """vla-train switches the block attention on (CUDA): its gradients must be the loop's."""
-    from vla_node.backends.vision_attention import block_diagonal_sdpa
+    from vla_node.backends.engine.vision_attention import block_diagonal_sdpa
 
     torch.manual_seed(0)
     heads, n, dim = 2, 12, 4

@@ -1,5 +1,5 @@
 """The GEMM-friendly forms the vision tower is recorded with give its own outputs: padded MLP
-matrices (vla_node/backends/aligned_mlp.py) compute what the MLPs compute, share the modules'
+matrices (vla_node/backends/engine/aligned_mlp.py) compute what the MLPs compute, share the modules'
 weights and are swapped in only while active, and Qwen2.5-VL's tower recorded with them equals the
 eager tower on CUDA; the patch embedding as one matrix product (patch_linear.py) equals the Conv3d."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_node.backends.aligned_mlp import PAD_TO, AlignedMlps
+from vla_node.backends.engine.aligned_mlp import PAD_TO, AlignedMlps
 
 HIDDEN = 60  # not a multiple of 8, as Qwen2.5-VL's 3420
 
@@ -118,8 +118,8 @@ def test_replaced_and_adapted_mlps_are_left_alone(unaligned_checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["blocks", "compiled-blocks"])
 def test_cuda_recorded_tower_with_padded_mlps_equals_the_eager_tower(unaligned_checkpoint, compile_blocks):
-    from vla_node.backends.vision_attention import use_block_attention
-    from vla_node.backends.vision_graph import VisionGraphs
+    from vla_node.backends.engine.vision_attention import use_block_attention
+    from vla_node.backends.engine.vision_graph import VisionGraphs
 
     model = _model(unaligned_checkpoint, "cuda")
     pixels, grid = _frame(unaligned_checkpoint, "cuda")
@@ -138,7 +138,7 @@ def test_cuda_recorded_tower_with_padded_mlps_equals_the_eager_tower(unaligned_c
 def test_patch_embedding_as_a_product_gives_the_convolutions_outputs(tiny_checkpoints, family):
     """patch_linear.py: the tower's outputs with its patch embedding as one matrix product (Qwen3-VL's
     with a bias) equal the Conv3d's; outside active() the embedding has its own forward again."""
-    from vla_node.backends.patch_linear import PatchEmbedAsLinear
+    from vla_node.backends.engine.patch_linear import PatchEmbedAsLinear
 
     model = _model(tiny_checkpoints[family])
     pixels, grid = _frame(tiny_checkpoints[family])

@@ -1,4 +1,4 @@
-"""The vision tower on pre-computed grid tensors (vla_node/backends/vision_graph.py) gives the
+"""The vision tower on pre-computed grid tensors (vla_node/backends/engine/vision_graph.py) gives the
 tower's own outputs, reads nothing back to the host (so it can be recorded as a CUDA graph), and is
 replayed per grid on CUDA; the backend drops its recordings when the adapter changes."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from tests.fixtures_models import tiny_image, tiny_messages
 from tests.host_reads import no_host_reads
 from vla_node.backends.base import GenerationRequest
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.vision_attention import use_block_attention
-from vla_node.backends.vision_graph import VisionGraphs, supports
+from vla_node.backends.engine import EngineOptions
+from vla_node.backends.engine.vision_attention import use_block_attention
+from vla_node.backends.engine.vision_graph import VisionGraphs, supports
 
 pytest_plugins = ["tests.fixtures_models"]
 
@@ -87,24 +87,24 @@ def test_the_planned_tower_reads_nothing_back_to_the_host(tiny_checkpoints, fami
 def test_backend_encodes_through_the_graphs_and_drops_them_with_the_adapter(tiny_model_dir, tiny_adapter):
     from vla_node.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=4)
+    backend = TransformersBackend(tiny_model_dir, device="cpu", max_new_tokens=4, engine=EngineOptions(frame_cache=0))
+    engine = backend.engine
     try:
-        assert backend.vision_graphs is None  # CUDA only
+        assert engine.vision_graphs is None  # CUDA only
         image = tiny_image(168, 112)
         request = GenerationRequest(image=image, messages=tiny_messages(), max_new_tokens=4)
-        backend.vision_cache = VisionCache(capacity=0)
         plain = backend.generate(request)
-        backend.vision_graphs = VisionGraphs(backend.base_model, use_graph=False)
+        engine.vision_graphs = VisionGraphs(backend.base_model, use_graph=False)  # the CPU's eager "graphs"
         through = backend.generate(request)
         assert (through.text, through.new_tokens) == (plain.text, plain.new_tokens)
         assert abs(through.confidence - plain.confidence) < 1e-5
-        assert len(backend.vision_graphs._lru) == 1  # encoded by the graphs even with the frame cache off
+        assert len(engine.vision_graphs._lru) == 1  # encoded by the graphs even with the frame cache off
         backend.load_adapter(str(tiny_adapter), "a")
         backend.set_adapter("a")
-        assert len(backend.vision_graphs._lru) == 0
+        assert len(engine.vision_graphs._lru) == 0
     finally:
         backend.close()
-    assert backend.vision_graphs is None
+    assert engine.vision_graphs is None and backend.engine is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out val samples answered greedily at every evaluation (default: %(default)s)")
     parser.add_argument("--deadline-minutes", type=float, default=None,
                         help="stop each training early (it still saves) once this many minutes of the build have passed")
+    parser.add_argument("--lora-minutes", type=float, default=1.5,
+                        help="with --deadline-minutes: the base training stops this much earlier, leaving the adapter its time")
     parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per split for METRICS (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    deadline = Deadline(args.deadline_minutes * 60 - (time.time() - started) if args.deadline_minutes else None)
+    deadline = Deadline(args.deadline_minutes * 60 if args.deadline_minutes else None)
+    base_deadline = Deadline((args.deadline_minutes - args.lora_minutes) * 60 if args.deadline_minutes else None)
     heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",)),
                "test_zh": synth_config(args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"))}
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
             steps = int(rate * args.base_minutes * 60 / args.batch_size)
             log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
-        base = run_training(deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
+        base = run_training(base_deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
                             freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
                             dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "base_train"),
                             learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,

@@ -3,9 +3,12 @@
     python -m training.embedded_metrics [--models models] [--limit 400] [--device cpu]
 
 Writes models/METRICS.json and models/METRICS.md. The held-out samples are re-created from
-their recipes in models/heldout/ (training.heldout). METRICS.json also holds a `ci_check`:
-the same evaluation on the first --ci-limit samples, which tests/test_embedded_model.py
-re-runs and compares (quality figures only: latency depends on the machine).
+their recipes in models/heldout/ (training.heldout), and the hand-written phrasings of
+models/heldout/phrasings.json are put on fresh scenes beside the generator's own wording of the
+same scenes (training.phrasings): English with the base, Chinese with the adapter, as the node
+serves them. METRICS.json also holds a `ci_check`: the same evaluation on the first --ci-limit
+samples, which tests/test_embedded_model.py re-runs and compares (quality figures only:
+latency depends on the machine).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from pathlib import Path
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
 SPLITS = ("test_en", "test_zh")
+# (language, the run that serves it): English commands reach the base, Chinese ones the adapter
+PHRASINGS = (("en", "base"), ("zh", "adapter"))
 CI_LIMIT = 12
 # What must reproduce: greedy decoding in fp32 on the CPU is deterministic.
 REPRODUCED = ("n", "parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc", "object_acc",
@@ -26,23 +31,42 @@ HEADLINE = ("parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc",
             "latency_p50_ms")
 
 
+def _headline(metrics: dict) -> dict:
+    return {"n": metrics.get("n"), **{key: metrics.get(key) for key in HEADLINE}}
+
+
 def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu", write: bool = True,
                       ci_limit: int | None = CI_LIMIT) -> dict:
     import tempfile
 
     from training.evaluate import evaluate
-    from training.heldout import materialise_heldout
+    from training.heldout import materialise_heldout, read_heldout_spec
+    from training.phrasings import DATASETS, materialise_phrasings
 
+    model, adapter = str(models / EMBEDDED_MODEL), str(models / EMBEDDED_ADAPTER)
     results = {}
     for split in SPLITS:
         with tempfile.TemporaryDirectory(prefix=f"vla-{split}-") as tmp:
             data = materialise_heldout(models / "heldout" / f"{split}.json", Path(tmp), limit=limit)
-            result = evaluate(model=str(models / EMBEDDED_MODEL), adapter=str(models / EMBEDDED_ADAPTER),
-                              dataset_dir=str(data), dataset="tabletop_test", compare_base=True, limit=limit,
-                              device=device)
-        results[split] = {run: {"n": metrics.get("n"), **{key: metrics.get(key) for key in HEADLINE}}
-                          for run, metrics in result["runs"].items()}
-    summary = {"device": device, "limit": limit, "splits": results,
+            result = evaluate(model=model, adapter=adapter, dataset_dir=str(data), dataset="tabletop_test",
+                              compare_base=True, limit=limit, device=device)
+        results[split] = {run: _headline(metrics) for run, metrics in result["runs"].items()}
+    gaps = {}
+    phrasings = models / "heldout" / "phrasings.json"
+    if phrasings.is_file():
+        scenes, _ = read_heldout_spec(models / "heldout" / "test_en.json")  # the model's frame and box set-up
+        for lang, run in PHRASINGS:
+            with tempfile.TemporaryDirectory(prefix=f"vla-phrasings-{lang}-") as tmp:
+                data = materialise_phrasings(phrasings, scenes, lang, Path(tmp))
+                for dataset in DATASETS:
+                    result = evaluate(model=model, adapter=adapter if run == "adapter" else None, dataset_dir=str(data),
+                                      dataset=dataset, limit=limit, device=device)
+                    metrics = next(iter(result["runs"].values()))
+                    results[f"phrasings_{lang}/{dataset}"] = {run: _headline(metrics)}
+            generated = results[f"phrasings_{lang}/generated"][run]["plan_exact_match"]
+            phrased = results[f"phrasings_{lang}/phrased"][run]["plan_exact_match"]
+            gaps[lang] = round(generated - phrased, 4)
+    summary = {"device": device, "limit": limit, "splits": results, "phrasing_gap": gaps,
                "command": f"python -m training.embedded_metrics --models {models} --limit {limit} --device {device}"}
     if ci_limit:
         check = evaluate_embedded(models, ci_limit, device, write=False, ci_limit=None)
@@ -52,7 +76,6 @@ def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu"
     if write:
         (models / "METRICS.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (models / "METRICS.md").write_text(markdown(summary), encoding="utf-8")
-    if write:
         print(markdown(summary))
     return summary
 
@@ -60,13 +83,18 @@ def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu"
 def markdown(summary: dict) -> str:
     lines = [f"# Embedded model: held-out metrics ({summary['device']}, up to {summary['limit']} samples a split)",
              "", f"`{summary['command']}`", "",
-             "| split | model | " + " | ".join(HEADLINE) + " |",
-             "|---|---|" + "---|" * len(HEADLINE)]
+             "| split | model | n | " + " | ".join(HEADLINE) + " |",
+             "|---|---|---|" + "---|" * len(HEADLINE)]
     for split, runs in summary["splits"].items():
         for run, metrics in runs.items():
             cells = [f"{metrics[k]:.3f}" if isinstance(metrics.get(k), float) else str(metrics.get(k))
                      for k in HEADLINE]
-            lines.append(f"| {split} | {run} | " + " | ".join(cells) + " |")
+            lines.append(f"| {split} | {run} | {metrics.get('n')} | " + " | ".join(cells) + " |")
+    gaps = summary.get("phrasing_gap") or {}
+    if gaps:
+        lines += ["", "Hand-written phrasings (models/heldout/phrasings.json) against the generator's own wording of "
+                      "the same scenes: plan exact match, generated minus phrased:",
+                  ""] + [f"- {lang}: {gap * 100:+.1f} points" for lang, gap in gaps.items()]
     return "\n".join(lines) + "\n"
 
 

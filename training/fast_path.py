@@ -30,7 +30,7 @@ from training.collate import IGNORE_INDEX, VLACollator
 from training.config import ConfigError
 from training.encoded_tensors import (EncodedTensors, NotEncodable, ProcessorArithmetic, default_workers,
                                       encode_samples, pixel_values_of, processor_arithmetic)
-from training.shared_prefix import rope_positions, shared_prefix_loss
+from training.shared_prefix import ordinary_inputs, rope_positions, shared_prefix_loss
 
 log = logging.getLogger("vla_train")
 
@@ -101,6 +101,8 @@ class FastPath:
     builder: BatchBuilder
     bf16: bool
     _positions: torch.Tensor | None = None
+    # None until the first batch compared the shared-prefix loss with the ordinary forward's
+    shared_prefix_agrees: bool | None = None
 
     @property
     def train_dataset(self) -> IndexDataset:
@@ -127,8 +129,33 @@ class FastPath:
         total = inputs["prefix_ids"].shape[1] + inputs["input_ids"].shape[1]
         device_type = inputs["input_ids"].device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        if self.shared_prefix_agrees is None:
+            self.shared_prefix_agrees = self._agrees_with_ordinary(model, inputs, autocast)
         with autocast:
+            if not self.shared_prefix_agrees:
+                return model(**ordinary_inputs(model, **inputs)).loss
             return shared_prefix_loss(model, position_ids=self.positions(model, total), **inputs)
+
+    def _agrees_with_ordinary(self, model, inputs, autocast) -> bool:
+        """Once, on a few samples of the first batch: the shared-prefix loss must equal the ordinary
+        forward's (bf16 rounding allowed); otherwise the run computes every batch the ordinary way
+        (the data stays encoded on the device) and says so."""
+        rows = min(4, inputs["input_ids"].shape[0])
+        few = dict(inputs, input_ids=inputs["input_ids"][:rows], labels=inputs["labels"][:rows],
+                   pixel_values=inputs["pixel_values"][: int(inputs["image_grid_thw"][:rows].prod(dim=-1).sum())],
+                   image_grid_thw=inputs["image_grid_thw"][:rows])
+        total = few["prefix_ids"].shape[1] + few["input_ids"].shape[1]
+        with torch.no_grad(), autocast:
+            ordinary = float(model(**ordinary_inputs(model, **few)).loss)
+            shared = float(shared_prefix_loss(model, position_ids=self.positions(model, total), **few))
+        tolerance = (0.02 if self.bf16 else 1e-4) * max(1.0, abs(ordinary))
+        if abs(shared - ordinary) <= tolerance:
+            log.info("fast path: the shared-prefix loss equals the ordinary forward's on the first batch "
+                     "(%.5f vs %.5f)", shared, ordinary)
+            return True
+        log.warning("fast path: the shared-prefix loss (%.5f) differs from the ordinary forward's (%.5f) on this "
+                    "machine: every batch takes the ordinary forward", shared, ordinary)
+        return False
 
 
 def _why_not(cfg, world_size: int) -> str | None:

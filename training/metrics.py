@@ -1,4 +1,4 @@
-"""Text and box metrics for vla-eval: BLEU-4, ROUGE-L, IoU. Pure Python, no dependencies.
+"""Text and box metrics for vla-eval: BLEU-4, ROUGE-L, IoU. Pure Python.
 
 Tokenisation (:func:`tokenize`) handles mixed Chinese/English text the way the evaluation of
 Chinese instruction-tuning usually does, without a word segmenter: every CJK character is one
@@ -15,7 +15,8 @@ separates. Case is kept (``MOVE_OBJECT`` vs ``move_object`` differ for a robot).
   no smoothing).
 - :func:`rouge_l` — ROUGE-L F-measure (beta = 1) from the longest common subsequence.
 - :func:`iou` — intersection over union of two ``[x1, y1, x2, y2]`` boxes (or objects with
-  ``x_min``/``y_min``/``x_max``/``y_max``).
+  ``x_min``/``y_min``/``x_max``/``y_max``): vla_node.actions.box_iou, the one the replay
+  reports use too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import re
 from collections import Counter
 from typing import Iterable, Sequence
+
+from vla_node.actions import box_iou as iou
 
 __all__ = ["tokenize", "sentence_bleu", "corpus_bleu", "rouge_l", "lcs_length", "iou", "percentile"]
 
@@ -182,24 +185,6 @@ def rouge_l(hypothesis: str | Sequence[str], reference: str | Sequence[str], bet
     rec = lcs / len(r)
     b2 = beta * beta
     return (1 + b2) * p * rec / (rec + b2 * p)
-
-
-def _xyxy(box) -> tuple[float, float, float, float]:
-    if hasattr(box, "x_min"):
-        return float(box.x_min), float(box.y_min), float(box.x_max), float(box.y_max)
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
-
-
-def iou(a, b) -> float:
-    """Intersection over union of two axis-aligned boxes; 0.0 when either is empty."""
-    ax1, ay1, ax2, ay2 = _xyxy(a)
-    bx1, by1, bx2, by2 = _xyxy(b)
-    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
-    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -167,7 +167,7 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
     """Export ``model`` (optionally with ``adapter`` merged in first) to the folder ``out``."""
     model_dir, out_dir = Path(model), Path(out)
     if adapter:
-        from training.export import export_merged
+        from training.merge import export_merged
 
         _refuse_unsupported(model_dir)
         with tempfile.TemporaryDirectory(prefix="vla_onnx_merge_") as tmp:

@@ -50,7 +50,7 @@ def torch_greedy_ids(backend, image: np.ndarray, messages: list[dict], max_new_t
     inputs = backend.prepare_inputs(image, messages)
     with torch.inference_mode():
         out = backend.base_model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                          eos_token_id=backend._eos_ids, pad_token_id=backend._pad_id)
+                                          eos_token_id=list(backend.loaded.eos_ids), pad_token_id=backend.loaded.pad_id)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 

@@ -91,9 +91,10 @@ def materialise_phrasings(spec_path: Path, base: SynthConfig, lang: str, out_dir
 
     rows: dict[str, list] = {name: [] for name in DATASETS}
     index = 0
-    for entry in entries:
-        syn = synths[entry["skill"]]
-        for _ in range(int(spec["scenes_per_phrasing"])):
+    # round by round, so the first n samples hold n different phrasings (an evaluation --limit)
+    for _ in range(int(spec["scenes_per_phrasing"])):
+        for entry in entries:
+            syn = synths[entry["skill"]]
             while True:
                 sample = syn.sample(index)
                 index += 1

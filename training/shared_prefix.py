@@ -19,7 +19,48 @@ import torch.nn.functional as F
 
 from training.collate import IGNORE_INDEX
 
-__all__ = ["hf_model_of", "rope_positions", "shared_prefix_loss"]
+__all__ = ["hf_model_of", "rope_positions", "shared_prefix_loss", "ordinary_inputs", "SUFFIX_ATTENTION"]
+
+# The language model's attention while the shared-prefix loss runs: queries are the batch's own
+# tokens, keys the prefix's and theirs. transformers' mask construction for a cache-extended
+# forward depends on its version, the torch version and the SDPA backend (a build on an H200 with
+# bf16 trained a model that never saw its own command: its tokens attended as if aligned top-left);
+# this states the mask itself.
+SUFFIX_ATTENTION = "vla_shared_prefix_sdpa"
+
+
+def causal_suffix_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """query (B, heads, S, d), key/value (B, kv_heads, K, d) with the S queries the last S of the
+    K positions: query i sees keys 0 .. K - S + i (causal, aligned bottom-right)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    repeat = query.shape[1] // key.shape[1]
+    if repeat > 1:
+        key = key.repeat_interleave(repeat, dim=1)
+        value = value.repeat_interleave(repeat, dim=1)
+    q_len, k_len = query.shape[2], key.shape[2]
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _suffix_attention:
+    """Run the language model's attention as causal_suffix_sdpa inside the block."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SUFFIX_ATTENTION, causal_suffix_sdpa)
+        self.saved = self.config._attn_implementation
+        self.config._attn_implementation = SUFFIX_ATTENTION
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.saved
+        return False
 
 
 def hf_model_of(model):
@@ -58,15 +99,33 @@ def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
     core = hf.model
     language_model = core.language_model
     batch, prefix = input_ids.shape[0], prefix_ids.shape[1]
-    shared = language_model(input_ids=prefix_ids, position_ids=position_ids[:, :, :prefix], use_cache=True)
-    cache = DynamicCache(config=language_model.config)
-    for index, layer in enumerate(shared.past_key_values.layers):
-        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
-    hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                  position_ids=position_ids[:, :, prefix:].expand(-1, batch, -1), past_key_values=cache,
-                  use_cache=True).last_hidden_state
+    with _suffix_attention(language_model.config):
+        shared = language_model(input_ids=prefix_ids, position_ids=position_ids[:, :, :prefix], use_cache=True)
+        cache = DynamicCache(config=language_model.config)
+        for index, layer in enumerate(shared.past_key_values.layers):
+            cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
+        hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                      position_ids=position_ids[:, :, prefix:].expand(-1, batch, -1), past_key_values=cache,
+                      use_cache=True).last_hidden_state
     # position j predicts token j + 1; the first own token (an image token) is never a label
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = hf.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+def ordinary_inputs(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: int | None = None) -> dict:
+    """The same samples (the first ``rows``) as the ordinary forward's inputs: whole sequences."""
+    import inspect
+
+    hf = hf_model_of(model)
+    rows = input_ids.shape[0] if rows is None else min(rows, input_ids.shape[0])
+    ids = torch.cat([prefix_ids.expand(rows, -1), input_ids[:rows]], dim=1)
+    patches = int(image_grid_thw[:rows].prod(dim=-1).sum())
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+           "labels": torch.cat([torch.full_like(prefix_ids.expand(rows, -1), IGNORE_INDEX), labels[:rows]], dim=1),
+           "pixel_values": pixel_values[:patches], "image_grid_thw": image_grid_thw[:rows]}
+    if "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters:
+        out["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
+    return out

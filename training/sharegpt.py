@@ -26,12 +26,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+# Written by the runtime's dataset_format (vla-replay exports datasets too); read here.
+from vla_node.dataset_format import DATASET_INFO, sharegpt_registration, write_sharegpt
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ __all__ = [
 
 IMAGE_TAG = "<image>"  # LLaMA-Factory's placeholder; == vla_node.prompt.IMAGE_PLACEHOLDER
 MEDIA_TAGS = ("<video>", "<audio>")  # LLaMA-Factory's other placeholders: refused
-DATASET_INFO = "dataset_info.json"
 JSON_SUFFIXES = (".json", ".jsonl")
 
 # Normalised roles (LLaMA-Factory's Role values).
@@ -969,75 +970,3 @@ def dataset_sha256(path_or_dir: PathLike) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-# The registration write_sharegpt adds to dataset_info.json.
-def sharegpt_registration(file_name: str, answers: Optional[str] = None) -> dict:
-    """``answers`` ("actions" | "text") declares the kind of answer (training.answer_kinds); LLaMA-Factory
-    ignores the key."""
-    marker = {"vla_answers": answers} if answers else {}
-    return {
-        "file_name": file_name,
-        **marker,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant", "observation_tag": "observation",
-                 "function_tag": "function", "system_tag": "system"},
-    }
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _image_ref(p: Path, base: Path) -> str:
-    try:
-        return Path(os.path.relpath(Path(p).resolve(), base.resolve())).as_posix() \
-            if Path(p).resolve().is_relative_to(base.resolve()) else str(Path(p).resolve())
-    except ValueError:  # other drive (Windows)
-        return str(Path(p).resolve())
-
-
-def write_sharegpt(path: PathLike, samples: Iterable[Sample], dataset_info_name: Optional[str] = None,
-                   answers: Optional[str] = None) -> Path:
-    """Write samples as LLaMA-Factory ShareGPT (``messages``/``role``/``content``, ``images``).
-
-    ``.jsonl`` -> one sample per line; anything else -> a JSON array with one sample per line
-    (sample i is on line i + 2). Image paths are written relative to the file's directory when
-    inside it (LLaMA-Factory's media_dir default), else absolute. With ``dataset_info_name`` the
-    dataset is (re-)registered in dataset_info.json next to the file, other entries kept, its kind
-    of answer declared when ``answers`` is given.
-    Output is deterministic (same samples -> same bytes).
-    """
-    path = Path(path)
-    base = path.parent
-    rows = []
-    for s in samples:
-        row: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in s.messages]}
-        row["images"] = [_image_ref(Path(p), base) for p in s.images]
-        rows.append(json.dumps(row, ensure_ascii=False))
-    if path.suffix == ".jsonl":
-        text = "".join(r + "\n" for r in rows)
-    else:
-        text = "[\n" + ",\n".join(rows) + "\n]\n" if rows else "[]\n"
-    _atomic_write(path, text)
-    if dataset_info_name:
-        info_path = base / DATASET_INFO
-        info: dict = {}
-        if info_path.is_file():
-            info, _ = read_dataset_info(base)
-        info[dataset_info_name] = sharegpt_registration(path.name, answers)
-        _atomic_write(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
-    return path

@@ -222,7 +222,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
     )
     model.config.use_cache = False
     if torch.cuda.is_available():  # one vision attention call per layer, not one per window (as served)
-        from vla_node.backends.vision_attention import use_block_attention
+        from vla_node.backends.engine.vision_attention import use_block_attention
 
         use_block_attention(model)
     if cfg.gradient_checkpointing:

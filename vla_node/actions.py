@@ -16,13 +16,9 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Mapping, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-if TYPE_CHECKING:  # imported for type hints only: vocabulary and parser import this module
-    from vla_node.parser import BoxCodec
-    from vla_node.vocabulary import Vocabulary
 
 BOX_SUFFIX = "_box"
 
@@ -74,6 +70,25 @@ class Box(_Strict):
 
     def as_list(self) -> list[float]:
         return [self.x_min, self.y_min, self.x_max, self.y_max]
+
+
+def box_iou(a: Box | list[float], b: Box | list[float]) -> float:
+    """Intersection over union of two axis-aligned boxes (Box, or [x1, y1, x2, y2] with the
+    corners in any order). Identical boxes give 1.0, also empty ones (a point matches itself);
+    otherwise no overlap, or no area at all, gives 0.0."""
+    ax1, ay1, ax2, ay2 = _corners(a)
+    bx1, by1, bx2, by2 = _corners(b)
+    if (ax1, ay1, ax2, ay2) == (bx1, by1, bx2, by2):
+        return 1.0
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _corners(box: Box | list[float]) -> tuple[float, float, float, float]:
+    values = (box.x_min, box.y_min, box.x_max, box.y_max) if hasattr(box, "x_min") else box
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
 
 
 class ActionStep(_Strict):
@@ -129,7 +144,7 @@ class CommandStatus(_Strict):
     @field_validator("code", mode="before")
     @classmethod
     def _code_from_number(cls, value):
-        # Accept the msg's uint8 too, so ros_convert can round-trip without a lookup table.
+        # Accept the msg's uint8 too, so vla_node.ros.convert can round-trip without a lookup table.
         if isinstance(value, int) and not isinstance(value, bool):
             for code, number in STATUS_CODE_NUMBERS.items():
                 if number == value:
@@ -142,7 +157,24 @@ class CommandStatus(_Strict):
         return STATUS_CODE_NUMBERS[self.code]
 
 
-def render_step(step: ActionStep, vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> str:
+# What rendering needs from the vocabulary and the box codec. Named here as protocols because
+# vla_node.vocabulary and vla_node.parser build on this module, not the other way round.
+class StepVocabulary(Protocol):
+    """vla_node.vocabulary.Vocabulary: verb specs (their `args`), the box-carrying arguments."""
+
+    verbs: Mapping[str, Any]
+    label_args: tuple[str, ...]
+
+    def validate_step(self, step: ActionStep) -> ActionStep: ...
+
+
+class ModelBoxes(Protocol):
+    """vla_node.parser.BoxCodec: a box in original pixels -> the model's integers."""
+
+    def to_model(self, box: Box) -> list[int]: ...
+
+
+def render_step(step: ActionStep, vocab: StepVocabulary, boxes: ModelBoxes | None = None) -> str:
     """One canonical line. Boxes go through `boxes.to_model`; without a codec they are rounded pixels.
 
     The step is validated first (ActionError), so training targets can never hold an invalid action.
@@ -159,12 +191,6 @@ def render_step(step: ActionStep, vocab: "Vocabulary", boxes: "BoxCodec | None" 
     return f"{step.verb}({', '.join(parts)})"
 
 
-def render_steps(steps: list[ActionStep], vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> str:
+def render_steps(steps: list[ActionStep], vocab: StepVocabulary, boxes: ModelBoxes | None = None) -> str:
+    """Canonical lines; vla_node.parser.parse_actions reads them back (parse(render(a)) == a)."""
     return "\n".join(render_step(step, vocab, boxes) for step in steps)
-
-
-def parse_steps(text: str, vocab: "Vocabulary", boxes: "BoxCodec | None" = None) -> list[ActionStep]:
-    """The inverse of render_steps (delegates to parser.parse_actions, which accepts more forms)."""
-    from vla_node.parser import parse_actions  # late import: parser imports this module
-
-    return parse_actions(text, vocab, boxes)

@@ -2,7 +2,7 @@
 
     python -m vla_node.demo [--out DIR] [--bag PATH]      (or: make demo)
 
-Starts vla_node.node.VlaNode in this process (own rclpy context, random free ROS domain,
+Starts vla_node.ros.node.VlaNode in this process (own rclpy context, random free ROS domain,
 localhost only) with the embedded tabletop-tiny model and its Chinese LoRA adapter active
 (adapters=["zh=embedded"], active_adapter="zh"), plays tests/data/demo_bag (camera +
 English/Chinese speech) at recorded timing, prints command -> actions -> status -> latency,

@@ -1,12 +1,14 @@
 """Builds the inference core from plain settings (shared by the node, vla-eval and the demo)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
-from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, BackendError
+from vla_node.backends.base import Backend, BackendError
 from vla_node.backends.openai_backend import OpenAIBackend, ServerSettings
-from vla_node.pipeline import InferenceCore
+from vla_node.pipeline import InferenceCore, PipelineConfig
+from vla_node.settings import PARAMETERS, check_all, default
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
 from vla_node.vocabulary import Vocabulary
@@ -61,27 +63,45 @@ def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 @dataclass
 class RuntimeSettings:
-    model_path: str = ""          # "" -> the embedded tabletop-tiny model
+    """What the core is built from; defaults and meanings are the node parameters' (vla_node.settings)."""
+
+    model_path: str = default("model_path")  # "" -> the embedded tabletop-tiny model
     adapters: list[str] = field(default_factory=list)  # "name=path" entries; "embedded" = bundled LoRA
-    active_adapter: str = ""      # name of the adapter to use; "" -> base model
-    backend: str = "transformers"
-    device: str = "auto"
-    dtype: str = "auto"
-    prefix_cache: bool = True     # transformers: reuse the system-prompt prefix's KV cache
-    decode_cache: str = "auto"    # transformers: auto | dynamic | static
-    compile_decode: bool = True   # transformers, static on CUDA: torch.compile the decode step
-    compile_layers: bool = True   # transformers on CUDA: torch.compile the vision blocks, the prefill's norms/MLPs
-    torch_threads: int = 0        # transformers: torch CPU threads (0 = torch's default)
-    vocabulary_path: str = ""     # "" -> config/actions.yaml
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    active_adapter: str = default("active_adapter")  # name of the adapter to use; "" -> base model
+    backend: str = default("backend")
+    device: str = default("device")
+    dtype: str = default("dtype")
+    prefix_cache: bool = default("prefix_cache")  # transformers: reuse the system-prompt prefix's KV cache
+    decode_cache: str = default("decode_cache")  # transformers: auto | dynamic | static
+    compile_decode: bool = default("compile_decode")  # transformers, static on CUDA: torch.compile the decode step
+    compile_layers: bool = default("compile_layers")  # transformers on CUDA: compile vision blocks, prefill norms/MLPs
+    torch_threads: int = default("torch_threads")  # transformers: torch CPU threads (0 = torch's default)
+    vocabulary_path: str = default("vocabulary_path")  # "" -> config/actions.yaml
+    max_new_tokens: int = default("max_new_tokens")
     min_confidence: float | None = None  # overrides the vocabulary file's policy when set
     max_steps: int | None = None
-    constrained_decoding: bool = True   # only grammar-valid plans can be generated (vla_node.grammar)
-    constrain_to_policy: bool = False   # the grammar also applies the policy's allowed verbs/labels
+    constrained_decoding: bool = default("constrained_decoding")  # only grammar-valid plans (vla_node.grammar)
+    constrain_to_policy: bool = default("constrain_to_policy")  # the grammar also applies the policy's labels
     server: ServerSettings = field(default_factory=ServerSettings)  # backend "openai" only
 
 
-BACKENDS = ("transformers", "openai", "onnx")
+BACKENDS = PARAMETERS["backend"].choices
+
+
+def settings_from_parameters(values: Mapping[str, Any]) -> tuple[RuntimeSettings, PipelineConfig]:
+    """The node's parameter values (vla_node.settings names; missing ones keep their defaults) ->
+    what the core is built from and how the pipeline handles requests. Values are checked first."""
+    values = {**{name: default(name) for name in PARAMETERS}, **values}
+    check_all(values)
+    runtime = RuntimeSettings(
+        adapters=[a for a in values["adapters"] if a],  # [""]: ROS has no empty string array default
+        min_confidence=values["min_confidence"] if values["min_confidence"] >= 0 else None,
+        max_steps=values["max_steps"] if values["max_steps"] >= 0 else None,
+        server=ServerSettings.from_parameters(values) if values["backend"] == "openai" else ServerSettings(),
+        **{f.name: values[f.name] for f in fields(RuntimeSettings)
+           if f.name not in ("adapters", "min_confidence", "max_steps", "server")},
+    )
+    return runtime, PipelineConfig.from_parameters(values)
 
 
 def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPolicy | None = None) -> Backend:

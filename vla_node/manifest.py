@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from vla_node.prompt import TEMPLATE_ID  # the prompt's version an adapter was trained with
+
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_FORMAT",
@@ -55,7 +57,6 @@ __all__ = [
 MANIFEST_NAME = "vla_manifest.json"
 ANSWER_KINDS = ("actions", "text")  # == training.answer_kinds.KINDS
 MANIFEST_FORMAT = 1
-TEMPLATE_ID = "vla_node.prompt/v1"
 
 # model_type (config.json) -> family
 FAMILIES: dict[str, str] = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}

@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -27,13 +27,11 @@ from vla_node.image import ImageError, fit_to_limits
 from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
-from vla_node.text import DEFAULT_STOP_PHRASES, CommandError, StopPhraseDetector, sanitise_command
+from vla_node.settings import check_all, default
+from vla_node.text import CommandError, StopPhraseDetector, sanitise_command
 from vla_node.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
-
-QUEUE_POLICIES = ("drop_oldest", "reject_newest")
-
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
@@ -193,29 +191,30 @@ class InferenceJob:
 
 @dataclass
 class PipelineConfig:
-    queue_size: int = 4
-    queue_policy: str = "drop_oldest"  # drop_oldest: newest command wins; reject_newest: keep the queue
-    max_image_age_s: float = 2.0
-    frame_buffer: int = 8  # undecoded frames kept to pair a command with the closest one
-    generation_timeout_s: float = 30.0
-    max_command_bytes: int = 512
-    stop_phrases: tuple[str, ...] = DEFAULT_STOP_PHRASES  # () turns the STOP fast path off
+    """The request handling of the node; fields, defaults and ranges are node parameters (vla_node.settings)."""
+
+    queue_size: int = default("queue_size")
+    queue_policy: str = default("queue_policy")  # drop_oldest: newest command wins; reject_newest: keep the queue
+    max_image_age_s: float = default("max_image_age_s")
+    frame_buffer: int = default("frame_buffer")  # undecoded frames kept to pair a command with the closest one
+    generation_timeout_s: float = default("generation_timeout_s")
+    max_command_bytes: int = default("max_command_bytes")
+    stop_phrases: tuple[str, ...] = tuple(default("stop_phrases"))  # () turns the STOP fast path off
     # Waiting commands the worker runs as one batch (capped by the backend's max_batch_size); 1: one at a time.
     # Default 1: a batch answers all its commands at the end; on an H200 (3B) a batch of 4 took 642 ms
     # against 176 ms for one command, for 10 % more commands/s (benchmarks/results/gpu_latency_*_h200.txt).
-    max_batch: int = 1
+    max_batch: int = default("max_batch")
 
     def __post_init__(self):
-        if self.queue_policy not in QUEUE_POLICIES:
-            raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {self.queue_policy!r}")
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.frame_buffer < 1:
-            raise ValueError(f"frame_buffer must be >= 1, got {self.frame_buffer}")
-        if self.max_image_age_s <= 0 or self.generation_timeout_s <= 0:
-            raise ValueError("max_image_age_s and generation_timeout_s must be > 0")
+        check_all({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any]) -> PipelineConfig:
+        """From node parameter values (missing names keep their defaults)."""
+        taken = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        if "stop_phrases" in taken:
+            taken["stop_phrases"] = tuple(taken["stop_phrases"])
+        return cls(**taken)
 
 
 @dataclass

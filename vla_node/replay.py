@@ -8,43 +8,41 @@ recorded into an output bag and summarised in report.json / report.md (vla_node.
 --expect compares them with an expectation file, --export-dataset turns accepted (or
 corrected) plans into a LLaMA-Factory ShareGPT dataset.
 
-Its rclpy side is vla_node.node.ReplaySession (the only module that imports rclpy),
-imported when a replay starts, so `vla-replay --help` is instant.
+Its rclpy side is vla_node.ros.replay_session (rclpy lives in vla_node.ros only), imported
+when a replay starts, so `vla-replay --help` is instant.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
+from vla_node.files import atomic_write_text, replace_dir
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
     FrameRecord,
     ReportFileError,
-    atomic_write_text,
     build_report,
     compare,
     expectations_from_results,
     export_dataset,
     load_corrections,
     load_expectations,
-    replace_dir,
     write_report,
 )
+from vla_node.settings import PARAMETERS, ParameterError, coerce
 
 if TYPE_CHECKING:  # the rclpy side, imported only when a replay runs
-    from vla_node.node import ReplaySession
+    from vla_node.ros.replay_session import ReplaySession
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 AFAP_SETTLE_S = 0.05  # --as-fast-as-possible: pause between the last frame and a command
@@ -60,7 +58,7 @@ Replay a rosbag2 bag (sqlite3 or mcap, as `ros2 bag record` writes it) with a ca
 (sensor_msgs/msg/Image or CompressedImage) and a speech topic (std_msgs/msg/String) through
 the vla node, record its plans (/vla/actions) and statuses (/vla/status) and report them.
 
-By default the REAL node (vla_node.node.VlaNode) is started in this process, in its own rclpy
+By default the REAL node (vla_node.ros.node.VlaNode) is started in this process, in its own rclpy
 context on a random free ROS domain 10..99 with localhost-only discovery; node parameters come
 from --model/--adapter/--active-adapter/-p (and from an --expect file's "node_parameters" for
 those not given). With --external an already running node on $ROS_DOMAIN_ID is used instead
@@ -116,7 +114,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="add to the adapters parameter (repeatable; PATH 'embedded' = the bundled zh LoRA)")
     g.add_argument("--active-adapter", metavar="NAME", help="active_adapter parameter")
     g.add_argument("-p", "--param", action="append", default=[], metavar="NAME:=VALUE",
-                   help="any other node parameter, e.g. -p max_image_age_s:=3.0 (see vla_node.node.PARAMETERS)")
+                   help="any other node parameter, e.g. -p max_image_age_s:=3.0 (see config/vla_node.yaml)")
     g.add_argument("--to-camera-topic", help="with --external: publish the camera here (default: the bag's topic)")
     g.add_argument("--to-speech-topic", help="with --external: publish speech here (default: the bag's topic)")
     g.add_argument("--action-topic", default="/vla/actions", help="plans topic to record (default /vla/actions)")
@@ -174,9 +172,7 @@ class ReplayOptions:
 
 
 def parse_node_parameter(spec: str) -> tuple[str, Any]:
-    """'name:=value' typed like the parameter's default in vla_node.node.PARAMETERS."""
-    from vla_node.node import PARAMETERS
-
+    """'name:=value' typed like the parameter's default (vla_node.settings)."""
     name, sep, text = spec.partition(":=")
     if not sep:
         name, sep, text = spec.partition("=")
@@ -188,25 +184,10 @@ def parse_node_parameter(spec: str) -> tuple[str, Any]:
 
 
 def coerce_parameter(name: str, value: Any) -> Any:
-    from vla_node.node import PARAMETERS
-
-    default = PARAMETERS[name][0]
     try:
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return lowered in ("true", "1")
-        if isinstance(default, list):
-            if isinstance(value, str):
-                text = value.strip()
-                value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",")]
-            return [str(v) for v in value] or [""]
-        return type(default)(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ReplayError(f"parameter {name}: {value!r} is not a {type(default).__name__}") from None
+        return coerce(name, value)
+    except ParameterError as error:
+        raise ReplayError(str(error)) from None
 
 
 def options_from_args(args: argparse.Namespace) -> ReplayOptions:
@@ -238,45 +219,35 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     )
 
 
-# ------------------------------------------------------------------------------- ROS session
-@contextmanager
-def localhost_discovery():
-    """Localhost-only discovery while the isolated context and its nodes are created."""
-    saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS")}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_STATIC_PEERS"] = ""
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _domain_is_quiet(domain: int, wait_s: float = 0.3) -> bool:
-    from vla_node.node import domain_is_quiet  # rclpy lives in vla_node.node only
-
-    return domain_is_quiet(domain, wait_s)
-
-
-def pick_free_domain(rng: random.Random | None = None, tries: int = 8) -> int:
-    """A random ROS domain in 10..99 on which no other node is seen (localhost discovery)."""
-    rng = rng or random.Random()
-    candidates = rng.sample(range(10, 100), tries)
-    for domain in candidates:
-        if _domain_is_quiet(domain):
-            return domain
-    return candidates[-1]
-
-
+# ------------------------------------------------------------------------------- what the node runs
 @dataclass
 class BackendInfo:
+    """The model that answered: its ids, and what turns its boxes back into pixels."""
+
     model_id: str = ""
     adapter_id: str = ""
     coordinate_convention: str = ""
     pixel_limits: Any = None
+
+    @classmethod
+    def of(cls, backend) -> BackendInfo:
+        return cls(backend.model_id, backend.adapter_id, backend.coordinate_convention, backend.pixel_limits)
+
+
+def node_parameters(options: ReplayOptions, info: BagInfo) -> dict[str, Any]:
+    """The in-process node's parameters: the user's, and the topics and transport of the bag."""
+    params = {name: coerce_parameter(name, value) for name, value in options.node_parameters.items()}
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise ReplayError(f"unknown node parameters: {', '.join(unknown)}")
+    params.update({
+        "camera_topic": info.camera_topic,
+        "speech_topic": info.speech_topic,
+        "camera_transport": "compressed" if info.compressed else "raw",
+        "action_topic": options.action_topic,
+        "status_topic": options.status_topic,
+    })
+    return params
 
 
 class Tracker:
@@ -360,7 +331,7 @@ class Tracker:
 # ------------------------------------------------------------------------------- playback
 def _camera_offset_ns(message, log_ns: int) -> int:
     """Recorded stamp-to-receive offset of a camera message (0 when the stamp is another clock)."""
-    from vla_node.ros_convert import time_to_ns
+    from vla_node.ros.convert import time_to_ns
 
     stamp = time_to_ns(message.header.stamp)
     offset = stamp - log_ns
@@ -378,7 +349,7 @@ def _sleep_until(target_monotonic: float) -> None:
 def play(session: ReplaySession, info: BagInfo, options: ReplayOptions, tracker: Tracker,
          log=print) -> list[CommandResult]:
     """Publish the bag's camera and speech messages; returns one result per command."""
-    from vla_node.ros_convert import image_decoder, ns_to_time, time_to_ns
+    from vla_node.ros.convert import image_decoder, ns_to_time, time_to_ns
 
     results = tracker.results
     command_times = [c.log_ns for c in info.commands]
@@ -403,7 +374,7 @@ def play(session: ReplaySession, info: BagInfo, options: ReplayOptions, tracker:
                 else:
                     stamp = origin_ns + int((last_frame_bag_ns - info.start_ns) / options.rate)
                 message.header.stamp = ns_to_time(stamp)
-            session.camera_pub.publish(message)
+            session.publish_camera(message)
             last_frame = FrameRecord(bag_s, time_to_ns(message.header.stamp), image_decoder(message))
             continue
         command = info.commands[next_command]
@@ -464,7 +435,7 @@ def replay_bag(options: ReplayOptions, log=print, finish=None) -> ReplayResult:
     `finish(directory, results)`, if given, adds files to the output directory before it is
     renamed into place (the demo's annotated frames).
     """
-    from vla_node.bag_io import package_typestore
+    from vla_node.bag_io import PLAN_TYPE, STATUS_TYPE, package_typestore
 
     store = package_typestore()
     info = inspect_bag(options.bag, options.camera_topic, options.speech_topic, typestore=store)
@@ -476,23 +447,29 @@ def replay_bag(options: ReplayOptions, log=print, finish=None) -> ReplayResult:
     try:
         results = [CommandResult(c.index, c.text, (c.log_ns - info.start_ns) / 1e9) for c in info.commands]
         tracker = Tracker(results)
+        params = {} if options.external else node_parameters(options, info)
         output = OutputBag(partial / "output_bag", options.out_storage, typestore=store)
-        from vla_node.node import ReplaySession  # rclpy lives in vla_node.node only
+        output.add_topic(options.action_topic, PLAN_TYPE)
+        output.add_topic(options.status_topic, STATUS_TYPE)
+        from vla_node.ros.replay_session import ReplaySession, SessionError  # rclpy lives in vla_node.ros
 
-        session = ReplaySession(options, info, tracker, output)
+        session = ReplaySession(options, info, params, tracker, output)
         started = time.time()
+        backend = BackendInfo()
         try:
-            session.start()
-            params = {} if options.external else session.node_parameters()
-            if not options.external:
+            try:
+                session.start()
+            except SessionError as error:
+                raise ReplayError(str(error)) from None
+            if session.served_by is not None:
+                backend = BackendInfo.of(session.served_by)
                 log(f"vla-replay: {info.name}: {len(info.commands)} command(s), {info.camera_count} image(s), "
                     f"{info.duration_s:.1f} s; node on ROS domain {session.domain_id}, model "
-                    f"{session.backend.model_id} (adapter: {session.backend.adapter_id or 'none'})")
+                    f"{backend.model_id} (adapter: {backend.adapter_id or 'none'})")
             play(session, info, options, tracker, log=log)
         finally:
             session.stop()
             output.close()
-        backend = session.backend
         if options.external:  # what the plans say
             plans = [r.plan for r in results if r.plan is not None and r.plan.model_id]
             if plans:
@@ -606,8 +583,6 @@ def main(argv: list[str] | None = None) -> int:
             taken = {k: v for k, v in expect.get("node_parameters", {}).items()
                      if k not in options.node_parameters}
             if taken and not options.external:
-                from vla_node.node import PARAMETERS
-
                 unknown = sorted(set(taken) - set(PARAMETERS))
                 if unknown:
                     raise ReportFileError(f"{args.expect}: node_parameters has unknown parameters {unknown}")

@@ -10,14 +10,14 @@ import difflib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from vla_node.actions import ActionPlan, ActionStep, CommandStatus
+from vla_node.actions import ActionPlan, ActionStep, CommandStatus, box_iou
+from vla_node.files import atomic_write_text, replace_dir
 
 NO_STATUS = "NO_STATUS"  # the node never answered the command (not a node status code)
 EXPECT_FORMAT = 1
@@ -90,33 +90,6 @@ def steps_text(steps: list[ActionStep], vocab=None) -> str:
     return "\n".join(f"{s.verb}(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
                                                for k, v in step_dict(s, boxes=False).items()
                                                if k != "verb" and v) + ")" for s in steps)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(partial: Path, final: Path) -> None:
-    """Move a completed `partial` directory to `final`, replacing an older `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(partial, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- the report
@@ -244,16 +217,6 @@ def load_expectations(path: str | Path) -> dict:
     return data
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    if union <= 0:
-        return 1.0 if a == b else 0.0
-    return inter / union
-
-
 def _fmt_box(box: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
@@ -300,7 +263,7 @@ def _command_lines(index: int, expected: dict | None, actual: dict | None, min_i
             if reference is None:
                 shown[key] = _fmt_box(box)
                 continue
-            overlap = iou(reference[key], box)
+            overlap = box_iou(reference[key], box)
             shown[key] = (_fmt_box(reference[key]) if overlap >= min_iou
                           else f"{_fmt_box(box)} (IoU {overlap:.2f} < {min_iou:g})")
         act_lines.append(_step_line(step, shown))
@@ -372,8 +335,8 @@ def export_dataset(directory: str | Path, results: list[CommandResult], vocab, b
     """
     import cv2
 
-    from training.sharegpt import Sample, write_sharegpt
     from vla_node.actions import render_steps
+    from vla_node.dataset_format import Row, write_sharegpt
     from vla_node.parser import BoxCodec, ParseError, parse_actions
     from vla_node.prompt import PromptBuilder
 
@@ -419,8 +382,7 @@ def export_dataset(directory: str | Path, results: list[CommandResult], vocab, b
             if not cv2.imwrite(str(image), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"cannot write {image}")
             command = result.status.command_text if result.status and result.status.command_text else result.text
-            samples.append(Sample(messages=prompt.sharegpt_messages(command, answer), images=[image],
-                                  source=f"{bag_name}#{result.index}"))
+            samples.append(Row(messages=prompt.sharegpt_messages(command, answer), images=[image]))
         write_sharegpt(partial / f"{dataset_name}.json", samples, dataset_info_name=dataset_name)
         replace_dir(partial, directory)
     except BaseException:

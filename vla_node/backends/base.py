@@ -13,20 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # the single definition lives in vla_node.image (CORE)
-    from vla_node.image import PixelLimits
-except ImportError:  # pragma: no cover - only while vla_node.image is not written yet
-    @dataclass
-    class PixelLimits:  # type: ignore[no-redef]
-        min_pixels: int
-        max_pixels: int
-        factor: int = 28
+from vla_node.image import PixelLimits
+from vla_node.settings import default
 
 __all__ = ["GenerationRequest", "GenerationResult", "Backend", "BackendError", "PixelLimits",
            "DEFAULT_MAX_NEW_TOKENS", "token_budget", "warmup_request"]
 
-# A two-step plan with boxes is ~110 tokens for the embedded model; 64 cut such plans short.
-DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = default("max_new_tokens")  # the node parameter's default (vla_node.settings)
 
 
 class BackendError(Exception):
@@ -123,3 +116,36 @@ class Backend(abc.ABC):
     def adapter_names(self) -> list[str]:
         """Names of the loaded adapters (load order). Backends without adapters: []."""
         return []
+
+    # ------------------------------------------------------------------ constrained decoding
+    action_grammar = None  # vla_node.grammar.ActionGrammar while constrained decoding is on
+
+    def constrained_decoding_unavailable(self) -> str | None:
+        """Why this backend cannot constrain its own generation on this host (None: it can)."""
+        return f"{type(self).__name__} does not constrain its generation itself"
+
+    def grammar_tokens(self) -> tuple[object, int, list[int]]:
+        """(a transformers fast tokenizer, the model's vocabulary size, the end-of-answer ids): what
+        the grammar is compiled against. Backends that constrain their generation give them."""
+        raise BackendError(self.constrained_decoding_unavailable() or "no tokenizer for the grammar")
+
+    def enable_constrained_decoding(self, vocab, policy=None, restrict_to_policy: bool = False,
+                                    reason_max_chars: int | None = None) -> None:
+        """Constrain every generation to the action grammar of ``vocab`` (vla_node.grammar; with
+        ``restrict_to_policy`` also to the policy's allowed labels). The tokenizer is indexed once
+        here; each grammar is compiled on first use per image size (box bounds) and cached; every
+        request gets fresh matchers. Raises BackendError."""
+        reason = self.constrained_decoding_unavailable()
+        if reason is not None:
+            raise BackendError(reason)
+        from vla_node import grammar
+
+        tokenizer, vocab_size, eos_ids = self.grammar_tokens()
+        try:
+            self.action_grammar = grammar.ActionGrammar.for_vocabulary(
+                tokenizer, vocab_size, eos_ids, vocab, policy, restrict_to_policy, reason_max_chars)
+        except grammar.GrammarError as e:
+            raise BackendError(f"constrained decoding: {e}") from e
+
+    def disable_constrained_decoding(self) -> None:
+        self.action_grammar = None

@@ -326,29 +326,14 @@ class OnnxBackend(Backend):
             return f"constrained decoding needs xgrammar (and the torch and transformers it imports): {e}"
         return None
 
-    def enable_constrained_decoding(self, vocab, policy=None, restrict_to_policy: bool = False,
-                                    reason_max_chars: int | None = None) -> None:
-        """Constrain every generation to the action grammar of ``vocab``, as TransformersBackend
-        does (the exported tokenizer indexed once; a grammar compiled per box bound). Raises BackendError."""
-        from vla_node import grammar as _grammar
-
-        reason = self.constrained_decoding_unavailable()
-        if reason is not None:
-            raise BackendError(f"backend 'onnx': {reason}")
+    def grammar_tokens(self) -> tuple[object, int, list[int]]:
+        """The exported tokenizer wrapped as transformers' fast tokenizer, the embedding rows, the end ids."""
         from transformers import PreTrainedTokenizerFast
 
         with self._lock:
             self._ensure_open()
-            try:
-                self.action_grammar = _grammar.ActionGrammar.for_vocabulary(
-                    PreTrainedTokenizerFast(tokenizer_object=self.tokenizer), int(self._embed.shape[0]),
-                    sorted(self._eos_ids), vocab, policy, restrict_to_policy, reason_max_chars)
-            except _grammar.GrammarError as e:
-                raise BackendError(f"constrained decoding: {e}") from e
-
-    def disable_constrained_decoding(self) -> None:
-        with self._lock:
-            self.action_grammar = None
+            return (PreTrainedTokenizerFast(tokenizer_object=self.tokenizer), int(self._embed.shape[0]),
+                    sorted(self._eos_ids))
 
     # ------------------------------------------------------------------------------ generation
 

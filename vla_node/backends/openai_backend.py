@@ -35,14 +35,16 @@ import ssl
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
 
 from vla_node import manifest as _manifest
 from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, BackendError, GenerationRequest, GenerationResult, PixelLimits
+from vla_node.settings import PARAMETERS, ParameterError, check_all, default
 
 __all__ = ["OpenAIBackend", "ServerError", "ServerSettings", "STRUCTURED_OUTPUT_MODES"]
 
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 # json_schema: OpenAI `response_format` (vLLM, SGLang, LMDeploy); structured_outputs: vLLM >= 0.12's
 # extra body field; guided_json: the same before vLLM 0.12; none: let the model write its trained
 # canonical text (servers without constrained decoding ignore or refuse the fields).
-STRUCTURED_OUTPUT_MODES = ("json_schema", "structured_outputs", "guided_json", "none")
+STRUCTURED_OUTPUT_MODES = PARAMETERS["server_structured_output"].choices
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Qwen2.5-VL's patch 14 x merge 2; pixel limits a robot camera frame rarely needs more than.
 DEFAULT_PIXEL_LIMITS = PixelLimits(min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28, factor=28)
@@ -60,32 +62,38 @@ _ERROR_PREVIEW = 300
 
 @dataclass
 class ServerSettings:
-    url: str = ""                  # base URL, e.g. http://gpu-host:8000/v1 ("/v1" is added if missing)
-    model: str = ""                # served base model name (vLLM: --served-model-name or the path)
-    api_key_env: str = ""          # name of the environment variable holding the API key ("" = none)
-    timeout_s: float = 10.0        # hard deadline of one attempt (connect + request + response)
-    max_retries: int = 2           # extra attempts after a retryable failure
-    retry_backoff_s: float = 0.25  # first backoff; doubles each retry (with +-20 % jitter)
-    breaker_failures: int = 3      # consecutive server failures that open the circuit
-    breaker_reset_s: float = 15.0  # how long the circuit stays open before one trial request
-    tls_verify: bool = True        # verify https certificates (never turn off outside a lab)
-    ca_file: str = ""              # extra CA bundle for a private server certificate
-    structured_output: str = "json_schema"
-    model_family: str = ""         # qwen2_vl | qwen2_5_vl | qwen3_vl; "" = from model_path or qwen2_5_vl
-    min_pixels: int = 0            # 0 = from model_path's processor config, else the default
-    max_pixels: int = 0            # must match the server's processor, or boxes are scaled wrong
+    """The server and how to talk to it. Each field is a node parameter (SERVER_PARAMETERS names
+    it; vla_node.settings declares its default, range and meaning)."""
+
+    url: str = default("server_url")  # base URL, e.g. http://gpu-host:8000/v1 ("/v1" is added if missing)
+    model: str = default("server_model")  # served base model name (vLLM: --served-model-name or the path)
+    api_key_env: str = default("api_key_env")  # environment variable holding the API key ("" = none)
+    timeout_s: float = default("server_timeout_s")  # hard deadline of one attempt (connect + request + response)
+    max_retries: int = default("server_max_retries")  # extra attempts after a retryable failure
+    retry_backoff_s: float = default("server_retry_backoff_s")  # first backoff; doubles each retry (+-20 % jitter)
+    breaker_failures: int = default("server_breaker_failures")  # consecutive failures that open the circuit
+    breaker_reset_s: float = default("server_breaker_reset_s")  # open this long, then one trial request
+    tls_verify: bool = default("server_tls_verify")  # verify https certificates (never off outside a lab)
+    ca_file: str = default("server_ca_file")  # extra CA bundle for a private server certificate
+    structured_output: str = default("server_structured_output")
+    model_family: str = default("server_model_family")  # "" = from model_path or qwen2_5_vl
+    min_pixels: int = default("server_min_pixels")  # 0 = from model_path's processor config, else the default
+    max_pixels: int = default("server_max_pixels")  # must match the server's processor, or boxes scale wrong
 
     def __post_init__(self):
-        if self.structured_output not in STRUCTURED_OUTPUT_MODES:
-            raise BackendError(f"server structured_output must be one of {STRUCTURED_OUTPUT_MODES}, "
-                               f"got {self.structured_output!r}")
-        if self.timeout_s <= 0 or self.retry_backoff_s < 0 or self.breaker_reset_s < 0:
-            raise BackendError("server timeout_s must be > 0, retry_backoff_s and breaker_reset_s >= 0")
-        if self.max_retries < 0 or self.breaker_failures < 1:
-            raise BackendError("server max_retries must be >= 0 and breaker_failures >= 1")
-        if self.model_family and self.model_family not in _manifest.FAMILIES:
-            raise BackendError(f"server model_family {self.model_family!r} is not one of "
-                               f"{', '.join(sorted(_manifest.FAMILIES))}")
+        try:
+            check_all({SERVER_PARAMETERS[f.name]: getattr(self, f.name) for f in fields(self)})
+        except ParameterError as error:
+            raise BackendError(str(error)) from None
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any]) -> ServerSettings:
+        """From node parameter values (missing names keep their defaults)."""
+        return cls(**{name: values[parameter] for name, parameter in SERVER_PARAMETERS.items() if parameter in values})
+
+
+# ServerSettings field -> the node parameter it is
+SERVER_PARAMETERS = {f.name: f.name if f.name == "api_key_env" else f"server_{f.name}" for f in fields(ServerSettings)}
 
 
 class ServerError(BackendError):

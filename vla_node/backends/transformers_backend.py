@@ -2,15 +2,15 @@
 
 Loads offline (``local_files_only=True``) with ``AutoModelForImageTextToText`` + ``AutoProcessor``,
 decodes greedily, reports a confidence (geometric mean of the chosen tokens' probabilities) and
-hot-swaps LoRA adapters without reloading the base model.
+hot-swaps LoRA adapters without reloading the base model. The plain path is transformers' own
+``generate``; the fast path (caches, CUDA graphs, Triton kernels, batching) is the engine
+(vla_node/backends/engine/), which answers with the same tokens in float32.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
@@ -27,17 +27,10 @@ from vla_node.backends.base import (
     token_budget,
     warmup_request,
 )
-from vla_node.backends.batched_generation import BatchedGeneration
-from vla_node.backends.frame_cache import VisionCache
-from vla_node.backends.prefix_cache import PrefixCache
-from vla_node.backends.prefix_cache import reset as reset_static_cache
-from vla_node.backends.fused_projections import FusedProjections
-from vla_node.backends.one_image_inputs import OneImageInputs
-from vla_node.backends.prefill_graph import PREFILL_BUCKET, PrefillGraphs, host_inputs
-from vla_node.backends.static_decode import DecodeResult, StaticDecoder, greedy_choice
-from vla_node.backends.vision_attention import use_block_attention
-from vla_node.backends.vision_graph import VisionGraphs
-from vla_node.backends.vision_graph import supports as vision_graph_supported
+from vla_node.backends.engine import Engine, EngineOptions
+from vla_node.backends.engine.guard import probe_disagreement
+from vla_node.backends.generation import LoadedModel, generate_kwargs, greedy_config, on_device, tokens_of
+from vla_node.prompt import TEMPLATE_ID
 
 __all__ = ["TransformersBackend"]
 
@@ -53,22 +46,7 @@ _DTYPES = {
     "half": "float16",
 }
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_DECODE_CACHES = ("auto", "dynamic", "static")
-_STATIC_CACHE_BUCKET = 256  # static KV caches are sized in steps of this, so compiled decode graphs get reused
-
-
-def _template_id() -> str:
-    """The prompt template id adapters must have been trained with (vla_node.prompt may define it)."""
-    try:
-        from vla_node import prompt as _prompt  # CORE module; optional here
-
-        for attr in ("TEMPLATE_ID", "PROMPT_TEMPLATE_ID", "TEMPLATE_VERSION"):
-            val = getattr(_prompt, attr, None)
-            if isinstance(val, str) and val:
-                return val
-    except Exception:  # pragma: no cover - prompt.py missing or broken must not block serving
-        pass
-    return _manifest.TEMPLATE_ID
+_PROBE_TOKENS = 4  # tokens the warm-up's probe compares between the engine and the plain path
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -82,21 +60,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class _StopOnEvent:
-    """StoppingCriteria: stop every sequence once ``event`` is set (checked after each token)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-        self.triggered = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        stop = self.event.is_set()
-        self.triggered = self.triggered or stop
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
 class _AdapterInfo:
     __slots__ = ("name", "path", "adapter_id", "manifest", "pixel_limits")
 
@@ -108,7 +71,7 @@ class _AdapterInfo:
         self.pixel_limits = pixel_limits
 
 
-class TransformersBackend(BatchedGeneration, Backend):
+class TransformersBackend(Backend):
     """Serve a local Qwen-VL checkpoint (+ optional LoRA adapters) with transformers.
 
     Attributes for reuse (training, evaluation): ``processor``, ``model`` (the transformers model;
@@ -116,40 +79,13 @@ class TransformersBackend(BatchedGeneration, Backend):
     ``PeftModel`` wrapper or None), ``family``, ``device``, ``dtype``, ``adapters`` (name -> info),
     ``warnings`` (list of str: e.g. adapters loaded without a manifest).
 
-    Runtime speed options:
-
-    ``prefix_cache`` (default True): the prompt tokens before the image (system text + user turn
-    opening, about half the prompt) are prefilled once per (prefix tokens, active adapter, dtype,
-    device) and each request starts from a copy of that KV cache (vla_node/backends/prefix_cache.py,
-    LRU of 4). Greedy outputs are token-identical with and without it. Hits/misses:
-    ``prefix_cache_stats``.
-
-    ``decode_cache``: "dynamic" (DynamicCache, transformers' ``generate`` loop), "static" (a
-    preallocated StaticCache; vla_node/backends/prefill_graph.py prefills the prompt and the first
-    token is chosen from its logits (``static_prefill``; requests without an image use
-    ``generate``), then vla_node/backends/static_decode.py decodes the rest with the step's inputs
-    on the device and q/k/v, gate/up fused (fused_projections.py); on CUDA both are CUDA-graph
-    replays) or "auto" (static on CUDA, dynamic elsewhere). Static composes with ``prefix_cache``:
-    the prefix is copied into the one StaticCache and stays there while requests share it (the
-    cache is sized to the longest request so far rounded up to 256 tokens, at least
-    ``static_cache_min_slots``), so the recorded steps keep their addresses. ``compile_decode``
-    (default True): torch.compile the decode step before recording it (CUDA only). The attribute
-    ``decode_kernels`` (default True): the step's one-row products, attention and greedy choice by
-    Triton kernels (vla_node/backends/decode_kernels.py; CUDA with Triton only). The attribute
-    ``layer_kernels`` (default True, with ``decode_kernels``): a one-row step by layer_step.py's fused
-    layer kernels (seven launches per layer, nothing for torch.compile; an active plain LoRA adapter
-    merged into copies of the matrices it adapts) where LayerStep.unsupported allows; the attribute
-    ``dependent_launch`` (default True): those kernels launched programmatically dependent on Hopper
-    and later GPUs (each overlaps the end of the one before; layer_kernels.py).
-
-    On CUDA, images are preprocessed on the GPU, the vision tower's attention runs as one call per
-    layer (vla_node/backends/vision_attention.py) and the tower is replayed as a CUDA graph per
-    image grid (vla_node/backends/vision_graph.py). ``compile_layers`` (default True): the vision
-    blocks, and the language model's norms and MLPs in the prefill graphs, are compiled by
-    torch.compile before recording (regional_compile.py; the first frame of each size compiles, seconds).
-
-    ``generate_batch`` (batched_generation.py): waiting commands decoded together, up to
-    ``max_batch_size`` at once.
+    Speed: ``engine`` (vla_node/backends/engine/) is the fast path, configured by one frozen
+    EngineOptions: ``engine=EngineOptions(...)``, or from the node parameters' arguments
+    ``prefix_cache``, ``decode_cache``, ``compile_decode`` and ``compile_layers`` (see
+    vla_node.settings); ``engine=False``: the plain path only. ``use_engine()`` replaces it (another
+    configuration on the same weights). The engine refuses a model it does not know, and is
+    dropped at warm-up if its first answer is not the plain path's (engine/guard.py): one log line
+    each, and the plain path serves.
 
     ``torch_threads`` (default 0 = torch's own choice, one per core): torch's CPU intra-op
     threads, process-wide. On a CPU robot shared with other processes, 1 can be several times
@@ -170,9 +106,12 @@ class TransformersBackend(BatchedGeneration, Backend):
         torch_threads: int = 0,
         compile_decode: bool = True,
         compile_layers: bool = True,
+        engine: EngineOptions | bool | None = None,
     ):
         import torch
 
+        options = self._engine_options(engine, prefix_cache=prefix_cache, decode_cache=decode_cache,
+                                       compile_decode=compile_decode, compile_layers=compile_layers)
         self.warnings: list[str] = []
         self._lock = threading.RLock()
         self._closed = False
@@ -181,9 +120,6 @@ class TransformersBackend(BatchedGeneration, Backend):
         if self.max_new_tokens < 1:
             raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.vocab_fingerprint = vocab_fingerprint
-        self.compile_decode = bool(compile_decode)  # torch.compile the static decode step on CUDA (static_decode.py)
-        # torch.compile the vision blocks and the prefill's norms and MLPs on CUDA (regional_compile.py)
-        self.compile_layers = bool(compile_layers)
         if int(torch_threads) < 0:
             raise BackendError(f"torch_threads must be >= 0 (0 = torch's default), got {torch_threads}")
         if torch_threads:
@@ -202,27 +138,6 @@ class TransformersBackend(BatchedGeneration, Backend):
 
         self.device = self._pick_device(device, torch)
         self.dtype = self._pick_dtype(dtype, self.device, torch)
-        if decode_cache not in _DECODE_CACHES:
-            raise BackendError(f"invalid decode_cache {decode_cache!r}; use one of {', '.join(_DECODE_CACHES)}")
-        requested_decode_cache = decode_cache
-        if decode_cache == "auto":
-            decode_cache = "static" if self.device.type == "cuda" else "dynamic"
-        self.decode_cache: str = decode_cache  # resolved: "dynamic" or "static" (checked once the model is loaded)
-        self._static_cache = None  # the one StaticCache static decoding reuses (see _initial_cache)
-        self._decoder: StaticDecoder | None = None  # decode steps on that cache (static_decode.py)
-        self._prefill_graphs: PrefillGraphs | None = None  # prefills on that cache (prefill_graph.py)
-        # batched decoding: a StaticCache per padded row count and a decoder per such cache (batch_cache.py)
-        self._batch_caches: dict[int, object] = {}
-        self._batch_decoders: dict[int, StaticDecoder] = {}
-        self.static_prefill = True  # prefill with PrefillGraphs where supported (else generate's prefill)
-        # the decode step's one-row products and attention by Triton kernels (decode_kernels.py), CUDA only;
-        # read when a decoder is built
-        self.decode_kernels = True
-        # ... and, for one row, the whole step by fused layer kernels (layer_step.py; with decode_kernels)
-        self.layer_kernels = True
-        self.dependent_launch = True  # ... launched programmatically dependent where the GPU allows
-        self._static_cache_len = 0
-        self._gpu_image_processing = True  # see _process
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -230,7 +145,6 @@ class TransformersBackend(BatchedGeneration, Backend):
             self.processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
         except Exception as e:
             raise BackendError(f"model directory '{self.model_path}': cannot load processor: {e}") from e
-        self._one_image_inputs = OneImageInputs(self.processor)  # see _call_processor
         kwargs = {"dtype": self.dtype, "local_files_only": True}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -240,23 +154,8 @@ class TransformersBackend(BatchedGeneration, Backend):
             raise BackendError(f"model directory '{self.model_path}': cannot load model weights: {e}") from e
         model.to(self.device)
         model.eval()
-        # one block-masked attention call per vision layer instead of one per window: see vision_attention.py
-        self.block_vision_attention = self.device.type == "cuda" and use_block_attention(model)
-        # ... which lets the tower be recorded as one CUDA graph per image grid (vision_graph.py)
-        self.vision_graphs = (VisionGraphs(model, use_graph=True, compile_blocks=self.compile_layers)
-                              if self.block_vision_attention
-                              and vision_graph_supported(model) else None)
         self.model = model
         self.base_model = model  # never replaced; LoRA layers get injected into it
-        if self.decode_cache == "static" and not StaticDecoder.supports(model, self._new_static_cache(1)):
-            if requested_decode_cache == "static":
-                raise BackendError(f"model directory '{self.model_path}': decode_cache 'static' needs full "
-                                   "attention in every layer and transformers' StaticCache with a device-side fill count")
-            self.decode_cache = "dynamic"
-        self._static_prefill_supported = PrefillGraphs.supports(model, self._new_static_cache(1))
-        # decode steps multiply q/k/v and gate/up in one product each (fused_projections.py)
-        self._fused_projections = (FusedProjections.build(model.model.language_model)
-                                   if self.decode_cache == "static" else None)
         self.peft_model = None
 
         ip = self.processor.image_processor
@@ -273,13 +172,6 @@ class TransformersBackend(BatchedGeneration, Backend):
         self.adapters: dict[str, _AdapterInfo] = {}
         self._active: str | None = None
         self.action_grammar = None  # vla_node.grammar.ActionGrammar when constrained decoding is on
-        self.vision_cache = VisionCache()  # one vision encoding per frame for commands about the same frame
-        # the image's vision-start token ends the prefix all prompts share (see prefix_cache.py)
-        vision_start = getattr(model.config, "vision_start_token_id", None)
-        self.prefix_cache = PrefixCache(
-            -1 if vision_start is None else int(vision_start),
-            capacity=4 if prefix_cache and vision_start is not None else 0,
-        )
 
         tok = self.processor.tokenizer
         eos = []
@@ -291,13 +183,73 @@ class TransformersBackend(BatchedGeneration, Backend):
             i = tok.convert_tokens_to_ids(t)
             if isinstance(i, int) and i >= 0 and i not in eos:
                 eos.append(i)
-        self._eos_ids = eos
         pad = getattr(model.generation_config, "pad_token_id", None)
-        self._pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        self.loaded = LoadedModel(model, self.processor, self.device, self.dtype, tuple(eos), int(pad_id))
+        self.engine: Engine | None = None
+        self._engine_probed = False
+        self.use_engine(options)
 
         if adapter_path is not None:
             name = self.load_adapter(str(adapter_path))
             self.set_adapter(name)
+
+    # ------------------------------------------------------------------------------ the engine
+
+    @staticmethod
+    def _engine_options(engine, **node_parameters) -> EngineOptions | None:
+        """The engine's options from ``engine`` or, when it is None, from the node parameters'
+        arguments (None: no engine). Both given: an error, not a silent choice."""
+        if engine is None:
+            try:
+                return EngineOptions(**node_parameters)
+            except ValueError as e:
+                raise BackendError(str(e)) from None
+        defaults = EngineOptions()
+        changed = sorted(name for name, value in node_parameters.items() if value != getattr(defaults, name))
+        if changed:
+            raise BackendError(f"give the engine's options as engine=EngineOptions(...) or as arguments, not both "
+                               f"(engine={engine!r}, arguments {', '.join(changed)})")
+        if engine is False:
+            return None
+        if not isinstance(engine, EngineOptions):
+            raise BackendError(f"engine must be EngineOptions, False or None, not {engine!r}")
+        return engine
+
+    def use_engine(self, options: EngineOptions | None) -> None:
+        """Serve with a new engine built from ``options`` (None: the plain path). The current one
+        is closed first (its caches and recordings dropped, the model as it loaded it). The new
+        engine is probed again at the next warm-up."""
+        with self._lock:
+            self.ensure_open()
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+            self._engine_probed = False
+            if options is not None:
+                try:
+                    self.engine = Engine.start(self.loaded, options)
+                except BackendError as e:
+                    raise BackendError(f"model directory '{self.model_path}': {e}") from None
+                if self.engine is not None:
+                    self.engine.adapter_changed(self.adapter_id)
+
+    @property
+    def decode_cache(self) -> str:
+        """The KV cache decoding uses: "static" (the engine's own loop) or "dynamic" (``generate``)."""
+        return self.engine.decode_cache if self.engine is not None else "dynamic"
+
+    @property
+    def max_batch_size(self) -> int:
+        """Requests generate_batch() decodes together (the engine batches; the plain path does not)."""
+        return self.engine.options.max_batch_size if self.engine is not None else 1
+
+    @property
+    def prefix_cache_stats(self) -> dict:
+        """Prefix KV reuse counters: hits, misses (prefills), skipped (no usable prefix), entries."""
+        if self.engine is None:
+            return {"hits": 0, "misses": 0, "skipped": 0, "entries": 0}
+        return self.engine.prefix_cache_stats
 
     # ------------------------------------------------------------------------------ loading
 
@@ -386,7 +338,7 @@ class TransformersBackend(BatchedGeneration, Backend):
         """
         p = Path(path)
         with self._lock:
-            self._ensure_open()
+            self.ensure_open()
             weights = self._check_adapter_dir(p)
             if name is None:
                 name = (p.resolve().name or "adapter").replace(".", "_")
@@ -401,7 +353,7 @@ class TransformersBackend(BatchedGeneration, Backend):
             if _manifest.has_manifest(p):
                 expected = {
                     "family": self.family,
-                    "template": _template_id(),
+                    "template": TEMPLATE_ID,
                     "coordinate_convention": self.coordinate_convention,
                     "vocabulary_fingerprint": self.vocab_fingerprint,
                 }
@@ -447,7 +399,8 @@ class TransformersBackend(BatchedGeneration, Backend):
 
     def _undo_failed_load(self, name: str) -> None:
         """peft injects LoRA layers before it loads weights: remove them again after a failure."""
-        self._forget_recordings()
+        if self.engine is not None:
+            self.engine.forget_recordings()
         try:
             if self.peft_model is not None:
                 if name in getattr(self.peft_model, "peft_config", {}):
@@ -473,24 +426,14 @@ class TransformersBackend(BatchedGeneration, Backend):
     def set_adapter(self, name: str | None) -> None:
         """Activate a loaded adapter, or None for the bare base model. No base reload."""
         with self._lock:
-            self._ensure_open()
+            self.ensure_open()
             if name is not None and name not in self.adapters:
                 known = ", ".join(sorted(self.adapters)) or "none"
                 raise BackendError(f"adapter {name!r} is not loaded (loaded: {known})")
             self._active = name
             self._apply_active()
 
-    def _forget_recordings(self) -> None:
-        """Drop the CUDA graphs (prefill, decode step, vision tower): they keep the kernels and
-        weights of the adapter they were recorded with."""
-        self._decoder = None
-        self._batch_decoders.clear()
-        self._prefill_graphs = None
-        if self.vision_graphs is not None:
-            self.vision_graphs.clear()
-
     def _apply_active(self) -> None:
-        self._forget_recordings()
         pm = self.peft_model
         name = self._active
         if pm is not None:
@@ -506,11 +449,8 @@ class TransformersBackend(BatchedGeneration, Backend):
             info = self.adapters[name]
             self.adapter_id = info.adapter_id
             self.pixel_limits = info.pixel_limits
-
-    @property
-    def prefix_cache_stats(self) -> dict:
-        """Prefix KV reuse counters: hits, misses (prefills), skipped (no usable prefix), entries."""
-        return self.prefix_cache.stats
+        if self.engine is not None:  # its recordings keep the weights they were made with
+            self.engine.adapter_changed(self.adapter_id)
 
     @property
     def active_adapter(self) -> str | None:
@@ -529,83 +469,60 @@ class TransformersBackend(BatchedGeneration, Backend):
 
     # ------------------------------------------------------------------------------ constrained decoding
 
-    def enable_constrained_decoding(
-        self, vocab, policy=None, restrict_to_policy: bool = False, reason_max_chars: int | None = None
-    ) -> None:
-        """Constrain every generation to the action grammar of ``vocab`` (see vla_node.grammar).
+    def constrained_decoding_unavailable(self) -> str | None:
+        return None
 
-        The tokenizer is indexed once here; each grammar is compiled on first use per image size
-        (box bounds) and cached; every request gets fresh matchers. Raises BackendError.
-        """
-        from vla_node import grammar as _grammar
-
+    def grammar_tokens(self) -> tuple[object, int, list[int]]:
         with self._lock:
-            self._ensure_open()
-            try:
-                vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
-                self.action_grammar = _grammar.ActionGrammar.for_vocabulary(
-                    self.processor.tokenizer, vocab_size, self._eos_ids, vocab, policy, restrict_to_policy,
-                    reason_max_chars)
-            except _grammar.GrammarError as e:
-                raise BackendError(f"constrained decoding: {e}") from e
-
-    def disable_constrained_decoding(self) -> None:
-        with self._lock:
-            self.action_grammar = None
+            self.ensure_open()
+            vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
+            return self.processor.tokenizer, vocab_size, list(self.loaded.eos_ids)
 
     def _box_bounds(self, model_input_size: tuple[int, int]) -> tuple[int, int]:
         from vla_node.grammar import box_bounds
 
         return box_bounds(self.coordinate_convention, model_input_size)
 
-    # ------------------------------------------------------------------------------ generation
+    def constraint(self, budget: int, size: tuple[int, int]):
+        """The grammar's logits processor for one request (None: unconstrained)."""
+        if self.action_grammar is None:
+            return None
+        return self.action_grammar.logits_processor(budget, self._box_bounds(size))
 
-    def _ensure_open(self):
+    def batch_constraint(self, budgets: list[int], sizes: list[tuple[int, int]]):
+        """The grammar's logits processor for the rows of one ``generate`` (None: unconstrained)."""
+        if self.action_grammar is None:
+            return None
+        return self.action_grammar.batch_logits_processor(budgets, [self._box_bounds(size) for size in sizes])
+
+    # ------------------------------------------------------------------------------ requests -> inputs
+
+    def ensure_open(self) -> None:
         if self._closed:
             raise BackendError("backend is closed")
 
-    def _process(self, texts: list[str], images: list, **text_kwargs) -> dict:
-        """The processor call (images resized within the active pixel limits) -> tensors on the
-        backend's device in its dtype. On CUDA the image processor resizes, normalises and patchifies
-        on the GPU (uploading uint8 pixels, not 7 MB of float patches per 640x480 frame); a processor
-        that refuses ``device`` runs on the CPU."""
-        import torch
 
+    def _process(self, texts: list[str], images: list, **text_kwargs) -> dict:
+        """The processor's tensors (images resized within the active pixel limits) on the backend's
+        device, floating ones in its dtype; the engine builds them where it can do so faster."""
         lim = self.pixel_limits
         images_kwargs = {"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}}
-        inputs = None
-        if self.device.type == "cuda" and self._gpu_image_processing:
-            try:
-                inputs = self._call_processor(texts, images, {**images_kwargs, "device": str(self.device)},
-                                              text_kwargs)
-            except (TypeError, ValueError) as error:
-                self._gpu_image_processing = False
-                log.info("image processor cannot run on %s (%s): preprocessing on the CPU", self.device, error)
-        if inputs is None:
-            inputs = self._call_processor(texts, images, images_kwargs, text_kwargs)
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
-            out[k] = v
-        return out
+        if self.engine is not None:
+            inputs = self.engine.process(texts, images, images_kwargs, text_kwargs)
+        else:
+            inputs = self.processor(text=texts, images=images, return_tensors="pt", images_kwargs=images_kwargs,
+                                    **text_kwargs)
+        return on_device(inputs, self.device, self.dtype)
 
-    def _call_processor(self, texts: list[str], images: list, images_kwargs: dict, text_kwargs: dict):
-        """The processor's tensors for ``texts`` + ``images``; one prompt with one image by
-        one_image_inputs.py once its output equalled the processor's (compared on the first such request)."""
-        direct = self._one_image_inputs
-        if len(texts) == 1 and len(images) == 1 and not text_kwargs and direct.usable:
-            inputs = direct(texts[0], images[0], images_kwargs)
-            if inputs is not None and direct.verified:
-                return inputs
-            reference = self.processor(text=texts, images=images, return_tensors="pt", images_kwargs=images_kwargs)
-            if inputs is not None:
-                direct.check(inputs, reference)
-            return reference
-        return self.processor(text=texts, images=images, return_tensors="pt", images_kwargs=images_kwargs,
-                              **text_kwargs)
+    def chat_text(self, messages: list[dict]) -> str:
+        """The prompt text of chat ``messages`` (the chat template, generation prompt added)."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def _input_size(self, grid_thw) -> tuple[int, int]:
+    def batch_inputs(self, images: list, texts: list[str]) -> dict:
+        """One processor call for several prompts, left padded (generation appends on the right)."""
+        return self._process(texts, images, padding=True, padding_side="left")
+
+    def input_size(self, grid_thw) -> tuple[int, int]:
         """(width, height) in pixels of the image the model saw, from its (t, h, w) patch grid."""
         _, height, width = (int(v) for v in grid_thw.tolist())
         return width * self.patch_size, height * self.patch_size
@@ -616,23 +533,27 @@ class TransformersBackend(BatchedGeneration, Backend):
         The chat template is applied once, the image is resized by the processor within the
         active pixel limits. Exactly what :meth:`generate` feeds the model.
         """
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._process([text], [image])
+        return self._process([self.chat_text(messages)], [image])
+
+    def answer_text(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+    # ------------------------------------------------------------------------------ generation
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         import torch
 
         image = request.image
-        n_max = token_budget(request, self.max_new_tokens, image_required=False)
+        budget = token_budget(request, self.max_new_tokens, image_required=False)
 
         with self._lock:
-            self._ensure_open()
+            self.ensure_open()
             t0 = time.perf_counter()
             try:
                 inputs = self.prepare_inputs(image, request.messages)
             except Exception as e:
                 raise BackendError(f"preprocessing failed: {e}") from e
-            size = self._input_size(inputs["image_grid_thw"][0])
+            size = self.input_size(inputs["image_grid_thw"][0])
             prompt_len = int(inputs["input_ids"].shape[1])
             t1 = time.perf_counter()
             preprocess_ms = (t1 - t0) * 1000.0
@@ -640,274 +561,116 @@ class TransformersBackend(BatchedGeneration, Backend):
             ev = request.stop_event
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
-
-            # static: PrefillGraphs (or generate) prefills and picks the first token, StaticDecoder the rest
-            constraint = None
-            if self.action_grammar is not None:
-                try:
-                    constraint = self.action_grammar.logits_processor(n_max, self._box_bounds(size))
-                except Exception as e:
-                    raise BackendError(f"constrained decoding: {e}") from e
-            kwargs, stop_check = self._generate_kwargs(ev, constraint)
+            try:
+                constraint = self.constraint(budget, size)
+            except Exception as e:
+                raise BackendError(f"constrained decoding: {e}") from e
             try:
                 with torch.inference_mode():
-                    if self.decode_cache == "static":
-                        first, stopped, rope_deltas = self._static_prefill(inputs, image, n_max, ev, constraint,
-                                                                           kwargs, stop_check)
-                        new_ids, confidence = self._decode_rest(first, rope_deltas, n_max, ev, stopped, constraint)
+                    if self.engine is not None:
+                        answer = self.engine.generate(inputs, image, budget, ev, constraint)
                     else:
-                        cache, _ = self._initial_cache(inputs["input_ids"], prompt_len + n_max)
-                        model_inputs = self._model_inputs(inputs, image)
-                        if cache is not None:
-                            model_inputs = {**model_inputs, "past_key_values": cache}
-                        gc = self._greedy_generation_config(n_max)
-                        out = self.base_model.generate(**model_inputs, generation_config=gc, **kwargs)
+                        answer = self._generate_plain(inputs, budget, ev, constraint)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
-            if self.decode_cache != "static":
-                seq = out.sequences[0, prompt_len:]
-                logits = out.logits or ()
-                new_ids = seq.tolist()
-                # drop right padding (only when generation ended early with pad != eos; batch of 1: none)
-                new_ids = new_ids[:min(len(new_ids), len(logits))]
-                confidence = self._confidence(logits, new_ids)
-            n_new = len(new_ids)
-            text = self.processor.tokenizer.decode(
-                new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            ).strip()
             generate_ms = (time.perf_counter() - t1) * 1000.0
             return GenerationResult(
-                text=text,
-                confidence=confidence,
+                text=self.answer_text(answer.ids),
+                confidence=answer.confidence,
                 model_input_size=size,
                 prompt_tokens=prompt_len,
-                new_tokens=n_new,
+                new_tokens=len(answer.ids),
                 preprocess_ms=preprocess_ms,
                 generate_ms=generate_ms,
             )
 
-    # The smallest StaticCache: a new size means a new decoder, compiled again (tens of seconds on
-    # CUDA), and 2048 slots hold a 640x480 frame's prompt + 128 new tokens, so the warm-up's cache
-    # already fits the camera's commands; attending over unused slots costs ~20 us per token (3B).
-    static_cache_min_slots = 2048
+    def _generate_plain(self, inputs: dict, budget: int, stop_event, constraint, with_logits: bool = False):
+        """The plain path: transformers' ``generate`` with its own DynamicCache, greedy. Returns the
+        answer's Tokens (and, ``with_logits``, generate's per-step logits)."""
+        kwargs, _ = generate_kwargs(stop_event, constraint)
+        out = self.base_model.generate(**inputs, generation_config=greedy_config(self.loaded, budget), **kwargs)
+        answer = tokens_of(out, int(inputs["input_ids"].shape[1]))
+        return (answer, out.logits) if with_logits else answer
 
-    def _static_slots(self, total_len: int) -> int:
-        """Slots of a StaticCache for ``total_len`` tokens: rounded up to a multiple of
-        _STATIC_CACHE_BUCKET, at least ``static_cache_min_slots``."""
-        return max(self.static_cache_min_slots, -(-total_len // _STATIC_CACHE_BUCKET) * _STATIC_CACHE_BUCKET)
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | BackendError]:
+        """Several requests decoded together by the engine (engine/batched_generation.py: greedy
+        rows equal each request alone); without it, one after the other."""
+        if self.engine is None:
+            return super().generate_batch(requests)
+        return self.engine.batches.generate_batch(requests, self)
 
-    def _new_static_cache(self, slots: int):
-        from transformers import StaticCache
-
-        return StaticCache(config=self.base_model.config, max_cache_len=slots)
-
-    def _uses_static_prefill(self, inputs: dict) -> bool:
-        """Whether this request prefills with PrefillGraphs (prefill_graph.py) rather than ``generate``."""
-        return (self.static_prefill and self.decode_cache == "static" and self._static_prefill_supported
-                and inputs.get("image_grid_thw") is not None and inputs.get("pixel_values") is not None)
-
-    def _model_inputs(self, inputs: dict, image) -> dict:
-        """The model's inputs with the frame's vision encoding from the frame cache (encoded by the
-        recorded vision tower where there is one)."""
-        encoder = self.vision_graphs.encode if self.vision_graphs is not None else None
-        return self.vision_cache.model_inputs(self.base_model, inputs, image, self.adapter_id, encoder)
-
-    def _static_prefill(self, inputs: dict, image, n_max: int, stop_event, constraint, generate_kwargs: dict,
-                        stop_check) -> tuple[tuple[int, float] | None, bool, object]:
-        """The prompt prefilled into the backend's StaticCache (from the cached prefix) and the first
-        token chosen: ((token, log-probability) or None, stopped, rope_deltas). PrefillGraphs where
-        supported, else a one-token ``generate`` (with ``generate_kwargs``: its stop criteria and
-        grammar processor; ``stop_check`` its stop criterion)."""
-        prompt_len = int(inputs["input_ids"].shape[1])
-        host = host_inputs(inputs)  # read back before the vision tower is queued: the reads wait for nothing
-        model_inputs = self._model_inputs(inputs, image)
-        # the host work (prefix lookup, rope positions) while the GPU runs the tower: nothing below
-        # reads the device back before the prefill
-        cache, start = self._initial_cache(inputs["input_ids"], prompt_len + n_max + PREFILL_BUCKET,
-                                           host["input_ids"])
-        prefill = (PrefillGraphs.prepare(self.base_model, inputs, start, host) if self._uses_static_prefill(inputs)
-                   else None)
-        if prefill is not None:
-            first, stopped = self._static_first_token(prefill, model_inputs, stop_event, constraint)
-            return first, stopped, prefill.rope_deltas
-        out = self.base_model.generate(**model_inputs, past_key_values=cache,
-                                       generation_config=self._greedy_generation_config(1), **generate_kwargs)
-        stopped = stop_check is not None and stop_check.triggered
-        return self._first_of(out, prompt_len), stopped, self.base_model.model.rope_deltas
-
-    @staticmethod
-    def _first_of(out, prompt_len: int) -> tuple[int, float] | None:
-        """(token, log-probability) of the first new token of a one-token ``generate``; None if none."""
-        import torch
-
-        first = out.sequences[0, prompt_len:].tolist()[:1]
-        if not first:
-            return None
-        return first[0], float(torch.log_softmax(out.logits[0][0].float(), dim=-1)[first[0]])
-
-    def _static_first_token(self, prefill, model_inputs: dict, stop_event, constraint):
-        """The prompt prefilled by PrefillGraphs on the StaticCache and the first token chosen from
-        its logits as ``generate`` would (grammar mask, greedy); returns ((token, log-probability),
-        stopped), ``stopped`` being the stop event seen set after that token, as generate's criteria check."""
-        graphs = self._prefill_graphs
-        if (graphs is None or graphs.cache is not self._static_cache
-                or graphs.requested_compile_layers != self.compile_layers):
-            graphs = self._prefill_graphs = PrefillGraphs(self.base_model, self._static_cache,
-                                                          use_graph=self.device.type == "cuda",
-                                                          compile_layers=self.compile_layers)
-        features = (model_inputs.get("mm_encoder_outputs") or {}).get("image")
-        if features is None:  # the frame cache did not encode it: the tower's own call
-            features = self.base_model.model.get_image_features(model_inputs["pixel_values"],
-                                                                model_inputs["image_grid_thw"], return_dict=True)
-        scores = graphs.run(prefill, features)
-        if constraint is not None:  # masks in place, as in generate (whose returned logits are the masked ones)
-            scores = constraint(prefill.input_ids, scores)
-        token, logprob = greedy_choice(scores)
-        return (int(token), float(logprob)), stop_event is not None and stop_event.is_set()
-
-    def _decode_rest(self, first: tuple[int, float] | None, rope_deltas, n_max: int, stop_event, stopped: bool,
-                     constraint) -> tuple[list[int], float]:
-        """The tokens after the prefill's first one, by StaticDecoder on the backend's StaticCache;
-        returns (all new token ids, confidence). ``first``: the prefill's (token, log-probability);
-        ``stopped``: the stop event was seen set after it."""
-        if first is None:
-            return [], 1.0
-        steps = self._steps_after(first, n_max, stopped)
-        if steps <= 0:
-            return self._answer(first, DecodeResult([], []))
-        decoder = self._decoder = self._current_decoder(self._decoder, self._static_cache)
-        return self._answer(first, decoder.decode(first[0], rope_deltas, steps, stop_event, constraint))
-
-    def _steps_after(self, first: tuple[int, float], n_max: int, stopped: bool) -> int:
-        """Decode steps left after the first token: none when it ended the answer or a stop came."""
-        return 0 if stopped or first[0] in self._eos_ids else n_max - 1
-
-    def _current_decoder(self, decoder: StaticDecoder | None, cache) -> StaticDecoder:
-        """``decoder`` if it still decodes on ``cache`` with the requested kernels, else a new one."""
-        if (decoder is not None and decoder.cache is cache and decoder.requested_kernels == self.decode_kernels
-                and decoder.requested_layer_step == self.layer_kernels
-                and decoder.requested_dependent_launch == self.dependent_launch):
-            return decoder
-        cuda = self.device.type == "cuda"
-        return StaticDecoder(self.base_model, cache, self._eos_ids, use_graph=cuda,
-                             compile_step=cuda and self.compile_decode, fused=self._fused_projections,
-                             kernels=self.decode_kernels, layer_step=self.layer_kernels,
-                             dependent_launch=self.dependent_launch)
-
-    @staticmethod
-    def _answer(first: tuple[int, float], rest) -> tuple[list[int], float]:
-        """(all new token ids, confidence: the geometric mean probability of the choices)."""
-        logprobs = [first[1], *rest.logprobs]
-        mean_logprob = sum(logprobs) / len(logprobs)
-        return [first[0], *rest.tokens], min(1.0, max(math.exp(mean_logprob), 1e-12))
-
-    def _initial_cache(self, input_ids, total_len: int, ids_host=None):
-        """(cache, tokens it holds): the KV cache generation starts from: the prompt's cached shared
-        prefix (see prefix_cache.py) in a fresh DynamicCache or in the backend's one StaticCache, an
-        empty StaticCache, or None (generate's default DynamicCache).
-
-        Like transformers' own static caches, the StaticCache is allocated once and reused per
-        request (emptied, or set back to the prefix it still holds), so its tensors keep their
-        addresses (the CUDA graphs are recorded once); it holds ``total_len`` slots rounded up to
-        256, at least ``static_cache_min_slots``, and only ever grows. ``ids_host``: ``input_ids`` on
-        the host, when the caller has them (nothing is read back from the device then).
-        """
-        static = None
-        if self.decode_cache == "static":
-            slots = self._static_slots(total_len)
-            if self._static_cache is None or slots > self._static_cache_len:
-                self._static_cache_len = slots
-                self._static_cache = self._new_static_cache(slots)
-            static = self._static_cache
-        scope = (self.adapter_id, str(self.dtype), str(self.device))
-        ids_host = ids_host if ids_host is not None else input_ids.cpu()
-        length = self.prefix_cache.prefix_length(ids_host)
-        seeded = self.prefix_cache.seed(self.base_model, input_ids, scope, into=static, length=length,
-                                        ids_host=ids_host)
-        if seeded is None:
-            if static is not None:
-                reset_static_cache(static)
-            return static, 0
-        return seeded, length
-
-    def _generate_kwargs(self, stop_event, constraint) -> tuple[dict, object]:
-        """``generate``'s stopping criteria and logits processors for a stop event and a grammar
-        processor (either may be None), and the stop criterion."""
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        kwargs, stop_check = {}, None
-        if stop_event is not None:
-            stop_check = _StopOnEvent(stop_event)
-            kwargs["stopping_criteria"] = StoppingCriteriaList([stop_check])
-        if constraint is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([constraint])
-        return kwargs, stop_check
-
-    def _greedy_generation_config(self, max_new_tokens: int):
-        """Greedy decoding, our stop tokens, logits returned (for the confidence)."""
-        gc = copy.deepcopy(self.base_model.generation_config)
-        gc.do_sample = False
-        gc.num_beams = 1
-        gc.temperature = None
-        gc.top_p = None
-        gc.top_k = None
-        gc.max_new_tokens = max_new_tokens
-        gc.max_length = None
-        gc.eos_token_id = self._eos_ids
-        gc.pad_token_id = self._pad_id
-        gc.output_logits = True
-        gc.output_scores = False
-        gc.return_dict_in_generate = True
-        # the KV cache is ours (_initial_cache: static or prefix-seeded) or generate's DynamicCache
-        gc.cache_implementation = None
-        return gc
-
-    @staticmethod
-    def _confidence(logits, new_ids: list[int], row: int = 0) -> float:
-        """Geometric mean probability of the chosen tokens: one log_softmax over all steps and one
-        host transfer (not one per token)."""
-        import torch
-
-        if not new_ids:
-            return 1.0
-        steps = torch.stack([logits[i][row] for i in range(len(new_ids))]).float()
-        chosen = torch.tensor(new_ids, device=steps.device).unsqueeze(1)
-        mean_logp = float(torch.log_softmax(steps, dim=-1).gather(1, chosen).mean())
-        return min(1.0, max(math.exp(mean_logp), 1e-12))
-
-    # On CUDA the warm-up also encodes a grey frame of this (width, height): the common camera size,
-    # whose vision blocks are then compiled and recorded before the first command; None: skip it.
-    warmup_frame_size: tuple[int, int] | None = (640, 480)
+    # ------------------------------------------------------------------------------ warm-up
 
     def warmup(self) -> None:
         """One tiny generation (smallest allowed image, 2 tokens) to initialise kernels/caches; on
-        CUDA also one for a ``warmup_frame_size`` frame."""
+        CUDA also one for the engine's ``warmup_frame_size`` frame. The first warm-up with an engine
+        probes it first: its answer to the warm-up image must be the plain path's (engine/guard.py),
+        else it is dropped, with one log line, and the plain path serves."""
         import numpy as np
 
         request = warmup_request(self.pixel_limits)
+        if self.engine is not None and not self._engine_probed:
+            self._probe_engine(request)
         self.generate(request)
-        if self.vision_graphs is not None and self.warmup_frame_size is not None:
-            width, height = self.warmup_frame_size
+        engine = self.engine
+        if engine is not None and engine.vision_graphs is not None and engine.options.warmup_frame_size is not None:
+            width, height = engine.options.warmup_frame_size
             request.image = np.full((int(height), int(width), 3), 127, dtype=np.uint8)
             self.generate(request)
+
+    def warmup_batches(self, max_rows: int) -> None:
+        """With the engine's static cache, one tiny batch per padded row count up to ``max_rows``
+        (capped by ``max_batch_size``): on CUDA each count's decoder is compiled and recorded here
+        (~30-35 s each for the 3B architecture on an H200), not at the first batch of that size."""
+        if self.engine is None or self.engine.decode_cache != "static":
+            return
+        for rows in self.engine.batches.row_counts(max_rows):
+            for result in self.generate_batch([warmup_request(self.pixel_limits) for _ in range(rows)]):
+                if isinstance(result, BackendError):
+                    raise result
+
+    def _probe_engine(self, request: GenerationRequest) -> None:
+        """The engine's first answer against the plain path's, for the same inputs (built by the
+        processor) and the model as loaded; a disagreement drops the engine."""
+        import torch
+
+        with self._lock:
+            self.ensure_open()
+            engine = self.engine
+            self._engine_probed = True
+            lim = self.pixel_limits
+            images_kwargs = {"size": {"shortest_edge": lim.min_pixels, "longest_edge": lim.max_pixels}}
+            inputs = on_device(self.processor(text=[self.chat_text(request.messages)], images=[request.image],
+                                              return_tensors="pt", images_kwargs=images_kwargs),
+                               self.device, self.dtype)
+            try:
+                with torch.inference_mode():
+                    with engine.plain_model():
+                        plain, logits = self._generate_plain(inputs, _PROBE_TOKENS, None, None, with_logits=True)
+                    fast = engine.generate(inputs, request.image, _PROBE_TOKENS, None, None)
+            except Exception as e:
+                reason = f"the engine's first answer failed: {type(e).__name__}: {e}"
+            else:
+                reason = probe_disagreement(plain.ids, logits, fast.ids, str(self.dtype).replace("torch.", ""))
+            if reason is not None:
+                log.warning("engine off, serving the plain path: %s", reason)
+                self.warnings.append(f"engine off: {reason}")
+                engine.close()
+                self.engine = None
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
             self.peft_model = None
             self.model = None
             self.base_model = None
+            self.loaded = None
             self.adapters.clear()
-            self.vision_cache.clear()
-            self.prefix_cache.clear()
-            self._static_cache = None
-            self._batch_caches.clear()
-            self._batch_decoders.clear()
-            self._forget_recordings()
-            self.vision_graphs = None
-            self._fused_projections = None  # holds the joint weight matrices
             try:
                 import torch
 

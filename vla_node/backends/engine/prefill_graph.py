@@ -29,8 +29,8 @@ import inspect
 import logging
 import threading
 
-from vla_node.backends.cuda_graph import record_cuda_graph
-from vla_node.backends.regional_compile import CompiledForwards
+from vla_node.backends.engine.cuda_graph import record_cuda_graph
+from vla_node.backends.engine.regional_compile import CompiledForwards
 from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["PREFILL_ATTENTION", "PREFILL_BUCKET", "PrefillGraphs", "Prefill", "host_inputs",

@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from vla_node.backends.aligned_mlp import AlignedMlps
-from vla_node.backends.cuda_graph import record_cuda_graph
-from vla_node.backends.patch_linear import PatchEmbedAsLinear
-from vla_node.backends.regional_compile import CompiledForwards
+from vla_node.backends.engine.aligned_mlp import AlignedMlps
+from vla_node.backends.engine.cuda_graph import record_cuda_graph
+from vla_node.backends.engine.patch_linear import PatchEmbedAsLinear
+from vla_node.backends.engine.regional_compile import CompiledForwards
 from vla_node.lru import CountingLru, LruBacked
 
 __all__ = ["VisionGraphs", "vision_plan"]

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 
-from vla_node.backends import decode_kernels
-from vla_node.backends.fused_projections import base_linear
-from vla_node.backends.layer_kernels import dependent_launch_supported, kernels
+from vla_node.backends.engine import decode_kernels
+from vla_node.backends.engine.fused_projections import base_linear
+from vla_node.backends.engine.layer_kernels import dependent_launch_supported, kernels
 
 __all__ = ["LayerStep"]
 

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import threading
 
-from vla_node.backends.cuda_graph import record_cuda_graph
+from vla_node.backends.engine.cuda_graph import record_cuda_graph
 
 __all__ = ["DECODE_ATTENTION", "DECODE_KERNEL_ATTENTION", "StaticDecoder", "DecodeResult",
            "grouped_query_attention", "kernel_attention", "greedy_choice"]
@@ -69,7 +69,7 @@ def grouped_query_attention(module, query, key, value, attention_mask=None, scal
 def kernel_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """grouped_query_attention by decode_kernels.py's one-token Triton kernel where it applies
     (batch 1, one query token, a mask given); the same arguments and result."""
-    from vla_node.backends import decode_kernels
+    from vla_node.backends.engine import decode_kernels
 
     if attention_mask is not None and decode_kernels.attention_supported(query, key):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -149,7 +149,7 @@ class StaticDecoder:
         self._eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self._eos_set = set(int(e) for e in eos_ids)
         self.use_graph = bool(use_graph) and device.type == "cuda"
-        from vla_node.backends import decode_kernels
+        from vla_node.backends.engine import decode_kernels
 
         self.requested_kernels = bool(kernels)
         self.kernels = self.requested_kernels and decode_kernels.available(device)
@@ -190,7 +190,7 @@ class StaticDecoder:
 
     def _new_layer_step(self, model):
         """layer_step.py's fused layers for this model, or None (why not: logged)."""
-        from vla_node.backends.layer_step import LayerStep
+        from vla_node.backends.engine.layer_step import LayerStep
 
         reason = LayerStep.unsupported(model, self._fused)
         if reason is not None:

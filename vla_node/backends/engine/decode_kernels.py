@@ -73,7 +73,7 @@ def _build_kernels():
     import triton
     import triton.language as tl
 
-    from vla_node.backends import layer_kernels
+    from vla_node.backends.engine import layer_kernels
 
     global empty_state, attend_block, store_state, combine_head  # Triton finds the jitted functions a kernel
     empty_state, attend_block, store_state, combine_head = (  # calls among its globals
@@ -238,7 +238,7 @@ def fastest(candidates, launch, device, repeats: int = 20, flush_cache: bool = T
     refuses is skipped."""
     import torch
 
-    from vla_node.backends.cuda_graph import record_cuda_graph
+    from vla_node.backends.engine.cuda_graph import record_cuda_graph
 
     flush = torch.empty((96 << 20) if flush_cache else 1, dtype=torch.uint8, device=device)  # > any L2 so far
 

@@ -1,0 +1,215 @@
+"""Training throughput of a small (embedded-size) model: vla-train's ordinary path vs its fast path.
+
+    python3 benchmarks/small_model_training.py [--shape previous|embedded] [--samples 8192] [--steps 60]
+
+Both arms run `vla-train`'s own train() on the same synthetic table-top samples and a randomly
+initialised checkpoint of the chosen shape:
+
+  ordinary  fast_path=false: DataLoader workers decode, fit and process every image each epoch,
+            the whole prompt (system text included) runs for every sample; the recipe the
+            embedded model was built with before (fp32, batch 64, 14 workers)
+  fast      fast_path=true: the data encoded once and kept on the GPU, the shared prompt prefix
+            computed once per batch, bf16 autocast over fp32 weights, batch 256
+
+Shapes: `previous` = the embedded model as committed before the fast path (hidden 256, 4 layers,
+vision 192 x 4, 28 px visual tokens, 252x196 input); `embedded` = training.build_embedded's
+MODEL_SIZES. Timed: optimizer steps after --warmup-steps. Printed: samples/s, the ratio, model
+FLOPs per second against the measured bf16 matmul peak (the FLOPs of the ordinary forward of a
+whole sample, so both arms are measured against the same work), and GPU busy time (the CUDA
+kernels' time over wall time in a torch.profiler window of 5 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PREVIOUS = dict(vocab_size=3000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vision_hidden_size=192, vision_intermediate_size=512, vision_depth=4,
+                vision_num_heads=4, min_pixels=56 * 56, max_pixels=252 * 196, vision_window_attention=False)
+
+
+def shape(name: str) -> tuple[dict, int]:
+    """(tiny_models sizes, factor = patch x merge)."""
+    if name == "previous":
+        return PREVIOUS, 28
+    from training.build_embedded import FACTOR, MODEL_SIZES
+
+    return MODEL_SIZES, FACTOR
+
+
+def prepare(work: Path, sizes: dict, factor: int, samples: int) -> tuple[Path, Path]:
+    from training.synth import SynthConfig, generate_dataset
+    from training.tiny_models import build_tiny_checkpoint
+
+    from training.build_embedded import corpus
+
+    data = work / "data"
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    synth = SynthConfig(num=samples, seed=0, size=(320, 240), val_frac=0.0, test_frac=0.0, boxes="absolute_resized",
+                        min_pixels=sizes["min_pixels"], max_pixels=sizes["max_pixels"], factor=factor)
+    if not (data / "dataset_info.json").is_file():
+        generate_dataset(data, synth, workers=workers)
+    checkpoint = work / "checkpoint"
+    if not (checkpoint / "config.json").is_file():  # a tokenizer trained on the data's text, as a build's
+        build_tiny_checkpoint(checkpoint, family="qwen2_5_vl", seed=0, vocab_texts=corpus([synth], workers), **sizes)
+    return checkpoint, data
+
+
+class Clock:
+    """TrainerCallback: time of each optimizer step after the warm-up, and a profiler window."""
+
+    def __init__(self, warmup: int, profile_steps: int = 5):
+        self.warmup, self.profile_steps = warmup, profile_steps
+        self.marks: list[float] = []
+        self.busy_fraction = None
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            profiler = None
+            started = 0.0
+
+            def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                step = state.global_step
+                if step >= clock.warmup:
+                    clock.marks.append(time.perf_counter())
+                if step == clock.warmup and torch.cuda.is_available():
+                    self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.profiler.__enter__()
+                    self.started = time.perf_counter()
+                elif self.profiler is not None and step == clock.warmup + clock.profile_steps:
+                    wall = time.perf_counter() - self.started
+                    self.profiler.__exit__(None, None, None)
+                    kernel_us = sum(e.device_time_total for e in self.profiler.key_averages()
+                                    if e.device_type == torch.autograd.DeviceType.CUDA)
+                    clock.busy_fraction = kernel_us / 1e6 / wall
+                    self.profiler = None
+
+        return _Callback()
+
+    def seconds_per_step(self) -> float:
+        gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return statistics.median(gaps[self.profile_steps:] or gaps)
+
+
+def flops_per_sample(checkpoint: Path, data: Path) -> float:
+    """Matmul FLOPs of forward + backward (x3) of one whole sample in the ordinary forward."""
+    import json
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(checkpoint)
+    text, vision = cfg.text_config, cfg.vision_config
+    sample = json.loads((data / "train.json").read_text())[0]
+    from transformers import AutoProcessor
+
+    from training.collate import VLACollator, pixel_limits_of
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    collator = VLACollator(processor, PromptBuilder(Vocabulary.load()), pixel_limits_of(processor))
+    sample["images"] = [str(data / sample["images"][0])]
+    enc = collator.encode(sample)
+    tokens, patches = int(enc["input_ids"].shape[0]), int(enc["image_grid_thw"].prod())
+    h = text.hidden_size
+    kv = text.num_key_value_heads * (h // text.num_attention_heads)
+    per_token = 2 * text.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * text.intermediate_size)
+    attention = 2 * text.num_hidden_layers * tokens * h * 2  # QK and AV, causal ~ half of the square
+    vh = vision.hidden_size
+    per_patch = 2 * vision.depth * (4 * vh * vh + 3 * vh * vision.intermediate_size)
+    return 3.0 * (tokens * (per_token + attention / 2) + patches * per_patch + tokens * 2 * h * text.vocab_size)
+
+
+def matmul_peak() -> float:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    times = []
+    for i in range(10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
+    from training.config import TrainConfig
+    from training.train import train
+
+    fast = arm == "fast"
+    batch = args.fast_batch if fast else args.ordinary_batch
+    clock = Clock(args.warmup_steps)
+    cfg = TrainConfig(model_path=str(checkpoint), finetuning_type="full", freeze_vision_tower=False,
+                      freeze_multi_modal_projector=False, dataset_dir=str(data), dataset="tabletop_train",
+                      output_dir=str(out / arm), max_steps=args.steps, per_device_train_batch_size=batch,
+                      learning_rate=1e-3, warmup_ratio=0.0, save_steps=10**6, logging_steps=10**6, report_to="none",
+                      plot_loss=False, disable_tqdm=True, seed=0, fast_path="true" if fast else "false",
+                      bf16="auto" if fast else "false", dataloader_num_workers=None if fast else args.workers,
+                      preprocessing_num_workers=args.workers)
+    started = time.perf_counter()
+    train(cfg, callbacks=[clock.callback()])
+    step = clock.seconds_per_step()
+    return {"batch": batch, "seconds_per_step": step, "samples_per_s": batch / step,
+            "busy": clock.busy_fraction, "wall_s": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=("previous", "embedded"), default="previous")
+    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--ordinary-batch", type=int, default=64)
+    parser.add_argument("--fast-batch", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--arms", default="ordinary,fast")
+    parser.add_argument("--work-dir", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="small_train_"))
+    sizes, factor = shape(args.shape)
+    checkpoint, data = prepare(work, sizes, factor, args.samples)
+    results = {arm: run_arm(arm, checkpoint, data, work / "runs", args) for arm in args.arms.split(",")}
+    per_sample = flops_per_sample(checkpoint, data)
+    peak = matmul_peak() if torch.cuda.is_available() else None
+    print(f"$ python3 benchmarks/small_model_training.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}; "
+          f"shape {args.shape}; {args.samples} samples; {args.steps} steps, first {args.warmup_steps} untimed; "
+          f"{per_sample / 1e9:.1f} GFLOP per sample (whole ordinary forward + backward)"
+          + (f"; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    base = results.get("ordinary")
+    for arm, r in results.items():
+        ratio = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        mfu = f"{per_sample * r['samples_per_s'] / peak:6.1%}" if peak else "   n/a"
+        busy = f"{r['busy']:.0%}" if r["busy"] is not None else "n/a"
+        print(f"{arm:<9} batch {r['batch']:4d}  {r['samples_per_s']:9.1f} samples/s  {ratio:6.2f}x  "
+              f"MFU {mfu}  GPU busy {busy}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

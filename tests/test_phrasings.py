@@ -1,0 +1,72 @@
+"""The held-out phrasings (models/heldout/phrasings.json): enough of them, all usable, and apart from
+the generator (training/synth_language.py): a phrasing the generator writes word for word would
+test nothing, so none of them may come out of 6,000 generated commands of its skill."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from training.phrasings import fill, read_phrasings
+from training.synth import SynthConfig, Synthesizer
+
+SPEC = Path(__file__).resolve().parents[1] / "models" / "heldout" / "phrasings.json"
+_PUNCTUATION = re.compile(r"[,.!?，。！？、]")
+
+
+def _normal(text: str) -> str:
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def test_enough_phrasings_of_each_language_and_every_one_fills():
+    spec = read_phrasings(SPEC)
+    for lang in ("en", "zh"):
+        entries = spec[lang]
+        assert len(entries) >= 50 and {e["skill"] for e in entries} == {"move", "pick", "place"}
+        assert len({_normal(e["text"]) for e in entries}) == len(entries)  # no two alike
+        for entry in entries:
+            text = fill(entry, lang, "red cube" if entry["skill"] != "place" else None,
+                        "blue box" if entry["skill"] != "pick" else None, lambda label: "红色方块")
+            assert "{" not in text and text.strip(), entry
+
+
+def _delexicalised(sample, lang: str, names: dict) -> str:
+    """The generator's command with its object and destination names replaced by the slots."""
+    text = sample.command if lang == "zh" else sample.command.lower()
+    step = sample.steps[0]
+    for label, slot in ((step.object, "{o}"), (step.destination, "{d}")):
+        if not label:
+            continue
+        for name in sorted([label] + names.get(label, []), key=len, reverse=True):
+            text = text.replace(name, slot)
+    if lang == "en":
+        for word, slot in ((" into the {d}", " {into} the {d}"), (" onto the {d}", " {into} the {d}"),
+                           (" in the {d}", " {in} the {d}"), (" on the {d}", " {in} the {d}")):
+            text = text.replace(word, slot)
+    else:
+        for word, slot in (("{d}里面", "{d}{lim}"), ("{d}上面", "{d}{lim}"), ("{d}里", "{d}{li}"), ("{d}上", "{d}{li}")):
+            text = text.replace(word, slot)
+    return _normal(text)
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_no_held_out_phrasing_is_written_by_the_generator(lang):
+    from training.synth_language import COLOURS_ZH, SHAPES_ZH
+
+    spec = read_phrasings(SPEC)
+    generated: set[str] = set()
+    for skill in ("move", "pick", "place"):
+        syn = Synthesizer(SynthConfig(num=6000, seed=11, languages=(lang,), skills=(skill,)))
+        names: dict[str, list[str]] = {}
+        for zh, label in syn.vocab.labels_zh.items():
+            names.setdefault(label, []).append(zh)
+        for label in names:
+            colour, _, shape = label.rpartition(" ")
+            names[label].append(f"{COLOURS_ZH[colour]}的{SHAPES_ZH[shape]}")
+        for index in range(6000):
+            generated.add(_delexicalised(syn.sample(index, render=False), lang, names))
+    written = [e["text"] for e in spec[lang] if _normal(e["text"]) in generated]
+    assert not written, f"the generator writes these held-out phrasings itself: {json.dumps(written, ensure_ascii=False)}"
