@@ -358,6 +358,20 @@ def _build_processor(family: str, tokenizer, min_pixels: int, max_pixels: int, p
     )
 
 
+def _vision_common(family: str, s: dict, text_hidden: int) -> dict:
+    """The vision config keys Qwen2.5-VL and Qwen3-VL name alike."""
+    return dict(
+        depth=int(s["vision_depth"]),
+        hidden_size=int(s["vision_hidden_size"]),
+        intermediate_size=int(s["vision_intermediate_size"]),
+        out_hidden_size=text_hidden,
+        num_heads=int(s["vision_num_heads"]),
+        patch_size=patch_size_of(family, s),
+        spatial_merge_size=int(s["merge_size"]),
+        temporal_patch_size=_TEMPORAL,
+    )
+
+
 def _build_config(family: str, tokenizer, s: dict):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab_size = len(tokenizer)
@@ -414,14 +428,7 @@ def _build_config(family: str, tokenizer, s: dict):
         from transformers import Qwen2_5_VLConfig as C
 
         vision = dict(
-            depth=vdepth,
-            hidden_size=vhidden,
-            intermediate_size=int(s["vision_intermediate_size"]),
-            out_hidden_size=hidden,
-            num_heads=int(s["vision_num_heads"]),
-            patch_size=patch_size_of(family, s),
-            spatial_merge_size=int(s["merge_size"]),
-            temporal_patch_size=_TEMPORAL,
+            **_vision_common(family, s, hidden),
             window_size=112,
             fullatt_block_indexes=[vdepth - 1] if s["vision_window_attention"] else list(range(vdepth)),
             tokens_per_second=2,
@@ -439,14 +446,7 @@ def _build_config(family: str, tokenizer, s: dict):
             "mrope_interleaved": True,
         }
         vision = dict(
-            depth=vdepth,
-            hidden_size=vhidden,
-            intermediate_size=int(s["vision_intermediate_size"]),
-            out_hidden_size=hidden,
-            num_heads=int(s["vision_num_heads"]),
-            patch_size=patch_size_of(family, s),
-            spatial_merge_size=int(s["merge_size"]),
-            temporal_patch_size=_TEMPORAL,
+            **_vision_common(family, s, hidden),
             num_position_embeddings=576,
             deepstack_visual_indexes=[0] if vdepth == 1 else [vdepth - 2],
         )
