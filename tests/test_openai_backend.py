@@ -413,11 +413,16 @@ def real_server(tmp_path_factory):
 
 
 def _scene(vocab):
+    """A synthetic scene and the plainest wording of its move command (this is about the protocol,
+    not about how well the small model reads varied speech)."""
     from training.synth import SynthConfig, Synthesizer
+    from training.synth_language import prepositions
 
     synth = Synthesizer(SynthConfig(num=200, seed=0, size=(320, 240), languages=["en"], skills=["move"]), vocab)
     sample = synth.sample(0)
-    return np.ascontiguousarray(sample.image[:, :, ::-1]), sample.command, sample.answer
+    step = sample.steps[0]
+    command = f"put the {step.object} {prepositions(step.destination.rpartition(' ')[2])[0]} the {step.destination}"
+    return np.ascontiguousarray(sample.image[:, :, ::-1]), command, sample.answer
 
 
 def test_real_server_answer_passes_the_pipeline_at_the_sent_size(real_server, vocab):
