@@ -68,7 +68,7 @@ def synth_config(num: int, seed: int, languages: tuple[str, ...]):
 
     return SynthConfig(num=num, seed=seed, size=IMAGE_SIZE, languages=languages, boxes=BOXES,
                        min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"], factor=FACTOR,
-                       val_frac=0.01, test_frac=0.01)
+                       val_frac=0.01, test_frac=0.02)  # >= 400 held-out samples in each split
 
 
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int) -> Path:
