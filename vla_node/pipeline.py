@@ -15,7 +15,6 @@ import itertools
 import logging
 import threading
 import time
-import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -28,19 +27,14 @@ from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
 from vla_node.settings import check_all, default
-from vla_node.text import CommandError, StopPhraseDetector, sanitise_command
+from vla_node.text import CommandError, StopPhraseDetector, echo_refused, sanitise_command
 from vla_node.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
-
-
-def _echo(text: object, limit: int = 200) -> str:
-    """A refused command as it may be echoed in a status: text, no control/surrogate characters."""
-    raw = text if isinstance(text, str) else repr(text)
-    return "".join(c for c in raw[:limit] if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
 
 
 @dataclass
@@ -309,7 +303,7 @@ class CommandPipeline:
         try:
             clean = sanitise_command(text, self.config.max_command_bytes)
         except CommandError as error:
-            self._emit_status(CommandStatus(command_id=command_id, command_text=_echo(text),
+            self._emit_status(CommandStatus(command_id=command_id, command_text=echo_refused(text),
                                             code=StatusCode.BAD_COMMAND, detail=str(error)), None)
             return command_id
         if self._stop_detector.is_stop(clean):
