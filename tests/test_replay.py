@@ -384,6 +384,14 @@ BAD_BAGS = {
                          ["no topic /voice", "--speech-topic", "/speech/text [std_msgs/msg/String]"]),
     "corrupt_message": (_corrupt_message, [], ["corrupt_message", "/speech/text", "std_msgs/msg/String",
                                                "does not decode"]),
+    # numbers that would make the replay wait forever or compare nothing
+    "nan_status_timeout": (lambda root: write_mini_bag(root / "mini"), ["--status-timeout", "nan"],
+                           ["--status-timeout must be a finite number > 0, got nan"]),
+    "infinite_rate": (lambda root: write_mini_bag(root / "mini"), ["--rate", "inf"], ["--rate must be a finite"]),
+    "zero_startup_timeout": (lambda root: write_mini_bag(root / "mini"), ["--startup-timeout", "0"],
+                             ["--startup-timeout must be a finite number > 0, got 0.0"]),
+    "min_iou_out_of_range": (lambda root: write_mini_bag(root / "mini"), ["--min-iou", "1.5"],
+                             ["--min-iou must be between 0 and 1, got 1.5"]),
 }
 
 

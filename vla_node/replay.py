@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -203,8 +204,12 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     for spec in args.param:
         name, value = parse_node_parameter(spec)
         params[name] = value
-    if args.rate <= 0:
-        raise ReplayError(f"--rate must be > 0, got {args.rate}")
+    for option, value in (("--rate", args.rate), ("--status-timeout", args.status_timeout),
+                          ("--startup-timeout", args.startup_timeout)):
+        if not (math.isfinite(value) and value > 0):  # a nan timeout would wait forever
+            raise ReplayError(f"{option} must be a finite number > 0, got {value}")
+    if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:  # also refuses nan
+        raise ReplayError(f"--min-iou must be between 0 and 1, got {args.min_iou}")
     if args.corrections is not None and args.export_dataset is None:
         raise ReplayError("--corrections only makes sense with --export-dataset DIR")
     if args.external and params:
