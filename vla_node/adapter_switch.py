@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from vla_node.backends.base import BackendError
 from vla_node.factory import parse_adapter_specs
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def check_change(current: AdapterState, specs: list[str] | tuple[str, ...], acti
     try:
         wanted = parse_adapter_specs([s for s in specs if s])
         have = parse_adapter_specs([s for s in current.specs if s])
-    except ValueError as error:
+    except (ValueError, BackendError) as error:  # a name given twice; 'embedded' without the bundled adapter
         return str(error)
     dropped = [name for name in have if name not in wanted]
     if dropped:

@@ -254,6 +254,13 @@ class VlaRuntime:
     def _on_set_parameters(self, parameters: list) -> SetParametersResult:
         """Check a set as a whole and change nothing here: a refused set leaves every value as it
         was; an accepted adapter change is carried out in the background (AdapterSwitcher)."""
+        try:
+            return self._check_parameters(parameters)
+        except Exception as error:  # a parameter service call must never take the node down
+            self.log.error(f"parameter set refused: {type(error).__name__}: {error}")
+            return SetParametersResult(successful=False, reason=f"{type(error).__name__}: {error}")
+
+    def _check_parameters(self, parameters: list) -> SetParametersResult:
         if self._setting_truth:
             return SetParametersResult(successful=True)
         values = {parameter.name: parameter.value for parameter in parameters}
