@@ -55,6 +55,7 @@ def test_params_file_topics_and_a_launch_argument_reach_the_running_node(ros_con
                 if "/from/launch/actions" in published:
                     break
             time.sleep(0.5)
+        assert launch.poll() is None, f"the launch ended early:\n{launch.communicate()[0]}"
         assert "/from/yaml/image" in subscribed and "/robot7/speech/text" in subscribed, subscribed
         assert "/from/launch/actions" in published and "/from/yaml/actions" not in published, published
         os.killpg(launch.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group

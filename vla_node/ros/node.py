@@ -14,6 +14,7 @@ import argparse
 import collections
 import signal
 import sys
+import threading
 from typing import Any
 
 import rclpy
@@ -412,6 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     from vla_node.ros.log_bridge import quiet_progress_bars
 
     quiet_progress_bars()
+    starting = threading.Event()
+    starting.set()
+
+    def on_sigint(signum, frame):
+        # rclpy's own handler ends the spin and then calls this one. Ctrl-C in a terminal reaches the
+        # node twice (from the terminal and from launch): a KeyboardInterrupt raised inside rclpy's
+        # executor clean-up can leave it waiting for ever, so only a Ctrl-C during start-up raises.
+        if starting.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         rclpy.init(args=argv)
     except Exception as error:  # e.g. malformed --ros-args: there is no node to log through yet
@@ -425,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # logged through the node's ROS logger; exit 1 so launch, scripts and systemd see it
         rclpy.try_shutdown()
         return 1
+    starting.clear()
     try:
         rclpy.spin(node)
     except KeyboardInterrupt:
@@ -433,14 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         if type(error).__name__ != "ExternalShutdownException":
             raise
     finally:
-        # Ctrl-C in a terminal reaches the node twice (from the terminal and from launch): the
-        # second one must not cut the clean-up short (it is bounded: the worker and the adapter
-        # thread are joined with timeouts)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         node.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
