@@ -449,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         node.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+        # the second Ctrl-C can still be on its way (rclpy hands it on late): it must not kill the
+        # finished process, or launch reports a clean exit as "process has died"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 
