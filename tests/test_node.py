@@ -534,3 +534,26 @@ def _assert_boxes_drawn(image, plan, scene: np.ndarray, colours: dict) -> None:
         y = min(max((y1 + y2) // 2, 0), image.height - 1)
         left = bgr[y, max(x1 - 1, 0):x1 + 2]
         assert (left == colour).all(axis=1).any(), f"no {colour} edge at x={x1}, y={y}: {left.tolist()}"
+
+
+def test_a_frame_that_cannot_be_decoded_draws_nothing_and_the_next_answer_is_drawn(graph_factory, tiny_model_dir):
+    from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
+
+    graph = graph_factory(model_path=str(tiny_model_dir))
+    images = []
+    graph.peer.create_subscription(Image, "/vla/debug_image", images.append, QoSProfile(
+        depth=1, reliability=QoSReliabilityPolicy.RELIABLE, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL))
+    assert spin_until(graph.executor, lambda: graph.vla.runtime.debug_image.publisher.get_subscription_count(), 10)
+    broken = Image(height=120, width=160, encoding="rgb8", step=480, data=bytes(100))  # too few bytes
+    broken.header.stamp = graph.vla.get_clock().now().to_msg()
+    graph.camera.publish(broken)
+    spin_until(graph.executor, lambda: False, 0.3)
+    graph.say("pick up the red cube")
+    assert graph.wait_statuses(1)[0].code_name == "BAD_IMAGE"
+    spin_until(graph.executor, lambda: False, 1.5)
+    assert images == [], "no picture of a frame that has none"
+    graph.send_image(_scene())
+    graph.say("pick up the red cube")
+    status = graph.wait_statuses(2)[1]
+    assert spin_until(graph.executor, lambda: images, 10)
+    assert (images[-1].height, images[-1].width) == (120, 160) and status.code_name != "BAD_IMAGE"

@@ -48,7 +48,12 @@ class DebugImagePublisher:
             self._publish(latest)
 
     def _publish(self, answer: AnsweredCommand) -> None:
-        rgb = answer.rgb if answer.rgb is not None else answer.frame.decode()
+        try:
+            rgb = answer.rgb if answer.rgb is not None else answer.frame.decode()
+        except Exception:  # BAD_IMAGE: the frame has no picture to draw on (its status says why)
+            with self._lock:
+                self._drawn = answer  # nothing to retry
+            return
         status = answer.status
         steps = list(answer.plan.steps) if answer.plan is not None else []
         bgr = annotated_frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), steps, status.code.value,
