@@ -481,6 +481,10 @@ def test_an_adapter_set_is_checked_whole_and_a_refused_one_changes_nothing(graph
 
 @needs_embedded
 def test_the_embedded_chinese_adapter_is_loaded_by_default_and_swaps_in(graph_factory):
+    from vla_node.factory import EMBEDDED_ADAPTER
+
+    if not (embedded / EMBEDDED_ADAPTER).is_dir():
+        pytest.skip("this embedded model comes without its Chinese adapter")
     graph = graph_factory()
     assert list(graph.vla.get_parameter("adapters").value) == ["zh=embedded"]
     assert graph.vla.get_parameter("active_adapter").value == ""
