@@ -50,24 +50,40 @@ def test_declares_every_documented_argument():
             "speech_topic", "action_topic", "params_file", "namespace", "log_level"} <= names
 
 
-def test_arguments_become_parameters_and_remappings():
-    context = launch.LaunchContext()
-    (node,) = _nodes({"model_path": "/models/qwen", "adapter_path": "/adapters/zh",
-                      "camera_topic": "/robot1/cam", "namespace": "robot1", "camera_reliability": "reliable"},
-                     context)
-    assert isinstance(node, launch_ros.actions.Node)
-    # What launch_ros itself turns the parameters into (the values written to its params file).
-    parameters = launch_ros.utilities.evaluate_parameters(
+def _parameters(node, context) -> list:
+    """What launch_ros itself turns the node's parameters into (files, then the values it writes)."""
+    return launch_ros.utilities.evaluate_parameters(
         context, launch_ros.utilities.normalize_parameters(node.launch_kwargs["parameters"]))
-    overrides = parameters[-1]
-    assert overrides["model_path"] == "/models/qwen"
-    assert list(overrides["adapters"]) == ["launch=/adapters/zh"]
-    assert overrides["active_adapter"] == "launch"
-    assert overrides["camera_reliability"] == "reliable"
-    assert ("camera/image", "/robot1/cam") in node.launch_kwargs["remappings"]
+
+
+def test_arguments_become_parameters_only_when_given():
+    context = launch.LaunchContext()
+    node, exit_handler = _nodes({"model_path": "/models/qwen", "adapter_path": "/adapters/zh",
+                                 "camera_topic": "/robot1/cam", "namespace": "robot1",
+                                 "camera_reliability": "reliable", "log_level": "debug"}, context)
+    assert isinstance(node, launch_ros.actions.Node)
+    assert isinstance(exit_handler, launch.actions.RegisterEventHandler)
+    overrides = _parameters(node, context)[-1]
+    assert dict(overrides, adapters=list(overrides["adapters"])) == {
+        "model_path": "/models/qwen", "adapters": ["launch=/adapters/zh"], "active_adapter": "launch",
+        "camera_reliability": "reliable", "camera_topic": "/robot1/cam"}
+    assert not node.launch_kwargs.get("remappings"), "no internal topic names to remap onto"
     assert node.launch_kwargs["namespace"] == "robot1"
+    assert node.launch_kwargs["ros_arguments"] == ["--log-level", "robot1.vla_node:=debug"], "the node's logger only"
+
+
+def test_a_params_file_topic_is_kept_unless_a_launch_argument_is_given(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    camera_topic: /from/yaml/image\n"
+                      "    action_topic: /from/yaml/actions\n", encoding="utf-8")
+    context = launch.LaunchContext()
+    node, _ = _nodes({"params_file": str(params), "action_topic": "/from/launch/actions"}, context)
+    files, overrides = _parameters(node, context)
+    assert str(files) == str(params)
+    assert overrides == {"action_topic": "/from/launch/actions"}, "only the given argument overrides the file"
+    assert node.launch_kwargs["ros_arguments"] is None, "no log_level given: rcl's levels stay as they are"
 
 
 def test_lifecycle_argument_starts_a_managed_node():
-    (node,) = _nodes({"lifecycle": "true"})
+    node, _ = _nodes({"lifecycle": "true"})
     assert isinstance(node, launch_ros.actions.LifecycleNode)

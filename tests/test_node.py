@@ -148,7 +148,7 @@ def test_command_flood_is_bounded_and_the_node_stays_alive(graph_factory, tiny_m
 def test_bad_parameter_value_is_refused_and_the_old_value_kept(graph_factory, tiny_model_dir):
     graph = graph_factory(model_path=str(tiny_model_dir))
     result = graph.vla.set_parameters([Parameter("active_adapter", value="nope")])[0]
-    assert not result.successful and "not loaded" in result.reason
+    assert not result.successful and "not one of the adapters" in result.reason
     assert graph.vla.get_parameter("active_adapter").value == ""
 
 
@@ -188,6 +188,7 @@ def test_embedded_model_plan_fields_and_adapter_hot_swap(graph_factory, tmp_path
 
     result = graph.vla.set_parameters([Parameter("active_adapter", value="")])[0]
     assert result.successful
+    assert spin_until(graph.executor, lambda: backend.adapter_id == "", 30), "the swap is done in the background"
     graph.send_image(scene)  # a fresh frame: the first one may be stale by now on a slow machine
     graph.say(command)
     second = graph.wait_statuses(2)[1]
@@ -288,12 +289,12 @@ def test_adapter_hot_swap_by_parameter_shows_in_diagnostics_without_base_reload(
         return any(v.get("adapter", "").startswith(prefix) for v in values)
 
     assert spin_until(graph.executor, lambda: adapter_reported("a@"), 10)
-    # load a second adapter at runtime, then switch to it
+    # load a second adapter at runtime, then switch to it (both carried out in the background)
     assert graph.vla.set_parameters([Parameter("adapters", value=[f"a={first}", f"b={second}"])])[0].successful
     assert graph.vla.set_parameters([Parameter("active_adapter", value="b")])[0].successful
-    assert backend.adapter_id.startswith("b@")
     reports.clear()
-    assert spin_until(graph.executor, lambda: adapter_reported("b@"), 10)
+    assert spin_until(graph.executor, lambda: adapter_reported("b@"), 30)
+    assert backend.adapter_id.startswith("b@")
     assert id(backend.model) == base_model, "hot swap must not reload the base model"
 
 
@@ -363,3 +364,200 @@ def test_the_old_module_name_still_starts_the_node_with_a_deprecation_line():
                          timeout=120)
     assert run.returncode == 0 and "--lifecycle" in run.stdout
     assert "vla_node.node is deprecated: the node is vla_node.ros.node" in run.stderr
+
+
+# ------------------------------------------------------------------------------------- topics
+def test_topic_parameters_come_from_a_params_file_and_hold_the_names_in_use(ros_context, tiny_model_dir, tmp_path):
+    """Params file, -p and remaps combine the ROS way; each topic parameter then holds the full
+    name the node uses (namespace and remaps applied), and the node is on exactly those topics."""
+    params = tmp_path / "params.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    camera_topic: /from/yaml/image\n"
+                      "    action_topic: from/yaml/actions\n    status_topic: /from/yaml/status\n"
+                      "    max_image_age_s: 7.5\n", encoding="utf-8")
+    node = VlaNode(context=ros_context, namespace="robot1", cli_args=[
+        "--ros-args", "--params-file", str(params), "-p", "status_topic:=/from/p/status",
+        "-r", "speech/text:=/remapped/speech"],
+        parameter_overrides=[Parameter("model_path", value=str(tiny_model_dir)), Parameter("warmup", value=False)])
+    try:
+        values = {name: node.get_parameter(name).value for name in
+                  ("camera_topic", "speech_topic", "action_topic", "status_topic", "debug_image_topic",
+                   "max_image_age_s")}
+        assert values == {"camera_topic": "/from/yaml/image", "speech_topic": "/remapped/speech",
+                          "action_topic": "/robot1/from/yaml/actions", "status_topic": "/from/p/status",
+                          "debug_image_topic": "/robot1/vla/debug_image", "max_image_age_s": 7.5}
+        subscribed = {name for name, _ in node.get_subscriber_names_and_types_by_node("vla_node", "/robot1")}
+        published = {name for name, _ in node.get_publisher_names_and_types_by_node("vla_node", "/robot1")}
+        assert {"/from/yaml/image", "/remapped/speech"} <= subscribed
+        assert {"/robot1/from/yaml/actions", "/from/p/status", "/robot1/vla/debug_image"} <= published
+        assert not {"/robot1/camera/image_raw", "/camera/image_raw"} & subscribed
+        result = node.set_parameters([Parameter("camera_topic", value="/elsewhere")])[0]
+        assert not result.successful, "topics are read at start"
+    finally:
+        node.shutdown()
+        node.destroy_node()
+
+
+def test_a_bad_topic_name_refuses_to_start_naming_the_parameter(ros_context, tiny_model_dir):
+    with pytest.raises(ValueError, match="camera_topic: 'not a topic!' is not a valid topic name"):
+        VlaNode(context=ros_context, parameter_overrides=[Parameter("camera_topic", value="not a topic!"),
+                                                           Parameter("model_path", value=str(tiny_model_dir))])
+
+
+# ------------------------------------------------------------------------------------- adapters
+def test_an_adapter_load_runs_beside_the_executor_and_a_failed_one_keeps_the_old_adapter(graph_factory,
+                                                                                         tiny_model_dir, tmp_path):
+    first = build_lora_adapter(tiny_model_dir, tmp_path / "a", seed=4, manifest=False)
+    second = build_lora_adapter(tiny_model_dir, tmp_path / "b", seed=5, manifest=False)
+    broken = build_lora_adapter(tiny_model_dir, tmp_path / "broken", seed=6, manifest=False)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: found at load time, not at the set
+    graph = graph_factory(model_path=str(tiny_model_dir), adapters=[f"a={first}"], active_adapter="a",
+                          diagnostics_period_s=0.2)
+    runtime = graph.vla.runtime
+    backend = runtime.core.backend
+    reports = []
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    graph.peer.create_subscription(DiagnosticArray, "/diagnostics", reports.append, 10)
+
+    def diagnostics() -> dict:
+        return {kv.key: kv.value for kv in reports[-1].status[0].values} if reports else {}
+
+    # The model is busy (as during a long generation): the load waits for it, the node does not.
+    with backend.lock:
+        result = graph.vla.set_parameters_atomically([Parameter("adapters", value=[f"a={first}", f"b={second}"]),
+                                                      Parameter("active_adapter", value="b")])
+        assert result.successful, result.reason
+        assert runtime.adapters.pending() == 1
+        before = runtime.pipeline.frames_received
+        for seed in range(3):
+            graph.send_image(_scene(seed))
+        assert spin_until(graph.executor, lambda: runtime.pipeline.frames_received >= before + 3, 10), \
+            "camera frames are received while the adapter loads"
+        assert spin_until(graph.executor, lambda: diagnostics().get("adapter_change", "").startswith("loading b"), 10)
+        assert runtime.adapters.pending() == 1 and backend.adapter_id.startswith("a@")
+    assert spin_until(graph.executor, lambda: runtime.adapters.pending() == 0, 60)
+    assert spin_until(graph.executor, lambda: diagnostics().get("adapter", "").startswith("b@"), 10)
+    assert diagnostics()["adapters_loaded"] == "a, b" and diagnostics()["adapter_change"] == "idle"
+
+    # a load that fails: "b" stays active, and the parameters say what is loaded
+    result = graph.vla.set_parameters_atomically([
+        Parameter("adapters", value=[f"a={first}", f"b={second}", f"broken={broken}"]),
+        Parameter("active_adapter", value="broken")])
+    assert result.successful, "the directory exists: the set is accepted, the load decides"
+    assert spin_until(graph.executor, lambda: graph.vla.get_parameter("active_adapter").value == "b", 60)
+    assert list(graph.vla.get_parameter("adapters").value) == [f"a={first}", f"b={second}"]
+    assert backend.adapter_id.startswith("b@")
+    assert spin_until(graph.executor, lambda: diagnostics().get("adapter_change", "").startswith("failed"), 10)
+    assert "broken" in diagnostics()["adapter_change"] and reports[-1].status[0].level == b"\x01"  # WARN
+    graph.send_image(_scene())
+    graph.say("pick up the red cube")
+    (status,) = graph.wait_statuses(1)  # the node still answers
+    assert status.code_name in ("ACCEPTED", "PARSE_ERROR")
+
+
+def test_an_adapter_set_is_checked_whole_and_a_refused_one_changes_nothing(graph_factory, tiny_model_dir, tmp_path):
+    first = build_lora_adapter(tiny_model_dir, tmp_path / "a", seed=4, manifest=False)
+    graph = graph_factory(model_path=str(tiny_model_dir), adapters=[f"a={first}"])
+    runtime = graph.vla.runtime
+    refusals = {
+        "not one of the adapters": [Parameter("adapters", value=[f"a={first}", f"b={tmp_path / 'b'}"]),
+                                    Parameter("active_adapter", value="c")],
+        "is not a directory": [Parameter("adapters", value=[f"a={first}", f"b={tmp_path / 'missing'}"]),
+                               Parameter("active_adapter", value="b")],
+        "cannot be unloaded": [Parameter("adapters", value=[""])],
+        "is loaded from": [Parameter("adapters", value=[f"a={tmp_path}"])],
+        "given twice": [Parameter("adapters", value=[f"a={first}", f"a={first}"])],
+    }
+    (tmp_path / "b").mkdir()
+    for reason, parameters in refusals.items():
+        result = graph.vla.set_parameters_atomically(parameters)
+        assert not result.successful and reason in result.reason, (reason, result.reason)
+    assert runtime.adapters.pending() == 0
+    assert list(graph.vla.get_parameter("adapters").value) == [f"a={first}"]
+    assert graph.vla.get_parameter("active_adapter").value == ""
+    assert runtime.core.backend.adapter_names() == ["a"]
+
+
+@needs_embedded
+def test_the_embedded_chinese_adapter_is_loaded_by_default_and_swaps_in(graph_factory):
+    from vla_node.factory import EMBEDDED_ADAPTER
+
+    if not (embedded / EMBEDDED_ADAPTER).is_dir():
+        pytest.skip("this embedded model comes without its Chinese adapter")
+    graph = graph_factory()
+    assert list(graph.vla.get_parameter("adapters").value) == ["zh=embedded"]
+    assert graph.vla.get_parameter("active_adapter").value == ""
+    backend = graph.vla.runtime.core.backend
+    assert backend.adapter_names() == ["zh"] and backend.adapter_id == ""
+    assert graph.vla.set_parameters([Parameter("active_adapter", value="zh")])[0].successful  # the README's line
+    assert spin_until(graph.executor, lambda: backend.adapter_id.startswith("zh@"), 30)
+
+
+# ------------------------------------------------------------------------------------- debug image
+@needs_embedded
+def test_the_debug_image_is_drawn_only_when_watched_with_the_plans_boxes(graph_factory):
+    from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
+
+    from vla_node.drawing import BOX_COLOURS
+
+    graph = graph_factory(max_new_tokens=128)
+    debug = graph.vla.runtime.debug_image
+    scene, command = _embedded_scene()
+    graph.send_image(scene)
+    graph.say(command)
+    (status,) = graph.wait_statuses(1)
+    assert status.code_name == "ACCEPTED", status.detail
+    assert spin_until(graph.executor, lambda: graph.plans, 5)
+    spin_until(graph.executor, lambda: False, 0.5)
+    assert debug.published == 0, "nobody watches: nothing is drawn"
+
+    images = []
+    latched = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
+                         durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+    graph.peer.create_subscription(Image, "/vla/debug_image", images.append, latched)
+    assert spin_until(graph.executor, lambda: images, 10), "a late joiner gets the latest answer"
+    _assert_boxes_drawn(images[-1], graph.plans[-1], scene, BOX_COLOURS)
+
+    graph.send_image(scene)
+    graph.say(command)
+    graph.wait_statuses(2)
+    assert spin_until(graph.executor, lambda: len(images) >= 2, 10), "watched: each answer is drawn"
+    assert debug.published == 2
+    assert images[-1].header.frame_id == "camera_optical"
+
+
+def _assert_boxes_drawn(image, plan, scene: np.ndarray, colours: dict) -> None:
+    assert (image.height, image.width, image.encoding) == (scene.shape[0], scene.shape[1], "bgr8")
+    bgr = np.frombuffer(bytes(image.data), np.uint8).reshape(image.height, image.width, 3)
+    boxes = [(np.asarray(getattr(step, key)), colour) for step in plan.steps
+             for key, colour in colours.items() if getattr(step, f"has_{key}")]
+    assert boxes, "the embedded model's held-out move command comes with boxes"
+    for box, colour in boxes:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        y = min(max((y1 + y2) // 2, 0), image.height - 1)
+        left = bgr[y, max(x1 - 1, 0):x1 + 2]
+        assert (left == colour).all(axis=1).any(), f"no {colour} edge at x={x1}, y={y}: {left.tolist()}"
+
+
+def test_a_frame_that_cannot_be_decoded_draws_nothing_and_the_next_answer_is_drawn(graph_factory, tiny_model_dir):
+    from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
+
+    graph = graph_factory(model_path=str(tiny_model_dir))
+    images = []
+    graph.peer.create_subscription(Image, "/vla/debug_image", images.append, QoSProfile(
+        depth=1, reliability=QoSReliabilityPolicy.RELIABLE, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL))
+    assert spin_until(graph.executor, lambda: graph.vla.runtime.debug_image.publisher.get_subscription_count(), 10)
+    broken = Image(height=120, width=160, encoding="rgb8", step=480, data=bytes(100))  # too few bytes
+    broken.header.stamp = graph.vla.get_clock().now().to_msg()
+    graph.camera.publish(broken)
+    spin_until(graph.executor, lambda: False, 0.3)
+    graph.say("pick up the red cube")
+    assert graph.wait_statuses(1)[0].code_name == "BAD_IMAGE"
+    spin_until(graph.executor, lambda: False, 1.5)
+    assert images == [], "no picture of a frame that has none"
+    graph.send_image(_scene())
+    graph.say("pick up the red cube")
+    status = graph.wait_statuses(2)[1]
+    assert spin_until(graph.executor, lambda: images, 10)
+    assert (images[-1].height, images[-1].width) == (120, 160) and status.code_name != "BAD_IMAGE"

@@ -384,6 +384,14 @@ BAD_BAGS = {
                          ["no topic /voice", "--speech-topic", "/speech/text [std_msgs/msg/String]"]),
     "corrupt_message": (_corrupt_message, [], ["corrupt_message", "/speech/text", "std_msgs/msg/String",
                                                "does not decode"]),
+    # numbers that would make the replay wait forever or compare nothing
+    "nan_status_timeout": (lambda root: write_mini_bag(root / "mini"), ["--status-timeout", "nan"],
+                           ["--status-timeout must be a finite number > 0, got nan"]),
+    "infinite_rate": (lambda root: write_mini_bag(root / "mini"), ["--rate", "inf"], ["--rate must be a finite"]),
+    "zero_startup_timeout": (lambda root: write_mini_bag(root / "mini"), ["--startup-timeout", "0"],
+                             ["--startup-timeout must be a finite number > 0, got 0.0"]),
+    "min_iou_out_of_range": (lambda root: write_mini_bag(root / "mini"), ["--min-iou", "1.5"],
+                             ["--min-iou must be between 0 and 1, got 1.5"]),
 }
 
 
@@ -411,6 +419,68 @@ def test_bad_expectation_file_and_bad_model_exit_2(mini_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "cannot start the vla node" in err and "no_model" in err
     no_leftovers(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------- hostile commands
+HUGE_COMMAND = "put the red cube in the blue bowl " * 3000  # ~100,000 characters
+NUL_LED_COMMAND = "\x00pick up the red cube"  # ROS strings end at NUL: the node receives ""
+
+
+def _in_thread(target, hang_guard_s: float):
+    """target() in a thread; its result, or a failure when it is still running after hang_guard_s."""
+    import threading
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(value=target()), daemon=True)
+    thread.start()
+    thread.join(hang_guard_s)
+    assert not thread.is_alive(), f"still running after {hang_guard_s} s"
+    return outcome["value"]
+
+
+def test_the_table_fits_any_text_to_its_column():
+    import io
+
+    from vla_node.replay_table import fit
+    from vla_node.report import CommandResult
+
+    assert len(HUGE_COMMAND) > 100_000 - 5000
+    out = io.StringIO()
+    results = [CommandResult(0, HUGE_COMMAND, 0.0), CommandResult(1, NUL_LED_COMMAND + "\n\x1b[2J", 0.0),
+               CommandResult(2, "把红色方块放进蓝色碗里" * 10, 0.0)]
+    _in_thread(lambda: replay.print_table(results, out=out), hang_guard_s=30)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5, "one line per command: control characters are shown escaped, not obeyed"
+    assert "\\x00pick up the red cube\\n\\x1b[2J" in lines[3]
+    assert "\x1b" not in out.getvalue() and "\x00" not in out.getvalue()
+    assert fit("停停停", 5) == "停停…" and fit("ab", 5) == "ab   " and fit("x" * 50, 4) == "xxx…"
+
+
+def write_hostile_bag(path: Path) -> Path:
+    store = package_typestore()
+    base = 1_700_000_000 * 10**9
+    String = store.types["std_msgs/msg/String"]
+    messages = [("/camera/image_raw", "sensor_msgs/msg/Image", base, _image(store, base, np.random.default_rng(1)))]
+    messages += [("/speech/text", "std_msgs/msg/String", base + int(t * 1e9), String(data=text))
+                 for t, text in ((0.2, HUGE_COMMAND), (0.4, NUL_LED_COMMAND), (0.6, "stop"))]
+    return write_bag(path, messages, storage="mcap", typestore=store)
+
+
+def test_huge_and_nul_led_commands_replay_at_once_with_their_statuses_matched(tmp_path, tiny_model_dir, capsys):
+    bag = write_hostile_bag(tmp_path / "hostile_bag")
+    out = tmp_path / "out"
+    # --status-timeout: a missed match would end as NO_STATUS after 20 s, and exit 1
+    rc = _in_thread(lambda: replay.main([str(bag), "--model", str(tiny_model_dir), "--out", str(out),
+                                         "--as-fast-as-possible", "--status-timeout", "20"]), hang_guard_s=300)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [c["status"] for c in report["commands"]] == ["BAD_COMMAND", "BAD_COMMAND", "STOPPED"]
+    assert report["commands"][1]["text"] == NUL_LED_COMMAND and "empty" in report["commands"][1]["detail"]
+    assert "over the limit" in report["commands"][0]["detail"] or "far over" in report["commands"][0]["detail"]
+    assert report["unmatched_statuses"] == []
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "\\x00pick up the red cube" in markdown and len(markdown) < 10_000
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -143,7 +143,8 @@ def test_the_node_declares_every_parameter_with_its_descriptor():
             assert descriptor.description == parameter.description
             assert descriptor.read_only is (not parameter.runtime)
             assert descriptor.additional_constraints == parameter.range_text()
-            assert node.get_parameter(name).value == parameter.default
+            expected = "/" + parameter.default if parameter.topic else parameter.default  # resolved in "/"
+            assert node.get_parameter(name).value == expected
         assert node.describe_parameters(["stop_phrases"])[0].type == ParameterType.PARAMETER_STRING_ARRAY
         assert node.describe_parameters(["queue_size"])[0].additional_constraints == ">= 1"
     finally:

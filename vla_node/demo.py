@@ -19,21 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from vla_node.drawing import annotated_frame, put_text
 from vla_node.report import CommandResult
 
 DEFAULT_OUT = Path("out") / "demo"
 DEMO_BAG = "demo_bag"
 PANEL_WIDTH = 640
-BOX_COLOURS = {"object_box": (40, 200, 40), "destination_box": (230, 120, 30)}  # BGR
-STATUS_COLOURS = {"ACCEPTED": (60, 170, 60), "STOPPED": (40, 140, 230)}
-_FONT_CANDIDATES = (
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
-    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
-    "/usr/share/fonts/truetype/arphic/uming.ttc",
-)
 
 
 def find_demo_bag() -> Path | None:
@@ -50,85 +41,32 @@ def find_demo_bag() -> Path | None:
 
 
 # ------------------------------------------------------------------------------- drawing
-def _cjk_font(size: int):
-    try:
-        from PIL import ImageFont
-    except ImportError:
-        return None
-    for path in _FONT_CANDIDATES:
-        if Path(path).is_file():
-            try:
-                return ImageFont.truetype(path, size)
-            except OSError:
-                continue
-    return None
-
-
-def _put_text(image: np.ndarray, text: str, origin: tuple[int, int], colour=(255, 255, 255),
-              scale: float = 0.5) -> None:
-    """ASCII with cv2's Hershey font; other scripts with OpenCV 5's Unicode font face, else through
-    PIL when a CJK font is installed, else '?'."""
-    if text.isascii():
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-        return
-    if hasattr(cv2, "FontFace"):  # OpenCV >= 5 ships a Unicode font (CJK included)
-        try:
-            cv2.putText(image, text, origin, colour, cv2.FontFace("uni"), int(round(32 * scale)))
-            return
-        except cv2.error:
-            pass
-    font = _cjk_font(int(28 * scale))
-    if font is None:
-        text = "".join(c if c.isascii() else "?" for c in text)
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-        return
-    from PIL import Image, ImageDraw
-
-    pil = Image.fromarray(image[:, :, ::-1])
-    ImageDraw.Draw(pil).text((origin[0], origin[1] - int(22 * scale)), text, font=font, fill=colour[::-1])
-    image[:] = np.asarray(pil)[:, :, ::-1]
-
-
 def _clip(text: str, width: int = 78) -> str:
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
 def annotate(result: CommandResult) -> np.ndarray:
-    """BGR picture: the frame (scaled to 640 px wide) with the plan's boxes, and a text panel."""
+    """BGR picture: the frame (scaled to 640 px wide) with the plan's boxes and status drawn as the
+    node's vla/debug_image draws them (vla_node.drawing), over a panel with the command and plan."""
     from vla_node.report import steps_text
 
     rgb = result.frame.decode() if result.frame is not None else None
+    latency = f"{result.latency_ms:.0f} ms" if result.latency_ms is not None else "-"
     if rgb is None:
         frame = np.full((480, PANEL_WIDTH, 3), 60, np.uint8)
-        _put_text(frame, "no camera image before this command", (150, 240), scale=0.7)
-        scale = 1.0
+        put_text(frame, "no camera image before this command", (150, 240), scale=0.7)
+        frame = annotated_frame(frame, [], result.code, f"#{result.index}  {latency}")
     else:
-        scale = PANEL_WIDTH / rgb.shape[1]
-        frame = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), None, fx=scale, fy=scale,
-                           interpolation=cv2.INTER_LINEAR)
-    for number, step in enumerate(result.steps, 1):
-        for key, colour in BOX_COLOURS.items():
-            box = getattr(step, key)
-            if box is None:
-                continue
-            x1, y1, x2, y2 = (int(round(v * scale)) for v in box.as_list())
-            cv2.rectangle(frame, (x1, y1), (x2, y2), colour, 2)
-            label = f"{number}:{step.object if key == 'object_box' else step.destination}"
-            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
-            top = max(y1 - th - 6, 0)
-            cv2.rectangle(frame, (x1, top), (x1 + tw + 6, top + th + 6), colour, -1)
-            _put_text(frame, label, (x1 + 3, top + th + 2))
+        frame = annotated_frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), result.steps, result.code,
+                                f"#{result.index}  {latency}", scale=PANEL_WIDTH / rgb.shape[1])
     lines = [f"command: {result.text}"]
     actions = steps_text(result.steps)
     lines += [f"  {line}" for line in actions.splitlines()] or ["  (no plan)"]
     if result.code != "ACCEPTED" and result.status is not None:
         lines.append(f"  {_clip(result.status.detail, 74)}")
-    panel = np.full((34 + 22 * len(lines), frame.shape[1], 3), 30, np.uint8)
-    latency = f"{result.latency_ms:.0f} ms" if result.latency_ms is not None else "-"
-    header = f"#{result.index}  {result.code}  {latency}"
-    _put_text(panel, header, (10, 22), STATUS_COLOURS.get(result.code, (60, 60, 220)), 0.6)
+    panel = np.full((12 + 22 * len(lines), frame.shape[1], 3), 30, np.uint8)
     for i, line in enumerate(lines):
-        _put_text(panel, _clip(line), (10, 46 + 22 * i))
+        put_text(panel, _clip(line), (10, 24 + 22 * i))
     return np.vstack([frame, panel])
 
 

@@ -15,6 +15,7 @@ from vla_node.vocabulary import Vocabulary
 
 EMBEDDED_MODEL = "tabletop-tiny"
 EMBEDDED_ADAPTER = "tabletop-tiny-zh-lora"
+EMBEDDED_ADAPTER_NAME = "zh"  # the name the embedded model's Chinese adapter is loaded under by default
 
 
 def package_data_dir(name: str) -> Path | None:
@@ -59,6 +60,19 @@ def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
             raise ValueError(f"adapter name '{name}' is given twice")
         adapters[name] = path
     return adapters
+
+
+def adapter_specs(settings: "RuntimeSettings") -> list[str]:
+    """The adapters to load: those given; none given with the embedded model (transformers backend):
+    its Chinese adapter as "zh=embedded", loaded and inactive unless active_adapter names it, so
+    `ros2 param set /vla_node active_adapter zh` works from a fresh start."""
+    if settings.adapters:
+        return list(settings.adapters)
+    if settings.backend == "transformers" and not settings.model_path:
+        models = package_data_dir("models")
+        if models is not None and (models / EMBEDDED_ADAPTER).is_dir():  # an embedded model may come without one
+            return [f"{EMBEDDED_ADAPTER_NAME}=embedded"]
+    return []
 
 
 @dataclass
@@ -120,7 +134,7 @@ def build_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: SafetyPo
                                   prefix_cache=settings.prefix_cache, decode_cache=settings.decode_cache,
                                   compile_decode=settings.compile_decode, compile_layers=settings.compile_layers,
                                   torch_threads=settings.torch_threads)
-    for name, path in parse_adapter_specs(settings.adapters).items():
+    for name, path in parse_adapter_specs(adapter_specs(settings)).items():
         backend.load_adapter(path, name)
     backend.set_adapter(settings.active_adapter or None)
     if settings.constrained_decoding:

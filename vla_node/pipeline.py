@@ -15,7 +15,6 @@ import itertools
 import logging
 import threading
 import time
-import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -28,19 +27,14 @@ from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
 from vla_node.prompt import PromptBuilder
 from vla_node.settings import check_all, default
-from vla_node.text import CommandError, StopPhraseDetector, sanitise_command
+from vla_node.text import CommandError, StopPhraseDetector, echo_refused, sanitise_command
 from vla_node.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
-
-
-def _echo(text: object, limit: int = 200) -> str:
-    """A refused command as it may be echoed in a status: text, no control/surrogate characters."""
-    raw = text if isinstance(text, str) else repr(text)
-    return "".join(c for c in raw[:limit] if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
 
 
 @dataclass
@@ -51,6 +45,16 @@ class Frame:
     frame_id: str
     received_ns: int
     decode: Callable[[], np.ndarray]  # -> RGB uint8 HxWx3; raises ImageError
+
+
+@dataclass
+class AnsweredCommand:
+    """A command's outcome with the frame it was answered on (for pictures of it: vla/debug_image)."""
+
+    status: CommandStatus
+    plan: ActionPlan | None
+    frame: Frame  # the frame the command was paired with
+    rgb: np.ndarray | None = None  # that frame decoded, when the command got that far (else decode on demand)
 
 
 class InferenceCore:
@@ -228,6 +232,9 @@ class _Command:
     # One per command, so a late stop can never abort the NEXT command's generation.
     abort: threading.Event = field(default_factory=threading.Event)
     reported: bool = False  # the worker emitted this command's status
+    frame: Frame | None = None  # the frame it was paired with, once picked
+    rgb: np.ndarray | None = None  # that frame decoded
+    plan: ActionPlan | None = None  # its published plan
 
     def cancel_generation(self, reason: str) -> None:
         """Cancel this command while it generates: CANCELLED with `reason`, generation aborted."""
@@ -273,8 +280,12 @@ class CommandPipeline:
         on_plan: Callable[[ActionPlan], None],
         on_status: Callable[[CommandStatus], None],
         now_ns: Callable[[], int] = time.time_ns,
+        on_answer: Callable[[AnsweredCommand], None] | None = None,
     ):
+        """`on_answer`, if given, hears after the status of every command that was paired with a
+        frame (STOP: the newest frame), from the thread that emitted the status."""
         self.core = core
+        self._on_answer = on_answer
         self.config = config
         self._on_plan = on_plan
         self._on_status = on_status
@@ -309,7 +320,7 @@ class CommandPipeline:
         try:
             clean = sanitise_command(text, self.config.max_command_bytes)
         except CommandError as error:
-            self._emit_status(CommandStatus(command_id=command_id, command_text=_echo(text),
+            self._emit_status(CommandStatus(command_id=command_id, command_text=echo_refused(text),
                                             code=StatusCode.BAD_COMMAND, detail=str(error)), None)
             return command_id
         if self._stop_detector.is_stop(clean):
@@ -409,8 +420,10 @@ class CommandPipeline:
         detail = "stop phrase: STOP published without the model"
         if cancelled:
             detail += f"; cancelled {', '.join(cancelled)}"
-        self._emit_status(CommandStatus(command_id=command_id, command_text=text,
-                                        code=StatusCode.STOPPED, detail=detail), plan.latency.total_ms)
+        stopped = CommandStatus(command_id=command_id, command_text=text, code=StatusCode.STOPPED, detail=detail)
+        self._emit_status(stopped, plan.latency.total_ms)
+        if latest is not None:
+            self._answered(AnsweredCommand(stopped.model_copy(update={"stamp_ns": self._now_ns()}), plan, latest))
         for command in pending:
             self._emit_status(self._status(command, StatusCode.CANCELLED, f"cancelled by stop command {command_id}"), None)
         # In-flight commands report their own CANCELLED status when their generation returns.
@@ -482,6 +495,7 @@ class CommandPipeline:
         frame = self._pick_frame(command)
         if frame is None:
             return self._status(command, StatusCode.NO_IMAGE, "no camera image received yet")
+        command.frame = frame
         age_s = (command.received_ns - frame.stamp_ns) / 1e9
         if age_s > self.config.max_image_age_s:
             return self._status(
@@ -498,6 +512,7 @@ class CommandPipeline:
             return self._status(command, StatusCode.BAD_IMAGE,
                                 f"image could not be decoded: {type(error).__name__}: {error}")
         latency.decode_image_ms = _ms(time.perf_counter() - decode_started)
+        command.rgb = rgb
         return InferenceJob(rgb, command.text, command.command_id, frame.stamp_ns, frame.frame_id,
                             command.abort, latency)
 
@@ -533,6 +548,7 @@ class CommandPipeline:
             plan.latency.total_ms = total_ms
             try:
                 self._on_plan(plan)
+                command.plan = plan
             except Exception as error:
                 log.exception("plan callback failed")
                 self._report(command, self._status(command, StatusCode.BACKEND_ERROR,
@@ -544,3 +560,13 @@ class CommandPipeline:
         """The command's one status (the worker's last line of defence skips reported commands)."""
         command.reported = True
         self._emit_status(status, total_ms)
+        if command.frame is not None:
+            self._answered(AnsweredCommand(status, command.plan, command.frame, command.rgb))
+
+    def _answered(self, answer: AnsweredCommand) -> None:
+        if self._on_answer is None:
+            return
+        try:
+            self._on_answer(answer)
+        except Exception:  # a picture of the answer must never cost the answer
+            log.exception("answer callback failed on command %s", answer.status.command_id)

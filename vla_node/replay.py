@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vla_node.bag_io import BagError, BagInfo, OutputBag, inspect_bag, iter_messages
 from vla_node.files import atomic_write_text, replace_dir
+from vla_node.replay_table import print_table  # noqa: F401  (the demo prints it too)
 from vla_node.report import (
     DEFAULT_MIN_IOU,
     CommandResult,
@@ -77,7 +79,8 @@ max_image_age_s). --keep-stamps publishes the recorded stamps unchanged (the nod
 usually answer STALE_IMAGE).
 
 Statuses are matched to the commands sent by command text in FIFO order (the node assigns
-its own ids). Output (a temporary directory renamed when complete): output_bag/ (the node's
+its own ids), the text taken as ROS delivers it (cut at the first NUL byte) and as the node
+echoes it (sanitised, or the first 200 characters of a refused one). Output (a temporary directory renamed when complete): output_bag/ (the node's
 ActionPlan + CommandStatus messages, message definitions included), report.json, report.md.
 
 exit status: 0 done; 1 the results differ from --expect (a unified diff is printed) or the
@@ -201,8 +204,12 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     for spec in args.param:
         name, value = parse_node_parameter(spec)
         params[name] = value
-    if args.rate <= 0:
-        raise ReplayError(f"--rate must be > 0, got {args.rate}")
+    for option, value in (("--rate", args.rate), ("--status-timeout", args.status_timeout),
+                          ("--startup-timeout", args.startup_timeout)):
+        if not (math.isfinite(value) and value > 0):  # a nan timeout would wait forever
+            raise ReplayError(f"{option} must be a finite number > 0, got {value}")
+    if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:  # also refuses nan
+        raise ReplayError(f"--min-iou must be between 0 and 1, got {args.min_iou}")
     if args.corrections is not None and args.export_dataset is None:
         raise ReplayError("--corrections only makes sense with --export-dataset DIR")
     if args.external and params:
@@ -264,11 +271,14 @@ class Tracker:
 
     @staticmethod
     def _keys(text: str) -> set[str]:
-        from vla_node.text import CommandError, sanitize_command
+        """The command texts a status for `text` may carry: the node sees the text as ROS delivers
+        it (cut at the first NUL) and echoes it sanitised, or, when it refuses it, as echo_refused."""
+        from vla_node.text import CommandError, as_delivered, echo_refused, sanitize_command
 
-        keys = {text, text[:200], text.strip()}
+        delivered = as_delivered(text)
+        keys = {delivered, delivered.strip(), echo_refused(delivered)}
         try:
-            keys.add(sanitize_command(text, max_bytes=1 << 20))
+            keys.add(sanitize_command(delivered, max_bytes=1 << 20))
         except CommandError:
             pass
         return keys
@@ -541,38 +551,6 @@ def _box_codec_factory(backend: BackendInfo):
 
 
 # ------------------------------------------------------------------------------- CLI
-def print_table(results: list[CommandResult], out=None) -> None:
-    from vla_node.report import steps_text
-
-    out = out if out is not None else sys.stdout  # looked up now: callers may have redirected it
-
-    rows = [("#", "command", "actions", "status", "latency")]
-    for r in results:
-        actions = steps_text(r.steps).replace("\n", "; ") or "-"
-        latency = f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-"
-        rows.append((str(r.index), r.text, actions, r.code, latency))
-    widths = [min(max(_width(row[i]) for row in rows), cap) for i, cap in enumerate((3, 40, 70, 18, 9))]
-    for n, row in enumerate(rows):
-        cells = [_fit(cell, width) for cell, width in zip(row, widths)]
-        print("  ".join(cells).rstrip(), file=out)
-        if n == 0:
-            print("  ".join("-" * w for w in widths), file=out)
-
-
-def _width(text: str) -> int:
-    import unicodedata
-
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def _fit(text: str, width: int) -> str:
-    if _width(text) > width:
-        while _width(text) > width - 1:
-            text = text[:-1]
-        text += "…"
-    return text + " " * (width - _width(text))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))

@@ -18,6 +18,7 @@ import numpy as np
 
 from vla_node.actions import ActionPlan, ActionStep, CommandStatus, box_iou
 from vla_node.files import atomic_write_text, replace_dir
+from vla_node.text import visible
 
 NO_STATUS = "NO_STATUS"  # the node never answered the command (not a node status code)
 EXPECT_FORMAT = 1
@@ -120,9 +121,12 @@ def build_report(results: list[CommandResult], header: dict, vocab=None) -> dict
 
 
 def _cell(text: str, limit: int = 160) -> str:
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("|", "\\|").replace("\n", "<br>")
+    """A Markdown table cell: at most `limit` characters of the text (… when cut), line breaks as
+    <br>, other non-printable characters escaped."""
+    clipped = len(text) > limit
+    text = text[: limit - 1] if clipped else text
+    text = "<br>".join(visible(line) for line in text.split("\n"))
+    return text.replace("|", "\\|") + ("…" if clipped else "")
 
 
 def report_markdown(report: dict) -> str:

@@ -38,6 +38,7 @@ class NodeParameter:
     description: str
     group: str  # the section of config/vla_node.yaml
     runtime: bool = False  # may change while the node runs (ros2 param set); the rest is read at configure
+    topic: bool = False  # a topic name: once started, the node holds the full name it resolved (remaps applied)
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
     above: float | None = None  # exclusive lower bound
@@ -88,7 +89,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "image) is the `policy:` section of the vocabulary file; a refused plan is never published",
         "(REJECTED_BY_POLICY).",
     ),
-    "topics": (),
+    "topics": (
+        "A topic parameter may be relative (resolved in the node's namespace) and is remapped like any",
+        "topic; once started, the node sets it to the full name it uses: `ros2 param get` shows the real topic.",
+    ),
     "request handling": (),
 }
 _MODEL, _SERVER, _RUN, _ACTIONS, _TOPICS, _REQUESTS = GROUPS
@@ -98,9 +102,11 @@ _DECLARED = (
     NodeParameter("model_path", "", "Local Qwen2-VL/Qwen2.5-VL/Qwen3-VL directory (backend onnx: a vla-export --onnx "
                   "folder); '' = the embedded tabletop-tiny model", _MODEL),
     NodeParameter("adapters", [""], "LoRA adapters to load, each 'name=path' ('embedded' = the bundled Chinese LoRA); "
-                  "several may be loaded", _MODEL, runtime=True),
+                  "several may be loaded, more added at runtime (loaded in the background; the parameter then "
+                  "lists what is loaded). [''] with the embedded model: ['zh=embedded'], loaded and inactive",
+                  _MODEL, runtime=True),
     NodeParameter("active_adapter", "", "Name of the adapter in use ('' = base model); change it at runtime to "
-                  "hot-swap", _MODEL, runtime=True),
+                  "hot-swap (a failed load keeps the previous one)", _MODEL, runtime=True),
     NodeParameter("backend", "transformers", "Inference backend: transformers (the model runs here) | onnx (a "
                   "vla-export --onnx folder, no torch) | openai (an OpenAI-compatible server)", _MODEL,
                   choices=("transformers", "onnx", "openai")),
@@ -165,16 +171,20 @@ _DECLARED = (
     NodeParameter("stop_phrases", list(DEFAULT_STOP_PHRASES), "Utterances that publish STOP at once, without the "
                   "model, and cancel pending work (whole-utterance match)", _ACTIONS),
     # --- topics
-    NodeParameter("camera_topic", "camera/image_raw", "Camera topic (relative names follow the node namespace: "
-                  "one node per robot)", _TOPICS),
+    NodeParameter("camera_topic", "camera/image_raw", "Camera topic; relative names resolve in the node's "
+                  "namespace (one node per robot)", _TOPICS, topic=True),
     NodeParameter("camera_transport", "raw", "raw (sensor_msgs/Image) | compressed (sensor_msgs/CompressedImage)",
                   _TOPICS, choices=("raw", "compressed")),
     NodeParameter("camera_reliability", "auto", "auto (reliable unless a camera publisher is best effort; "
                   "re-checked each second) | best_effort | reliable", _TOPICS,
                   choices=("auto", "best_effort", "reliable")),
-    NodeParameter("speech_topic", "speech/text", "Transcribed speech topic (std_msgs/String)", _TOPICS),
-    NodeParameter("action_topic", "vla/actions", "Plans out (vla_node/ActionPlan)", _TOPICS),
-    NodeParameter("status_topic", "vla/status", "One status per command (vla_node/CommandStatus)", _TOPICS),
+    NodeParameter("speech_topic", "speech/text", "Transcribed speech topic (std_msgs/String)", _TOPICS, topic=True),
+    NodeParameter("action_topic", "vla/actions", "Plans out (vla_node/ActionPlan)", _TOPICS, topic=True),
+    NodeParameter("status_topic", "vla/status", "One status per command (vla_node/CommandStatus)", _TOPICS,
+                  topic=True),
+    NodeParameter("debug_image_topic", "vla/debug_image", "The frame each command was answered on, with the "
+                  "plan's boxes, labels and status drawn (sensor_msgs/Image; drawn only while subscribed; "
+                  "transient local, depth 1)", _TOPICS, topic=True),
     NodeParameter("diagnostics_period_s", 1.0, "Period of /diagnostics messages", _TOPICS, above=0),
     # --- request handling
     NodeParameter("max_image_age_s", 2.0, "A command whose closest image is older than this gets STALE_IMAGE",

@@ -54,6 +54,27 @@ def sanitise_command(text: str, max_bytes: int = DEFAULT_MAX_COMMAND_BYTES) -> s
 sanitize_command = sanitise_command  # US spelling, same function
 
 
+def as_delivered(text: str) -> str:
+    """What a ROS subscriber receives when `text` is published as a std_msgs/String: ROS strings
+    are C strings, so everything from the first NUL on is lost ("\\x00go" arrives as "")."""
+    return text.partition("\x00")[0]
+
+
+def visible(text: str) -> str:
+    """`text` for a table or a log line: line breaks, tabs and other non-printable characters
+    (ANSI escapes included) written as Python escapes, so they can neither move the cursor nor hide."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def echo_refused(text: object, limit: int = 200) -> str:
+    """A refused command as its status echoes it: the first `limit` characters, without control,
+    format, surrogate, private-use or unassigned characters."""
+    raw = text if isinstance(text, str) else repr(text)
+    return "".join(c for c in raw[:limit] if unicodedata.category(c) not in _DROPPED_CATEGORIES)
+
+
 def normalise_utterance(text: str) -> str:
     """NFKC, case-folded, punctuation and symbols turned into spaces, whitespace collapsed."""
     folded = unicodedata.normalize("NFKC", text).casefold()
