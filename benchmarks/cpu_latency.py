@@ -90,7 +90,8 @@ def naive_parse(core, answer: str, rgb: np.ndarray, backend) -> str:
 
 def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
     backend = core.backend
-    node_ms, again_ms, base_ms, base_tokens = [], [], [], []
+    node_ms, again_ms, base_ms, base_tokens, node_tokens = [], [], [], [], []
+    tokenizer = backend.processor.tokenizer
     statuses: Counter[str] = Counter()
     baseline_parsed: Counter[str] = Counter()
     # warm-up: first calls pay one-off allocation and kernel selection
@@ -99,9 +100,11 @@ def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
     for _ in range(repeats):
         for command, rgb in commands:
             started = time.perf_counter()
-            _, status = core.infer(rgb, command)
+            plan, status = core.infer(rgb, command)
             node_ms.append((time.perf_counter() - started) * 1000.0)
             statuses[status.code.name] += 1
+            if plan is not None:  # the answer's tokens + its end
+                node_tokens.append(len(tokenizer(plan.raw_text, add_special_tokens=False)["input_ids"]) + 1)
 
             started = time.perf_counter()  # a second command about the same frame
             core.infer(rgb, command)
@@ -113,7 +116,7 @@ def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
             base_ms.append((time.perf_counter() - started) * 1000.0)
             base_tokens.append(n_new)
     return {"node": node_ms, "again": again_ms, "baseline": base_ms, "statuses": statuses, "baseline_parsed": baseline_parsed,
-            "baseline_tokens": base_tokens}
+            "baseline_tokens": base_tokens, "node_tokens": node_tokens}
 
 
 def report(name: str, result: dict) -> list[str]:
@@ -121,7 +124,8 @@ def report(name: str, result: dict) -> list[str]:
     lines = [
         f"{name}: {len(node)} commands",
         f"  node pipeline (InferenceCore.infer)      p50 {statistics.median(node):8.1f} ms  "
-        f"p95 {percentile(node, 95):8.1f} ms",
+        f"p95 {percentile(node, 95):8.1f} ms  (new tokens p50 "
+        f"{statistics.median(result['node_tokens']) if result['node_tokens'] else float('nan'):.0f})",
         f"  node, same frame again (vision cached)   p50 {statistics.median(result['again']):8.1f} ms  "
         f"p95 {percentile(result['again'], 95):8.1f} ms",
         f"  baseline (AutoProcessor + generate)      p50 {statistics.median(base):8.1f} ms  "

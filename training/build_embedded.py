@@ -30,8 +30,11 @@ from pathlib import Path
 
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
-# The architecture: Qwen2.5-VL with every size shrunk, and one visual token per 16x16 pixels:
-# a 320x240 frame is 20x15 = 300 visual tokens, so a 20-35 px object spans several of them.
+# The architecture: Qwen2.5-VL with every size shrunk, one visual token per 16x16 pixels: a
+# 320x240 frame is 20x15 = 300 visual tokens, so a 20-35 px object spans several of them.
+# --merge-size 2 merges 2x2 of them (a 320x224 input, 70 tokens of 32 px, the Qwen-VL default):
+# ~70 ms less per command on a robot's CPU and a quarter of the language model's image tokens in
+# training (benchmarks/results/cpu_answer_cost.txt), for coarser visual tokens.
 MODEL_SIZES = dict(
     vocab_size=4096,
     hidden_size=384,
@@ -47,11 +50,29 @@ MODEL_SIZES = dict(
     merge_size=1,
     min_pixels=64 * 64,
     max_pixels=320 * 240,
-    vision_window_attention=False,  # a frame is one window of 300 patches: full attention
+    vision_window_attention=False,  # a frame is one window of <= 300 patches: full attention
     whole_numbers=1,  # a box coordinate is one token
 )
 IMAGE_SIZE = (320, 240)
 FACTOR = MODEL_SIZES["patch_size"] * MODEL_SIZES["merge_size"]
+MERGE_SIZES = (1, 2)
+
+
+def architecture(merge_size: int) -> dict:
+    """MODEL_SIZES with the vision tower's merge of merge_size x merge_size patches per visual token."""
+    if merge_size not in MERGE_SIZES:
+        raise ValueError(f"merge size {merge_size} is not one of {MERGE_SIZES}")
+    return {**MODEL_SIZES, "merge_size": merge_size}
+
+
+def merge_size_of(model: Path) -> int | None:
+    """The merge size an exported checkpoint was built with (None: no checkpoint there)."""
+    import json
+
+    config = model / "config.json"
+    if not config.is_file():
+        return None
+    return int(json.loads(config.read_text(encoding="utf-8"))["vision_config"]["spatial_merge_size"])
 # The base never reads Chinese, so the Chinese tokens' embeddings stay at their random init; LoRA
 # alone (linear layers only) could not give them meaning: the adapter trains the embedding too.
 ADAPTER_TRAINS_EMBEDDINGS = "embed_tokens"
@@ -63,20 +84,22 @@ def log(message: str) -> None:
     print(f"[build_embedded {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def synth_config(num: int, seed: int, languages: tuple[str, ...]):
+def synth_config(num: int, seed: int, languages: tuple[str, ...], sizes: dict = MODEL_SIZES):
     from training.synth import SynthConfig
 
+    # the factor decides the model's input size, in whose pixels the answers' boxes are written
     return SynthConfig(num=num, seed=seed, size=IMAGE_SIZE, languages=languages, boxes=BOXES,
-                       min_pixels=MODEL_SIZES["min_pixels"], max_pixels=MODEL_SIZES["max_pixels"], factor=FACTOR,
+                       min_pixels=sizes["min_pixels"], max_pixels=sizes["max_pixels"],
+                       factor=sizes["patch_size"] * sizes["merge_size"],
                        val_frac=0.01, test_frac=0.02)  # >= 400 held-out samples in each split
 
 
-def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int) -> Path:
+def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES) -> Path:
     from training.synth import generate_dataset
 
     if (out / "dataset_info.json").is_file():
         return out
-    report = generate_dataset(out, synth_config(num, seed, languages), workers=workers, overwrite=True)
+    report = generate_dataset(out, synth_config(num, seed, languages, sizes), workers=workers, overwrite=True)
     log(f"synth {out.name}: {report.counts} in {report.seconds:.0f} s")
     return out
 
@@ -104,12 +127,12 @@ def corpus(configs: list, workers: int) -> list[str]:
     return list(texts) + [system] * SYSTEM_PROMPT_WEIGHT
 
 
-def base_init(out: Path, texts: list[str], seed: int) -> Path:
+def base_init(out: Path, texts: list[str], seed: int, sizes: dict = MODEL_SIZES) -> Path:
     from training.tiny_models import build_tiny_checkpoint
 
     if (out / "config.json").is_file():
         return out
-    build_tiny_checkpoint(out, family="qwen2_5_vl", vocab_texts=texts, seed=seed, **MODEL_SIZES)
+    build_tiny_checkpoint(out, family="qwen2_5_vl", vocab_texts=texts, seed=seed, **sizes)
     log(f"initial checkpoint at {out}")
     return out
 
@@ -279,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --deadline-minutes: the base training stops this much earlier, leaving the adapter its time")
     parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per split for METRICS (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
+    parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=MODEL_SIZES["merge_size"],
+                        help="patches merged per visual token, per side: 1 = 16 px tokens (300 per frame), 2 = 32 px "
+                             "(70 per frame, faster on a CPU); an exported base's own value wins (default: %(default)s)")
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
                         help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
@@ -288,22 +314,26 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    built_merge = merge_size_of(out / EMBEDDED_MODEL)
+    if built_merge is not None and built_merge != args.merge_size:
+        log(f"--merge-size {args.merge_size} ignored: {out / EMBEDDED_MODEL} was built with {built_merge}")
+    sizes = architecture(built_merge or args.merge_size)
     deadline = Deadline(args.deadline_minutes * 60 if args.deadline_minutes else None)
     base_deadline = Deadline((args.deadline_minutes - args.lora_minutes) * 60 if args.deadline_minutes else None)
-    heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",)),
-               "test_zh": synth_config(args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"))}
+    heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",), sizes),
+               "test_zh": synth_config(args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), sizes)}
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
                   preprocessing_num_workers=args.workers, seed=args.seed, logging_steps=25,
                   save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
                   bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
-                  image_min_pixels=MODEL_SIZES["min_pixels"], image_max_pixels=MODEL_SIZES["max_pixels"])
+                  image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"])
     histories: dict[str, list[dict]] = {}
     if (out / EMBEDDED_MODEL / "config.json").is_file():  # exported by an earlier (maybe remote) run
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")
     else:
-        data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers)
+        data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers, sizes)
         init = Path(args.base_from) if args.base_from else base_init(
-            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed)
+            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes)
         steps = int(args.base_steps) if args.base_steps != "auto" else None
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
@@ -319,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
         return 0
-    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers)
+    data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers, sizes)
     lora = run_training(deadline, args.gen_eval_samples, model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora",
                         lora_rank=8, lora_alpha=16, lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS,
                         dataset_dir=str(data_zh), dataset="tabletop_train", eval_dataset="tabletop_val",
