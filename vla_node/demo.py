@@ -8,7 +8,9 @@ localhost only) with the embedded tabletop-tiny model and its Chinese LoRA adapt
 English/Chinese speech) at recorded timing, prints command -> actions -> status -> latency,
 and writes one annotated PNG per command (boxes and labels drawn on the frame the command
 used) plus report.md / report.json / output_bag into the output folder (default out/demo).
-CPU only, no network.
+Then it says which answers are right: against the bag's truth file (demo_bag.truth.json beside
+the bag: the plan each scene requires, boxes on the objects, IoU >= 0.5), command by command,
+showing what the scene required where the model answered otherwise. CPU only, no network.
 """
 from __future__ import annotations
 
@@ -25,6 +27,28 @@ from vla_node.report import CommandResult
 DEFAULT_OUT = Path("out") / "demo"
 DEMO_BAG = "demo_bag"
 PANEL_WIDTH = 640
+
+
+def truth_file(bag: Path) -> Path:
+    """The bag's truth file: BAG.truth.json beside the bag's folder."""
+    return bag.parent / f"{bag.name}.truth.json"
+
+
+def print_verdicts(truth_path: Path, truth: dict, report: dict, out=None) -> int:
+    """Right / WRONG per command against the truth (a loaded truth file); returns how many are right."""
+    from vla_node.report import command_verdicts
+
+    out = out if out is not None else sys.stdout
+    verdicts = command_verdicts(truth, report)
+    right = sum(ok for ok, _ in verdicts)
+    print(f"\n{right} of {len(verdicts)} commands answered as the scene requires ({truth_path}):", file=out)
+    for command, (ok, required) in zip(report["commands"], verdicts):
+        print(f"  #{command['index']} {'right' if ok else 'WRONG'}  {command['text']}", file=out)
+        if not ok:
+            print("      the scene requires:", file=out)
+            for line in required[1:] or ["    (no entry in the truth file)"]:
+                print(f"      {line.strip()}", file=out)
+    return right
 
 
 def find_demo_bag() -> Path | None:
@@ -92,6 +116,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--active-adapter", default=None, metavar="NAME",
                    help="active adapter (default: zh; '' = base model)")
     p.add_argument("--as-fast-as-possible", action="store_true", help="do not wait for the recorded timing")
+    p.add_argument("--truth", type=Path, metavar="FILE",
+                   help="what each command's scene requires (vla-replay expectation format; default: BAG.truth.json "
+                        "beside the bag, when there is one)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the node's log output")
     return p
 
@@ -99,6 +126,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vla_node.bag_io import BagError
     from vla_node.replay import ReplayError, ReplayOptions, print_table, replay_bag
+    from vla_node.report import ReportFileError, load_expectations
 
     args = build_arg_parser().parse_args(argv)
     bag = args.bag or find_demo_bag()
@@ -106,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: the demo bag is missing (tests/data/demo_bag); make it with "
               "`python tests/data/make_golden.py` or pass --bag", file=sys.stderr)
         return 2
+    truth_path = args.truth or truth_file(bag)
+    truth = None
+    if args.truth is not None or truth_path.is_file():  # read before the model loads: a bad file fails fast
+        try:
+            truth = load_expectations(truth_path)
+        except ReportFileError as error:
+            print(f"demo: {error}", file=sys.stderr)
+            return 2
     adapters = args.adapter if args.adapter is not None else ["zh=embedded"]
     active = args.active_adapter if args.active_adapter is not None else ("zh" if args.adapter is None else "")
     parameters = {"model_path": args.model, "adapters": adapters or [""], "active_adapter": active}
@@ -121,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print_table(result.results)
+    if truth is not None:
+        print_verdicts(truth_path, truth, result.report)
     print(f"\nannotated frames, report.md and the output bag are in {result.out_dir}/")
     for path in sorted(result.out_dir.glob("command_*.png")):
         print(f"  {path}")

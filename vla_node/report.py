@@ -292,6 +292,20 @@ def compare(expect: dict, report: dict, min_iou: float | None = None,
     return list(difflib.unified_diff(exp_lines, act_lines, expected_name, actual_name, lineterm="", n=2))
 
 
+def command_verdicts(expect: dict, report: dict, min_iou: float | None = None) -> list[tuple[bool, list[str]]]:
+    """Per command of the replay: (agrees with the expectation's entry of the same index, the
+    expected lines to show when it does not: status, then each step with its boxes)."""
+    min_iou = float(expect.get("min_iou", DEFAULT_MIN_IOU) if min_iou is None else min_iou)
+    expected = expect["commands"]
+    verdicts = []
+    for i, command in enumerate(report["commands"]):
+        actual = {"text": command["text"], "status": command["status"], "steps": command["actions"]}
+        entry = expected[i] if i < len(expected) else None
+        exp_lines, act_lines = _command_lines(i, entry, actual, min_iou)
+        verdicts.append((entry is not None and exp_lines == act_lines, exp_lines))
+    return verdicts
+
+
 # ------------------------------------------------------------------------------- corrections
 def load_corrections(path: str | Path) -> dict[int, tuple[str, str | None]]:
     """{index: (text, corrected_actions)} from an edited report.json (only entries that set it)."""

@@ -17,7 +17,9 @@ code always writes the same bags. Bags (320x240 images, a few frames each, all <
     golden_sqlite3  sqlite3, CompressedImage jpeg: Chinese command, a command pair cut short by
                     "停下" (STOPPED + CANCELLED x2), a burst of 7 commands against a queue of 4
                     (BUSY x2: the two oldest queued)
-    demo_bag        mcap,    CompressedImage jpeg: the README demo (python -m vla_node.demo)
+    demo_bag        mcap,    CompressedImage jpeg: the README demo (python -m vla_node.demo), with
+                    demo_bag.truth.json: the plan each scene requires (the generator's answer,
+                    boxes on the objects in frame pixels), written by this script, never by a model
 
 The timing is chosen so the statuses do not depend on the model's speed beyond "one generation
 takes longer than 50 ms": a command follows its frame by 0.2-0.3 s and the next scene's frame
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from training.synth import SynthConfig, Synthesizer  # noqa: E402
 from vla_node.bag_io import package_typestore, write_bag  # noqa: E402
+from vla_node.report import DEFAULT_MIN_IOU, EXPECT_FORMAT, step_dict  # noqa: E402
 
 SIZE = (320, 240)
 BASE_NS = 1_700_000_000_000_000_000  # bag clock origin (2023-11-14), any fixed value works
@@ -59,12 +62,25 @@ class Script:
     compressed: bool
     frames: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (t, BGR image)
     commands: list[tuple[float, str, str | None]] = field(default_factory=list)  # (t, text, designed status)
+    truth: list[list[dict]] = field(default_factory=list)  # per command: the plan its scene requires
 
     def frame(self, t: float, image: np.ndarray) -> None:
         self.frames.append((t, image))
 
     def say(self, t: float, text: str, status: str | None = None) -> None:
         self.commands.append((t, text, status))
+
+
+def required_plan(sample) -> list[dict]:
+    """The generator's answer to a sample with a box on every object and destination it names
+    (frame pixels), as the embedded model is trained to answer: vla-replay expectation steps."""
+    boxes = {thing.label: thing.as_box() for thing in sample.things}
+    steps = []
+    for step in sample.steps:
+        step = step.model_copy(update={"object_box": boxes[step.object] if step.object else None,
+                                       "destination_box": boxes[step.destination] if step.destination else None})
+        steps.append(step_dict(step))
+    return steps
 
 
 class Scenes:
@@ -109,7 +125,7 @@ class Scenes:
         pairs = [(o, d) for o in objects for d in containers]
         for i in range(count * 4):
             o, d = pairs[i % len(pairs)]
-            name = o.label if lang == "en" else syn.lang.zh_label(rng, o.label)
+            name = o.label if lang == "en" else syn.lang.label(rng, "zh", o.label)
             text = syn.lang.pick(rng, lang, name) if i % 2 else syn.lang.move(rng, lang, name, d)
             if text not in texts and text != sample.command:
                 texts.append(text)
@@ -160,6 +176,8 @@ def golden_sqlite3(scenes: Scenes) -> Script:
 
 
 def demo_bag(scenes: Scenes) -> Script:
+    """Five scenes of the demo: the first generated sample of each kind below, from the seed of
+    `Scenes` (20250: no training split draws from it); the kinds are chosen, the samples are not."""
     s = Script("demo_bag", "mcap", compressed=True)
     t = 0.0
     for skill, lang, kind in (("move", "en", "move"), ("move", "zh", "move"), ("multi", "en", "multi_pick_place"),
@@ -168,8 +186,23 @@ def demo_bag(scenes: Scenes) -> Script:
         s.frame(t, sample.image)
         s.frame(t + 1.0, sample.image)
         s.say(t + 0.3, sample.command)
+        s.truth.append(required_plan(sample))
         t += 2.0
     return s
+
+
+def truth_file(script: Script) -> dict:
+    """An expectation file (vla-replay --expect, python -m vla_node.demo) of what each scene requires."""
+    return {
+        "format": EXPECT_FORMAT,
+        "bag": script.name,
+        "note": "what each scene requires (the generator's answers, boxes on the objects in frame pixels), "
+                "written by tests/data/make_golden.py, not by a model",
+        "node_parameters": dict(DEMO_PARAMETERS),
+        "min_iou": DEFAULT_MIN_IOU,
+        "commands": [{"text": text, "status": "ACCEPTED", "steps": steps}
+                     for (_, text, _), steps in zip(script.commands, script.truth)],
+    }
 
 
 def write_script(script: Script, out_dir: Path) -> Path:
@@ -252,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         bag = write_script(script, args.out)
         size = sum(f.stat().st_size for f in bag.iterdir())
         print(f"wrote {bag} ({size / 1024:.0f} KiB, {len(script.frames)} frames, {len(script.commands)} commands)")
+        if script.truth:
+            target = args.out / f"{script.name}.truth.json"
+            target.write_text(json.dumps(truth_file(script), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {target}")
         if args.expect and script.name != "demo_bag":
             expectations(script, bag, args.model)
     return 0
