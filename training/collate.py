@@ -206,6 +206,20 @@ class VLACollator:
                 return rest[: end + len(self.im_end)]
         return answer + self.im_end  # template without the usual shape: answer + end-of-turn
 
+    def answer_ids(self, target: str, prompt_length: int, sample: Any) -> list[int]:
+        """The answer's token ids, ending in <|im_end|>, cut so prompt + answer fit cutoff_len."""
+        target_ids = list(self.tokenizer(target, add_special_tokens=False)["input_ids"])
+        if not target_ids or target_ids[-1] != self.im_end_id:
+            target_ids.append(self.im_end_id)
+        if self.cutoff_len is not None and prompt_length + len(target_ids) > self.cutoff_len:
+            room = self.cutoff_len - prompt_length
+            if room < 2:
+                raise EncodeError(f"{_where(sample)}: the prompt alone is {prompt_length} tokens (images "
+                                  f"included), cutoff_len is {self.cutoff_len}: raise cutoff_len or lower "
+                                  "image_max_pixels")
+            target_ids = target_ids[: room - 1] + [self.im_end_id]
+        return target_ids
+
     def encode(self, sample: Any) -> dict[str, torch.Tensor]:
         chat, answer = self.split_chat(sample)
         prompt = self.prompt_text(chat)
@@ -222,18 +236,8 @@ class VLACollator:
                 "size": {"shortest_edge": self.limits.min_pixels, "longest_edge": self.limits.max_pixels}
             }
         enc = self.processor(**kwargs)
-        target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not target_ids or target_ids[-1] != self.im_end_id:
-            target_ids = list(target_ids) + [self.im_end_id]
         prompt_ids = enc["input_ids"][0]
-        if self.cutoff_len is not None and prompt_ids.shape[0] + len(target_ids) > self.cutoff_len:
-            room = self.cutoff_len - prompt_ids.shape[0]
-            if room < 2:
-                raise EncodeError(f"{_where(sample)}: the prompt alone is {prompt_ids.shape[0]} tokens (images "
-                                  f"included), cutoff_len is {self.cutoff_len}: raise cutoff_len or lower "
-                                  "image_max_pixels")
-            target_ids = list(target_ids[: room - 1]) + [self.im_end_id]
-        tgt = torch.tensor(target_ids, dtype=torch.long)
+        tgt = torch.tensor(self.answer_ids(target, prompt_ids.shape[0], sample), dtype=torch.long)
         out: dict[str, torch.Tensor] = {
             "input_ids": torch.cat([prompt_ids, tgt]),
             "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), tgt]),

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from training.collate import VLACollator, _images_of, load_rgb
+from training.collate import EncodeError, VLACollator, _images_of, load_rgb
 from vla_node.image import fit_to_limits
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ class EncodedTensors:
 # encoding one sample (runs in worker processes)
 # ------------------------------------------------------------------------------------------------
 
-_WORK: dict[str, Any] = {}  # what forked workers inherit: the collator, the samples, the shared frames
-_HEADS: dict[str, list[int]] = {}  # token ids of prompt text before the image, per distinct text
+# What forked workers inherit: the collator, the samples, the shared frames, and the token ids of
+# the prompt text before the image per distinct text (one call's tokenizer: cleared with the rest).
+_WORK: dict[str, Any] = {}
 
 
 def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[list[int], int]:
@@ -81,14 +82,21 @@ def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[l
     tok = collator.tokenizer
     head, tail = prompt.split("<|image_pad|>")
     pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    head_ids = _HEADS.get(head)
+    heads = _WORK["heads"]
+    head_ids = heads.get(head)
     if head_ids is None:  # the system prompt and the user turn's opening: the same in most samples
-        head_ids = _HEADS[head] = tok(head, add_special_tokens=False)["input_ids"]
+        head_ids = heads[head] = tok(head, add_special_tokens=False)["input_ids"]
     prompt_ids = list(head_ids) + [pad_id] * image_tokens + tok(tail, add_special_tokens=False)["input_ids"]
-    target_ids = list(tok(target, add_special_tokens=False)["input_ids"])
-    if not target_ids or target_ids[-1] != collator.im_end_id:
-        target_ids.append(collator.im_end_id)
+    try:
+        target_ids = collator.answer_ids(target, len(prompt_ids), sample)
+    except EncodeError as error:  # the ordinary path reports it
+        raise NotEncodable(str(error)) from None
     return prompt_ids + target_ids, len(prompt_ids)
+
+
+def _fitted(collator: VLACollator, image: Any) -> np.ndarray:
+    """The image (an array or a file) fitted to the model's pixel limits, as VLACollator.encode fits it."""
+    return fit_to_limits(image if isinstance(image, np.ndarray) else load_rgb(image), collator.limits)
 
 
 def _encode_one(index: int) -> tuple[int, np.ndarray, int]:
@@ -97,8 +105,7 @@ def _encode_one(index: int) -> tuple[int, np.ndarray, int]:
     images = _images_of(sample)
     if len(images) != 1:
         raise NotEncodable(f"sample {index} has {len(images)} images (the fast path serves one per sample)")
-    image = images[0]
-    rgb = fit_to_limits(image if isinstance(image, np.ndarray) else load_rgb(image), collator.limits)
+    rgb = _fitted(collator, images[0])
     if tuple(rgb.shape) != tuple(frames.shape[1:]):
         raise NotEncodable(f"images of different sizes ({rgb.shape[1]}x{rgb.shape[0]} and "
                            f"{frames.shape[2]}x{frames.shape[1]} after fitting)")
@@ -123,8 +130,7 @@ def _frame_shape(collator: VLACollator, sample: Any) -> tuple[int, int]:
     images = _images_of(sample)
     if len(images) != 1:
         raise NotEncodable(f"a sample with {len(images)} images (the fast path serves one per sample)")
-    image = images[0]
-    rgb = fit_to_limits(image if isinstance(image, np.ndarray) else load_rgb(image), collator.limits)
+    rgb = _fitted(collator, images[0])
     return rgb.shape[0], rgb.shape[1]
 
 
@@ -146,7 +152,8 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     spill = tempfile.TemporaryDirectory(prefix="vla_frames_") if parallel else None
     frames = (np.lib.format.open_memmap(os.path.join(spill.name, "frames.npy"), mode="w+", dtype=np.uint8,
                                         shape=shape) if spill else np.empty(shape, dtype=np.uint8))
-    _WORK.update(collator=collator, samples=samples, frames=frames, image_tokens=grid[1] * grid[2] // merge ** 2)
+    _WORK.update(collator=collator, samples=samples, frames=frames, image_tokens=grid[1] * grid[2] // merge ** 2,
+                 heads={})
     rows: list[tuple[int, np.ndarray, int]] = []
     try:
         if parallel:

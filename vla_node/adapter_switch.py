@@ -28,6 +28,11 @@ class AdapterState:
     specs: tuple[str, ...]  # "name=path" entries as given (e.g. "zh=embedded"), in load order
     active: str  # "" = the base model
 
+    @classmethod
+    def of(cls, specs, active: str) -> AdapterState:
+        """From parameter values: blank entries ("" is ROS's empty string array, or spaces) dropped."""
+        return cls(tuple(spec.strip() for spec in specs if spec.strip()), active)
+
     def names(self) -> list[str]:
         return list(parse_adapter_specs(self.specs))
 
@@ -51,8 +56,8 @@ def check_change(current: AdapterState, specs: list[str] | tuple[str, ...], acti
     accepted so far); None when they can. `local_paths`: adapter paths must be directories here
     (backends that load them; a server's adapters are names)."""
     try:
-        wanted = parse_adapter_specs([s for s in specs if s])
-        have = parse_adapter_specs([s for s in current.specs if s])
+        wanted = parse_adapter_specs(specs)  # blank entries are skipped there
+        have = parse_adapter_specs(current.specs)
     except (ValueError, BackendError) as error:  # a name given twice; 'embedded' without the bundled adapter
         return str(error)
     dropped = [name for name in have if name not in wanted]
@@ -123,8 +128,7 @@ class AdapterSwitcher:
         have = parse_adapter_specs(loaded)
         active = self.state.active
         error = ""
-        for spec in (s for s in wanted.specs if s):
-            ((name, path),) = parse_adapter_specs([spec]).items()
+        for spec, (name, path) in zip(wanted.specs, parse_adapter_specs(wanted.specs).items()):
             if name in have:
                 continue
             self.doing = f"loading {name} from {path}"

@@ -35,7 +35,7 @@ from vla_node.pipeline import CommandPipeline, Frame
 from vla_node.ros.convert import image_decoder, plan_to_msg, status_to_msg, time_to_ns
 from vla_node.ros.debug_image import DebugImagePublisher
 from vla_node.ros.parameters import declare_all
-from vla_node.settings import PARAMETERS, ParameterError, check
+from vla_node.settings import PARAMETERS, ParameterError, check_all
 
 _RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                        durability=QoSDurabilityPolicy.VOLATILE)
@@ -88,7 +88,7 @@ class VlaRuntime:
             self.core.backend.warmup()
             if config.max_batch > 1:
                 self.core.backend.warmup_batches(config.max_batch)
-        loaded = AdapterState(tuple(adapter_specs(settings)), settings.active_adapter)
+        loaded = AdapterState.of(adapter_specs(settings), settings.active_adapter)
         self.adapters = AdapterSwitcher(self.core.backend, loaded, self._adapter_change_done)
         self._set_truth(loaded)  # e.g. [""] with the embedded model: ["zh=embedded"]
         clock = self.node.get_clock()
@@ -265,16 +265,14 @@ class VlaRuntime:
         if self._setting_truth:
             return SetParametersResult(successful=True)
         values = {parameter.name: parameter.value for parameter in parameters}
-        try:
-            for name, value in values.items():
-                if name in PARAMETERS:
-                    check(name, list(value) if PARAMETERS[name].type is list else value)
+        try:  # ROS's own parameters (use_sim_time) are not ours to check
+            check_all({name: value for name, value in values.items() if name in PARAMETERS})
         except ParameterError as error:
             return SetParametersResult(successful=False, reason=str(error))
         if self.adapters is None or not ({"adapters", "active_adapter"} & set(values)):
             return SetParametersResult(successful=True)  # not configured yet: read at configure
-        wanted = AdapterState(tuple(a for a in values.get("adapters", self.param("adapters")) if a),
-                              values.get("active_adapter", self.param("active_adapter")))
+        wanted = AdapterState.of(values.get("adapters", self.param("adapters")),
+                                 values.get("active_adapter", self.param("active_adapter")))
         reason = check_change(self._accepted_adapters(), wanted.specs, wanted.active,
                               local_paths=self.param("backend") == "transformers")
         if reason:
@@ -285,7 +283,7 @@ class VlaRuntime:
         return SetParametersResult(successful=True)
 
     def _accepted_adapters(self) -> AdapterState:
-        return AdapterState(tuple(a for a in self.param("adapters") if a), self.param("active_adapter"))
+        return AdapterState.of(self.param("adapters"), self.param("active_adapter"))
 
     def _adapter_change_done(self, outcome: SwitchOutcome) -> None:
         """From the switcher's thread: hand the outcome to the executor."""
