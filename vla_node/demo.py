@@ -21,7 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vla_node.drawing import annotated_frame, put_text
+from vla_node.drawing import annotated_frame, clip, put_text
+from vla_node.text import visible
 from vla_node.report import CommandResult
 
 DEFAULT_OUT = Path("out") / "demo"
@@ -43,10 +44,10 @@ def print_verdicts(truth_path: Path, truth: dict, report: dict, out=None) -> int
     right = sum(ok for ok, _ in verdicts)
     print(f"\n{right} of {len(verdicts)} commands answered as the scene requires ({truth_path}):", file=out)
     for command, (ok, required) in zip(report["commands"], verdicts):
-        print(f"  #{command['index']} {'right' if ok else 'WRONG'}  {command['text']}", file=out)
+        print(f"  #{command['index']} {'right' if ok else 'WRONG'}  {visible(command['text'])}", file=out)
         if not ok:
             print("      the scene requires:", file=out)
-            for line in required[1:] or ["    (no entry in the truth file)"]:
+            for line in required or ["(no entry in the truth file)"]:  # the status line, then each step
                 print(f"      {line.strip()}", file=out)
     return right
 
@@ -65,10 +66,6 @@ def find_demo_bag() -> Path | None:
 
 
 # ------------------------------------------------------------------------------- drawing
-def _clip(text: str, width: int = 78) -> str:
-    return text if len(text) <= width else text[: width - 1] + "~"
-
-
 def annotate(result: CommandResult) -> np.ndarray:
     """BGR picture: the frame (scaled to 640 px wide) with the plan's boxes and status drawn as the
     node's vla/debug_image draws them (vla_node.drawing), over a panel with the command and plan."""
@@ -87,10 +84,10 @@ def annotate(result: CommandResult) -> np.ndarray:
     actions = steps_text(result.steps)
     lines += [f"  {line}" for line in actions.splitlines()] or ["  (no plan)"]
     if result.code != "ACCEPTED" and result.status is not None:
-        lines.append(f"  {_clip(result.status.detail, 74)}")
+        lines.append(f"  {clip(result.status.detail, 74)}")
     panel = np.full((12 + 22 * len(lines), frame.shape[1], 3), 30, np.uint8)
     for i, line in enumerate(lines):
-        put_text(panel, _clip(line), (10, 24 + 22 * i))
+        put_text(panel, clip(line, 78), (10, 24 + 22 * i))
     return np.vstack([frame, panel])
 
 

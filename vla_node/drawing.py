@@ -6,6 +6,7 @@ through OpenCV 5's Unicode font or PIL with a CJK font, else '?').
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
@@ -30,6 +31,7 @@ def status_colour(code: str) -> tuple[int, int, int]:
     return STATUS_COLOURS.get(code, OTHER_STATUS_COLOUR)
 
 
+@functools.lru_cache(maxsize=8)  # a .ttc is tens of MB: read once per size, not per label
 def _cjk_font(size: int):
     try:
         from PIL import ImageFont
@@ -42,6 +44,11 @@ def _cjk_font(size: int):
             except OSError:
                 continue
     return None
+
+
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters, a cut marked with "~"."""
+    return text if len(text) <= width else text[: width - 1] + "~"
 
 
 def put_text(image: np.ndarray, text: str, origin: tuple[int, int], colour=(255, 255, 255),
@@ -93,9 +100,7 @@ def draw_status(image: np.ndarray, code: str, text: str) -> None:
     banner[:] = (banner.astype(np.uint16) * 2 // 5).astype(np.uint8)  # darkened, the scene still shows
     line = f"{code}  {text}" if text else code
     limit = max(8, image.shape[1] // 9)  # about what fits at this font size
-    if len(line) > limit:
-        line = line[: limit - 1] + "~"
-    put_text(image, line, (6, 17), status_colour(code), 0.5)
+    put_text(image, clip(line, limit), (6, 17), status_colour(code), 0.5)
 
 
 def annotated_frame(bgr: np.ndarray, steps: list[ActionStep], code: str, text: str = "",

@@ -274,19 +274,24 @@ def _command_lines(index: int, expected: dict | None, actual: dict | None, min_i
     return exp_lines, act_lines
 
 
-def compare(expect: dict, report: dict, min_iou: float | None = None,
-            expected_name: str = "expected", actual_name: str = "actual") -> list[str]:
-    """Unified diff lines between the expectation and the replay (empty: they agree)."""
+def _paired_lines(expect: dict, report: dict, min_iou: float | None) -> list[tuple[dict | None, list, list]]:
+    """(expected entry, its lines, the replay's lines) per position, as far as the longer side goes."""
     min_iou = float(expect.get("min_iou", DEFAULT_MIN_IOU) if min_iou is None else min_iou)
     expected = expect["commands"]
     actual = [{"text": c["text"], "status": c["status"], "steps": c["actions"]} for c in report["commands"]]
-    exp_lines: list[str] = []
-    act_lines: list[str] = []
+    pairs = []
     for i in range(max(len(expected), len(actual))):
-        e, a = _command_lines(i, expected[i] if i < len(expected) else None,
-                              actual[i] if i < len(actual) else None, min_iou)
-        exp_lines += e
-        act_lines += a
+        entry = expected[i] if i < len(expected) else None
+        pairs.append((entry, *_command_lines(i, entry, actual[i] if i < len(actual) else None, min_iou)))
+    return pairs
+
+
+def compare(expect: dict, report: dict, min_iou: float | None = None,
+            expected_name: str = "expected", actual_name: str = "actual") -> list[str]:
+    """Unified diff lines between the expectation and the replay (empty: they agree)."""
+    pairs = _paired_lines(expect, report, min_iou)
+    exp_lines = [line for _, lines, _ in pairs for line in lines]
+    act_lines = [line for _, _, lines in pairs for line in lines]
     if exp_lines == act_lines:
         return []
     return list(difflib.unified_diff(exp_lines, act_lines, expected_name, actual_name, lineterm="", n=2))
@@ -295,15 +300,8 @@ def compare(expect: dict, report: dict, min_iou: float | None = None,
 def command_verdicts(expect: dict, report: dict, min_iou: float | None = None) -> list[tuple[bool, list[str]]]:
     """Per command of the replay: (agrees with the expectation's entry of the same index, the
     expected lines to show when it does not: status, then each step with its boxes)."""
-    min_iou = float(expect.get("min_iou", DEFAULT_MIN_IOU) if min_iou is None else min_iou)
-    expected = expect["commands"]
-    verdicts = []
-    for i, command in enumerate(report["commands"]):
-        actual = {"text": command["text"], "status": command["status"], "steps": command["actions"]}
-        entry = expected[i] if i < len(expected) else None
-        exp_lines, act_lines = _command_lines(i, entry, actual, min_iou)
-        verdicts.append((entry is not None and exp_lines == act_lines, exp_lines))
-    return verdicts
+    pairs = _paired_lines(expect, report, min_iou)[:len(report["commands"])]
+    return [(entry is not None and exp == act, exp) for entry, exp, act in pairs]
 
 
 # ------------------------------------------------------------------------------- corrections
