@@ -19,12 +19,10 @@ and candidate / baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cpu_latency import heldout_commands  # noqa: E402  (this folder: the same held-out frames)
 
 FORCED_TOKENS = 33
 
@@ -44,21 +44,7 @@ def reference_answers(models: Path, count: int) -> list[str]:
 
     cfg, indices = read_heldout_spec(models / "heldout" / "test_en.json")
     synth = Synthesizer(cfg, None)
-    return [next(m["content"] for m in synth.sample(i, render=False).messages if m["role"] == "assistant")
-            for i in indices[:count]]
-
-
-def heldout(models: Path, samples: int) -> list[tuple[str, Path]]:
-    """(command, image path) of the first held-out English samples of a models folder."""
-    from training.heldout import materialise_heldout
-
-    out = materialise_heldout(models / "heldout" / "test_en.json",
-                              Path(tempfile.mkdtemp(prefix="answer_cost_")) / "test_en", limit=samples)
-    rows = []
-    for sample in json.loads((out / "test.json").read_text(encoding="utf-8")):
-        user = next(m["content"] for m in sample["messages"] if m["role"] == "user")
-        rows.append((json.loads(user.split("Command: ", 1)[1]), out / sample["images"][0]))
-    return rows
+    return [synth.sample(i, render=False).answer for i in indices[:count]]
 
 
 class Shape:
@@ -66,9 +52,6 @@ class Shape:
 
     def __init__(self, name: str, models: Path, samples: int, threads: int, frame_size: tuple[int, int],
                  grammar: bool = False, answers: int = 200):
-        import cv2
-
-        from training.collate import load_rgb
         from vla_node.backends.engine import EngineOptions
         from vla_node.backends.transformers_backend import TransformersBackend
         from vla_node.image import fit_to_limits
@@ -86,12 +69,11 @@ class Shape:
             from vla_node.policy import SafetyPolicy
 
             self.backend.enable_constrained_decoding(vocab, SafetyPolicy.from_config(vocab.policy_config or {}, vocab))
-        rows = heldout(models, samples)
         tokenizer = self.backend.processor.tokenizer
         self.answer_tokens = [len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
                               for answer in reference_answers(models, answers)]
-        self.commands = [(command, fit_to_limits(cv2.resize(load_rgb(path), frame_size), self.backend.pixel_limits))
-                         for command, path in rows]
+        self.commands = [(command, fit_to_limits(rgb, self.backend.pixel_limits)) for command, rgb in
+                         heldout_commands(models / "heldout" / "test_en.json", samples, frame_size)]
         self.first_ms: list[float] = []
         self.per_token_ms: list[float] = []
         self.prompt_tokens = 0

@@ -38,25 +38,26 @@ PREVIOUS = dict(vocab_size=3000, hidden_size=256, intermediate_size=768, num_hid
                 vision_num_heads=4, min_pixels=56 * 56, max_pixels=252 * 196, vision_window_attention=False)
 
 
-def shape(name: str) -> tuple[dict, int]:
-    """(tiny_models sizes, factor = patch x merge)."""
+def shape(name: str) -> dict:
+    """tiny_models sizes of the shape."""
     if name == "previous":
-        return PREVIOUS, 28
-    from training.build_embedded import FACTOR, MODEL_SIZES
+        return PREVIOUS
+    from training.build_embedded import MODEL_SIZES
 
-    return MODEL_SIZES, FACTOR
+    return MODEL_SIZES
 
 
-def prepare(work: Path, sizes: dict, factor: int, samples: int) -> tuple[Path, Path]:
+def prepare(work: Path, sizes: dict, samples: int) -> tuple[Path, Path]:
     from training.synth import SynthConfig, generate_dataset
-    from training.tiny_models import build_tiny_checkpoint
+    from training.tiny_models import DEFAULT_SIZES, build_tiny_checkpoint, patch_size_of
 
     from training.build_embedded import corpus
 
     data = work / "data"
     workers = max(1, (os.cpu_count() or 2) - 1)
     synth = SynthConfig(num=samples, seed=0, size=(320, 240), val_frac=0.0, test_frac=0.0, boxes="absolute_resized",
-                        min_pixels=sizes["min_pixels"], max_pixels=sizes["max_pixels"], factor=factor)
+                        min_pixels=sizes["min_pixels"], max_pixels=sizes["max_pixels"],
+                        factor=patch_size_of("qwen2_5_vl", sizes) * sizes.get("merge_size", DEFAULT_SIZES["merge_size"]))
     if not (data / "dataset_info.json").is_file():
         generate_dataset(data, synth, workers=workers)
     checkpoint = work / "checkpoint"
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="small_train_"))
-    sizes, factor = shape(args.shape)
-    checkpoint, data = prepare(work, sizes, factor, args.samples)
+    sizes = shape(args.shape)
+    checkpoint, data = prepare(work, sizes, args.samples)
     results = {arm: run_arm(arm, checkpoint, data, work / "runs", args) for arm in args.arms.split(",")}
     per_sample = flops_per_sample(checkpoint, data)
     peak = matmul_peak() if torch.cuda.is_available() else None

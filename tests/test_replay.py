@@ -520,7 +520,7 @@ def test_the_demo_truth_is_the_generators_answer_to_each_scene_of_the_bag():
     scenes = make_golden.Scenes()
     make_golden.golden_mcap(scenes)  # the golden bags draw their scenes first: the demo takes the next ones
     make_golden.golden_sqlite3(scenes)
-    expected = make_golden.truth_file(make_golden.demo_bag(scenes))
+    expected = make_golden.truth_expectations(make_golden.demo_bag(scenes))
     truth = load_expectations(DATA / "demo_bag.truth.json")
     assert truth == json.loads(json.dumps(expected, ensure_ascii=False))
     spoken = [message.data for topic, _, message in read_messages(DATA / "demo_bag") if topic == "/speech/text"]

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from vla_node.dataset_format import ANSWERS_MARKER as MARKER  # the dataset_info.json entry key
+from vla_node.manifest import ANSWER_KINDS as KINDS
+
 __all__ = ["ACTIONS", "TEXT", "KINDS", "MARKER", "Verdict", "classify", "parses_as_actions"]
 
-ACTIONS = "actions"
-TEXT = "text"
-KINDS = (ACTIONS, TEXT)
-MARKER = "vla_answers"  # the dataset_info.json entry key
+ACTIONS, TEXT = KINDS
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class Verdict:
     parsed: int  # answers that parse as actions
     answers: int  # assistant answers in all
     declared: bool  # from the dataset_info.json marker
+
+    @property
+    def answers_need_checking(self) -> bool:
+        """An action dataset whose answers were not all parsed already (declared, or some failed):
+        classify() parsed every answer of an undeclared one, so a second pass could find nothing."""
+        return self.kind == ACTIONS and (self.declared or self.parsed < self.answers)
 
     @property
     def typo_hint(self) -> str:

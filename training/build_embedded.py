@@ -54,7 +54,6 @@ MODEL_SIZES = dict(
     whole_numbers=1,  # a box coordinate is one token
 )
 IMAGE_SIZE = (320, 240)
-FACTOR = MODEL_SIZES["patch_size"] * MODEL_SIZES["merge_size"]
 MERGE_SIZES = (1, 2)
 
 

@@ -99,7 +99,7 @@ def _check(args) -> int:
             print(f"{path} [{name}]: {e}")
             usable = False
             continue
-        check_vocab = vocab if verdict.kind == ACTIONS else None
+        check_vocab = vocab if verdict.answers_need_checking else None
         cache: dict = {}
         valid = 0
         for s in samples:

@@ -13,10 +13,10 @@ DeepSpeed op is needed). Launch one process per GPU:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from training.config import ConfigError
+from vla_node.manifest import read_json_object
 
 __all__ = ["deepspeed_config", "DEEPSPEED_PIN"]
 
@@ -33,11 +33,9 @@ def deepspeed_config(path: str | None) -> str | None:
         raise ConfigError(f"deepspeed: config file {p} not found (e.g. LLaMA-Factory's "
                           "examples/deepspeed/ds_z3_config.json)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"deepspeed: {p} is not a JSON file: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed: {p} must hold a JSON object")
+        read_json_object(p)
+    except ValueError as e:
+        raise ConfigError(f"deepspeed: {p} is not a JSON file holding an object: {e}") from None
     try:
         import deepspeed  # noqa: F401
     except ImportError as e:

@@ -333,10 +333,8 @@ def markdown_table(runs: dict[str, dict], rows=None) -> str:
                 row.append("")
             elif fmt == "pct":
                 row.append(f"{100.0 * (b - a):+.1f} pt")
-            elif fmt == "{:.2f}":
-                row.append(f"{b - a:+.2f}")
-            else:
-                row.append(f"{b - a:+.1f}")
+            else:  # the row's own precision, signed
+                row.append(fmt.replace("{:", "{:+", 1).format(b - a))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ decoding, fp32 on a CPU) is what models/METRICS.md reports; this is the quick lo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -36,6 +37,7 @@ class GenerationEval:
         self.prompts = [ids[i, :starts[i]].tolist() for i in range(len(starts))]
         self.references = [tokenizer.decode(ids[i, starts[i]:lengths[i]].tolist(), skip_special_tokens=True).strip()
                            for i in range(len(starts))]
+        self.reference_steps = [self._steps(text)[0] or [] for text in self.references]  # parsed once
 
     def _steps(self, text: str):
         from vla_node.parser import ParseError, parse_actions
@@ -66,7 +68,8 @@ class GenerationEval:
                     mask[r, longest - len(self.prompts[i]):] = 1
                 index = torch.tensor(rows, device=self.encoded.frames.device)
                 frames = self.encoded.frames[index].to(device)
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _null()
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" \
+                    else contextlib.nullcontext()
                 with autocast:
                     out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       pixel_values=pixel_values_of(frames, self.arithmetic),
@@ -75,21 +78,12 @@ class GenerationEval:
                 for r, i in enumerate(rows):
                     text = self.tokenizer.decode(out[r, longest:].tolist(), skip_special_tokens=True).strip()
                     pred, ok = self._steps(text)
-                    ref, _ = self._steps(self.references[i])
-                    scores.append(score_sample(pred, ok, ref or [], text, self.references[i]))
+                    scores.append(score_sample(pred, ok, self.reference_steps[i], text, self.references[i]))
         finally:
             hf.train(was_training)
         metrics = aggregate(scores, [], [])
         return {k: metrics[k] for k in ("n", "parse_valid_rate", "plan_exact_match", "verb_acc", "object_acc",
                                          "destination_acc", "box_iou50", "clarify_precision", "clarify_recall")}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def generation_eval_callback(evaluator: GenerationEval):

@@ -17,18 +17,13 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from training.metrics import lcs_length, tokenize
+from training.metrics import _brevity_penalty, _ngrams, rouge_l, tokenize
 
 __all__ = ["bleu4", "rouge_n", "rouge_l_f1", "sample_scores", "predict_results", "METRIC_KEYS"]
 
 METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu4(prediction: str, label: str) -> float:
@@ -51,8 +46,7 @@ def bleu4(prediction: str, label: str) -> float:
         else:
             precision = matches / total
         log_sum += 0.25 * math.log(precision)
-    brevity = 1.0 if len(hyp) > len(ref) else math.exp(1.0 - len(ref) / len(hyp))
-    return brevity * math.exp(log_sum)
+    return _brevity_penalty(len(hyp), len(ref)) * math.exp(log_sum)
 
 
 def _f1(overlap: int, predicted: int, reference: int) -> float:
@@ -70,8 +64,7 @@ def rouge_n(prediction: str, label: str, n: int) -> float:
 
 def rouge_l_f1(prediction: str, label: str) -> float:
     """ROUGE-L F1 in [0, 1] over words (Chinese per character)."""
-    p, r = tokenize(prediction), tokenize(label)
-    return _f1(lcs_length(p, r), len(p), len(r))
+    return rouge_l(tokenize(prediction), tokenize(label))
 
 
 def sample_scores(prediction: str, label: str) -> dict[str, float]:

@@ -79,9 +79,7 @@ def materialise_phrasings(spec_path: Path, base: SynthConfig, lang: str, out_dir
     import numpy as np
 
     names_rng = np.random.default_rng([int(spec["seed"]), 7])
-    names: dict[str, list[str]] = {}
-    for zh, label in sorted(synths["move"].vocab.labels_zh.items()):
-        names.setdefault(label, []).append(zh)
+    names = synths["move"].lang.zh.names  # label -> the vocabulary's Chinese names (read only)
 
     def zh_name(label: str) -> str:
         """One of the vocabulary's Chinese names, or colour + 的 + shape: never a generator synonym."""

@@ -903,7 +903,7 @@ def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Un
     Even with ``skip_invalid``, a dataset whose JSON array cannot be parsed to its end, or that ends
     up with no valid sample, raises: what was lost cannot be counted.
     """
-    from training.answer_kinds import ACTIONS, classify
+    from training.answer_kinds import classify
 
     samples, read_errors = read_samples(path, dataset=dataset, mapping=mapping, media_dir=media_dir)
     verdict = None
@@ -915,7 +915,7 @@ def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Un
             raise DatasetInvalid([DataError(where, 1, 1, f"dataset {dataset!r}: {e}")]) from None
         for s in samples:
             s.answer_kind = verdict.kind
-    check_vocab = vocab if verdict is not None and verdict.kind == ACTIONS else None
+    check_vocab = vocab if verdict is not None and verdict.answers_need_checking else None
     hint = verdict.typo_hint if verdict is not None else ""
     all_errors = list(read_errors)
     kept: list[Sample] = []

@@ -436,28 +436,32 @@ class Language:
         return self.label(rng, lang, label)
 
     # ---- sentences ----------------------------------------------------------------------------
+    def _asked(self, rng, text: str) -> str:
+        """An English command as spoken: a request that opens like a question ends like one."""
+        return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+
     def move(self, rng, lang: str, o: str, d) -> str:
         if lang == "en":
             text = self.en.move(rng, o, self.dest(rng, lang, d.label), d.shape)
-            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+            return self._asked(rng, text)
         return self.zh.wrap(rng, self.zh.move(rng, o, self.dest(rng, lang, d.label), d.shape))
 
     def pick(self, rng, lang: str, o: str) -> str:
         if lang == "en":
             text = self.en.pick(rng, o)
-            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+            return self._asked(rng, text)
         return self.zh.wrap(rng, self.zh.pick(rng, o))
 
     def place(self, rng, lang: str, d) -> str:
         if lang == "en":
             text = self.en.place(rng, self.dest(rng, lang, d.label), d.shape)
-            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+            return self._asked(rng, text)
         return self.zh.wrap(rng, self.zh.place(rng, self.dest(rng, lang, d.label), d.shape))
 
     def pick_place(self, rng, lang: str, o: str, d) -> str:
         if lang == "en":
             text = self.en.pick_place(rng, o, self.dest(rng, lang, d.label), d.shape)
-            return self.en.wrap(rng, text, question=text.startswith(("could", "can", "would", "will")))
+            return self._asked(rng, text)
         return self.zh.wrap(rng, self.zh.pick_place(rng, o, self.dest(rng, lang, d.label), d.shape))
 
     def move_move(self, rng, lang: str, o1: str, d1, o2: str, d2) -> str:

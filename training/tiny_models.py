@@ -227,6 +227,16 @@ def default_corpus() -> list[str]:
     return lines
 
 
+def _pre_tokenizer(regex: str):
+    """Qwen2's split (``regex``), then byte-level mapping without its own regex."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = "qwen2_5_vl",
                     whole_numbers: bool = False):
     """Train a byte-level BPE like Qwen's and wrap it as a transformers ``Qwen2Tokenizer``.
@@ -238,7 +248,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
     a plain fast tokenizer (tokenizer.json as written), since Qwen2Tokenizer would rebuild Qwen's
     regex on load.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -250,12 +260,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
                   for i in range(0, len(numbers), 32)] * 2
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    bpe.pre_tokenizer = _pre_tokenizer(regex)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=int(vocab_size),
@@ -295,16 +300,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, family: str = 
 def _as_plain_fast_tokenizer(tok, regex: str):
     """The same vocabulary, merges and special tokens with ``regex`` as the pre-tokenizer, as a
     generic fast tokenizer (its tokenizer.json loads unchanged)."""
-    from tokenizers import Regex, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = tok.backend_tokenizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = _pre_tokenizer(regex)
     plain = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Protocol
 
 from vla_node.files import atomic_write_text
 
+ANSWERS_MARKER = "vla_answers"  # the dataset_info.json key declaring a dataset's kind of answer
+
 DATASET_INFO = "dataset_info.json"
 
 
@@ -35,9 +37,9 @@ class Row:
 
 def sharegpt_registration(file_name: str, answers: str | None = None) -> dict:
     """The entry write_sharegpt adds to dataset_info.json (LLaMA-Factory's sharegpt columns and tags);
-    ``answers`` ("actions" | "text") declares the dataset's kind of answer (training.answer_kinds'
-    "vla_answers"; LLaMA-Factory ignores the key)."""
-    marker = {"vla_answers": answers} if answers else {}
+    ``answers`` ("actions" | "text") declares the dataset's kind of answer (ANSWERS_MARKER, read by
+    training.answer_kinds; LLaMA-Factory ignores the key)."""
+    marker = {ANSWERS_MARKER: answers} if answers else {}
     return {
         "file_name": file_name,
         **marker,

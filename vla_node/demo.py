@@ -30,19 +30,19 @@ DEMO_BAG = "demo_bag"
 PANEL_WIDTH = 640
 
 
-def truth_file(bag: Path) -> Path:
+def truth_path(bag: Path) -> Path:
     """The bag's truth file: BAG.truth.json beside the bag's folder."""
     return bag.parent / f"{bag.name}.truth.json"
 
 
-def print_verdicts(truth_path: Path, truth: dict, report: dict, out=None) -> int:
+def print_verdicts(source: Path, truth: dict, report: dict, out=None) -> int:
     """Right / WRONG per command against the truth (a loaded truth file); returns how many are right."""
     from vla_node.report import command_verdicts
 
     out = out if out is not None else sys.stdout
     verdicts = command_verdicts(truth, report)
     right = sum(ok for ok, _ in verdicts)
-    print(f"\n{right} of {len(verdicts)} commands answered as the scene requires ({truth_path}):", file=out)
+    print(f"\n{right} of {len(verdicts)} commands answered as the scene requires ({source}):", file=out)
     for command, (ok, required) in zip(report["commands"], verdicts):
         print(f"  #{command['index']} {'right' if ok else 'WRONG'}  {visible(command['text'])}", file=out)
         if not ok:
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: the demo bag is missing (tests/data/demo_bag); make it with "
               "`python tests/data/make_golden.py` or pass --bag", file=sys.stderr)
         return 2
-    truth_path = args.truth or truth_file(bag)
+    truth_file = args.truth or truth_path(bag)
     truth = None
-    if args.truth is not None or truth_path.is_file():  # read before the model loads: a bad file fails fast
+    if args.truth is not None or truth_file.is_file():  # read before the model loads: a bad file fails fast
         try:
-            truth = load_expectations(truth_path)
+            truth = load_expectations(truth_file)
         except ReportFileError as error:
             print(f"demo: {error}", file=sys.stderr)
             return 2
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(result.results)
     if truth is not None:
-        print_verdicts(truth_path, truth, result.report)
+        print_verdicts(truth_file, truth, result.report)
     print(f"\nannotated frames, report.md and the output bag are in {result.out_dir}/")
     for path in sorted(result.out_dir.glob("command_*.png")):
         print(f"  {path}")

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "vla_manifest.json"
-ANSWER_KINDS = ("actions", "text")  # == training.answer_kinds.KINDS
+ANSWER_KINDS = ("actions", "text")  # what an adapter answers; training.answer_kinds names them
 MANIFEST_FORMAT = 1
 
 # model_type (config.json) -> family

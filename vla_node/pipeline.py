@@ -384,7 +384,8 @@ class CommandPipeline:
         return CommandStatus(stamp_ns=self._now_ns(), command_id=command.command_id,
                              command_text=command.text, code=code, detail=detail)
 
-    def _emit_status(self, status: CommandStatus, total_ms: float | None) -> None:
+    def _emit_status(self, status: CommandStatus, total_ms: float | None) -> CommandStatus:
+        """Publish the status (stamped now if it is not yet); returns it as published."""
         if not status.stamp_ns:
             status = status.model_copy(update={"stamp_ns": self._now_ns()})
         self.stats.record(status, total_ms)
@@ -392,6 +393,7 @@ class CommandPipeline:
             self._on_status(status)
         except Exception:  # a publisher failure must not stop the worker
             log.exception("status callback failed")
+        return status
 
     def _stop_now(self, command_id: str, text: str, received_ns: int) -> None:
         with self._queue_lock:
@@ -421,9 +423,9 @@ class CommandPipeline:
         if cancelled:
             detail += f"; cancelled {', '.join(cancelled)}"
         stopped = CommandStatus(command_id=command_id, command_text=text, code=StatusCode.STOPPED, detail=detail)
-        self._emit_status(stopped, plan.latency.total_ms)
+        stopped = self._emit_status(stopped, plan.latency.total_ms)
         if latest is not None:
-            self._answered(AnsweredCommand(stopped.model_copy(update={"stamp_ns": self._now_ns()}), plan, latest))
+            self._answered(AnsweredCommand(stopped, plan, latest))
         for command in pending:
             self._emit_status(self._status(command, StatusCode.CANCELLED, f"cancelled by stop command {command_id}"), None)
         # In-flight commands report their own CANCELLED status when their generation returns.
@@ -559,7 +561,7 @@ class CommandPipeline:
     def _report(self, command: _Command, status: CommandStatus, total_ms: float | None) -> None:
         """The command's one status (the worker's last line of defence skips reported commands)."""
         command.reported = True
-        self._emit_status(status, total_ms)
+        status = self._emit_status(status, total_ms)
         if command.frame is not None:
             self._answered(AnsweredCommand(status, command.plan, command.frame, command.rgb))
 

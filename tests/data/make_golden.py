@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from training.synth import SynthConfig, Synthesizer  # noqa: E402
 from vla_node.bag_io import package_typestore, write_bag  # noqa: E402
+from vla_node.demo import truth_path  # noqa: E402
 from vla_node.report import DEFAULT_MIN_IOU, EXPECT_FORMAT, step_dict  # noqa: E402
 
 SIZE = (320, 240)
@@ -191,7 +192,7 @@ def demo_bag(scenes: Scenes) -> Script:
     return s
 
 
-def truth_file(script: Script) -> dict:
+def truth_expectations(script: Script) -> dict:
     """An expectation file (vla-replay --expect, python -m vla_node.demo) of what each scene requires."""
     return {
         "format": EXPECT_FORMAT,
@@ -286,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in bag.iterdir())
         print(f"wrote {bag} ({size / 1024:.0f} KiB, {len(script.frames)} frames, {len(script.commands)} commands)")
         if script.truth:
-            target = args.out / f"{script.name}.truth.json"
-            target.write_text(json.dumps(truth_file(script), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            target = truth_path(args.out / script.name)
+            target.write_text(json.dumps(truth_expectations(script), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
             print(f"wrote {target}")
         if args.expect and script.name != "demo_bag":
             expectations(script, bag, args.model)
