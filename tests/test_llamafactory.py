@@ -686,3 +686,17 @@ def test_cutoff_len_cuts_long_answers_and_refuses_long_prompts_before_the_model_
     err = capsys.readouterr().err
     assert rc == 1 and f"have a prompt (images included) as long as cutoff_len={n_prompt - 8}" in err
     assert "vqa_train.json:" in err and not (tmp_path / "never").exists()
+
+
+def test_free_form_evaluation_takes_the_dtypes_and_devices_the_node_takes(train_model_dir):
+    """vla-eval's free-form model picks its device and dtype as the node's backend does: fp16 by its
+    short name, and a bad value is a BackendError (one line from vla-eval), not a KeyError."""
+    import torch
+
+    from training.freeform_eval import FreeFormModel
+    from vla_node.backends.base import BackendError
+
+    model = FreeFormModel(str(train_model_dir), device="cpu", dtype="fp16")
+    assert model.device == "cpu" and next(model.model.parameters()).dtype == torch.float16
+    with pytest.raises(BackendError, match="invalid dtype 'float8'"):
+        FreeFormModel(str(train_model_dir), device="cpu", dtype="float8")

@@ -49,14 +49,15 @@ class FreeFormModel:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from training.collate import VLACollator, pixel_limits_of, set_pixel_limits
+        from vla_node.backends.transformers_backend import pick_device, pick_dtype
         from vla_node.image import PixelLimits
         from vla_node.manifest import check_adapter_against_base, has_manifest, read_manifest
         from vla_node.prompt import PromptBuilder
         from vla_node.vocabulary import Vocabulary
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        torch_dtype = {"auto": torch.bfloat16 if self.device.startswith("cuda") else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        chosen = pick_device(device, torch)  # as the node's backend chooses: BackendError names a bad one
+        torch_dtype = pick_dtype(dtype, chosen, torch)
+        self.device = str(chosen)
         self.processor = AutoProcessor.from_pretrained(model_dir)
         limits = pixel_limits_of(self.processor)
         if adapter and has_manifest(adapter):

@@ -71,6 +71,31 @@ class _AdapterInfo:
         self.pixel_limits = pixel_limits
 
 
+def pick_device(device: str, torch):
+    """The torch device for a device setting ("auto": CUDA when there is one); BackendError if unusable."""
+    d = (device or "auto").lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but CUDA is not available")
+    try:
+        return torch.device(d)
+    except (RuntimeError, ValueError) as e:
+        raise BackendError(f"invalid device {device!r}: {e}") from e
+
+
+def pick_dtype(dtype, device, torch):
+    """The torch dtype for a dtype setting ("auto": bf16 on CUDA, fp32 elsewhere); BackendError if unknown."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise BackendError(f"invalid dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
 class TransformersBackend(Backend):
     """Serve a local Qwen-VL checkpoint (+ optional LoRA adapters) with transformers.
 
@@ -136,8 +161,8 @@ class TransformersBackend(Backend):
         self.coordinate_convention: str = _manifest.COORDINATE_CONVENTIONS[self.family]
         self.config_sha256 = _manifest.config_sha256(self.model_path)
 
-        self.device = self._pick_device(device, torch)
-        self.dtype = self._pick_dtype(dtype, self.device, torch)
+        self.device = pick_device(device, torch)
+        self.dtype = pick_dtype(dtype, self.device, torch)
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -266,29 +291,6 @@ class TransformersBackend(Backend):
             return _manifest.read_json_object(cfg)
         except ValueError as e:
             raise BackendError(f"model directory '{path}': config.json is {e}") from e
-
-    @staticmethod
-    def _pick_device(device: str, torch):
-        d = (device or "auto").lower()
-        if d == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"device {device!r} requested but CUDA is not available")
-        try:
-            return torch.device(d)
-        except (RuntimeError, ValueError) as e:
-            raise BackendError(f"invalid device {device!r}: {e}") from e
-
-    @staticmethod
-    def _pick_dtype(dtype, device, torch):
-        if dtype is None or dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if isinstance(dtype, torch.dtype):
-            return dtype
-        name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
-        if name is None:
-            raise BackendError(f"invalid dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        return getattr(torch, name)
 
     @staticmethod
     def _size_get(size, *keys):
