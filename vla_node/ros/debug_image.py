@@ -4,8 +4,9 @@ status drawn (vla_node.drawing, the same drawing as the annotated PNGs).
 Drawn and published only while someone subscribes: without subscribers a command costs one
 subscription-count check. Transient local, depth 1: a late joiner (rviz2, Foxglove) gets the
 latest picture at once; one that joins while nothing was published gets the latest answer drawn
-within a second (`poll`, from the node's diagnostics timer: rclpy has no matched-event callback
-on Humble).
+within a second (`poll`, from a 1 s timer of the node: rclpy has no matched-event callback on
+Humble). Each answer is drawn once: the worker and the poll claim it under the lock before drawing,
+and a picture is published only while its answer is still the newest claimed.
 """
 from __future__ import annotations
 
@@ -48,11 +49,13 @@ class DebugImagePublisher:
             self._publish(latest)
 
     def _publish(self, answer: AnsweredCommand) -> None:
+        with self._lock:
+            if answer is self._drawn:  # the poll and the worker both saw it: draw it once
+                return
+            self._drawn = answer
         try:
             rgb = answer.rgb if answer.rgb is not None else answer.frame.decode()
         except Exception:  # BAD_IMAGE: the frame has no picture to draw on (its status says why)
-            with self._lock:
-                self._drawn = answer  # nothing to retry
             return
         status = answer.status
         steps = list(answer.plan.steps) if answer.plan is not None else []
@@ -63,6 +66,7 @@ class DebugImagePublisher:
         message.header.stamp = ns_to_time(answer.frame.stamp_ns)  # the camera frame's time and frame:
         message.header.frame_id = answer.frame.frame_id  # rviz2 places it like the camera image
         with self._lock:
-            self._drawn = answer
-        self.publisher.publish(message)
-        self.published += 1
+            if answer is not self._drawn:  # a newer answer was claimed meanwhile: its picture wins
+                return
+            self.publisher.publish(message)
+            self.published += 1
