@@ -4,13 +4,20 @@
 # models folder as a tar split into 15 MB parts. Run from the repository root there, with the
 # wheels of benchmarks/device_wheels.sh carried in .whl/:
 #     bash scripts/device_build_models.sh --stop-after base --base-steps auto --base-minutes 6
+# A build stopped by --deadline-minutes resumes its schedule when the next call (on the same, still
+# warm machine: the work folder is /tmp/emb) runs the same command again.
 # and here, to unpack what came back:
 #     cat FILES_AT/models.tgz.* | tar -xzf - -C .
 # Arguments go to `python -m training.build_embedded` (--work and --out are set here).
 set -uo pipefail
 out="${OUT:?run on the device tool, which sets OUT}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+# the wheels once per machine: a second call on a warm machine (a resumed build) skips the install
+wheels="$(ls -l .whl/*.whl | md5sum)"
+if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  echo "$wheels" > /tmp/site/.wheels
+fi
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/build
 # KEEP_BASE=1: the base in models/ (an earlier call's) is kept and only the adapter is trained

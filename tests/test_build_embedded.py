@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_train"]
+
 from training.build_embedded import MODEL_SIZES, architecture, merge_size_of, synth_config
 from training.synth import Synthesizer
 from training.tiny_models import build_tiny_checkpoint
@@ -34,3 +36,29 @@ def test_an_exported_base_tells_its_merge_size(tmp_path):
     model = build_tiny_checkpoint(tmp_path / "base", family="qwen2_5_vl", vocab_texts=["put the red cube"] * 4,
                                   **small)
     assert merge_size_of(model) == 1
+
+
+def test_a_deadline_stopped_training_resumes_its_schedule_on_the_next_run(train_model_dir, synth_dir, tmp_path, caplog):
+    """A device call ends at its time limit: the build stops the training, leaves a checkpoint at
+    that step, and the next run on the same work folder finishes the same schedule from there."""
+    import json
+    import logging
+
+    from training.build_embedded import Deadline, finished, resumable, run_training, scheduled_steps
+
+    run = tmp_path / "base_train"
+    overrides = dict(model_path=str(train_model_dir), dataset_dir=str(synth_dir), dataset="tabletop_train",
+                     output_dir=str(run), finetuning_type="lora", max_steps=6, per_device_train_batch_size=4,
+                     learning_rate=5e-3, logging_steps=1, save_steps=100, seed=0, report_to="none",
+                     disable_tqdm=True)
+    run_training(Deadline(1e-9), 0, **overrides)  # the budget is spent before the first step ends
+    assert json.loads((run / "train_results.json").read_text())["global_step"] == 1
+    assert (run / "checkpoint-1").is_dir(), "the stop writes a checkpoint although save_steps is far away"
+    assert resumable(run) and not finished(run, 6) and scheduled_steps(run) == 6
+
+    with caplog.at_level(logging.INFO):
+        run_training(Deadline(None), 0, **overrides)
+    assert f"resuming from {run / 'checkpoint-1'}" in caplog.text
+    history = json.loads((run / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert finished(run, 6) and not resumable(run)

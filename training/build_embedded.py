@@ -137,8 +137,9 @@ def base_init(out: Path, texts: list[str], seed: int, sizes: dict = MODEL_SIZES)
 
 
 class Deadline:
-    """A TrainerCallback factory: stop a training (it still saves) once ``seconds`` have passed,
-    so a build inside a time-limited machine always leaves a model."""
+    """A TrainerCallback factory: stop a training once ``seconds`` have passed, so a build inside a
+    time-limited machine always leaves a model. It also writes a checkpoint at the step it stops
+    at: the next call on the same work folder resumes the same schedule from there."""
 
     def __init__(self, seconds: float | None):
         self.at = time.time() + seconds if seconds else None
@@ -151,8 +152,10 @@ class Deadline:
         class _Deadline(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 if at is not None and time.time() > at and not control.should_training_stop:
-                    log(f"time budget reached at step {state.global_step} of {state.max_steps}: stopping early")
+                    log(f"time budget reached at step {state.global_step} of {state.max_steps}: stopping early "
+                        "(checkpoint saved; rerun on this work folder to resume)")
                     control.should_training_stop = True
+                    control.should_save = True
 
         return _Deadline()
 
@@ -184,15 +187,51 @@ def run_training(deadline: Deadline, eval_samples: int, **overrides) -> Path:
     from training.train import train
 
     final = Path(overrides["output_dir"])
-    if (final / "train_results.json").is_file():
+    if finished(final, overrides.get("max_steps")):
         return final
-    if any(final.glob("checkpoint-*")):  # an interrupted run continues where it stopped
+    if any(final.glob("checkpoint-*")):  # an interrupted or deadline-stopped run continues where it stopped
         overrides["resume_from_checkpoint"] = "true"
     cfg = TrainConfig(**overrides)
     result = train(cfg, callbacks=[deadline.callback()], on_data=generation_evaluator(eval_samples))
     (final / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")
     log(f"trained {final}: step {result.global_step}, {result.metrics}")
     return final
+
+
+def finished(run: Path, max_steps: int | None) -> bool:
+    """Whether the training in ``run`` ran its whole schedule (a deadline-stopped one did not)."""
+    results = run / "train_results.json"
+    if not results.is_file():
+        return False
+    done = json.loads(results.read_text()).get("global_step")
+    return max_steps is None or done is None or int(done) >= int(max_steps)
+
+
+def resumable(run: Path) -> bool:
+    """A training stopped before the end of its schedule (a deadline, an interruption) that left a checkpoint."""
+    return any(run.glob("checkpoint-*")) and not finished(run, scheduled_steps(run))
+
+
+def scheduled_steps(run: Path) -> int | None:
+    """The max_steps of the schedule a checkpointed training in ``run`` follows (None: no checkpoint)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(run)) if run.is_dir() else None
+    state = Path(last) / "trainer_state.json" if last else None
+    return int(json.loads(state.read_text())["max_steps"]) if state and state.is_file() else None
+
+
+def render_in_background(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict):
+    """synth() in another process (None when the data is there already); join() it before using the data."""
+    import multiprocessing
+
+    if (out / "dataset_info.json").is_file():
+        return None
+    process = multiprocessing.get_context("spawn").Process(target=synth, args=(out, num, seed, languages, workers, sizes),
+                                                           name=f"render {out.name}")
+    process.start()
+    log(f"rendering {out.name} in the background (pid {process.pid}) while the base trains")
+    return process
 
 
 def probe_rate(init: Path, data: Path, common: dict, batch: int, work: Path) -> float:
@@ -327,27 +366,34 @@ def main(argv: list[str] | None = None) -> int:
                   bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
                   image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"])
     histories: dict[str, list[dict]] = {}
-    if (out / EMBEDDED_MODEL / "config.json").is_file():  # exported by an earlier (maybe remote) run
-        log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")
+    adapter_data = None
+    base_run = work / "base_train"
+    if (out / EMBEDDED_MODEL / "config.json").is_file() and not resumable(base_run):
+        log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")  # exported by an earlier (maybe remote) run
     else:
         data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers, sizes)
         init = Path(args.base_from) if args.base_from else base_init(
             work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes)
-        steps = int(args.base_steps) if args.base_steps != "auto" else None
+        if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
+            adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
+                                                ("zh", "en"), args.workers, sizes)
+        steps = int(args.base_steps) if args.base_steps != "auto" else scheduled_steps(base_run)
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
             steps = int(rate * args.base_minutes * 60 / args.batch_size)
             log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
         base = run_training(base_deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
                             freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
-                            dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "base_train"),
+                            dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(base_run),
                             learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
                             **common)
         export_model(base, out / EMBEDDED_MODEL)
-    histories["base (tabletop-tiny)"] = _history(work / "base_train")
+    histories["base (tabletop-tiny)"] = _history(base_run)
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
         return 0
+    if adapter_data is not None:
+        adapter_data.join()  # a failed background render is redone by synth() below
     data_zh = synth(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), args.workers, sizes)
     lora = run_training(deadline, args.gen_eval_samples, model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora",
                         lora_rank=8, lora_alpha=16, lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS,
