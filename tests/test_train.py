@@ -327,8 +327,37 @@ def test_full_finetuning_runs_with_vision_frozen(train_model_dir, synth_dir, tmp
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".language_model." in k for k in changed)
+    assert "lm_head.weight" in changed, "the output projection is part of the language model (LLaMA-Factory)"
     assert not any(".visual." in k for k in changed), sorted(changed)[:5]  # vision tower + merger frozen
     assert read_manifest(out)["metrics"]["global_step"] == 3
+
+
+def test_full_finetuning_resumes_every_weight_from_its_checkpoint(train_model_dir, synth_dir, tmp_path, caplog):
+    """transformers saves a checkpoint with the original model's key names; a resume must load them
+    all back (not leave the vision tower or anything else at the base's weights) and retrace the run."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    common = dict(finetuning_type="full", max_steps=4, logging_steps=1, save_steps=2, learning_rate=1e-3,
+                  freeze_vision_tower="false", freeze_multi_modal_projector="false")
+    whole = train(load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / "whole", **common)))
+    resumed_out = tmp_path / "resumed"
+    with caplog.at_level(logging.WARNING):
+        resumed = train(load_config(None, train_overrides(
+            train_model_dir, synth_dir, resumed_out, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"),
+            **common)))
+    assert "missing keys" not in caplog.text and "unexpected keys" not in caplog.text
+    losses = {h["step"]: h["loss"] for h in whole.log_history if "loss" in h}
+    again = {h["step"]: h["loss"] for h in resumed.log_history if "loss" in h and h["step"] > 2}
+    for step, loss in again.items():
+        assert loss == pytest.approx(losses[step], rel=1e-4), step
+    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(resumed_out / "model.safetensors")
+    assert set(want) == set(got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"--merge-size {args.merge_size} ignored: {out / EMBEDDED_MODEL} was built with {built_merge}")
     sizes = architecture(built_merge or args.merge_size)
     deadline = Deadline(args.deadline_minutes * 60 if args.deadline_minutes else None)
-    base_deadline = Deadline((args.deadline_minutes - args.lora_minutes) * 60 if args.deadline_minutes else None)
+    adapter_minutes = args.lora_minutes if args.stop_after == "all" else 0.0  # no adapter: the base takes it all
+    base_deadline = Deadline((args.deadline_minutes - adapter_minutes) * 60 if args.deadline_minutes else None)
     heldout = {"test_en": synth_config(args.base_samples, args.seed, ("en",), sizes),
                "test_zh": synth_config(args.lora_samples, args.seed + SEED_ZH_OFFSET, ("zh", "en"), sizes)}
     common = dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,

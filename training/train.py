@@ -349,6 +349,17 @@ def trainer_classes():
             loss = self.fast_path.loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            target = model if model is not None else self.model
+            if is_peft_model(target) or self.is_fsdp_enabled or not full_weights_in(resume_from_checkpoint):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # A checkpoint holds a Qwen-VL model under its original key names (visual.*, model.*):
+            # the Trainer's plain load_state_dict would match none of the renamed weights and leave
+            # them at their pre-resume values; from_pretrained maps the names back.
+            log.info("loading the weights of %s", resume_from_checkpoint)
+            saved = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+            target.load_state_dict(saved.state_dict(), strict=True)
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self.throughput is not None and "loss" in logs:
                 rate = self.throughput.take()
@@ -511,6 +522,16 @@ def _final_metrics(log_history: list[dict], train_output, eval_metrics: dict | N
 # what a finished run leaves in output_dir (LLaMA-Factory's rule reads the same files)
 _TRAINED_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
                   "pytorch_model.bin")
+
+
+def is_peft_model(model) -> bool:
+    return callable(getattr(model, "get_base_model", None))
+
+
+def full_weights_in(checkpoint: str) -> bool:
+    """A checkpoint with a whole model's weights (not an adapter's, not DeepSpeed's partitions only)."""
+    folder = Path(checkpoint)
+    return any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def resume_point(cfg: TrainConfig) -> str | None:

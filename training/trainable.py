@@ -1,8 +1,9 @@
 """Which weights of a Qwen-VL model train: LLaMA-Factory's freeze_* keys for LoRA, full and freeze tuning.
 
 A Qwen-VL model has three parts: the vision tower (``visual``, without its merger), the projector
-(``visual.merger``, Qwen3-VL's deepstack mergers too) and the language model (``language_model``);
-``lm_head`` never trains. ``freeze_vision_tower`` (default true), ``freeze_multi_modal_projector``
+(``visual.merger``, Qwen3-VL's deepstack mergers too) and the language model (``language_model`` and
+``lm_head``, as in LLaMA-Factory's composite-model keys: full tuning trains the output projection too;
+an untied head left at its random init caps the logits and the loss). ``freeze_vision_tower`` (default true), ``freeze_multi_modal_projector``
 (default true) and ``freeze_language_model`` (default false) pick the parts that train:
 
 - lora:   LoRA on the linear layers of those parts (``lora_target``: all, or leaf names);
@@ -22,7 +23,7 @@ __all__ = ["VISION", "PROJECTOR", "LANGUAGE", "parts_to_train", "part_of", "lora
 VISION, PROJECTOR, LANGUAGE = "vision tower", "projector", "language model"
 _PROJECTOR = re.compile(r"(^|\.)(merger|deepstack_merger_list|multi_modal_projector)(\.|$)")
 _VISION = re.compile(r"(^|\.)(visual|vision_tower|vision_model)(\.|$)")
-_LANGUAGE = re.compile(r"(^|\.)language_model(\.|$)")
+_LANGUAGE = re.compile(r"(^|\.)(language_model|lm_head)(\.|$)")
 
 
 class TrainableError(ValueError):
@@ -44,7 +45,7 @@ def parts_to_train(cfg) -> set[str]:
 
 
 def part_of(name: str) -> str | None:
-    """The part a parameter or module name belongs to (None: lm_head and the like)."""
+    """The part a parameter or module name belongs to (None: none of the three)."""
     if _PROJECTOR.search(name):
         return PROJECTOR
     if _VISION.search(name):
