@@ -55,12 +55,13 @@ class Shape:
         from vla_node.backends.engine import EngineOptions
         from vla_node.backends.transformers_backend import TransformersBackend
         from vla_node.image import fit_to_limits
+        from vla_node.manifest import prompt_template_of
         from vla_node.prompt import PromptBuilder
         from vla_node.vocabulary import Vocabulary
 
         self.name = name
         vocab = Vocabulary.load(None)
-        self.prompt = PromptBuilder(vocab)
+        self.prompt = PromptBuilder(vocab, template=prompt_template_of(models / "tabletop-tiny"))  # as the node does
         self.backend = TransformersBackend(str(models / "tabletop-tiny"), device="cpu", dtype="float32",
                                            vocab_fingerprint=vocab.fingerprint(), torch_threads=threads,
                                            # every call encodes its frame: the two calls per command see one

@@ -122,6 +122,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "keep each sample's own system message instead of vla_node.prompt's (serving) one"},
     )
+    prompt_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "full | compact: the system prompt action samples are trained with (compact: its first "
+                          "sentence only, for a model that learns the action language from its data); recorded in "
+                          "the manifest, and the node prompts the model the same way (default: the base model's, "
+                          "full for a checkpoint without a vla_manifest.json)"},
+    )
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
@@ -236,6 +243,13 @@ class TrainConfig:
             errs.append("set max_steps > 0 or num_train_epochs > 0")
         if self.eval_steps is not None and self.eval_steps < 1:
             errs.append(f"eval_steps must be >= 1, not {self.eval_steps}")
+        if self.prompt_template is not None:
+            from vla_node.prompt import template_id
+
+            try:
+                template_id(self.prompt_template)
+            except ValueError as e:
+                errs.append(str(e))
         if str(self.fast_path).lower() not in ("auto", "true", "false"):
             errs.append(f"fast_path must be auto, true or false, not {self.fast_path!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):

@@ -25,10 +25,12 @@ def heldout_commands(models_dir: Path, workdir: Path, count: int) -> list[Heldou
     """``count`` held-out commands, half English, half Chinese (models/heldout/test_{en,zh}.json)."""
     from training.collate import load_rgb
     from training.heldout import materialise_heldout
+    from vla_node.factory import EMBEDDED_MODEL
+    from vla_node.manifest import prompt_template_of
     from vla_node.prompt import PromptBuilder
     from vla_node.vocabulary import Vocabulary
 
-    builder = PromptBuilder(Vocabulary.load(None))
+    builder = PromptBuilder(Vocabulary.load(None), template=prompt_template_of(Path(models_dir) / EMBEDDED_MODEL))
     per_language = {"en": count - count // 2, "zh": count // 2}
     commands: list[HeldoutCommand] = []
     for language, n in per_language.items():

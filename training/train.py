@@ -524,6 +524,25 @@ _TRAINED_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safet
                   "pytorch_model.bin")
 
 
+def prompt_template_for(cfg: TrainConfig) -> str:
+    """The prompt template this run trains with: prompt_template, else the base model's. An adapter
+    must use its base's (the node prompts a model as its manifest says, and refuses an adapter
+    trained otherwise); full fine-tuning makes a new model and may choose."""
+    from vla_node.manifest import ManifestError, prompt_template_of
+    from vla_node.prompt import template_id
+
+    try:
+        base = prompt_template_of(cfg.model_path)
+    except ManifestError as e:
+        raise ConfigError(str(e)) from None
+    chosen = template_id(cfg.prompt_template) if cfg.prompt_template else base
+    if chosen != base and cfg.finetuning_type != "full":
+        raise ConfigError(f"prompt_template {cfg.prompt_template} ({chosen}) differs from the one {cfg.model_path} was "
+                          f"trained with ({base}): the node would refuse the adapter; leave prompt_template unset, "
+                          "or use finetuning_type full")
+    return chosen
+
+
 def is_peft_model(model) -> bool:
     return callable(getattr(model, "get_base_model", None))
 
@@ -609,12 +628,12 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
     from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
     from training.fast_path import prepare_fast_path
     from vla_node.manifest import make_manifest, write_manifest
-    from vla_node.prompt import TEMPLATE_ID, PromptBuilder
+    from vla_node.prompt import PromptBuilder
     from vla_node.vocabulary import Vocabulary
 
     set_seed(cfg.seed)
     vocab = Vocabulary.load(cfg.vocabulary)
-    prompt = PromptBuilder(vocab)
+    prompt = PromptBuilder(vocab, template=prompt_template_for(cfg))
 
     # 1. data first: a broken dataset fails before the model is loaded
     train_samples, dataset_sha = load_split(cfg, cfg.datasets, vocab, "training")
@@ -707,7 +726,7 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
             vocabulary_fingerprint=vocab.fingerprint(),
             dataset_sha256=dataset_sha,
             metrics=metrics,
-            template=TEMPLATE_ID,
+            template=prompt.template,
             answers=answer_kinds_of(train_samples),
         )
         manifest_path = write_manifest(out, manifest)

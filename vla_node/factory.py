@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vla_node.backends.base import Backend, BackendError
+from vla_node.manifest import ManifestError, prompt_template_of
 from vla_node.backends.openai_backend import OpenAIBackend, ServerSettings
 from vla_node.pipeline import InferenceCore, PipelineConfig
 from vla_node.settings import PARAMETERS, check_all, default
@@ -184,4 +185,9 @@ def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> Inf
                                               ("max_steps", settings.max_steps)) if value is not None}
     policy = SafetyPolicy.from_config({**(vocab.policy_config or {}), **overrides}, vocab)
     backend = backend or build_backend(settings, vocab, policy)
-    return InferenceCore(backend, vocab, PromptBuilder(vocab), policy, settings.max_new_tokens)
+    # the model is asked the way it was trained: its manifest names the prompt template
+    try:
+        prompt = PromptBuilder(vocab, template=prompt_template_of(settings.model_path))
+    except ManifestError as e:
+        raise BackendError(str(e)) from None
+    return InferenceCore(backend, vocab, prompt, policy, settings.max_new_tokens)

@@ -30,12 +30,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from vla_node.prompt import TEMPLATE_ID  # the prompt's version an adapter was trained with
+from vla_node.prompt import TEMPLATE_ID, template_id  # the prompt template an adapter was trained with
 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_FORMAT",
     "TEMPLATE_ID",
+    "prompt_template_of",
     "FAMILIES",
     "COORDINATE_CONVENTIONS",
     "ManifestError",
@@ -320,6 +321,19 @@ _EXPECTED_FIELDS = {
     "vocabulary_fingerprint": ("vocabulary.fingerprint", lambda m: m["vocabulary"]["fingerprint"]),
     "vocabulary_version": ("vocabulary.version", lambda m: m["vocabulary"]["version"]),
 }
+
+
+def prompt_template_of(model_dir: str | os.PathLike) -> str:
+    """The prompt template the checkpoint in ``model_dir`` was trained with: its manifest's (a model
+    fine-tuned by vla-train carries one), else the full template (any other Qwen-VL checkpoint)."""
+    if not model_dir or not has_manifest(model_dir):
+        return TEMPLATE_ID
+    manifest = read_manifest(model_dir)
+    try:
+        return template_id(manifest["template"])
+    except ValueError as e:
+        raise ManifestError(f"{_manifest_path(model_dir)}: {e}; this vla_node cannot prompt the model as it was "
+                            "trained") from None
 
 
 def check_adapter_against_base(

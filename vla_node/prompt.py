@@ -10,6 +10,14 @@ from vla_node.vocabulary import Vocabulary
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image tag in ShareGPT text
 TEMPLATE_ID = "vla_node.prompt/v1"  # recorded in adapter manifests; bump when the text below changes
+# The compact template: the system prompt is its first sentence only. A model trained from scratch on
+# the action language (the embedded one) learns verbs, names and rules from its data; for it the long
+# system prompt is compute per sample and CPU time per command (and a higher loss for the same steps:
+# benchmarks/results/prompt_template_learning_cpu.txt). A checkpoint's manifest says which template
+# it was trained with, and serving follows it.
+COMPACT_TEMPLATE_ID = "vla_node.prompt/v1-compact"
+TEMPLATES = {"full": TEMPLATE_ID, "compact": COMPACT_TEMPLATE_ID}  # config name -> template id
+_TASK_SENTENCE = "You control a robot arm. Turn the spoken command about the camera image into robot actions."
 
 # Characters escaped inside the quoted command beyond what json.dumps escapes:
 # "<" so the command can never form a chat-template special token (<|im_end|>) or an <image> tag,
@@ -59,7 +67,7 @@ def build_system_text(vocab: Vocabulary) -> str:
     )
     return "\n".join(
         [
-            "You control a robot arm. Turn the spoken command about the camera image into robot actions.",
+            _TASK_SENTENCE,
             "",
             "Actions:",
             *verb_lines,
@@ -72,10 +80,22 @@ def build_system_text(vocab: Vocabulary) -> str:
     )
 
 
+def template_id(name_or_id: str) -> str:
+    """The template id for a config name ('full', 'compact') or an id; ValueError when unknown."""
+    value = TEMPLATES.get(name_or_id, name_or_id)
+    if value not in TEMPLATES.values():
+        raise ValueError(f"prompt template {name_or_id!r} is not one of {', '.join(TEMPLATES)} "
+                         f"({', '.join(TEMPLATES.values())})")
+    return value
+
+
 class PromptBuilder:
-    def __init__(self, vocab: Vocabulary, system_text: str | None = None):
+    def __init__(self, vocab: Vocabulary, system_text: str | None = None, template: str = TEMPLATE_ID):
         self.vocab = vocab
-        self.system_text = system_text if system_text is not None else build_system_text(vocab)
+        self.template = template_id(template)
+        if system_text is None:
+            system_text = _TASK_SENTENCE if self.template == COMPACT_TEMPLATE_ID else build_system_text(vocab)
+        self.system_text = system_text
 
     def user_text(self, command: str) -> str:
         return f"Command: {quote_command(command)}"

@@ -30,7 +30,6 @@ from vla_node.backends.base import (
 from vla_node.backends.engine import Engine, EngineOptions
 from vla_node.backends.engine.guard import probe_disagreement
 from vla_node.backends.generation import LoadedModel, generate_kwargs, greedy_config, on_device, tokens_of
-from vla_node.prompt import TEMPLATE_ID
 
 __all__ = ["TransformersBackend"]
 
@@ -160,6 +159,10 @@ class TransformersBackend(Backend):
         self.family: str = _manifest.FAMILIES[model_type]
         self.coordinate_convention: str = _manifest.COORDINATE_CONVENTIONS[self.family]
         self.config_sha256 = _manifest.config_sha256(self.model_path)
+        try:  # the template the model was trained with: an adapter must have been trained with it too
+            self.prompt_template: str = _manifest.prompt_template_of(self.model_path)
+        except _manifest.ManifestError as e:
+            raise BackendError(str(e)) from None
 
         self.device = pick_device(device, torch)
         self.dtype = pick_dtype(dtype, self.device, torch)
@@ -355,7 +358,7 @@ class TransformersBackend(Backend):
             if _manifest.has_manifest(p):
                 expected = {
                     "family": self.family,
-                    "template": TEMPLATE_ID,
+                    "template": self.prompt_template,
                     "coordinate_convention": self.coordinate_convention,
                     "vocabulary_fingerprint": self.vocab_fingerprint,
                 }
