@@ -62,3 +62,43 @@ def test_a_deadline_stopped_training_resumes_its_schedule_on_the_next_run(train_
     history = json.loads((run / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
     assert finished(run, 6) and not resumable(run)
+
+
+def test_the_text_stage_holds_the_rendered_datasets_commands_without_pictures_or_boxes(train_model_dir, tmp_path):
+    """The curriculum's first stage: the same samples as the pictured dataset (same options and
+    indices), drawn without rendering; a valid action dataset that vla-train trains on."""
+    import json
+
+    from training import sharegpt
+    from training.config import load_config
+    from training.text_stage import write_text_stage
+    from training.train import train
+    from vla_node.parser import parse_actions
+    from vla_node.vocabulary import Vocabulary
+
+    cfg = synth_config(120, 3, ("en",))
+    out = write_text_stage(tmp_path / "text", cfg)
+    assert not list(tmp_path.glob("*.partial")), "written whole, then moved into place"
+    pictured = Synthesizer(cfg, None)
+    indices = pictured.splits()["train"]
+    rows = json.loads((out / "train.json").read_text())
+    assert len(rows) == len(indices)
+    vocab = Vocabulary.load()
+    for row, index in zip(rows, indices):
+        drawn = pictured.sample(index, render=False).messages
+        assert row["images"] == []
+        assert row["messages"][1]["content"] == drawn[1]["content"].replace("<image>", "")
+        steps = parse_actions(row["messages"][2]["content"], vocab)
+        assert [s.verb for s in steps] == [s.verb for s in parse_actions(drawn[2]["content"], vocab)]
+        assert "_box" not in row["messages"][2]["content"]
+    samples = sharegpt.load_validated(str(out), "tabletop_train", vocab=vocab)
+    assert samples.verdict.kind == "actions" and len(samples) == len(rows)
+    (out / "train.json").write_text("[]\n")
+    assert write_text_stage(out, cfg) == out and (out / "train.json").read_text() == "[]\n", "written once"
+
+    write_text_stage(tmp_path / "small", synth_config(24, 3, ("en",)))
+    result = train(load_config(None, [f"model_path={train_model_dir}", f"dataset_dir={tmp_path / 'small'}",
+                                      "dataset=tabletop_train", f"output_dir={tmp_path / 'run'}",
+                                      "finetuning_type=full", "max_steps=2", "per_device_train_batch_size=4",
+                                      "prompt_template=compact", "report_to=none", "save_steps=100"]))
+    assert result.global_step == 2

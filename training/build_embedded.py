@@ -6,13 +6,16 @@
    set for the adapter (rendered by --workers processes);
 2. a Qwen2.5-VL-architecture checkpoint (training/tiny_models) with a tokenizer trained on that
    data's text (every number up to 640 one token), randomly initialised;
-3. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
+3. a curriculum's text stage (training.text_stage, --text-steps): full fine-tuning on the English
+   set's commands without their pictures, answers without boxes, so the model learns to read the
+   command before it learns to see;
+4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
    model learns verbs, names and rules from the data) -> tabletop-tiny;
-4. a LoRA adapter (rank 8, alpha 16, all language-model linears, plus the token embedding trained
+5. a LoRA adapter (rank 8, alpha 16, all language-model linears, plus the token embedding trained
    in full: the base never read Chinese) on the Chinese+English set -> tabletop-tiny-zh-lora;
-5. the held-out recipes, the learning curve (learning_curve.png: eval loss, and plan exact match
+6. the held-out recipes, the learning curve (learning_curve.png: eval loss, and plan exact match
    and box IoU@0.5 of greedy answers, against steps) and, unless --skip-eval, the CPU metrics.
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
@@ -78,7 +81,7 @@ def merge_size_of(model: Path) -> int | None:
 ADAPTER_TRAINS_EMBEDDINGS = "embed_tokens"
 # The base learns the action language from its data alone: the compact system prompt (one sentence)
 # instead of the full one (verbs, 44 names, rules: ~400 tokens). On a CPU-sized model trained from
-# scratch it reached a lower loss in less time (benchmarks/results/prompt_template_learning_cpu.txt),
+# scratch it reached a lower loss in less time (benchmarks/results/command_reading_cpu.txt),
 # and every command on the robot's CPU reads ~400 prompt tokens fewer. The manifest records it; the
 # node follows it.
 PROMPT_TEMPLATE = "compact"
@@ -215,6 +218,18 @@ def finished(run: Path, max_steps: int | None) -> bool:
     return max_steps is None or done is None or int(done) >= int(max_steps)
 
 
+def text_stage(work: Path, cfg, init: Path, args, common: dict) -> Path:
+    """The curriculum's first stage (training.text_stage): full fine-tuning of ``init`` on the base's
+    commands without pictures; returns the trained checkpoint, the base's starting point."""
+    from training.text_stage import write_text_stage
+
+    data = write_text_stage(work / "data_text", cfg, workers=args.workers)
+    return run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
+                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "text_train"),
+                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=args.text_steps,
+                        prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, args.text_steps // 3)})
+
+
 def resumable(run: Path) -> bool:
     """A training stopped before the end of its schedule (a deadline, an interruption) that left a checkpoint."""
     return any(run.glob("checkpoint-*")) and not finished(run, scheduled_steps(run))
@@ -332,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
+    parser.add_argument("--text-steps", type=int, default=300,
+                        help="steps of the curriculum's text stage (the base's commands without pictures, answers "
+                             "without boxes) before the base's own training; 0: none (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
@@ -384,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers, sizes)
         init = Path(args.base_from) if args.base_from else base_init(
             work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes)
+        if args.text_steps > 0 and not args.base_from:
+            init = text_stage(work, synth_config(args.base_samples, args.seed, ("en",), sizes), init, args, common)
+            histories["text stage (no pictures)"] = _history(init)
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
                                                 ("zh", "en"), args.workers, sizes)

@@ -13,7 +13,7 @@ TEMPLATE_ID = "vla_node.prompt/v1"  # recorded in adapter manifests; bump when t
 # The compact template: the system prompt is its first sentence only. A model trained from scratch on
 # the action language (the embedded one) learns verbs, names and rules from its data; for it the long
 # system prompt is compute per sample and CPU time per command (and a higher loss for the same steps:
-# benchmarks/results/prompt_template_learning_cpu.txt). A checkpoint's manifest says which template
+# benchmarks/results/command_reading_cpu.txt). A checkpoint's manifest says which template
 # it was trained with, and serving follows it.
 COMPACT_TEMPLATE_ID = "vla_node.prompt/v1-compact"
 TEMPLATES = {"full": TEMPLATE_ID, "compact": COMPACT_TEMPLATE_ID}  # config name -> template id

@@ -1,14 +1,18 @@
-"""How fast a small model trained from scratch learns to read the command: full vs compact prompt.
+"""How fast a small model trained from scratch learns to read the command, by recipe.
 
-    python3 benchmarks/prompt_template_learning.py [--steps 800] [--samples 3000] [--work DIR]
+    python3 benchmarks/command_reading.py [--steps 800] [--samples 3000] [--eval-samples 400] [--work DIR]
 
-Both arms run `vla-train`'s own train() (full fine-tuning, fast path, fp32, batch 16, lr 1e-3
-cosine) from the same randomly initialised CPU-sized Qwen2.5-VL checkpoint (hidden 128 x 2 layers,
-vision 64 x 2, the embedded recipe's 16 px patches merged 2x2) on the same synthetic English
-table-top samples (training.synth, the embedded recipe's grammar); only `prompt_template`
-differs: `full` (verbs, names and rules: the system prompt a pretrained Qwen-VL needs) or
-`compact` (its first sentence). Then, teacher-forced on --eval-samples scenes of another seed
-(never trained on): the accuracy of the
+Every arm runs `vla-train`'s own train() (full fine-tuning, fp32, batch 16, lr 1e-3 cosine, --steps
+steps in all) from the same randomly initialised CPU-sized Qwen2.5-VL checkpoint (hidden 128 x 2
+layers, vision 64 x 2, the embedded recipe's 16 px patches merged 2x2) on the same synthetic English
+table-top samples (training.synth, the embedded recipe's grammar):
+
+  full        the full system prompt (verbs, names and rules: what a pretrained Qwen-VL needs)
+  compact     its first sentence only (prompt_template: compact)
+  text-stage  compact, the first half of the steps on the same samples without their pictures
+              (answers without boxes: training.text_stage), the second half as `compact`
+ Then, teacher-forced on --eval-samples scenes of another seed
+(never trained on, with their pictures): the accuracy of the
 answer's first token (the verb: the command decides it) and of every answer token. A model that
 ignores the command cannot name the verb; the full prompt's ~400 shared tokens are what its
 attention must look past. Single seed; the figures are a direction, not a fine ranking.
@@ -68,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--samples", type=int, default=3000, help="training scenes")
     parser.add_argument("--eval-samples", type=int, default=400, help="scenes of seed 1 scored after training")
+    parser.add_argument("--arms", default="full,compact,text-stage", help="comma list of the arms above")
     parser.add_argument("--work", default=None, help="data and runs (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     from training.build_embedded import MODEL_SIZES, Deadline, base_init, corpus, run_training, synth, synth_config
+    from training.text_stage import write_text_stage
 
     sizes = {**MODEL_SIZES, **SMALL}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,25 +84,32 @@ def main(argv: list[str] | None = None) -> int:
         data = synth(work / "data", args.samples, 0, ("en",), 2, sizes)
         scored = synth(work / "eval", args.eval_samples, 1, ("en",), 2, sizes)
         init = base_init(work / "init", corpus([synth_config(args.samples, 0, ("en",), sizes)], 2), 0, sizes)
-        print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; $ python3 benchmarks/prompt_template_learning.py "
+        print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; $ python3 benchmarks/command_reading.py "
               f"--steps {args.steps} --samples {args.samples} --eval-samples {args.eval_samples}")
-        print("| prompt | prompt tokens | verb (first answer token) acc | answer token acc | final train loss | train s |")
+        print("| arm | prompt tokens | verb (first answer token) acc | answer token acc | final train loss | train s |")
         print("|---|---|---|---|---|---|")
-        for template in ("full", "compact"):
-            out = work / f"run_{template}"
+        common = dict(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False,
+                      dataset="tabletop_train", learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.04,
+                      per_device_train_batch_size=16, preprocessing_num_workers=2, seed=0, logging_steps=50,
+                      save_steps=10**6, max_grad_norm=1.0, bf16="false", report_to="none", lr_scheduler_type="cosine",
+                      disable_tqdm=True, image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"],
+                      overwrite_output_dir=True)
+        for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
+            template = "full" if arm == "full" else "compact"
+            out, start, steps = work / f"run_{arm}", init, args.steps
             started = time.time()
-            run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
-                         freeze_multi_modal_projector=False, dataset_dir=str(data), dataset="tabletop_train",
-                         output_dir=str(out), prompt_template=template, learning_rate=1e-3, weight_decay=0.05,
-                         warmup_ratio=0.04, max_steps=args.steps, per_device_train_batch_size=16,
-                         preprocessing_num_workers=2, seed=0, logging_steps=50, save_steps=10**6, max_grad_norm=1.0,
-                         bf16="false", report_to="none", lr_scheduler_type="cosine", fast_path="true",
-                         disable_tqdm=True, image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"],
-                         overwrite_output_dir=True)
+            if arm == "text-stage":
+                text = write_text_stage(work / "data_text", synth_config(args.samples, 0, ("en",), sizes))
+                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(text),
+                                     output_dir=str(work / "run_text"), prompt_template=template,
+                                     max_steps=args.steps // 2, **common)
+                steps = args.steps - args.steps // 2
+            run_training(Deadline(None), 0, model_path=str(start), dataset_dir=str(data), output_dir=str(out),
+                         prompt_template=template, max_steps=steps, fast_path="true", **common)
             seconds = time.time() - started
             verb, token, prompt = teacher_forced_accuracy(out, scored, template, sizes)
             losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
-            print(f"| {template} | {prompt} | {verb:.3f} | {token:.3f} | {losses[-1]:.3f} | {seconds:.0f} |", flush=True)
+            print(f"| {arm} | {prompt} | {verb:.3f} | {token:.3f} | {losses[-1]:.3f} | {seconds:.0f} |", flush=True)
     return 0
 
 
