@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         scored = synth(work / "eval", args.eval_samples, 1, ("en",), 2, sizes)
         init = base_init(work / "init", corpus([synth_config(args.samples, 0, ("en",), sizes)], 2), 0, sizes)
         print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; $ python3 benchmarks/command_reading.py "
-              f"--steps {args.steps} --samples {args.samples} --eval-samples {args.eval_samples}")
+              f"--steps {args.steps} --samples {args.samples} --eval-samples {args.eval_samples} --arms {args.arms}")
         print("| arm | prompt tokens | verb (first answer token) acc | answer token acc | final train loss | train s |")
         print("|---|---|---|---|---|---|")
         common = dict(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False,
