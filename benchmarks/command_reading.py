@@ -11,9 +11,10 @@ table-top samples (training.synth, the embedded recipe's grammar):
   compact     its first sentence only (prompt_template: compact)
   text-stage  compact, the first half of the steps on the same samples without their pictures
               (answers without boxes: training.text_stage), the second half as `compact`
- Then, teacher-forced on --eval-samples scenes of another seed
-(never trained on, with their pictures): the accuracy of the
-answer's first token (the verb: the command decides it) and of every answer token. A model that
+
+Then, teacher-forced on --eval-samples scenes of another seed (never trained on, with their
+pictures): the accuracy of the answer's first token (the verb: the command decides it) and of
+every answer token. A model that
 ignores the command cannot name the verb; the full prompt's ~400 shared tokens are what its
 attention must look past. Single seed; the figures are a direction, not a fine ranking.
 """

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from training.collate import IGNORE_INDEX
 
-__all__ = ["hf_model_of", "rope_positions", "shared_prefix_loss", "ordinary_inputs", "SUFFIX_ATTENTION"]
+__all__ = ["is_peft_model", "hf_model_of", "rope_positions", "shared_prefix_loss", "ordinary_inputs", "SUFFIX_ATTENTION"]
 
 # The language model's attention while the shared-prefix loss runs: queries are the batch's own
 # tokens, keys the prefix's and theirs. transformers' mask construction for a cache-extended
@@ -63,11 +63,14 @@ class _suffix_attention:
         return False
 
 
+def is_peft_model(model) -> bool:
+    return callable(getattr(model, "get_base_model", None))
+
+
 def hf_model_of(model):
     """The transformers *ForConditionalGeneration under peft / accelerate wrappers."""
     model = getattr(model, "module", model)  # DDP / DataParallel
-    get_base = getattr(model, "get_base_model", None)  # peft
-    return get_base() if callable(get_base) else model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def rope_positions(model, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -350,6 +350,8 @@ def trainer_classes():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            from training.shared_prefix import is_peft_model
+
             target = model if model is not None else self.model
             if is_peft_model(target) or self.is_fsdp_enabled or not full_weights_in(resume_from_checkpoint):
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -541,10 +543,6 @@ def prompt_template_for(cfg: TrainConfig) -> str:
                           f"trained with ({base}): the node would refuse the adapter; leave prompt_template unset, "
                           "or use finetuning_type full")
     return chosen
-
-
-def is_peft_model(model) -> bool:
-    return callable(getattr(model, "get_base_model", None))
 
 
 def full_weights_in(checkpoint: str) -> bool:

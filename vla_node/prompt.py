@@ -16,7 +16,7 @@ TEMPLATE_ID = "vla_node.prompt/v1"  # recorded in adapter manifests; bump when t
 # benchmarks/results/command_reading_cpu.txt). A checkpoint's manifest says which template
 # it was trained with, and serving follows it.
 COMPACT_TEMPLATE_ID = "vla_node.prompt/v1-compact"
-TEMPLATES = {"full": TEMPLATE_ID, "compact": COMPACT_TEMPLATE_ID}  # config name -> template id
+PROMPT_TEMPLATES = {"full": TEMPLATE_ID, "compact": COMPACT_TEMPLATE_ID}  # config name -> template id
 _TASK_SENTENCE = "You control a robot arm. Turn the spoken command about the camera image into robot actions."
 
 # Characters escaped inside the quoted command beyond what json.dumps escapes:
@@ -82,10 +82,10 @@ def build_system_text(vocab: Vocabulary) -> str:
 
 def template_id(name_or_id: str) -> str:
     """The template id for a config name ('full', 'compact') or an id; ValueError when unknown."""
-    value = TEMPLATES.get(name_or_id, name_or_id)
-    if value not in TEMPLATES.values():
-        raise ValueError(f"prompt template {name_or_id!r} is not one of {', '.join(TEMPLATES)} "
-                         f"({', '.join(TEMPLATES.values())})")
+    value = PROMPT_TEMPLATES.get(name_or_id, name_or_id)
+    if value not in PROMPT_TEMPLATES.values():
+        raise ValueError(f"prompt template {name_or_id!r} is not one of {', '.join(PROMPT_TEMPLATES)} "
+                         f"({', '.join(PROMPT_TEMPLATES.values())})")
     return value
 
 
