@@ -11,10 +11,18 @@ table-top samples (training.synth, the embedded recipe's grammar):
   compact     its first sentence only (prompt_template: compact)
   text-stage  compact, the first half of the steps on the same samples without their pictures
               (answers without boxes: training.text_stage), the second half as `compact`
+  pick-stage  compact, the first half of the steps on the same generator's PICK_OBJECT commands alone
+              (an answer whose only unknown is the object's box), the second half as `compact`
+  vqa-stage   compact, the first half of the steps on "What is on the table?" about the same kind of
+              scenes (training.synth_vqa: every answer needs the picture), the second half as `compact`
 
-Then, teacher-forced on --eval-samples scenes of another seed (never trained on, with their
+An arm named `<arm>@qwen3_vl` starts from a Qwen3-VL checkpoint of the same sizes instead (its vision
+tower adds learned absolute position embeddings and DeepStack features to the 2-D rotary positions
+that are all Qwen2.5-VL's has). An arm named `<arm>:grouped` batches samples of similar length together (group_by_length, the
+default before 2026-12-02); the others draw batches at random. Then, teacher-forced on --eval-samples scenes of another seed (never trained on, with their
 pictures): the accuracy of the answer's first token (the verb: the command decides it) and of
-every answer token. A model that
+every answer token, and of the box coordinates' tokens; and the answer loss with each scene's own
+picture against another scene's (a model that does not look at the picture loses nothing). A model that
 ignores the command cannot name the verb; the full prompt's ~400 shared tokens are what its
 attention must look past. Single seed; the figures are a direction, not a fine ranking.
 """
@@ -34,8 +42,11 @@ SMALL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_at
              vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_num_heads=2, merge_size=2)
 
 
-def teacher_forced_accuracy(model_dir: Path, data: Path, template: str, sizes: dict) -> tuple[float, float, int]:
-    """(first answer token accuracy, answer token accuracy, prompt tokens) on data's tabletop_train."""
+def teacher_forced_accuracy(model_dir: Path, data: Path, template: str, sizes: dict) -> dict:
+    """Teacher-forced on data's tabletop_train: the answer's first token (verb), every answer token and
+    the box coordinates' tokens (numbers) right; the answer loss with each sample's own picture and with
+    the next sample's (another scene): a model that reads the picture loses more with the wrong one;
+    and the prompt length."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -51,21 +62,39 @@ def teacher_forced_accuracy(model_dir: Path, data: Path, template: str, sizes: d
     collator = VLACollator(processor, PromptBuilder(vocab, template=template), limits)
     val = sharegpt.load_validated(str(data), "tabletop_train", vocab=vocab)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    first = tokens = firsts = total = prompt = 0
+    tokenizer = processor.tokenizer
+    number = torch.tensor([tokenizer.decode([i]).strip().isdigit() for i in range(len(tokenizer))])
+    n = dict(first=0, firsts=0, tokens=0, total=0, numbers=0, number_total=0, prompt=0)
+    own_loss = other_loss = 0.0
     with torch.no_grad():
         for start in range(0, len(val), 8):
             batch = collator(val[start:start + 8])
-            predicted = model(**batch).logits[:, :-1].argmax(-1)
+            logits = model(**batch).logits[:, :-1]
+            predicted = logits.argmax(-1)
             targets = batch["labels"][:, 1:]
             labelled = targets != IGNORE_INDEX
-            tokens += int((predicted[labelled] == targets[labelled]).sum())
-            total += int(labelled.sum())
+            right = predicted == targets
+            n["tokens"] += int(right[labelled].sum())
+            n["total"] += int(labelled.sum())
+            numbers = labelled & number[targets.clamp(min=0)]
+            n["numbers"] += int(right[numbers].sum())
+            n["number_total"] += int(numbers.sum())
+            loss = torch.nn.functional.cross_entropy(logits[labelled], targets[labelled], reduction="sum")
+            own_loss += float(loss)
+            # each sample with the next one's picture (every frame has the same grid: roll the patches)
+            per_image = int(batch["image_grid_thw"][0].prod())
+            other = dict(batch, pixel_values=batch["pixel_values"].roll(-per_image, dims=0))
+            other_logits = model(**other).logits[:, :-1]
+            other_loss += float(torch.nn.functional.cross_entropy(other_logits[labelled], targets[labelled],
+                                                                  reduction="sum"))
             for row in range(targets.shape[0]):
                 at = int(labelled[row].nonzero()[0])
-                first += int(predicted[row, at] == targets[row, at])
-                firsts += 1
-                prompt = max(prompt, at + 1)
-    return first / firsts, tokens / total, prompt
+                n["first"] += int(right[row, at])
+                n["firsts"] += 1
+                n["prompt"] = max(n["prompt"], at + 1)
+    return {"verb": n["first"] / n["firsts"], "token": n["tokens"] / n["total"],
+            "coordinate": n["numbers"] / max(1, n["number_total"]), "own_loss": own_loss / n["total"],
+            "other_loss": other_loss / n["total"], "prompt": n["prompt"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or tmp)
         data = synth(work / "data", args.samples, 0, ("en",), 2, sizes)
         scored = synth(work / "eval", args.eval_samples, 1, ("en",), 2, sizes)
-        init = base_init(work / "init", corpus([synth_config(args.samples, 0, ("en",), sizes)], 2), 0, sizes)
+        texts = corpus([synth_config(args.samples, 0, ("en",), sizes)], 2)
+        inits: dict[str, Path] = {}
         print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; $ python3 benchmarks/command_reading.py "
               f"--steps {args.steps} --samples {args.samples} --eval-samples {args.eval_samples} --arms {args.arms}")
-        print("| arm | prompt tokens | verb (first answer token) acc | answer token acc | final train loss | train s |")
-        print("|---|---|---|---|---|---|")
+        print("| arm | prompt tokens | verb (first answer token) acc | answer token acc | coordinate token acc "
+              "| answer loss, own picture | answer loss, another scene's | final train loss | train s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         common = dict(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False,
                       dataset="tabletop_train", learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.04,
                       per_device_train_batch_size=16, preprocessing_num_workers=2, seed=0, logging_steps=50,
@@ -96,10 +127,40 @@ def main(argv: list[str] | None = None) -> int:
                       disable_tqdm=True, image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"],
                       overwrite_output_dir=True)
         for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
-            template = "full" if arm == "full" else "compact"
+            recipe, _, family = arm.partition("@")
+            recipe, _, sampling = recipe.partition(":")
+            family = family or "qwen2_5_vl"
+            if family not in inits:
+                inits[family] = base_init(work / f"init_{family}", texts, 0, sizes, family=family)
+            init = inits[family]
+            template = "full" if recipe == "full" else "compact"
+            common["group_by_length"] = sampling == "grouped"
             out, start, steps = work / f"run_{arm}", init, args.steps
             started = time.time()
-            if arm == "text-stage":
+            if recipe == "pick-stage":
+                from dataclasses import replace
+
+                from training.synth import generate_dataset
+
+                picks = work / "data_pick"
+                if not (picks / "dataset_info.json").is_file():
+                    generate_dataset(picks, replace(synth_config(args.samples, 0, ("en",), sizes), skills=("pick",)),
+                                     workers=2, overwrite=True)
+                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(picks),
+                                     output_dir=str(work / f"run_pick_{family}"), prompt_template=template,
+                                     max_steps=args.steps // 2, **common)
+                steps = args.steps - args.steps // 2
+            if recipe == "vqa-stage":
+                from training.synth_vqa import VQAConfig, generate_vqa_dataset
+
+                vqa = work / "data_vqa"
+                if not (vqa / "dataset_info.json").is_file():
+                    generate_vqa_dataset(vqa, VQAConfig(num=args.samples, seed=0, languages=("en",), val_frac=0.01))
+                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(vqa),
+                                     output_dir=str(work / f"run_vqa_{family}"), prompt_template=template,
+                                     max_steps=args.steps // 2, **{**common, "dataset": "tabletop_vqa_train"})
+                steps = args.steps - args.steps // 2
+            if recipe == "text-stage":
                 text = write_text_stage(work / "data_text", synth_config(args.samples, 0, ("en",), sizes))
                 start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(text),
                                      output_dir=str(work / "run_text"), prompt_template=template,
@@ -108,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             run_training(Deadline(None), 0, model_path=str(start), dataset_dir=str(data), output_dir=str(out),
                          prompt_template=template, max_steps=steps, fast_path="true", **common)
             seconds = time.time() - started
-            verb, token, prompt = teacher_forced_accuracy(out, scored, template, sizes)
+            m = teacher_forced_accuracy(out, scored, template, sizes)
             losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
-            print(f"| {arm} | {prompt} | {verb:.3f} | {token:.3f} | {losses[-1]:.3f} | {seconds:.0f} |", flush=True)
+            print(f"| {arm} | {m['prompt']} | {m['verb']:.3f} | {m['token']:.3f} | {m['coordinate']:.3f} | "
+                  f"{m['own_loss']:.3f} | {m['other_loss']:.3f} | {losses[-1]:.3f} | {seconds:.0f} |", flush=True)
     return 0
 
 

@@ -407,3 +407,41 @@ def test_broken_dataset_fails_before_training(tmp_path, synth_dir, capsys):
     rc = main([str(cfg), "skip_invalid=true", "--check-data", "-q"])
     assert rc == 0
     assert "1 valid sample(s)" in capsys.readouterr().out
+
+
+class _AnswerLengths(torch.utils.data.Dataset):
+    """An action dataset's lengths: a quarter STOP() answers (short), the rest MOVE_OBJECTs (long)."""
+
+    lengths = [130 if i % 4 == 0 else 165 for i in range(400)]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.zeros(self.lengths[i], dtype=torch.long)}
+
+
+def _batches_by_length(model_dir: Path, out: Path, overrides: list[str]) -> list[set[int]]:
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import trainer_classes, training_args_for
+
+    cfg = load_config(None, [f"model_path={model_dir}", "dataset=d", f"output_dir={out}", "report_to=none",
+                             "per_device_train_batch_size=8", *overrides])
+    trainer_cls = trainer_classes()[0]
+    dataset = _AnswerLengths()
+    trainer = trainer_cls(model=AutoModelForImageTextToText.from_pretrained(model_dir),
+                          args=training_args_for(cfg, bf16=False, has_eval=False), train_dataset=dataset)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(dataset)))  # every sample once an epoch
+    return [{dataset.lengths[i] for i in order[k:k + 8]} for k in range(0, len(order), 8)]
+
+
+def test_default_batches_mix_short_and_long_answers(tiny_model_dir, tmp_path):
+    # An answer's length follows its verb. Length-sorted batches each hold one verb, and a model
+    # trained on them learns the batch's verb rather than the command (the embedded build answered
+    # every command with one verb); the default, as in transformers and LLaMA-Factory, is random.
+    mixed = _batches_by_length(tiny_model_dir, tmp_path / "random", [])
+    assert sum(len(b) == 2 for b in mixed) >= 0.7 * len(mixed)
+    grouped = _batches_by_length(tiny_model_dir, tmp_path / "grouped", ["group_by_length=true"])
+    assert sum(len(b) == 1 for b in grouped) >= 0.9 * len(grouped)  # the opt-in still groups

@@ -4,11 +4,10 @@
 
 1. synthetic tabletop data (training.synth): an English set for the base, a Chinese+English
    set for the adapter (rendered by --workers processes);
-2. a Qwen2.5-VL-architecture checkpoint (training/tiny_models) with a tokenizer trained on that
+2. a Qwen2.5-VL-architecture (--family) checkpoint (training/tiny_models) with a tokenizer trained on that
    data's text (every number up to 640 one token), randomly initialised;
-3. a curriculum's text stage (training.text_stage, --text-steps): full fine-tuning on the English
-   set's commands without their pictures, answers without boxes, so the model learns to read the
-   command before it learns to see;
+3. optionally (--text-steps, default none) a text stage (training.text_stage): full fine-tuning on
+   the English set's commands without their pictures, answers without boxes;
 4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
@@ -34,11 +33,11 @@ from pathlib import Path
 
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
-# The architecture: Qwen2.5-VL with every size shrunk, one visual token per 16x16 pixels: a
-# 320x240 frame is 20x15 = 300 visual tokens, so a 20-35 px object spans several of them.
-# --merge-size 2 merges 2x2 of them (a 320x224 input, 70 tokens of 32 px, the Qwen-VL default):
-# ~70 ms less per command on a robot's CPU and a quarter of the language model's image tokens in
-# training (benchmarks/results/cpu_answer_cost.txt), for coarser visual tokens.
+# The architecture: Qwen2.5-VL with every size shrunk, 16x16 pixel patches merged 2x2 (the Qwen-VL
+# default: a 320x224 input, 70 visual tokens of 32 px). --merge-size 1 keeps one token per patch
+# (300 tokens, so a 20-35 px object spans several) at ~70 ms more per command on a robot's CPU and
+# four times the language model's image tokens in training (benchmarks/results/cpu_answer_cost.txt);
+# neither placed boxes in the builds so far (the model does not yet look at the picture).
 MODEL_SIZES = dict(
     vocab_size=4096,
     hidden_size=384,
@@ -51,7 +50,7 @@ MODEL_SIZES = dict(
     vision_depth=6,
     vision_num_heads=4,
     patch_size=16,
-    merge_size=1,
+    merge_size=2,
     min_pixels=64 * 64,
     max_pixels=320 * 240,
     vision_window_attention=False,  # a frame is one window of <= 300 patches: full attention
@@ -137,12 +136,12 @@ def corpus(configs: list, workers: int) -> list[str]:
     return list(texts) + [system] * SYSTEM_PROMPT_WEIGHT
 
 
-def base_init(out: Path, texts: list[str], seed: int, sizes: dict = MODEL_SIZES) -> Path:
+def base_init(out: Path, texts: list[str], seed: int, sizes: dict = MODEL_SIZES, family: str = "qwen2_5_vl") -> Path:
     from training.tiny_models import build_tiny_checkpoint
 
     if (out / "config.json").is_file():
         return out
-    build_tiny_checkpoint(out, family="qwen2_5_vl", vocab_texts=texts, seed=seed, **sizes)
+    build_tiny_checkpoint(out, family=family, vocab_texts=texts, seed=seed, **sizes)
     log(f"initial checkpoint at {out}")
     return out
 
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
-    parser.add_argument("--text-steps", type=int, default=300,
+    parser.add_argument("--text-steps", type=int, default=0,
                         help="steps of the curriculum's text stage (the base's commands without pictures, answers "
                              "without boxes) before the base's own training; 0: none (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
@@ -370,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=MODEL_SIZES["merge_size"],
                         help="patches merged per visual token, per side: 1 = 16 px tokens (300 per frame), 2 = 32 px "
                              "(70 per frame, faster on a CPU); an exported base's own value wins (default: %(default)s)")
+    parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+                        help="architecture of the base (Qwen3-VL's vision tower adds learned absolute position "
+                             "embeddings and DeepStack features) (default: %(default)s)")
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
                         help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers, sizes)
         init = Path(args.base_from) if args.base_from else base_init(
-            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes)
+            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes,
+            family=args.family)
         if args.text_steps > 0 and not args.base_from:
             init = text_stage(work, synth_config(args.base_samples, args.seed, ("en",), sizes), init, args, common)
             histories["text stage (no pictures)"] = _history(init)

@@ -131,7 +131,12 @@ class TrainConfig:
     )
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
-    group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
+    # Off by default, as in transformers and LLaMA-Factory: in an action dataset an answer's length
+    # follows its verb (STOP() is 6 tokens, a MOVE_OBJECT 35), so length-sorted batches each hold
+    # one verb, and the model learns the batch's verb instead of reading the command.
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batch samples of similar length together (less padding; off: with action answers it makes "
+                "one-verb batches)"})
     preprocessing_num_workers: Optional[int] = field(
         default=None,
         metadata={"help": "processes that encode the dataset once for the fast path (default: cores - 1, at most 16)"},

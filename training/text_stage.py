@@ -1,11 +1,12 @@
 """The first stage of the embedded model's curriculum: its commands and answers without pictures.
 
-A model trained from scratch on pictured commands first learns what the pictures and the answer
-format say and is slow to learn to read the command (its ~70-300 image tokens sit between the
-prompt and the command). On the same commands without their pictures, the answers without boxes,
-it learns the command language in a fraction of the steps, and then learns the pictures on top
-(benchmarks/results/command_reading_cpu.txt). The samples are the rendered dataset's own
-(same synth options and indices), drawn without rendering: seconds for ~100k samples.
+On the same commands without their pictures, the answers without boxes, a model trained from
+scratch learns the command language at a fraction of a pictured step's cost. It looked like the
+lever for reading the command while batches were length-sorted (one verb per batch); with batches
+drawn at random, the pictured training alone reads the command as well per step, so
+`build_embedded --text-steps` is 0 by default (benchmarks/results/command_reading_cpu.txt). The
+samples are the rendered dataset's own (same synth options and indices), drawn without rendering:
+seconds for ~100k samples.
 """
 from __future__ import annotations
 
