@@ -16,15 +16,18 @@ table-top samples (training.synth, the embedded recipe's grammar):
   vqa-stage   compact, the first half of the steps on "What is on the table?" about the same kind of
               scenes (training.synth_vqa: every answer needs the picture), the second half as `compact`
 
-An arm named `<arm>@qwen3_vl` starts from a Qwen3-VL checkpoint of the same sizes instead (its vision
-tower adds learned absolute position embeddings and DeepStack features to the 2-D rotary positions
-that are all Qwen2.5-VL's has). An arm named `<arm>:grouped` batches samples of similar length together (group_by_length, the
-default before 2026-12-02); the others draw batches at random. Then, teacher-forced on --eval-samples scenes of another seed (never trained on, with their
-pictures): the accuracy of the answer's first token (the verb: the command decides it) and of
-every answer token, and of the box coordinates' tokens; and the answer loss with each scene's own
-picture against another scene's (a model that does not look at the picture loses nothing). A model that
-ignores the command cannot name the verb; the full prompt's ~400 shared tokens are what its
-attention must look past. Single seed; the figures are a direction, not a fine ranking.
+Modifiers, in this order: `<arm>+frozen-vision` keeps the vision tower at its random init
+(freeze_vision_tower: the projector and the language model train); `<arm>:grouped` batches samples
+of similar length together (group_by_length, vla-train's default before 2026-12-02; the others draw
+batches at random); `<arm>@qwen3_vl` starts from a Qwen3-VL checkpoint of the same sizes (its vision
+tower adds learned absolute position embeddings and DeepStack features to the 2-D rotary positions,
+all that Qwen2.5-VL's has). Example: `compact+frozen-vision@qwen3_vl`.
+
+Then, teacher-forced on --eval-samples scenes of another seed (never trained on, with their
+pictures): the accuracy of the answer's first token (the verb: the command decides it), of every
+answer token and of the box coordinates' tokens; and the answer loss with each scene's own picture
+against the next scene's (a model that does not look at the picture loses nothing by the swap).
+Single seed; the figures are a direction, not a fine ranking.
 """
 from __future__ import annotations
 
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
             recipe, _, family = arm.partition("@")
             recipe, _, sampling = recipe.partition(":")
+            recipe, _, frozen = recipe.partition("+")
+            common["freeze_vision_tower"] = frozen == "frozen-vision"
             family = family or "qwen2_5_vl"
             if family not in inits:
                 inits[family] = base_init(work / f"init_{family}", texts, 0, sizes, family=family)
