@@ -13,6 +13,8 @@ table-top samples (training.synth, the embedded recipe's grammar):
               (answers without boxes: training.text_stage), the second half as `compact`
   pick-stage  compact, the first half of the steps on the same generator's PICK_OBJECT commands alone
               (an answer whose only unknown is the object's box), the second half as `compact`
+  one-object-stage  as pick-stage, in scenes with the named object alone (no other object, no
+              container: the box is found without reading a word)
   vqa-stage   compact, the first half of the steps on "What is on the table?" about the same kind of
               scenes (training.synth_vqa: every answer needs the picture), the second half as `compact`
 
@@ -142,17 +144,20 @@ def main(argv: list[str] | None = None) -> int:
             common["group_by_length"] = sampling == "grouped"
             out, start, steps = work / f"run_{arm}", init, args.steps
             started = time.time()
-            if recipe == "pick-stage":
+            if recipe in ("pick-stage", "one-object-stage"):
                 from dataclasses import replace
 
                 from training.synth import generate_dataset
 
-                picks = work / "data_pick"
+                alone = recipe == "one-object-stage"
+                picks = work / ("data_one_object" if alone else "data_pick")
                 if not (picks / "dataset_info.json").is_file():
-                    generate_dataset(picks, replace(synth_config(args.samples, 0, ("en",), sizes), skills=("pick",)),
+                    generate_dataset(picks, replace(synth_config(args.samples, 0, ("en",), sizes), skills=("pick",),
+                                                    max_objects=1 if alone else None,
+                                                    max_containers=0 if alone else None),
                                      workers=2, overwrite=True)
                 start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(picks),
-                                     output_dir=str(work / f"run_pick_{family}"), prompt_template=template,
+                                     output_dir=str(work / f"run_{recipe}_{family}"), prompt_template=template,
                                      max_steps=args.steps // 2, **common)
                 steps = args.steps - args.steps // 2
             if recipe == "vqa-stage":

@@ -226,3 +226,24 @@ def test_help_is_truthful(capsys):
     for flag in ("--num", "--seed", "--size", "--languages", "--val-frac", "--test-frac", "--skills", "--objects",
                  "--boxes", "absolute_resized", "normalized_1000"):
         assert flag in text
+
+
+def test_scenes_can_hold_the_named_object_alone():
+    # a curriculum's first stage: the box is the answer's only unknown, found without reading a word
+    cfg = SynthConfig(num=40, seed=3, skills=("pick",), max_objects=1, max_containers=0, boxes="absolute_resized")
+    synthesizer = Synthesizer(cfg, None)
+    for index in range(40):
+        sample = synthesizer.sample(index, render=False)
+        assert len(sample.things) == 1 and sample.things[0].kind == "object"
+        assert sample.steps[0].object == sample.things[0].label
+    with pytest.raises(SynthError, match="max-objects must be at least 1"):
+        SynthConfig(max_objects=0).check()
+
+
+def test_vla_data_synth_takes_the_scene_limits(tmp_path, capsys):
+    out = tmp_path / "alone"
+    assert data_main(["synth", str(out), "--num", "6", "--skills", "pick", "--max-objects", "1",
+                      "--max-containers", "0"]) == 0
+    assert json.loads((out / "synth_config.json").read_text())["config"]["max_objects"] == 1
+    assert data_main(["synth", str(tmp_path / "bad"), "--num", "6", "--max-containers", "-1"]) == 2
+    assert "max-containers at least 0" in capsys.readouterr().err

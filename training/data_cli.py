@@ -170,6 +170,7 @@ def _synth(args) -> int:
             destinations=(tuple(x.strip() for x in args.destinations.split(",") if x.strip())
                           if args.destinations else None),
             boxes=args.boxes, vocab_path=args.vocab, name_prefix=args.name_prefix,
+            max_objects=args.max_objects, max_containers=args.max_containers,
             **_pixel_limits(args),
         )
         report = generate_dataset(args.out_dir, cfg, overwrite=args.overwrite, workers=args.workers)
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, help="processor max_pixels for absolute_resized (default 1003520)")
     s.add_argument("--factor", type=int, help="patch_size*merge_size for absolute_resized (default 28; Qwen3-VL 32)")
     s.add_argument("--vocab", metavar="YAML", help="action vocabulary (default: config/actions.yaml)")
+    s.add_argument("--max-objects", type=int, metavar="N",
+                   help="at most N objects per scene beyond those a command needs (default: 1-5 drawn)")
+    s.add_argument("--max-containers", type=int, metavar="N",
+                   help="at most N containers per scene beyond those a command needs (default: 1-3 drawn)")
     s.add_argument("--name-prefix", default="tabletop", help="dataset name prefix in dataset_info.json (default tabletop)")
     s.add_argument("--overwrite", action="store_true", help="replace a previous synth output in OUT_DIR")
     s.add_argument("--workers", type=int, default=1,

@@ -132,6 +132,10 @@ class SynthConfig:
     factor: int = 28  # patch_size * merge_size (28 Qwen2/2.5-VL, 32 Qwen3-VL)
     vocab_path: Optional[str] = None
     name_prefix: str = "tabletop"
+    # at most this many objects / containers per scene beyond those a command needs (None: the
+    # generator's own draws); 1 and 0 make scenes where the named object is the only thing to find
+    max_objects: Optional[int] = None
+    max_containers: Optional[int] = None
 
     def check(self) -> None:
         if self.num < 1:
@@ -142,6 +146,9 @@ class SynthConfig:
         bad = [lang for lang in self.languages if lang not in LANGUAGES]
         if bad or not self.languages:
             raise SynthError(f"unknown languages {bad} (known: en, zh)" if bad else "no languages given")
+        if (self.max_objects is not None and self.max_objects < 1) or (
+                self.max_containers is not None and self.max_containers < 0):
+            raise SynthError("--max-objects must be at least 1 and --max-containers at least 0")
         if self.boxes not in BOX_MODES:
             raise SynthError(f"--boxes must be one of {', '.join(BOX_MODES)}, got {self.boxes!r}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
@@ -466,12 +473,16 @@ class Synthesizer:
                avoid_shapes: Sequence[str] = ()) -> list[Thing]:
         """Objects: the ``must_objects`` (duplicates allowed) + distinct random others."""
         n_obj = n_obj if n_obj is not None else int(rng.integers(1, 6))
+        if self.cfg.max_objects is not None:
+            n_obj = min(n_obj, self.cfg.max_objects)
         n_obj = max(n_obj, len(must_objects))
         others = [x for x in self.objects if x not in must_objects and x not in avoid_objects
                   and _split_label(x)[1] not in avoid_shapes]
         extra = self._sample(rng, others, min(n_obj - len(must_objects), len(others)))
         objects = list(must_objects) + extra
         n_cont = n_cont if n_cont is not None else int(rng.integers(1, 4))
+        if self.cfg.max_containers is not None:
+            n_cont = min(n_cont, self.cfg.max_containers)
         n_cont = max(n_cont, len(must_containers))
         others_c = [x for x in self.containers if x not in must_containers and x not in avoid_containers]
         containers = list(must_containers) + self._sample(rng, others_c, min(n_cont - len(must_containers),
