@@ -7,7 +7,9 @@
 2. a Qwen2.5-VL-architecture (--family) checkpoint (training/tiny_models) with a tokenizer trained on that
    data's text (every number up to 640 one token), randomly initialised;
 3. optionally (--text-steps, default none) a text stage (training.text_stage): full fine-tuning on
-   the English set's commands without their pictures, answers without boxes;
+   the English set's commands without their pictures, answers without boxes; and optionally
+   (--grounding-steps, default none) a grounding stage: PICK_OBJECT commands in scenes with the
+   named object alone, so the box is the only thing to learn from the picture;
 4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
@@ -86,6 +88,7 @@ ADAPTER_TRAINS_EMBEDDINGS = "embed_tokens"
 PROMPT_TEMPLATE = "compact"
 BOXES = "absolute_resized"  # the model answers with boxes in its own input pixels (Qwen2.5-VL style)
 SEED_ZH_OFFSET = 1
+SEED_GROUNDING_OFFSET = 2  # the grounding stage's scenes: none of the base's or the adapter's
 
 
 def log(message: str) -> None:
@@ -229,6 +232,26 @@ def text_stage(work: Path, cfg, init: Path, args, common: dict) -> Path:
                         prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, args.text_steps // 3)})
 
 
+def grounding_stage(work: Path, cfg, init: Path, args, common: dict) -> Path:
+    """A curriculum's first stage of seeing: full fine-tuning of ``init`` on PICK_OBJECT commands in
+    scenes with the named object alone (the box is the answer's only unknown, found without reading
+    a word); returns the trained checkpoint, the next stage's starting point."""
+    from dataclasses import replace
+
+    from training.synth import generate_dataset
+
+    data = work / "data_grounding"
+    if not (data / "dataset_info.json").is_file():
+        report = generate_dataset(data, replace(cfg, skills=("pick",), max_objects=1, max_containers=0),
+                                  workers=args.workers, overwrite=True)
+        log(f"synth {data.name}: {report.counts} in {report.seconds:.0f} s")
+    return run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
+                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "grounding_train"),
+                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04,
+                        max_steps=args.grounding_steps, prompt_template=PROMPT_TEMPLATE,
+                        **{**common, "eval_steps": max(1, args.grounding_steps // 3)})
+
+
 def resumable(run: Path) -> bool:
     """A training stopped before the end of its schedule (a deadline, an interruption) that left a checkpoint."""
     return any(run.glob("checkpoint-*")) and not finished(run, scheduled_steps(run))
@@ -349,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-steps", type=int, default=0,
                         help="steps of the curriculum's text stage (the base's commands without pictures, answers "
                              "without boxes) before the base's own training; 0: none (default: %(default)s)")
+    parser.add_argument("--grounding-steps", type=int, default=0,
+                        help="steps of a grounding stage before the base's own training: PICK_OBJECT commands in "
+                             "scenes with the named object alone; 0: none (default: %(default)s)")
+    parser.add_argument("--grounding-samples", type=int, default=32000,
+                        help="scenes of the grounding stage (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
@@ -408,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_steps > 0 and not args.base_from:
             init = text_stage(work, synth_config(args.base_samples, args.seed, ("en",), sizes), init, args, common)
             histories["text stage (no pictures)"] = _history(init)
+        if args.grounding_steps > 0 and not args.base_from:
+            grounding = synth_config(args.grounding_samples, args.seed + SEED_GROUNDING_OFFSET, ("en",), sizes)
+            init = grounding_stage(work, grounding, init, args, common)
+            histories["grounding stage (one object)"] = _history(init)
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
                                                 ("zh", "en"), args.workers, sizes)
