@@ -102,6 +102,29 @@ def teacher_forced_accuracy(model_dir: Path, data: Path, template: str, sizes: d
             "other_loss": other_loss / n["total"], "prompt": n["prompt"]}
 
 
+STAGES = ("text-stage", "pick-stage", "one-object-stage", "vqa-stage")
+
+
+def first_stage_data(recipe: str, work: Path, samples: int, sizes: dict) -> tuple[Path, str]:
+    """(dataset dir, dataset name) of a recipe's first stage, written once into ``work``."""
+    from training.build_embedded import GROUNDING, synth, synth_config
+
+    if recipe == "text-stage":
+        from training.text_stage import write_text_stage
+
+        return write_text_stage(work / "data_text", synth_config(samples, 0, ("en",), sizes)), "tabletop_train"
+    if recipe == "pick-stage":
+        return synth(work / "data_pick", samples, 0, ("en",), 2, sizes, skills=("pick",)), "tabletop_train"
+    if recipe == "one-object-stage":
+        return synth(work / "data_one_object", samples, 0, ("en",), 2, sizes, **GROUNDING), "tabletop_train"
+    from training.synth_vqa import VQAConfig, generate_vqa_dataset
+
+    vqa = work / "data_vqa"
+    if not (vqa / "dataset_info.json").is_file():
+        generate_vqa_dataset(vqa, VQAConfig(num=samples, seed=0, languages=("en",), val_frac=0.01))
+    return vqa, "tabletop_vqa_train"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=800)
@@ -111,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="data and runs (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     from training.build_embedded import MODEL_SIZES, Deadline, base_init, corpus, run_training, synth, synth_config
-    from training.text_stage import write_text_stage
 
     sizes = {**MODEL_SIZES, **SMALL}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,49 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             recipe, _, family = arm.partition("@")
             recipe, _, sampling = recipe.partition(":")
             recipe, _, frozen = recipe.partition("+")
-            common["freeze_vision_tower"] = frozen == "frozen-vision"
             family = family or "qwen2_5_vl"
             if family not in inits:
                 inits[family] = base_init(work / f"init_{family}", texts, 0, sizes, family=family)
-            init = inits[family]
             template = "full" if recipe == "full" else "compact"
-            common["group_by_length"] = sampling == "grouped"
-            out, start, steps = work / f"run_{arm}", init, args.steps
+            settings = dict(common, freeze_vision_tower=frozen == "frozen-vision", group_by_length=sampling == "grouped")
+            out, start, steps = work / f"run_{arm}", inits[family], args.steps
             started = time.time()
-            if recipe in ("pick-stage", "one-object-stage"):
-                from dataclasses import replace
-
-                from training.synth import generate_dataset
-
-                alone = recipe == "one-object-stage"
-                picks = work / ("data_one_object" if alone else "data_pick")
-                if not (picks / "dataset_info.json").is_file():
-                    generate_dataset(picks, replace(synth_config(args.samples, 0, ("en",), sizes), skills=("pick",),
-                                                    max_objects=1 if alone else None,
-                                                    max_containers=0 if alone else None),
-                                     workers=2, overwrite=True)
-                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(picks),
+            if recipe in STAGES:  # the first half of the steps on the stage's data, from the same init
+                stage, dataset = first_stage_data(recipe, work, args.samples, sizes)
+                start = run_training(Deadline(None), 0, model_path=str(start), dataset_dir=str(stage),
                                      output_dir=str(work / f"run_{recipe}_{family}"), prompt_template=template,
-                                     max_steps=args.steps // 2, **common)
-                steps = args.steps - args.steps // 2
-            if recipe == "vqa-stage":
-                from training.synth_vqa import VQAConfig, generate_vqa_dataset
-
-                vqa = work / "data_vqa"
-                if not (vqa / "dataset_info.json").is_file():
-                    generate_vqa_dataset(vqa, VQAConfig(num=args.samples, seed=0, languages=("en",), val_frac=0.01))
-                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(vqa),
-                                     output_dir=str(work / f"run_vqa_{family}"), prompt_template=template,
-                                     max_steps=args.steps // 2, **{**common, "dataset": "tabletop_vqa_train"})
-                steps = args.steps - args.steps // 2
-            if recipe == "text-stage":
-                text = write_text_stage(work / "data_text", synth_config(args.samples, 0, ("en",), sizes))
-                start = run_training(Deadline(None), 0, model_path=str(init), dataset_dir=str(text),
-                                     output_dir=str(work / "run_text"), prompt_template=template,
-                                     max_steps=args.steps // 2, **common)
+                                     max_steps=args.steps // 2, **dict(settings, dataset=dataset))
                 steps = args.steps - args.steps // 2
             run_training(Deadline(None), 0, model_path=str(start), dataset_dir=str(data), output_dir=str(out),
-                         prompt_template=template, max_steps=steps, fast_path="true", **common)
+                         prompt_template=template, max_steps=steps, fast_path="true", **settings)
             seconds = time.time() - started
             m = teacher_forced_accuracy(out, scored, template, sizes)
             losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]

@@ -105,12 +105,22 @@ def synth_config(num: int, seed: int, languages: tuple[str, ...], sizes: dict = 
                        val_frac=0.01, test_frac=0.02)  # >= 400 held-out samples in each split
 
 
-def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES) -> Path:
+# A grounding stage's scenes (synth() changes): PICK_OBJECT with the named object alone on the table,
+# so the box is the answer's only unknown and is found without reading a word.
+GROUNDING = dict(skills=("pick",), max_objects=1, max_containers=0)
+
+
+def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES,
+          **changes) -> Path:
+    """Render synth_config(...) (with SynthConfig ``changes``, e.g. GROUNDING) to ``out`` unless done."""
+    from dataclasses import replace
+
     from training.synth import generate_dataset
 
     if (out / "dataset_info.json").is_file():
         return out
-    report = generate_dataset(out, synth_config(num, seed, languages, sizes), workers=workers, overwrite=True)
+    report = generate_dataset(out, replace(synth_config(num, seed, languages, sizes), **changes), workers=workers,
+                              overwrite=True)
     log(f"synth {out.name}: {report.counts} in {report.seconds:.0f} s")
     return out
 
@@ -220,36 +230,13 @@ def finished(run: Path, max_steps: int | None) -> bool:
     return max_steps is None or done is None or int(done) >= int(max_steps)
 
 
-def text_stage(work: Path, cfg, init: Path, args, common: dict) -> Path:
-    """The curriculum's first stage (training.text_stage): full fine-tuning of ``init`` on the base's
-    commands without pictures; returns the trained checkpoint, the base's starting point."""
-    from training.text_stage import write_text_stage
-
-    data = write_text_stage(work / "data_text", cfg, workers=args.workers)
+def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args, common: dict) -> Path:
+    """A curriculum stage before the base's own training (the text stage, the grounding stage): full
+    fine-tuning of ``init`` on ``data`` into work/<name>_train; returns the trained checkpoint."""
     return run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
-                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "text_train"),
-                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=args.text_steps,
-                        prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, args.text_steps // 3)})
-
-
-def grounding_stage(work: Path, cfg, init: Path, args, common: dict) -> Path:
-    """A curriculum's first stage of seeing: full fine-tuning of ``init`` on PICK_OBJECT commands in
-    scenes with the named object alone (the box is the answer's only unknown, found without reading
-    a word); returns the trained checkpoint, the next stage's starting point."""
-    from dataclasses import replace
-
-    from training.synth import generate_dataset
-
-    data = work / "data_grounding"
-    if not (data / "dataset_info.json").is_file():
-        report = generate_dataset(data, replace(cfg, skills=("pick",), max_objects=1, max_containers=0),
-                                  workers=args.workers, overwrite=True)
-        log(f"synth {data.name}: {report.counts} in {report.seconds:.0f} s")
-    return run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
-                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / "grounding_train"),
-                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04,
-                        max_steps=args.grounding_steps, prompt_template=PROMPT_TEMPLATE,
-                        **{**common, "eval_steps": max(1, args.grounding_steps // 3)})
+                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / f"{name}_train"),
+                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
+                        prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, steps // 3)})
 
 
 def resumable(run: Path) -> bool:
@@ -434,11 +421,16 @@ def main(argv: list[str] | None = None) -> int:
             work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes,
             family=args.family)
         if args.text_steps > 0 and not args.base_from:
-            init = text_stage(work, synth_config(args.base_samples, args.seed, ("en",), sizes), init, args, common)
+            from training.text_stage import write_text_stage
+
+            text = write_text_stage(work / "data_text", synth_config(args.base_samples, args.seed, ("en",), sizes),
+                                    workers=args.workers)
+            init = first_stage(work, "text", text, init, args.text_steps, args, common)
             histories["text stage (no pictures)"] = _history(init)
         if args.grounding_steps > 0 and not args.base_from:
-            grounding = synth_config(args.grounding_samples, args.seed + SEED_GROUNDING_OFFSET, ("en",), sizes)
-            init = grounding_stage(work, grounding, init, args, common)
+            grounding = synth(work / "data_grounding", args.grounding_samples, args.seed + SEED_GROUNDING_OFFSET,
+                              ("en",), args.workers, sizes, **GROUNDING)
+            init = first_stage(work, "grounding", grounding, init, args.grounding_steps, args, common)
             histories["grounding stage (one object)"] = _history(init)
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
