@@ -24,9 +24,13 @@ mkdir -p /tmp/build
 [ "${KEEP_BASE:-0}" = 1 ] && cp -r models/tabletop-tiny /tmp/build/
 python3 -m training.build_embedded --work /tmp/emb --out /tmp/build --skip-eval "$@" 2>&1 | tee "$out/build.log"
 status=${PIPESTATUS[0]}
-for run in base_train lora_train; do
-  [ -f "/tmp/emb/$run/log_history.json" ] && cp "/tmp/emb/$run/log_history.json" "$out/${run}_log_history.json"
-done
+# every stage's log history in one file (what comes back is at most 8 files)
+python3 - "$out/log_histories.json" <<'PY'
+import json, pathlib, sys
+runs = {run.name: json.loads((run / "log_history.json").read_text())
+        for run in sorted(pathlib.Path("/tmp/emb").glob("*_train")) if (run / "log_history.json").is_file()}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1) + "\n")
+PY
 [ -f /tmp/build/learning_curve.png ] && cp /tmp/build/learning_curve.png "$out/"
 tar -C /tmp/build -czf - . | split -b 15m - "$out/models.tgz."
 ls -la "$out"

@@ -102,3 +102,26 @@ def test_the_text_stage_holds_the_rendered_datasets_commands_without_pictures_or
                                       "finetuning_type=full", "max_steps=2", "per_device_train_batch_size=4",
                                       "prompt_template=compact", "report_to=none", "save_steps=100"]))
     assert result.global_step == 2
+
+
+def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it_is_resumed(tmp_path):
+    """A grounding stage that a device call's time limit cuts short: the base must not start from its
+    unfinished weights; the next run of the same command finishes the stage, then trains the base."""
+    import json
+
+    from training.build_embedded import finished, main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--init", "sincos",
+            "--base-samples", "120", "--lora-samples", "60", "--grounding-samples", "60", "--grounding-steps", "3",
+            "--base-steps", "2", "--batch-size", "2", "--workers", "1", "--stop-after", "base", "--skip-eval"]
+    assert main(args + ["--deadline-minutes", "1e-9"]) == 0
+    stage = work / "grounding_train"
+    assert (stage / "checkpoint-1").is_dir() and not finished(stage, 3)
+    assert not (work / "base_train").exists() and not (out / "tabletop-tiny").exists()
+    assert main(args) == 0
+    assert finished(stage, 3) and finished(work / "base_train", 2)
+    config = json.loads((out / "tabletop-tiny" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl"
+    scenes = json.loads((work / "data_grounding" / "train.json").read_text())
+    assert all(row["messages"][2]["content"].startswith("PICK_OBJECT(") for row in scenes)

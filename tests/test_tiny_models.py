@@ -127,3 +127,38 @@ def test_cli(tmp_path):
     assert main([str(tmp_path / "cli"), "--family", "qwen2_vl", "--seed", "1", "--vision-depth", "1"]) == 0
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["model_type"] == "qwen2_vl" and cfg["vision_config"]["depth"] == 1
+
+
+def test_sincos_init_tells_places_and_neighbouring_numbers_apart(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    texts = ["PICK_OBJECT(object=\"mug\", object_box=[12, 40, 300, 210])"] * 20
+    random = build_tiny_checkpoint(tmp_path / "r", family="qwen3_vl", vocab_texts=texts, whole_numbers=1)
+    sincos = build_tiny_checkpoint(tmp_path / "s", family="qwen3_vl", vocab_texts=texts, whole_numbers=1,
+                                   sincos_positions=1, sincos_numbers=1)
+    tok = AutoTokenizer.from_pretrained(sincos)
+    ids = [tok.encode(f" {n}", add_special_tokens=False)[0] for n in (100, 101, 300)]
+
+    def cosines(weights, name):
+        rows = torch.nn.functional.normalize(weights[name][ids], dim=1)
+        return float(rows[0] @ rows[1]), float(rows[0] @ rows[2])
+
+    def position_norm(weights):  # the position grid against the patch embedding it is added to
+        return float(weights["model.visual.pos_embed.weight"].norm(dim=1).mean())
+
+    w_random, w_sincos = load_file(random / "model.safetensors"), load_file(sincos / "model.safetensors")
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        near, far = cosines(w_sincos, name)
+        assert near > 0.3 and near > far + 0.2, name  # 100 starts like 101, not like 300
+        assert abs(cosines(w_random, name)[0]) < 0.2, name
+    # the grid's rows are as long as a patch embedding (random ones are ~15x shorter), and distinct
+    assert position_norm(w_sincos) > 5 * position_norm(w_random)
+    grid = w_sincos["model.visual.pos_embed.weight"]
+    assert float(torch.cdist(grid[:24], grid[:24]).add(torch.eye(24) * 1e9).min()) > 0.1
+    # other weights: the same draws
+    assert torch.equal(w_sincos["model.visual.patch_embed.proj.weight"], w_random["model.visual.patch_embed.proj.weight"])
+    with pytest.raises(ValueError, match="qwen3_vl"):
+        build_tiny_checkpoint(tmp_path / "x", family="qwen2_5_vl", sincos_positions=1)
+    with pytest.raises(ValueError, match="whole_numbers"):
+        build_tiny_checkpoint(tmp_path / "y", family="qwen3_vl", sincos_numbers=1)

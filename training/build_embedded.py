@@ -5,11 +5,14 @@
 1. synthetic tabletop data (training.synth): an English set for the base, a Chinese+English
    set for the adapter (rendered by --workers processes);
 2. a Qwen2.5-VL-architecture (--family) checkpoint (training/tiny_models) with a tokenizer trained on that
-   data's text (every number up to 640 one token), randomly initialised;
+   data's text (every number up to 640 one token), randomly initialised (--init sincos: the number tokens'
+   embeddings and Qwen3-VL's vision position grid start as sin-cos);
 3. optionally (--text-steps, default none) a text stage (training.text_stage): full fine-tuning on
    the English set's commands without their pictures, answers without boxes; and optionally
    (--grounding-steps, default none) a grounding stage: PICK_OBJECT commands in scenes with the
-   named object alone, so the box is the only thing to learn from the picture;
+   named object alone, so the box is the only thing to learn from the picture, and after it
+   (--distractor-steps) one with the named object among others, so the name must pick the object;
+   a stage cut short by --deadline-minutes holds the base back until the next run finishes it;
 4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
@@ -89,6 +92,14 @@ PROMPT_TEMPLATE = "compact"
 BOXES = "absolute_resized"  # the model answers with boxes in its own input pixels (Qwen2.5-VL style)
 SEED_ZH_OFFSET = 1
 SEED_GROUNDING_OFFSET = 2  # the grounding stage's scenes: none of the base's or the adapter's
+SEED_DISTRACTORS_OFFSET = 3  # the second grounding stage's scenes: none of the others'
+
+
+def initial_weights(init: str, family: str) -> dict:
+    """training.tiny_models size keys of an --init choice."""
+    if init == "random":
+        return {}
+    return {"sincos_numbers": 1, "sincos_positions": int(family == "qwen3_vl")}
 
 
 def log(message: str) -> None:
@@ -108,6 +119,9 @@ def synth_config(num: int, seed: int, languages: tuple[str, ...], sizes: dict = 
 # A grounding stage's scenes (synth() changes): PICK_OBJECT with the named object alone on the table,
 # so the box is the answer's only unknown and is found without reading a word.
 GROUNDING = dict(skills=("pick",), max_objects=1, max_containers=0)
+# A second grounding stage's scenes: the named object among up to two others (and alone in a fifth of
+# them), so the box must be the one of the object the command names: the name picks the image token.
+DISTRACTORS = dict(skills=("pick",), max_objects=3, max_containers=0)
 
 
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES,
@@ -230,10 +244,13 @@ def finished(run: Path, max_steps: int | None) -> bool:
     return max_steps is None or done is None or int(done) >= int(max_steps)
 
 
-def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args, common: dict) -> Path:
+def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args, common: dict,
+                deadline: Deadline, eval_samples: int = 0) -> Path:
     """A curriculum stage before the base's own training (the text stage, the grounding stage): full
-    fine-tuning of ``init`` on ``data`` into work/<name>_train; returns the trained checkpoint."""
-    return run_training(Deadline(None), 0, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
+    fine-tuning of ``init`` on ``data`` into work/<name>_train; returns the trained checkpoint. A stage
+    stopped by ``deadline`` leaves a checkpoint (see finished()); ``eval_samples`` greedy answers at each
+    evaluation."""
+    return run_training(deadline, eval_samples, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
                         dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / f"{name}_train"),
                         learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
                         prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, steps // 3)})
@@ -363,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of a grounding stage before the base's own training: PICK_OBJECT commands in "
                              "scenes with the named object alone; 0: none (default: %(default)s)")
     parser.add_argument("--grounding-samples", type=int, default=32000,
-                        help="scenes of the grounding stage (default: %(default)s)")
+                        help="scenes of each grounding stage (default: %(default)s)")
+    parser.add_argument("--distractor-steps", type=int, default=0,
+                        help="steps of a second grounding stage, after the first: PICK_OBJECT commands with the named "
+                             "object among up to two others; 0: none (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
@@ -387,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
                         help="architecture of the base (Qwen3-VL's vision tower adds learned absolute position "
                              "embeddings and DeepStack features) (default: %(default)s)")
+    parser.add_argument("--init", choices=("random", "sincos"), default="random",
+                        help="the base's initial weights: transformers' random init, or with sin-cos starts for the "
+                             "number tokens' embeddings and (qwen3_vl) the vision tower's position embeddings "
+                             "(training.tiny_models: sincos_numbers, sincos_positions) (default: %(default)s)")
     parser.add_argument("--stop-after", choices=("base", "all"), default="all",
                         help="'base' stops once tabletop-tiny is exported (split a build across machines)")
     args = parser.parse_args(argv)
@@ -418,20 +442,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data_en = synth(work / "data_en", args.base_samples, args.seed, ("en",), args.workers, sizes)
         init = Path(args.base_from) if args.base_from else base_init(
-            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed, sizes,
-            family=args.family)
+            work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed,
+            {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
         if args.text_steps > 0 and not args.base_from:
             from training.text_stage import write_text_stage
 
             text = write_text_stage(work / "data_text", synth_config(args.base_samples, args.seed, ("en",), sizes),
                                     workers=args.workers)
-            init = first_stage(work, "text", text, init, args.text_steps, args, common)
+            init = first_stage(work, "text", text, init, args.text_steps, args, common, base_deadline)
             histories["text stage (no pictures)"] = _history(init)
+            if not finished(init, args.text_steps):
+                return _stopped_early(init)
         if args.grounding_steps > 0 and not args.base_from:
             grounding = synth(work / "data_grounding", args.grounding_samples, args.seed + SEED_GROUNDING_OFFSET,
                               ("en",), args.workers, sizes, **GROUNDING)
-            init = first_stage(work, "grounding", grounding, init, args.grounding_steps, args, common)
+            init = first_stage(work, "grounding", grounding, init, args.grounding_steps, args, common, base_deadline,
+                               args.gen_eval_samples)
             histories["grounding stage (one object)"] = _history(init)
+            if not finished(init, args.grounding_steps):
+                return _stopped_early(init)
+        if args.distractor_steps > 0 and not args.base_from:
+            crowd = synth(work / "data_distractors", args.grounding_samples, args.seed + SEED_DISTRACTORS_OFFSET,
+                          ("en",), args.workers, sizes, **DISTRACTORS)
+            init = first_stage(work, "distractors", crowd, init, args.distractor_steps, args, common, base_deadline,
+                               args.gen_eval_samples)
+            histories["grounding stage (among others)"] = _history(init)
+            if not finished(init, args.distractor_steps):
+                return _stopped_early(init)
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
                                                 ("zh", "en"), args.workers, sizes)
@@ -473,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         from training.embedded_metrics import evaluate_embedded
 
         evaluate_embedded(out, limit=args.eval_limit)
+    return 0
+
+
+def _stopped_early(run: Path) -> int:
+    """A curriculum stage stopped by the deadline: the base must not start from its unfinished weights."""
+    log(f"{run.name} stopped before the end of its schedule: run the same command again to resume it")
     return 0
 
 

@@ -48,15 +48,16 @@ class GenerationEval:
             return None, False
 
     @torch.no_grad()
-    def __call__(self, model) -> dict[str, Any]:
-        from training.evaluate import aggregate, score_sample
+    def answers(self, model) -> list[str]:
+        """The greedy answer to every encoded prompt, decoded."""
         from training.shared_prefix import hf_model_of
 
         hf = hf_model_of(model)
         device = next(hf.parameters()).device
+        image_token = hf.config.image_token_id
         was_training = hf.training
         hf.eval()
-        scores = []
+        texts = []
         try:
             for start in range(0, len(self.prompts), self.batch_size):
                 rows = list(range(start, min(start + self.batch_size, len(self.prompts))))
@@ -71,16 +72,26 @@ class GenerationEval:
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" \
                     else contextlib.nullcontext()
                 with autocast:
+                    # mm_token_type_ids marks the image tokens: without it transformers gives every token a
+                    # text position (no M-RoPE grid), not what the model was trained with
                     out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      mm_token_type_ids=(ids == image_token).int().to(device),
                                       pixel_values=pixel_values_of(frames, self.arithmetic),
                                       image_grid_thw=torch.tensor([self.encoded.grid_thw] * len(rows), device=device),
                                       max_new_tokens=self.max_new_tokens, do_sample=False)
-                for r, i in enumerate(rows):
-                    text = self.tokenizer.decode(out[r, longest:].tolist(), skip_special_tokens=True).strip()
-                    pred, ok = self._steps(text)
-                    scores.append(score_sample(pred, ok, self.reference_steps[i], text, self.references[i]))
+                texts += [self.tokenizer.decode(out[r, longest:].tolist(), skip_special_tokens=True).strip()
+                          for r in range(len(rows))]
         finally:
             hf.train(was_training)
+        return texts
+
+    def __call__(self, model) -> dict[str, Any]:
+        from training.evaluate import aggregate, score_sample
+
+        scores = []
+        for i, text in enumerate(self.answers(model)):
+            pred, ok = self._steps(text)
+            scores.append(score_sample(pred, ok, self.reference_steps[i], text, self.references[i]))
         metrics = aggregate(scores, [], [])
         return {k: metrics[k] for k in ("n", "parse_valid_rate", "plan_exact_match", "verb_acc", "object_acc",
                                          "destination_acc", "box_iou50", "clarify_precision", "clarify_recall")}

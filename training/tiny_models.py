@@ -120,6 +120,15 @@ DEFAULT_SIZES: dict = {
     # coordinate is one choice among a few hundred, not three digit choices; 0: one token per
     # digit (Qwen's own pre-tokenizer).
     "whole_numbers": 0,
+    # 1: Qwen3-VL only: the vision tower's learned position embeddings start as 2-D sin-cos of
+    # the grid point's place in the frame (as ViT/MAE initialise theirs), as large as a patch's
+    # own embedding, instead of random values ~15x smaller: a visual token says where it is
+    # from the first step, the one thing a box needs that the content cannot give.
+    "sincos_positions": 0,
+    # 1 (with whole_numbers): each number token's input and output embeddings start with sin-cos
+    # features of its value, so nearby numbers start alike: a coordinate's neighbours share what
+    # it learns instead of being unrelated classes.
+    "sincos_numbers": 0,
 }
 
 _PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
@@ -452,6 +461,63 @@ def _build_config(family: str, tokenizer, s: dict):
     return C(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
 
 
+def _sincos(values, periods):
+    """[len(values), 2 * len(periods)]: sin and cos of 2 pi value / period, for each period."""
+    import torch
+
+    angles = 2 * torch.pi * values[:, None].double() / torch.tensor(periods, dtype=torch.float64)[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+# Periods in fractions of the frame's side: from ~2 grid steps of the 24x24 position grid to twice
+# the frame (so the coarsest pair is monotonic over it).
+POSITION_PERIODS = (1 / 12, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+# Periods in pixels for number tokens (box coordinates up to WHOLE_NUMBERS_UP_TO).
+NUMBER_PERIODS = (8, 16, 32, 64, 128, 256, 512, 1024)
+# A normalised pixel of the synthetic frames has RMS ~0.5, so a patch embedding (Conv3d, weights
+# ~N(0, std)) is ~std * sqrt(fan_in) * 0.5 per dimension.
+_PIXEL_RMS = 0.5
+
+
+def _sincos_positions(visual) -> None:
+    """Qwen3-VL vision position grid (S x S, resampled to each frame's grid) -> [sincos(x), sincos(y)] in
+    the first dimensions, scaled so a row is as long as a patch embedding; the other dimensions stay."""
+    import torch
+
+    side = visual.num_grid_per_side
+    fraction = torch.arange(side, dtype=torch.float64) / max(1, side - 1)
+    fx, fy = _sincos(fraction, POSITION_PERIODS), _sincos(fraction, POSITION_PERIODS)
+    grid = torch.cat([fx[None, :, :].expand(side, side, -1), fy[:, None, :].expand(side, side, -1)], dim=-1)
+    grid = grid.reshape(side * side, -1)
+    weight = visual.pos_embed.weight
+    conv = visual.patch_embed.proj.weight
+    patch_norm = float(conv.std()) * conv[0].numel() ** 0.5 * _PIXEL_RMS * weight.shape[1] ** 0.5
+    scale = patch_norm / float(grid.norm(dim=1).mean())
+    with torch.no_grad():
+        weight[:, :grid.shape[1]] = grid * scale
+
+
+def _sincos_numbers(model, tokenizer) -> None:
+    """Every whole-number token (with and without its leading space): sincos(value) in the first dimensions of
+    its input embedding and output row, as long as the rest of the (random) row."""
+    import torch
+
+    values, ids = [], []
+    for n in range(WHOLE_NUMBERS_UP_TO + 1):
+        for text in (str(n), f" {n}"):
+            found = tokenizer.encode(text, add_special_tokens=False)
+            if len(found) == 1:
+                values.append(n)
+                ids.append(found[0])
+    features = _sincos(torch.tensor(values), NUMBER_PERIODS)
+    width = features.shape[1]
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            rest = float(matrix[:, width:].std()) * (matrix.shape[1] - width) ** 0.5
+            scale = rest / float(features.norm(dim=1).mean())
+            matrix[ids, :width] = features * scale
+
+
 def build_tiny_checkpoint(
     out_dir,
     family: str = "qwen2_5_vl",
@@ -490,6 +556,14 @@ def build_tiny_checkpoint(
     torch.manual_seed(int(seed))
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.eval()
+    if sizes["sincos_positions"]:
+        if family != "qwen3_vl":
+            raise ValueError(f"sincos_positions needs learned position embeddings: qwen3_vl, not {family}")
+        _sincos_positions(model.model.visual)
+    if sizes["sincos_numbers"]:
+        if not sizes["whole_numbers"]:
+            raise ValueError("sincos_numbers needs whole_numbers=1 (a number must be one token)")
+        _sincos_numbers(model, tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config = GenerationConfig(
