@@ -8,6 +8,7 @@ Needs ``tiny_model_dir`` from tests.fixtures_models.
     synth_dir       Path of a training.synth dataset (tabletop_train 28 samples, tabletop_val 4)
     synth_box_dir   Path of a small synth dataset with absolute_resized boxes (tabletop_val 6)
     lora_run        TrainResult of 24 LoRA steps (checkpoints at 12 and 24) on synth_dir
+    training_collator(model_dir)  a function (import it): vla-train's collator for a tiny checkpoint
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def synth_dir(tmp_path_factory) -> Path:
 def synth_box_dir(tmp_path_factory) -> Path:
     return _synth(tmp_path_factory.mktemp("synth_boxes") / "tabletop", num=8, boxes="absolute_resized",
                   val_frac=0.75, skills=("move", "pick", "clarify", "stop"))
+
+
+def training_collator(model_dir: Path):
+    """vla-train's collator for model_dir's processor, images fitted to 56x56..224x224 (the tiny checkpoints')."""
+    from transformers import AutoProcessor
+
+    from training.collate import VLACollator, pixel_limits_of, set_pixel_limits
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    limits = pixel_limits_of(processor, 56 * 56, 224 * 224)
+    set_pixel_limits(processor, limits)
+    return VLACollator(processor, PromptBuilder(Vocabulary.load()), limits)
 
 
 def train_overrides(model_dir: Path, data_dir: Path, out_dir: Path, **extra) -> list[str]:

@@ -14,24 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures_train import train_overrides
+from tests.fixtures_train import train_overrides, training_collator
 
 pytest_plugins = ["tests.fixtures_models", "tests.fixtures_train"]
 
 BATCH = [0, 3, 5, 7]
-
-
-def _collator(model_dir: Path):
-    from transformers import AutoProcessor
-
-    from training.collate import VLACollator, pixel_limits_of, set_pixel_limits
-    from vla_node.prompt import PromptBuilder
-    from vla_node.vocabulary import Vocabulary
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    limits = pixel_limits_of(processor, 56 * 56, 224 * 224)
-    set_pixel_limits(processor, limits)
-    return VLACollator(processor, PromptBuilder(Vocabulary.load()), limits)
 
 
 def _samples(data_dir: Path, name: str = "tabletop_train"):
@@ -74,7 +61,7 @@ def _compare_to_ordinary(model, collator, samples, encoded):
 def test_encoded_tensors_hold_what_the_collator_makes(train_model_dir, synth_box_dir):
     from training.encoded_tensors import encode_samples, pixel_values_of, processor_arithmetic
 
-    collator = _collator(train_model_dir)
+    collator = training_collator(train_model_dir)
     samples = _samples(synth_box_dir, "tabletop_val")
     encoded = encode_samples(samples, collator, workers=2)  # forked workers, frames through a file mapping
     again = encode_samples(samples, collator, workers=0)
@@ -99,7 +86,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, tin
 
     from training.encoded_tensors import encode_samples
 
-    collator = _collator(tiny_checkpoints[family])
+    collator = training_collator(tiny_checkpoints[family])
     samples = _samples(synth_dir)
     encoded = encode_samples(samples, collator)
     model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], dtype=torch.float32)
@@ -116,7 +103,7 @@ def test_shared_prefix_with_a_lora_adapter_and_a_fully_trained_embedding(train_m
     from training.encoded_tensors import encode_samples
     from training.train import lora_target_regex
 
-    collator = _collator(train_model_dir)
+    collator = training_collator(train_model_dir)
     samples = _samples(synth_dir)
     encoded = encode_samples(samples, collator)
     model = AutoModelForImageTextToText.from_pretrained(train_model_dir, dtype=torch.float32)
@@ -187,7 +174,7 @@ def test_shared_prefix_on_cuda_equals_the_ordinary_forward(bf16, train_model_dir
     from training.fast_path import BatchBuilder, FastPath
     from training.shared_prefix import ordinary_inputs
 
-    collator = _collator(train_model_dir)
+    collator = training_collator(train_model_dir)
     samples = _samples(synth_dir)
     encoded = encode_samples(samples, collator).to("cuda")
     model = AutoModelForImageTextToText.from_pretrained(train_model_dir, dtype=torch.float32).cuda()

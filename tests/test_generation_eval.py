@@ -11,22 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures_train import training_collator
+
 pytest_plugins = ["tests.fixtures_models", "tests.fixtures_train"]
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "tabletop-tiny"
-
-
-def _collator(model_dir: Path):
-    from transformers import AutoProcessor
-
-    from training.collate import VLACollator, pixel_limits_of, set_pixel_limits
-    from vla_node.prompt import PromptBuilder
-    from vla_node.vocabulary import Vocabulary
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    limits = pixel_limits_of(processor, 56 * 56, 224 * 224)
-    set_pixel_limits(processor, limits)
-    return VLACollator(processor, PromptBuilder(Vocabulary.load()), limits)
 
 
 @pytest.mark.parametrize("family", ["embedded", "qwen3_vl"])
@@ -40,7 +29,7 @@ def test_logged_greedy_answers_are_the_processor_paths(family, tiny_checkpoints,
 
     vocab = Vocabulary.load()
     checkpoint = EMBEDDED if family == "embedded" else tiny_checkpoints[family]
-    collator = _collator(checkpoint)
+    collator = training_collator(checkpoint)
     samples = sharegpt.load_validated(str(synth_dir), "tabletop_train", vocab=vocab)[:6]
     encoded = encode_samples(samples, collator)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()

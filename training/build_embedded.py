@@ -244,6 +244,27 @@ def finished(run: Path, max_steps: int | None) -> bool:
     return max_steps is None or done is None or int(done) >= int(max_steps)
 
 
+def curriculum(args, work: Path, sizes: dict) -> list[tuple]:
+    """The stages before the base's own training that the arguments ask for, in order: (run name,
+    learning-curve title, steps, a function that writes the stage's data once, greedy answers logged)."""
+    def text():
+        from training.text_stage import write_text_stage
+
+        return write_text_stage(work / "data_text", synth_config(args.base_samples, args.seed, ("en",), sizes),
+                                workers=args.workers)
+
+    def scenes(folder: str, seed_offset: int, changes: dict):
+        return lambda: synth(work / folder, args.grounding_samples, args.seed + seed_offset, ("en",), args.workers,
+                             sizes, **changes)
+
+    stages = [("text", "text stage (no pictures)", args.text_steps, text, 0),
+              ("grounding", "grounding stage (one object)", args.grounding_steps,
+               scenes("data_grounding", SEED_GROUNDING_OFFSET, GROUNDING), args.gen_eval_samples),
+              ("distractors", "grounding stage (among others)", args.distractor_steps,
+               scenes("data_distractors", SEED_DISTRACTORS_OFFSET, DISTRACTORS), args.gen_eval_samples)]
+    return [stage for stage in stages if stage[2] > 0]
+
+
 def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args, common: dict,
                 deadline: Deadline, eval_samples: int = 0) -> Path:
     """A curriculum stage before the base's own training (the text stage, the grounding stage): full
@@ -444,30 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         init = Path(args.base_from) if args.base_from else base_init(
             work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed,
             {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
-        if args.text_steps > 0 and not args.base_from:
-            from training.text_stage import write_text_stage
-
-            text = write_text_stage(work / "data_text", synth_config(args.base_samples, args.seed, ("en",), sizes),
-                                    workers=args.workers)
-            init = first_stage(work, "text", text, init, args.text_steps, args, common, base_deadline)
-            histories["text stage (no pictures)"] = _history(init)
-            if not finished(init, args.text_steps):
-                return _stopped_early(init)
-        if args.grounding_steps > 0 and not args.base_from:
-            grounding = synth(work / "data_grounding", args.grounding_samples, args.seed + SEED_GROUNDING_OFFSET,
-                              ("en",), args.workers, sizes, **GROUNDING)
-            init = first_stage(work, "grounding", grounding, init, args.grounding_steps, args, common, base_deadline,
-                               args.gen_eval_samples)
-            histories["grounding stage (one object)"] = _history(init)
-            if not finished(init, args.grounding_steps):
-                return _stopped_early(init)
-        if args.distractor_steps > 0 and not args.base_from:
-            crowd = synth(work / "data_distractors", args.grounding_samples, args.seed + SEED_DISTRACTORS_OFFSET,
-                          ("en",), args.workers, sizes, **DISTRACTORS)
-            init = first_stage(work, "distractors", crowd, init, args.distractor_steps, args, common, base_deadline,
-                               args.gen_eval_samples)
-            histories["grounding stage (among others)"] = _history(init)
-            if not finished(init, args.distractor_steps):
+        for name, title, steps, data, answers in [] if args.base_from else curriculum(args, work, sizes):
+            init = first_stage(work, name, data(), init, steps, args, common, base_deadline, answers)
+            histories[title] = _history(init)
+            if not finished(init, steps):
                 return _stopped_early(init)
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,

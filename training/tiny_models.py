@@ -486,8 +486,8 @@ def _sincos_positions(visual) -> None:
 
     side = visual.num_grid_per_side
     fraction = torch.arange(side, dtype=torch.float64) / max(1, side - 1)
-    fx, fy = _sincos(fraction, POSITION_PERIODS), _sincos(fraction, POSITION_PERIODS)
-    grid = torch.cat([fx[None, :, :].expand(side, side, -1), fy[:, None, :].expand(side, side, -1)], dim=-1)
+    axis = _sincos(fraction, POSITION_PERIODS)  # the same features along x (columns) and y (rows)
+    grid = torch.cat([axis[None, :, :].expand(side, side, -1), axis[:, None, :].expand(side, side, -1)], dim=-1)
     grid = grid.reshape(side * side, -1)
     weight = visual.pos_embed.weight
     conv = visual.patch_embed.proj.weight
@@ -539,6 +539,10 @@ def build_tiny_checkpoint(
     sizes = {**DEFAULT_SIZES, **size_overrides}
     if sizes["min_pixels"] > sizes["max_pixels"]:
         raise ValueError("min_pixels must be <= max_pixels")
+    if sizes["sincos_positions"] and family != "qwen3_vl":
+        raise ValueError(f"sincos_positions needs learned position embeddings: qwen3_vl, not {family}")
+    if sizes["sincos_numbers"] and not sizes["whole_numbers"]:
+        raise ValueError("sincos_numbers needs whole_numbers=1 (a number must be one token)")
 
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -557,12 +561,8 @@ def build_tiny_checkpoint(
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.eval()
     if sizes["sincos_positions"]:
-        if family != "qwen3_vl":
-            raise ValueError(f"sincos_positions needs learned position embeddings: qwen3_vl, not {family}")
         _sincos_positions(model.model.visual)
     if sizes["sincos_numbers"]:
-        if not sizes["whole_numbers"]:
-            raise ValueError("sincos_numbers needs whole_numbers=1 (a number must be one token)")
         _sincos_numbers(model, tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
