@@ -1,8 +1,9 @@
-"""onnxruntime backend vs the torch (transformers) CPU backend on the embedded model.
+"""onnxruntime backend vs the torch (transformers) CPU backend on a trained Qwen2.5-VL model.
 
     source scripts/env.sh && python benchmarks/onnx_vs_torch.py [--commands 100] [--max-new-tokens 64]
 
-Exports models/tabletop-tiny with `vla-export --onnx` into a temporary folder (or uses --onnx-dir),
+Exports --model (default tests/data/tabletop-tiny-qwen2_5_vl, the embedded model of 2026-12-01: the ONNX
+export does not take today's Qwen3-VL one) with `vla-export --onnx` into a temporary folder (or uses --onnx-dir),
 then runs the same held-out commands (half English, half Chinese) through both backends on CPU:
 greedy token ids must be identical (parity), and the per-command latency (preprocess + greedy
 decode, same tokens on both sides) is reported as p50/p90 for both and their ratio, measured in
@@ -82,7 +83,9 @@ def install_sizes() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "tabletop-tiny"))
+    ap.add_argument("--model", default=str(ROOT / "tests" / "data" / "tabletop-tiny-qwen2_5_vl"),
+                    help="a Qwen2-VL / Qwen2.5-VL checkpoint (default: the Qwen2.5-VL embedded model of 2026-12-01; "
+                         "the ONNX export does not take today's Qwen3-VL one)")
     ap.add_argument("--onnx-dir", default="", help="an existing vla-export --onnx folder ('' = export now)")
     ap.add_argument("--commands", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -373,3 +373,18 @@ def test_torch_threads_sets_the_cpu_threads_and_rejects_negatives(tiny_model_dir
             TransformersBackend(tiny_model_dir, device="cpu", torch_threads=-2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_backend_reads_boxes_in_the_convention_of_the_models_manifest(tiny_checkpoints, tmp_path):
+    """A Qwen3-VL checkpoint fine-tuned on pixel boxes (as the embedded model is) is read in pixels, not in
+    Qwen3-VL's native 0-1000: the node would otherwise place every box elsewhere."""
+    model = tmp_path / "qwen3_pixels"
+    shutil.copytree(tiny_checkpoints["qwen3_vl"], model)
+    manifest = m.make_manifest(model, min_pixels=56 * 56, max_pixels=224 * 224, vocabulary_version="1",
+                               vocabulary_fingerprint="f" * 64, coordinate_convention="absolute_resized")
+    m.write_manifest(model, manifest)
+    b = TransformersBackend(model, device="cpu", max_new_tokens=4)
+    try:
+        assert (b.family, b.coordinate_convention) == ("qwen3_vl", "absolute_resized")
+    finally:
+        b.close()

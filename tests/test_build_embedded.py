@@ -114,7 +114,8 @@ def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it
     work, out = tmp_path / "work", tmp_path / "out"
     args = ["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--init", "sincos",
             "--base-samples", "120", "--lora-samples", "60", "--grounding-samples", "60", "--grounding-steps", "3",
-            "--base-steps", "2", "--batch-size", "2", "--workers", "1", "--stop-after", "base", "--skip-eval"]
+            "--distractor-steps", "0", "--base-steps", "2", "--batch-size", "2", "--workers", "1",
+            "--stop-after", "base", "--skip-eval", "--base-keeps-grounding"]
     assert main(args + ["--deadline-minutes", "1e-9"]) == 0
     stage = work / "grounding_train"
     assert (stage / "checkpoint-1").is_dir() and not finished(stage, 3)
@@ -125,3 +126,6 @@ def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it
     assert config["model_type"] == "qwen3_vl"
     scenes = json.loads((work / "data_grounding" / "train.json").read_text())
     assert all(row["messages"][2]["content"].startswith("PICK_OBJECT(") for row in scenes)
+    own = json.loads((work / "data_en" / "train.json").read_text())
+    base = json.loads((work / "base_train" / "train_results.json").read_text())
+    assert base["train_samples"] == len(own) + len(scenes)  # --base-keeps-grounding: both sets

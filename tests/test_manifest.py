@@ -65,6 +65,22 @@ def test_qwen3_convention(tmp_path):
     assert man["family"] == "qwen3_vl" and man["coordinate_convention"] == "normalized_1000"
 
 
+def test_a_model_answers_in_the_convention_its_data_was_written_in(tmp_path):
+    """A Qwen3-VL model trained on pixel boxes (the embedded model): its manifest says so, coordinate_convention_of
+    reads it (a checkpoint without one: the family's), and an adapter must answer as its base does."""
+    d = tmp_path / "q3"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(_config("qwen3_vl")))
+    assert m.coordinate_convention_of(d) == "normalized_1000", "no manifest: the family's native convention"
+    common = dict(min_pixels=1, max_pixels=2, vocabulary_version="1", vocabulary_fingerprint="x")
+    m.write_manifest(d, m.make_manifest(d, coordinate_convention="absolute_resized", **common))
+    assert m.coordinate_convention_of(d) == "absolute_resized"
+    pixel_adapter = m.make_manifest(d, coordinate_convention="absolute_resized", **common)
+    m.check_adapter_against_base(pixel_adapter, d)
+    with pytest.raises(m.ManifestError, match="coordinate_convention"):
+        m.check_adapter_against_base(m.make_manifest(d, **common), d)
+
+
 def test_config_sha256_ignores_volatile_keys_only(tmp_path, base_dir):
     h = m.config_sha256(base_dir)
     assert len(h) == 64 and h == m.config_sha256(base_dir / "config.json")

@@ -1,4 +1,6 @@
-"""onnxruntime backend: `vla-export --onnx` of the embedded model, token parity with torch, the
+"""onnxruntime backend: `vla-export --onnx` of a trained Qwen2.5-VL model (the embedded model of
+2026-12-01: tests/data/tabletop-tiny-qwen2_5_vl; today's embedded model is Qwen3-VL, which the ONNX
+export refuses), token parity with torch, the
 runtime's interface (statuses through the real InferenceCore), and clear refusals.
 
 The 100-command parity run lives in benchmarks/onnx_vs_torch.py (too slow for CI here).
@@ -27,11 +29,12 @@ from vla_node.backends.onnx_backend import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED = ROOT / "models" / "tabletop-tiny"
+EMBEDDED = ROOT / "tests" / "data" / "tabletop-tiny-qwen2_5_vl"
 PARITY_COMMANDS = 4  # 2 en + 2 zh held-out commands; 100 in benchmarks/onnx_vs_torch.py
 PARITY_TOKENS = 32
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(), reason="embedded model not built")
+pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(),
+                                reason="the Qwen2.5-VL test model is missing")
 
 
 @pytest.fixture(scope="module")

@@ -431,8 +431,9 @@ def test_real_server_answer_passes_the_pipeline_at_the_sent_size(real_server, vo
     core = build_core(RuntimeSettings(backend="openai", model_path=model, server=ServerSettings(
         url=url, model=model, timeout_s=120.0, max_retries=0)))
     backend = core.backend
-    assert (backend.family, backend.coordinate_convention) == ("qwen2_5_vl", "absolute_resized")
-    assert backend.pixel_limits.max_pixels == 49392  # read from the local copy of the processor config
+    # the embedded Qwen3-VL model was trained on pixel boxes: its manifest says so, not the family
+    assert (backend.family, backend.coordinate_convention) == ("qwen3_vl", "absolute_resized")
+    assert backend.pixel_limits.max_pixels == 76800  # read from the local copy of the processor config
     exchanged = []  # (request, result) of the one real round trip
     generate = backend.generate
     backend.generate = lambda request: exchanged.append((request, generate(request))) or exchanged[-1][1]
@@ -447,15 +448,15 @@ def test_real_server_answer_passes_the_pipeline_at_the_sent_size(real_server, vo
     assert remote.confidence == 1.0  # no logprobs from this server: the documented fallback
     assert remote.text and remote.new_tokens > 0
     # The server's processor saw exactly the image size used for box conversion: its prompt is
-    # as long as the robot's own processor makes it for these pixels (image tokens = pixels / 28^2).
+    # as long as the robot's own processor makes it for these pixels (image tokens = pixels / (patch * merge)^2).
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model, local_files_only=True)
     text = processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
     local = processor(text=[text], images=[request.image], return_tensors="np")
     assert remote.prompt_tokens == local["input_ids"].shape[1]
-    grid = local["image_grid_thw"][0]
-    assert remote.model_input_size == (int(grid[2]) * 14, int(grid[1]) * 14) == request.image.shape[1::-1]
+    grid, patch = local["image_grid_thw"][0], processor.image_processor.patch_size
+    assert remote.model_input_size == (int(grid[2]) * patch, int(grid[1]) * patch) == request.image.shape[1::-1]
 
 
 def test_real_server_refuses_an_unknown_model_name(real_server, vocab):

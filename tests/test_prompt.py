@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vla_node import prompt as prompt_module
-from vla_node.prompt import IMAGE_PLACEHOLDER, TEMPLATE_ID, PromptBuilder, quote_command
+from vla_node.prompt import IMAGE_PLACEHOLDER, TEMPLATE_ID, PromptBuilder, quote_command, unshout
 from vla_node.vocabulary import Vocabulary
 
 VOCAB = Vocabulary.load()
@@ -86,8 +86,17 @@ def test_any_command_is_one_quoted_line(command):
     text = BUILDER.user_text(command)
     assert text.startswith('Command: "') and text.endswith('"')
     assert not any(brk in text for brk in LINE_BREAKS) and "<" not in text
-    assert json.loads(text[len("Command: "):]) == command
-    assert quote_command(command) == text[len("Command: "):]
+    assert json.loads(text[len("Command: "):]) == unshout(command)
+    assert quote_command(unshout(command)) == text[len("Command: "):]
+
+
+def test_a_shouted_command_is_asked_in_lower_case_and_any_other_case_is_kept():
+    assert BUILDER.user_text("GREEN CUBE ONTO BLUE TRAY NOW") == 'Command: "green cube onto blue tray now"'
+    assert BUILDER.user_text("PUT THE RED CUBE IN 把它") == 'Command: "put the red cube in 把它"'
+    for kept in ("Put the red cube in the Blue bowl", "put it on the TV tray", "A", "把红色方块放到蓝色碗里", "STOP!"[:1]):
+        assert BUILDER.user_text(kept) == f'Command: "{kept}"'
+    # training writes the same text: a SHOUTED sample trains what the robot is asked
+    assert BUILDER.sharegpt_messages("STOP NOW", "STOP()")[1]["content"] == IMAGE_PLACEHOLDER + 'Command: "stop now"'
 
 
 def test_chat_messages_have_the_spec_shape():

@@ -86,3 +86,21 @@ def test_the_node_prompts_a_model_as_it_was_trained(compact_model, train_model_d
         assert "MOVE_OBJECT" in plain.prompt.system_text
     finally:
         plain.backend.close()
+
+
+def test_the_embedded_model_is_prompted_as_it_was_trained():
+    """model_path "" is the embedded model, whose manifest names the compact template: the node's default
+    settings prompted it with the full one (the demo answered nonsense though the held-out metrics,
+    which name the model's folder, were good)."""
+    from vla_node.factory import EMBEDDED_MODEL, RuntimeSettings, build_core, embedded_path
+    from vla_node.manifest import prompt_template_of
+
+    try:
+        trained_with = prompt_template_of(embedded_path(EMBEDDED_MODEL))
+    except Exception as error:  # noqa: BLE001  (a checkout without models/)
+        pytest.skip(f"no embedded model: {error}")
+    core = build_core(RuntimeSettings(device="cpu", max_new_tokens=4))
+    try:
+        assert core.prompt.template == trained_with
+    finally:
+        core.backend.close()

@@ -4,15 +4,16 @@
 
 1. synthetic tabletop data (training.synth): an English set for the base, a Chinese+English
    set for the adapter (rendered by --workers processes);
-2. a Qwen2.5-VL-architecture (--family) checkpoint (training/tiny_models) with a tokenizer trained on that
-   data's text (every number up to 640 one token), randomly initialised (--init sincos: the number tokens'
-   embeddings and Qwen3-VL's vision position grid start as sin-cos);
+2. a Qwen3-VL-architecture (--family) checkpoint (training/tiny_models) with a tokenizer trained on that
+   data's text (every number up to 640 one token), initialised with sin-cos starts for the number tokens'
+   embeddings and the vision position grid (--init sincos; --init random: transformers' init);
 3. optionally (--text-steps, default none) a text stage (training.text_stage): full fine-tuning on
-   the English set's commands without their pictures, answers without boxes; and optionally
-   (--grounding-steps, default none) a grounding stage: PICK_OBJECT commands in scenes with the
-   named object alone, so the box is the only thing to learn from the picture, and after it
-   (--distractor-steps) one with the named object among others, so the name must pick the object;
-   a stage cut short by --deadline-minutes holds the base back until the next run finishes it;
+   the English set's commands without their pictures, answers without boxes; then (--grounding-steps)
+   a grounding stage: PICK_OBJECT commands in scenes with the named object alone, so the box is the
+   only thing to learn from the picture, and after it (--distractor-steps) one with the named object
+   among others, so the name must pick the object; a stage cut short by --deadline-minutes holds the
+   base back until the next run finishes it (--base-keeps-grounding, the default: the base trains on
+   the last grounding stage's scenes too);
 4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
@@ -23,8 +24,10 @@
    and box IoU@0.5 of greedy answers, against steps) and, unless --skip-eval, the CPU metrics.
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
-interrupted training resumes from its last checkpoint. On one H200 the whole build takes about
-eight minutes (benchmarks/results/embedded_build_h200.log); on a CPU it takes days.
+interrupted training resumes from its last checkpoint. The defaults are the committed model's recipe
+as one schedule: on one H200 about 25 minutes of training, three or four calls of the device tool with
+--deadline-minutes (models/README.md: the committed weights came from the calls logged in
+benchmarks/results/embedded_build_h200_session16.log and _session17.log); on a CPU it takes days.
 """
 from __future__ import annotations
 
@@ -274,7 +277,8 @@ def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args,
     return run_training(deadline, eval_samples, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
                         dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / f"{name}_train"),
                         learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
-                        prompt_template=PROMPT_TEMPLATE, **{**common, "eval_steps": max(1, steps // 3)})
+                        prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
+                        **{**common, "eval_steps": max(1, steps // 3)})
 
 
 def resumable(run: Path) -> bool:
@@ -314,7 +318,7 @@ def probe_rate(init: Path, data: Path, common: dict, batch: int, work: Path) -> 
     probe = {**common, "max_samples": batch * 30, "save_steps": 10**6, "eval_steps": None, "logging_steps": 5,
              "report_to": "none", "plot_loss": False}
     result = train(TrainConfig(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
-                               prompt_template=PROMPT_TEMPLATE,
+                               prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
                                freeze_multi_modal_projector=False, dataset_dir=str(data), dataset="tabletop_train",
                                output_dir=str(out), learning_rate=1e-4, max_steps=25, **probe))
     rates = [h["samples_per_s"] for h in result.log_history if "samples_per_s" in h][1:]  # first includes warm-up
@@ -388,24 +392,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="models", help="where the finished models go (default: %(default)s)")
     parser.add_argument("--work", default="out/embedded", help="data, checkpoints and logs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
-    parser.add_argument("--base-samples", type=int, default=96000, help="English synthetic samples (default: %(default)s)")
+    parser.add_argument("--base-samples", type=int, default=140000, help="English synthetic samples (default: %(default)s)")
     parser.add_argument("--lora-samples", type=int, default=30000, help="Chinese+English samples (default: %(default)s)")
-    parser.add_argument("--base-steps", default="3000",
+    parser.add_argument("--base-steps", default="5800",
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
     parser.add_argument("--text-steps", type=int, default=0,
                         help="steps of the curriculum's text stage (the base's commands without pictures, answers "
                              "without boxes) before the base's own training; 0: none (default: %(default)s)")
-    parser.add_argument("--grounding-steps", type=int, default=0,
+    parser.add_argument("--grounding-steps", type=int, default=2400,
                         help="steps of a grounding stage before the base's own training: PICK_OBJECT commands in "
                              "scenes with the named object alone; 0: none (default: %(default)s)")
     parser.add_argument("--grounding-samples", type=int, default=32000,
                         help="scenes of each grounding stage (default: %(default)s)")
-    parser.add_argument("--distractor-steps", type=int, default=0,
+    parser.add_argument("--distractor-steps", type=int, default=1500,
                         help="steps of a second grounding stage, after the first: PICK_OBJECT commands with the named "
                              "object among up to two others; 0: none (default: %(default)s)")
-    parser.add_argument("--lora-steps", type=int, default=600, help="LoRA steps (default: %(default)s)")
+    parser.add_argument("--base-keeps-grounding", action=argparse.BooleanOptionalAction, default=True,
+                        help="the base trains on the last grounding stage's scenes too, beside its own (concatenated): "
+                             "without them the multi-object task undid the looking the stage had taught; with "
+                             "--base-from the stages are not trained again, but their scenes are rendered for the base")
+    parser.add_argument("--lora-steps", type=int, default=1200, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
     parser.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA peak learning rate (default: %(default)s)")
@@ -425,10 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=MODEL_SIZES["merge_size"],
                         help="patches merged per visual token, per side: 1 = 16 px tokens (300 per frame), 2 = 32 px "
                              "(70 per frame, faster on a CPU); an exported base's own value wins (default: %(default)s)")
-    parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+    parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen3_vl",
                         help="architecture of the base (Qwen3-VL's vision tower adds learned absolute position "
                              "embeddings and DeepStack features) (default: %(default)s)")
-    parser.add_argument("--init", choices=("random", "sincos"), default="random",
+    parser.add_argument("--init", choices=("random", "sincos"), default="sincos",
                         help="the base's initial weights: transformers' random init, or with sin-cos starts for the "
                              "number tokens' embeddings and (qwen3_vl) the vision tower's position embeddings "
                              "(training.tiny_models: sincos_numbers, sincos_positions) (default: %(default)s)")
@@ -465,11 +473,18 @@ def main(argv: list[str] | None = None) -> int:
         init = Path(args.base_from) if args.base_from else base_init(
             work / "base_init", corpus([heldout["test_en"], heldout["test_zh"]], args.workers), args.seed,
             {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
-        for name, title, steps, data, answers in [] if args.base_from else curriculum(args, work, sizes):
-            init = first_stage(work, name, data(), init, steps, args, common, base_deadline, answers)
-            histories[title] = _history(init)
-            if not finished(init, steps):
-                return _stopped_early(init)
+        base_datasets = ["tabletop_train"]
+        for name, title, steps, data, answers in curriculum(args, work, sizes):
+            if args.base_from and not (args.base_keeps_grounding and name != "text"):
+                continue  # --base-from: the stages were trained before; only the scenes the base keeps are needed
+            stage_data = data()
+            if not args.base_from:
+                init = first_stage(work, name, stage_data, init, steps, args, common, base_deadline, answers)
+                histories[title] = _history(init)
+                if not finished(init, steps):
+                    return _stopped_early(init)
+            if args.base_keeps_grounding and name != "text":  # the last grounding stage's scenes win
+                base_datasets[1:] = [str((stage_data / "train.json").resolve())]
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", args.lora_samples, args.seed + SEED_ZH_OFFSET,
                                                 ("zh", "en"), args.workers, sizes)
@@ -480,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
         base = run_training(base_deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
                             freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
-                            dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(base_run),
+                            dataset=",".join(base_datasets), eval_dataset="tabletop_val", output_dir=str(base_run),
                             learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
-                            prompt_template=PROMPT_TEMPLATE,
+                            prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
                             **common)
         export_model(base, out / EMBEDDED_MODEL)
     histories["base (tabletop-tiny)"] = _history(base_run)

@@ -129,6 +129,13 @@ class TrainConfig:
                           "the manifest, and the node prompts the model the same way (default: the base model's, "
                           "full for a checkpoint without a vla_manifest.json)"},
     )
+    coordinate_convention: Optional[str] = field(
+        default=None,
+        metadata={"help": "absolute_resized | normalized_1000: how the dataset's boxes are written (pixels of the "
+                          "model's resized input, or 0-1000 of the frame); recorded in the manifest, and the node "
+                          "reads the model's boxes the same way (default: the base model's, its family's native one "
+                          "for a checkpoint without a vla_manifest.json)"},
+    )
     image_min_pixels: Optional[int] = field(default=None, metadata={"help": "min pixels per image (default: processor's)"})
     image_max_pixels: Optional[int] = field(default=None, metadata={"help": "max pixels per image (default: processor's)"})
     # Off by default, as in transformers and LLaMA-Factory: in an action dataset an answer's length
@@ -255,6 +262,12 @@ class TrainConfig:
                 template_id(self.prompt_template)
             except ValueError as e:
                 errs.append(str(e))
+        if self.coordinate_convention is not None:
+            from vla_node.manifest import COORDINATE_CONVENTIONS
+
+            known = sorted(set(COORDINATE_CONVENTIONS.values()))
+            if self.coordinate_convention not in known:
+                errs.append(f"coordinate_convention must be one of {', '.join(known)}, not {self.coordinate_convention!r}")
         if str(self.fast_path).lower() not in ("auto", "true", "false"):
             errs.append(f"fast_path must be auto, true or false, not {self.fast_path!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):

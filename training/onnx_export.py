@@ -272,6 +272,7 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
     manifest = {
         "format": ONNX_FORMAT,
         "family": cfg["model_type"],
+        "coordinate_convention": mf.coordinate_convention_of(model_dir),
         "source_model": str(model_dir),
         "merged_adapter": "",
         "source_config_sha256": mf.config_sha256(model_dir),

@@ -491,7 +491,7 @@ def _sincos_positions(visual) -> None:
     grid = grid.reshape(side * side, -1)
     weight = visual.pos_embed.weight
     conv = visual.patch_embed.proj.weight
-    patch_norm = float(conv.std()) * conv[0].numel() ** 0.5 * _PIXEL_RMS * weight.shape[1] ** 0.5
+    patch_norm = float(conv.detach().std()) * conv[0].numel() ** 0.5 * _PIXEL_RMS * weight.shape[1] ** 0.5
     scale = patch_norm / float(grid.norm(dim=1).mean())
     with torch.no_grad():
         weight[:, :grid.shape[1]] = grid * scale

@@ -545,6 +545,23 @@ def prompt_template_for(cfg: TrainConfig) -> str:
     return chosen
 
 
+def coordinate_convention_for_run(cfg: TrainConfig) -> str:
+    """The box convention this run's data is written in: coordinate_convention, else the base model's. An
+    adapter must answer as its base does (the node refuses one that does not)."""
+    from vla_node.manifest import ManifestError, coordinate_convention_of
+
+    try:
+        base = coordinate_convention_of(cfg.model_path)
+    except (ManifestError, OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    chosen = cfg.coordinate_convention or base
+    if chosen != base and cfg.finetuning_type != "full":
+        raise ConfigError(f"coordinate_convention {chosen} differs from the one {cfg.model_path} answers in ({base}): "
+                          "the node would refuse the adapter; leave coordinate_convention unset, or use "
+                          "finetuning_type full")
+    return chosen
+
+
 def full_weights_in(checkpoint: str) -> bool:
     """A checkpoint with a whole model's weights (not an adapter's, not DeepSpeed's partitions only)."""
     folder = Path(checkpoint)
@@ -649,6 +666,7 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
              f", eval samples: {len(eval_samples)}" if eval_samples else "")
 
     # 2. processor (pixel limits fixed here, saved with the adapter) + collator
+    convention = coordinate_convention_for_run(cfg)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     limits = pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels)
     set_pixel_limits(processor, limits)
@@ -726,6 +744,7 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
             metrics=metrics,
             template=prompt.template,
             answers=answer_kinds_of(train_samples),
+            coordinate_convention=convention,
         )
         manifest_path = write_manifest(out, manifest)
         trainer.save_metrics("train", metrics)

@@ -185,9 +185,11 @@ def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> Inf
                                               ("max_steps", settings.max_steps)) if value is not None}
     policy = SafetyPolicy.from_config({**(vocab.policy_config or {}), **overrides}, vocab)
     backend = backend or build_backend(settings, vocab, policy)
-    # the model is asked the way it was trained: its manifest names the prompt template
+    # the model is asked the way it was trained: its manifest names the prompt template (the backend
+    # read it from the model it loaded: model_path "" is the embedded model, not "no manifest")
+    template = getattr(backend, "prompt_template", None)
     try:
-        prompt = PromptBuilder(vocab, template=prompt_template_of(settings.model_path))
+        prompt = PromptBuilder(vocab, template=template or prompt_template_of(settings.model_path))
     except ManifestError as e:
         raise BackendError(str(e)) from None
     return InferenceCore(backend, vocab, prompt, policy, settings.max_new_tokens)

@@ -42,6 +42,7 @@ __all__ = [
     "ManifestError",
     "family_of",
     "coordinate_convention_for",
+    "coordinate_convention_of",
     "config_sha256",
     "make_manifest",
     "validate_manifest",
@@ -172,10 +173,12 @@ def make_manifest(
     name_or_path: str | None = None,
     created: str | None = None,
     answers: list[str] | tuple[str, ...] = ("actions",),
+    coordinate_convention: str | None = None,
 ) -> dict:
     """Build a validated manifest dict for an adapter trained on the checkpoint at ``base_dir``.
 
-    ``family``, ``model_type`` and ``coordinate_convention`` are derived from the base config.
+    ``family`` and ``model_type`` are derived from the base config; ``coordinate_convention`` is the
+    one the training data's boxes were written in (default: the family's native one).
     """
     cfg_path, data = _load_config(base_dir)
     model_type = data.get("model_type", "")
@@ -190,7 +193,7 @@ def make_manifest(
         "family": family,
         "template": template,
         "image": {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)},
-        "coordinate_convention": coordinate_convention_for(family),
+        "coordinate_convention": coordinate_convention or coordinate_convention_for(family),
         "vocabulary": {"version": str(vocabulary_version), "fingerprint": str(vocabulary_fingerprint)},
         "dataset_sha256": dataset_sha256,
         "metrics": dict(metrics or {}),
@@ -323,6 +326,16 @@ _EXPECTED_FIELDS = {
 }
 
 
+def coordinate_convention_of(model_dir: str | os.PathLike) -> str:
+    """The convention the boxes of the checkpoint in ``model_dir`` are written in: its manifest's (the one
+    its training data used: the embedded Qwen3-VL model answers in its input's pixels), else its family's
+    native one (any other Qwen-VL checkpoint)."""
+    if has_manifest(model_dir):
+        return read_manifest(model_dir)["coordinate_convention"]
+    _, cfg = _load_config(model_dir)
+    return coordinate_convention_for(family_of(cfg.get("model_type", "")))
+
+
 def prompt_template_of(model_dir: str | os.PathLike) -> str:
     """The prompt template the checkpoint in ``model_dir`` was trained with: its manifest's (a model
     fine-tuned by vla-train carries one), else the full template (any other Qwen-VL checkpoint)."""
@@ -347,8 +360,8 @@ def check_adapter_against_base(
     """Raise ManifestError unless the adapter described by ``manifest`` fits the base at ``base_dir``.
 
     Always checked against the base checkpoint on disk: ``base_model.config_sha256``,
-    ``base_model.model_type``, ``family`` and ``coordinate_convention`` (derived from the base
-    config's model_type). ``expected`` may add (keys, all optional, ``None`` = not checked):
+    ``base_model.model_type``, ``family`` (derived from the base config's model_type) and
+    ``coordinate_convention`` (the base's: coordinate_convention_of). ``expected`` may add (keys, all optional, ``None`` = not checked):
     ``family``, ``template``, ``min_pixels``, ``max_pixels``, ``coordinate_convention``,
     ``vocabulary_fingerprint``, ``vocabulary_version``.
 
@@ -392,7 +405,7 @@ def check_adapter_against_base(
         raise ManifestError(f"{cfg_path}: unsupported base model_type {base_type!r}")
     if m["family"] != base_family:
         raise mismatch("family", m["family"], base_family, f"base model {base_dir} family")
-    conv = COORDINATE_CONVENTIONS[base_family]
+    conv = coordinate_convention_of(base_dir)
     if m["coordinate_convention"] != conv:
         raise mismatch("coordinate_convention", m["coordinate_convention"], conv, f"base model {base_dir} convention")
 

@@ -26,6 +26,13 @@ _EXTRA_ESCAPES = {"<": "\\u003c", "\u0085": "\\u0085", "\u2028": "\\u2028", "\u2
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "user"}
 
 
+def unshout(command: str) -> str:
+    """A command in capitals only (a speech recogniser's or a user's SHOUTING) in lower case: the case
+    carries no meaning for an action, and lower case is what the generator mostly writes."""
+    cased = [c for c in command if c.isupper() or c.islower()]
+    return command.lower() if len(cased) > 1 and all(c.isupper() for c in cased) else command
+
+
 def quote_command(command: str) -> str:
     """The command as one JSON string literal on one line; json.loads gives the command back."""
     quoted = json.dumps(command, ensure_ascii=False)
@@ -98,7 +105,7 @@ class PromptBuilder:
         self.system_text = system_text
 
     def user_text(self, command: str) -> str:
-        return f"Command: {quote_command(command)}"
+        return f"Command: {quote_command(unshout(command))}"
 
     def chat_messages(self, command: str) -> list[dict]:
         """For processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)."""

@@ -205,7 +205,8 @@ class OnnxBackend(Backend):
         man = self._read_manifest(self.export_dir)
         self.manifest = man
         self.family = man["family"]
-        self.coordinate_convention = COORDINATE_CONVENTIONS[self.family]
+        # the source model's (an export older than the field: its family's native one)
+        self.coordinate_convention = man.get("coordinate_convention") or COORDINATE_CONVENTIONS[self.family]
         v = man["vision"]
         self._vision = v
         self.patch_size, self.merge_size = int(v["patch_size"]), int(v["merge_size"])

@@ -269,6 +269,11 @@ class OpenAIBackend(Backend):
         family, limits = local_model_info(model_path) if model_path else (None, None)
         self.family = settings.model_family or family or "qwen2_5_vl"
         self.coordinate_convention = _manifest.COORDINATE_CONVENTIONS[self.family]
+        if model_path and family == self.family and _manifest.has_manifest(model_path):
+            try:  # a model fine-tuned by vla-train answers in the convention its data used (its manifest's)
+                self.coordinate_convention = _manifest.read_manifest(model_path)["coordinate_convention"]
+            except _manifest.ManifestError as e:
+                raise BackendError(str(e)) from None
         limits = limits or DEFAULT_PIXEL_LIMITS
         self.base_pixel_limits = PixelLimits(min_pixels=settings.min_pixels or limits.min_pixels,
                                              max_pixels=settings.max_pixels or limits.max_pixels,

@@ -157,9 +157,9 @@ class TransformersBackend(Backend):
                 f"supported Qwen-VL family ({', '.join(sorted(_manifest.FAMILIES))})"
             )
         self.family: str = _manifest.FAMILIES[model_type]
-        self.coordinate_convention: str = _manifest.COORDINATE_CONVENTIONS[self.family]
         self.config_sha256 = _manifest.config_sha256(self.model_path)
-        try:  # the template the model was trained with: an adapter must have been trained with it too
+        try:  # the template and box convention the model was trained with: an adapter's must be the same
+            self.coordinate_convention: str = _manifest.coordinate_convention_of(self.model_path)
             self.prompt_template: str = _manifest.prompt_template_of(self.model_path)
         except _manifest.ManifestError as e:
             raise BackendError(str(e)) from None
