@@ -129,3 +129,23 @@ def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it
     own = json.loads((work / "data_en" / "train.json").read_text())
     base = json.loads((work / "base_train" / "train_results.json").read_text())
     assert base["train_samples"] == len(own) + len(scenes)  # --base-keeps-grounding: both sets
+
+
+def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unchanged(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training.build_embedded import shard_weights
+
+    tensors = {f"layer.{i}.weight": torch.randn(64, 64).to(torch.bfloat16) for i in range(10)}  # 8 KiB each
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shard_weights(tmp_path, max_bytes=3 * 8192)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert not (tmp_path / "model.safetensors").exists() and len(shards) == 4
+    assert all((tmp_path / shard).stat().st_size <= 3 * 8192 + 4096 for shard in shards)  # + the header
+    loaded = {k: v for shard in shards for k, v in load_file(str(tmp_path / shard)).items()}
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert index["metadata"]["total_size"] == 10 * 8192

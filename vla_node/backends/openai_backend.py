@@ -269,9 +269,9 @@ class OpenAIBackend(Backend):
         family, limits = local_model_info(model_path) if model_path else (None, None)
         self.family = settings.model_family or family or "qwen2_5_vl"
         self.coordinate_convention = _manifest.COORDINATE_CONVENTIONS[self.family]
-        if model_path and family == self.family and _manifest.has_manifest(model_path):
+        if model_path and family == self.family:
             try:  # a model fine-tuned by vla-train answers in the convention its data used (its manifest's)
-                self.coordinate_convention = _manifest.read_manifest(model_path)["coordinate_convention"]
+                self.coordinate_convention = _manifest.coordinate_convention_of(model_path)
             except _manifest.ManifestError as e:
                 raise BackendError(str(e)) from None
         limits = limits or DEFAULT_PIXEL_LIMITS
