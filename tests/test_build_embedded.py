@@ -149,3 +149,23 @@ def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unc
     loaded = {k: v for shard in shards for k, v in load_file(str(tmp_path / shard)).items()}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     assert index["metadata"]["total_size"] == 10 * 8192
+
+
+def test_the_held_out_sets_draw_from_seeds_no_training_uses(tmp_path):
+    """A test split of the build's own seed was not held out across builds: another --base-samples
+    splits that seed otherwise, and one build's English seed was another's Chinese one."""
+    import json
+    from pathlib import Path
+
+    from training.build_embedded import (HELDOUT_SEEDS, SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET,
+                                         SEED_ZH_OFFSET, heldout_configs, main)
+
+    for seed in (0, 1, 7):
+        trained = {seed + offset for offset in (0, SEED_ZH_OFFSET, SEED_GROUNDING_OFFSET, SEED_DISTRACTORS_OFFSET)}
+        held = {cfg.seed for cfg in heldout_configs(140000, 30000, seed).values()}
+        assert len(held) == 2 and not held & trained
+    models = Path(__file__).resolve().parents[1] / "models" / "heldout"
+    for name, seed in HELDOUT_SEEDS.items():
+        assert json.loads((models / f"{name}.json").read_text())["config"]["seed"] == seed
+    with pytest.raises(SystemExit, match="--seed 1000000: must be"):
+        main(["--seed", "1000000", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])

@@ -26,15 +26,24 @@ cuda_only = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reas
 
 
 @pytest.fixture(scope="module")
-def interpreted(tiny_checkpoints, tiny_model_dir, tiny_adapter) -> dict:
+def interpreted(tiny_checkpoints, tiny_model_dir, tiny_adapter, tmp_path_factory) -> dict:
     pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (its interpreter)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # one child per model, side by side: the interpreter runs kernels in Python, one core each
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     models = [f"{family}={tiny_checkpoints[family]}" for family in ("qwen2_5_vl", "qwen3_vl")]
     models.append(f"qwen2_5_vl+adapter={tiny_model_dir},{tiny_adapter}")
-    run = subprocess.run([sys.executable, "-m", "tests.interpreted_layer_step", *models], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    folders = [tmp_path_factory.mktemp("interpreted") for _ in models]
+    logs = [(folder / "out", folder / "err") for folder in folders]  # files, not pipes: no child waits on a reader
+    children = []
+    for model, (out, err) in zip(models, logs):
+        with out.open("w") as stdout, err.open("w") as stderr:
+            children.append(subprocess.Popen([sys.executable, "-m", "tests.interpreted_layer_step", model], cwd=ROOT,
+                                             env=env, stdout=stdout, stderr=stderr, text=True))
+    report = {}
+    for child, (out, err) in zip(children, logs):
+        assert child.wait(timeout=900) == 0, err.read_text()[-3000:]
+        report.update(json.loads(out.read_text().strip().splitlines()[-1]))
+    return report
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_vl+adapter"])

@@ -1,6 +1,7 @@
-"""The held-out phrasings (models/heldout/phrasings.json): enough of them, all usable, and apart from
-the generator (training/synth_language.py): a phrasing the generator writes word for word would
-test nothing, so none of them may come out of 6,000 generated commands of its skill."""
+"""The held-out phrasings (models/heldout/phrasings.json and phrasings_blind.json): enough of them,
+all usable, and apart from the generator (training/synth_language.py): a phrasing the generator
+writes word for word would test nothing, so none of them may come out of 6,000 generated commands
+of its skill."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from training.phrasings import fill, read_phrasings
 from training.synth import SynthConfig, Synthesizer
 
-SPEC = Path(__file__).resolve().parents[1] / "models" / "heldout" / "phrasings.json"
+HELDOUT = Path(__file__).resolve().parents[1] / "models" / "heldout"
+SPECS = [HELDOUT / "phrasings.json", HELDOUT / "phrasings_blind.json"]
 _PUNCTUATION = re.compile(r"[,.!?，。！？、]")
 
 
@@ -21,8 +23,9 @@ def _normal(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-def test_enough_phrasings_of_each_language_and_every_one_fills():
-    spec = read_phrasings(SPEC)
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_enough_phrasings_of_each_language_and_every_one_fills(path):
+    spec = read_phrasings(path)
     for lang in ("en", "zh"):
         entries = spec[lang]
         assert len(entries) >= 50 and {e["skill"] for e in entries} == {"move", "pick", "place"}
@@ -52,21 +55,30 @@ def _delexicalised(sample, lang: str, names: dict) -> str:
     return _normal(text)
 
 
-@pytest.mark.parametrize("lang", ["en", "zh"])
-def test_no_held_out_phrasing_is_written_by_the_generator(lang):
+@pytest.fixture(scope="module")
+def generator_commands():
+    """Per language, the generator's delexicalised move / pick / place commands (6,000 a skill)."""
     from training.synth_language import COLOURS_ZH, SHAPES_ZH
 
-    spec = read_phrasings(SPEC)
-    generated: set[str] = set()
-    for skill in ("move", "pick", "place"):
-        syn = Synthesizer(SynthConfig(num=6000, seed=11, languages=(lang,), skills=(skill,)))
-        names: dict[str, list[str]] = {}
-        for zh, label in syn.vocab.labels_zh.items():
-            names.setdefault(label, []).append(zh)
-        for label in names:
-            colour, _, shape = label.rpartition(" ")
-            names[label].append(f"{COLOURS_ZH[colour]}的{SHAPES_ZH[shape]}")
-        for index in range(6000):
-            generated.add(_delexicalised(syn.sample(index, render=False), lang, names))
-    written = [e["text"] for e in spec[lang] if _normal(e["text"]) in generated]
+    by_lang: dict[str, set[str]] = {}
+    for lang in ("en", "zh"):
+        generated = by_lang[lang] = set()
+        for skill in ("move", "pick", "place"):
+            syn = Synthesizer(SynthConfig(num=6000, seed=11, languages=(lang,), skills=(skill,)))
+            names: dict[str, list[str]] = {}
+            for zh, label in syn.vocab.labels_zh.items():
+                names.setdefault(label, []).append(zh)
+            for label in names:
+                colour, _, shape = label.rpartition(" ")
+                names[label].append(f"{COLOURS_ZH[colour]}的{SHAPES_ZH[shape]}")
+            for index in range(6000):
+                generated.add(_delexicalised(syn.sample(index, render=False), lang, names))
+    return by_lang
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_no_held_out_phrasing_is_written_by_the_generator(path, lang, generator_commands):
+    spec = read_phrasings(path)
+    written = [e["text"] for e in spec[lang] if _normal(e["text"]) in generator_commands[lang]]
     assert not written, f"the generator writes these held-out phrasings itself: {json.dumps(written, ensure_ascii=False)}"

@@ -264,6 +264,36 @@ def test_resume_continues_step_count_and_loss(lora_run, train_model_dir, synth_d
         assert loss == pytest.approx(original[step], rel=2e-3, abs=2e-3), (step, loss, original[step])
 
 
+def test_adapter_name_or_path_trains_that_adapter_further(lora_run, train_model_dir, synth_dir, tmp_path):
+    """LLaMA-Factory's adapter_name_or_path: the run starts from the given adapter (its rank and
+    targets, its trained weights), not from a new one, and leaves the given folder as it was."""
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    given = lora_run.output_dir
+    before = load_file(str(given / "adapter_model.safetensors"))
+    for bad, match in (({"adapter_name_or_path": tmp_path}, "no adapter_config.json"),
+                       ({"adapter_name_or_path": given, "finetuning_type": "full"}, "needs finetuning_type: lora"),
+                       ({"adapter_name_or_path": f"{given},{given}"}, "one adapter only")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / "bad", **bad))
+
+    def first_loss(name: str, **extra) -> tuple[float, Path]:
+        out = tmp_path / name
+        result = train(load_config(None, train_overrides(train_model_dir, synth_dir, out, max_steps=2, logging_steps=1,
+                                                         save_steps=100, lora_rank=4, plot_loss=False, **extra)))
+        return next(h["loss"] for h in result.log_history if "loss" in h), out
+
+    new_loss, _ = first_loss("new")
+    further_loss, out = first_loss("further", adapter_name_or_path=given)
+    assert further_loss < 0.8 * new_loss, (further_loss, new_loss)  # it starts where the given one stopped
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}  # its rank, not 4
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # and it trained
+    assert all(torch.equal(v, load_file(str(given / "adapter_model.safetensors"))[k]) for k, v in before.items())
+
+
 def test_additional_target_trains_embeddings_with_the_adapter(train_model_dir, synth_dir, tmp_path):
     """LLaMA-Factory's additional_target: the embedding trains in full next to LoRA, is saved in the
     adapter, and the node's backend serves it and switches back to the untouched base."""

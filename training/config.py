@@ -70,6 +70,15 @@ class TrainConfig:
             "(peft modules_to_save), e.g. 'embed_tokens' so an adapter can teach tokens the base never read"
         },
     )
+    adapter_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "LoRA mode: a LoRA adapter folder (vla-train's or peft's) whose weights this run trains further "
+            "instead of starting a new adapter, e.g. after the base was trained further; its rank, alpha, targets "
+            "and modules_to_save are the adapter's own (lora_rank, lora_alpha, lora_target, additional_target "
+            "are not read)"
+        },
+    )
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scaling (alpha / sqrt(rank))"})
     freeze_vision_tower: bool = field(
@@ -235,6 +244,16 @@ class TrainConfig:
             errs.append(f"ddp_timeout must be >= 1, not {self.ddp_timeout}")
         if self.fp16 and str(self.bf16).lower() == "true":
             errs.append("bf16 and fp16 are both true: choose one")
+        if self.adapter_name_or_path is not None:
+            adapter = Path(self.adapter_name_or_path)
+            if "," in str(self.adapter_name_or_path):
+                errs.append(f"adapter_name_or_path {self.adapter_name_or_path!r}: one adapter only (to stack adapters, "
+                            "merge the first with vla-export and set model_path to the merged model)")
+            elif self.finetuning_type != "lora":
+                errs.append(f"adapter_name_or_path needs finetuning_type: lora, not {self.finetuning_type!r}")
+            elif not (adapter / "adapter_config.json").is_file():
+                errs.append(f"adapter_name_or_path {str(adapter)!r}: no adapter_config.json there (not a LoRA adapter "
+                            "folder)")
         if self.freeze_trainable_layers == 0:
             errs.append("freeze_trainable_layers must not be 0")
         for name in ("lora_rank", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",

@@ -3,9 +3,9 @@
     python -m training.embedded_metrics [--models models] [--limit 400] [--device cpu]
 
 Writes models/METRICS.json and models/METRICS.md. The held-out samples are re-created from
-their recipes in models/heldout/ (training.heldout), and the hand-written phrasings of
-models/heldout/phrasings.json are put on fresh scenes beside the generator's own wording of the
-same scenes (training.phrasings): English with the base, Chinese with the adapter, as the node
+their recipes in models/heldout/ (training.heldout), and each set of hand-written phrasings
+(PHRASING_SETS in models/heldout/) is put on fresh scenes beside the generator's own wording of
+the same scenes (training.phrasings): English with the base, Chinese with the adapter, as the node
 serves them. METRICS.json also holds a `ci_check`: the same evaluation on the first --ci-limit
 samples, which tests/test_embedded_model.py re-runs and compares (quality figures only:
 latency depends on the machine).
@@ -22,6 +22,9 @@ from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 SPLITS = ("test_en", "test_zh")
 # (language, the run that serves it): English commands reach the base, Chinese ones the adapter
 PHRASINGS = (("en", "base"), ("zh", "adapter"))
+# phrasings.json: written apart from the generator; phrasings_blind.json: by a writer who had read
+# neither the generator nor the first set (the first one's author had seen the generator's gaps)
+PHRASING_SETS = ("phrasings", "phrasings_blind")
 CI_LIMIT = 12
 # What must reproduce: greedy decoding in fp32 on the CPU is deterministic.
 REPRODUCED = ("n", "parse_valid_rate", "accepted_rate", "plan_exact_match", "verb_acc", "object_acc",
@@ -51,21 +54,23 @@ def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu"
             result = evaluate(model=model, adapter=adapter, dataset_dir=str(data), dataset="tabletop_test",
                               compare_base=True, limit=limit, device=device)
         results[split] = {run: _headline(metrics) for run, metrics in result["runs"].items()}
-    gaps = {}
-    phrasings = models / "heldout" / "phrasings.json"
-    if phrasings.is_file():
-        scenes, _ = read_heldout_spec(models / "heldout" / "test_en.json")  # the model's frame and box set-up
+    gaps: dict[str, dict] = {}
+    scenes, _ = read_heldout_spec(models / "heldout" / "test_en.json")  # the model's frame and box set-up
+    for name in PHRASING_SETS:
+        phrasings = models / "heldout" / f"{name}.json"
+        if not phrasings.is_file():
+            continue
         for lang, run in PHRASINGS:
-            with tempfile.TemporaryDirectory(prefix=f"vla-phrasings-{lang}-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"vla-{name}-{lang}-") as tmp:
                 data = materialise_phrasings(phrasings, scenes, lang, Path(tmp))
                 for dataset in DATASETS:
                     result = evaluate(model=model, adapter=adapter if run == "adapter" else None, dataset_dir=str(data),
                                       dataset=dataset, limit=limit, device=device)
                     metrics = next(iter(result["runs"].values()))
-                    results[f"phrasings_{lang}/{dataset}"] = {run: _headline(metrics)}
-            generated = results[f"phrasings_{lang}/generated"][run]["plan_exact_match"]
-            phrased = results[f"phrasings_{lang}/phrased"][run]["plan_exact_match"]
-            gaps[lang] = round(generated - phrased, 4)
+                    results[f"{name}_{lang}/{dataset}"] = {run: _headline(metrics)}
+            generated = results[f"{name}_{lang}/generated"][run]["plan_exact_match"]
+            phrased = results[f"{name}_{lang}/phrased"][run]["plan_exact_match"]
+            gaps.setdefault(name, {})[lang] = round(generated - phrased, 4)
     summary = {"device": device, "limit": limit, "splits": results, "phrasing_gap": gaps,
                "command": f"python -m training.embedded_metrics --models {models} --limit {limit} --device {device}"}
     if ci_limit:
@@ -92,9 +97,10 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {split} | {run} | {metrics.get('n')} | " + " | ".join(cells) + " |")
     gaps = summary.get("phrasing_gap") or {}
     if gaps:
-        lines += ["", "Hand-written phrasings (models/heldout/phrasings.json) against the generator's own wording of "
-                      "the same scenes: plan exact match, generated minus phrased:",
-                  ""] + [f"- {lang}: {gap * 100:+.1f} points" for lang, gap in gaps.items()]
+        lines += ["", "Hand-written phrasings against the generator's own wording of the same scenes: plan exact "
+                      "match, generated minus phrased:", ""]
+        lines += [f"- models/heldout/{name}.json, {lang}: {gap * 100:+.1f} points"
+                  for name, by_lang in gaps.items() for lang, gap in by_lang.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -71,8 +71,6 @@ UNSUPPORTED: dict[str, str] = {
     "do_predict": f"prediction is a separate command: {_EVAL}",
     "predict_with_generate": _EVAL,
     "compute_accuracy": "the eval loss is logged; for answer quality run vla-eval",
-    "adapter_name_or_path": "to continue an interrupted run use resume_from_checkpoint; to stack a new adapter, "
-                            "merge the old one first (vla-export) and set model_path to the merged model",
     "quantization_bit": "QLoRA is not supported: LoRA trains on a bf16 (GPU) or fp32 base",
     "quantization_method": "QLoRA is not supported: LoRA trains on a bf16 (GPU) or fp32 base",
     "double_quantization": "QLoRA is not supported: LoRA trains on a bf16 (GPU) or fp32 base",
@@ -87,7 +85,8 @@ UNSUPPORTED: dict[str, str] = {
     "pissa_init": "LoRA starts as peft initialises it (use_dora and use_rslora are read)",
     "pissa_convert": "LoRA starts as peft initialises it",
     "loraplus_lr_ratio": "all trainable weights share one learning_rate",
-    "create_new_adapter": "each run trains one new adapter",
+    "create_new_adapter": "each run trains one adapter: a new one, or adapter_name_or_path's further; to stack "
+                          "adapters, merge the first (vla-export) and set model_path to the merged model",
     "resize_vocab": "the vocabulary is the checkpoint's; additional_target: embed_tokens trains the embeddings",
     "new_special_tokens": "the tokenizer is the checkpoint's",
     "export_dir": "merging and export is a separate command: vla-export",

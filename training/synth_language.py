@@ -13,8 +13,11 @@ MOVE_OBJECT; naming the pick and the place as separate verbs ("take the X and pu
 "先拿起X，然后放到Y里") is PICK_OBJECT + PLACE_OBJECT (training.synth owns that rule).
 
 Everything draws from the numpy Generator it is given, so a sample stays a function of its seed
-and index. models/heldout/phrasings.json holds phrasings written apart from this grammar; the
-held-out evaluation (training.phrasings) checks the model generalises from one to the other.
+and index. models/heldout/phrasings.json and phrasings_blind.json hold phrasings written apart from
+this grammar (the second by a writer who read neither it nor the first set); the held-out
+evaluation (training.phrasings) checks the model generalises from one to the other. The grammar
+grows from how people talk, never from those files: a form they share word for word is taken out
+of the grammar (tests/test_phrasings.py finds them).
 """
 from __future__ import annotations
 
@@ -76,26 +79,46 @@ EN_MOVE_VERBS = {
     "transfer": ("transferring", ""), "shift": ("shifting", ""), "slide": ("sliding", ""), "get": ("getting", ""),
     "bring": ("bringing", "over"), "carry": ("carrying", "over"), "take": ("taking", "over"),
     "relocate": ("relocating", ""), "lay": ("laying", ""), "throw": ("throwing", ""),
+    "stash": ("stashing", "away"), "shove": ("shoving", ""), "chuck": ("chucking", ""), "stow": ("stowing", "away"),
+    "load": ("loading", ""), "tuck": ("tucking", "away"), "dump": ("dumping", ""), "park": ("parking", ""),
+    "plop": ("plopping", "down"), "send": ("sending", "over"), "haul": ("hauling", "over"), "return": ("returning", ""),
 }
 EN_PICK_FORMS = (  # {o} = "the red cube"
     "pick up {o}", "pick {o} up", "grab {o}", "take {o}", "lift {o}", "lift up {o}", "lift {o} up", "get {o}",
     "fetch {o}", "grasp {o}", "hold {o}", "take hold of {o}", "collect {o}", "snatch {o}", "raise {o}",
     "get me {o}", "grab me {o}", "hand me {o}", "bring me {o}", "pick {o}", "seize {o}", "go get {o}",
     "go grab {o}", "go pick up {o}",
+    "pick up {o} off the table", "take {o} off the table", "get hold of {o}", "grab hold of {o}",
+    "pass me {o}", "give me {o}", "scoop up {o}", "pluck {o} off the table", "retrieve {o}", "nab {o}",
+    "pick out {o}", "hold up {o}", "get {o} in your gripper", "close your gripper on {o}", "fish out {o}",
+    "go and pick up {o}", "pick up {o} for me", "get {o} for me",
 )
-EN_PICK_GERUNDS = ("picking up {o}", "grabbing {o}", "lifting {o}", "getting {o}", "fetching {o}", "taking {o}")
+EN_PICK_GERUNDS = ("picking up {o}", "grabbing {o}", "lifting {o}", "getting {o}", "fetching {o}", "taking {o}",
+                   "passing me {o}", "getting hold of {o}", "grabbing me {o}")
 EN_PLACE_HELD = ("it", "it", "it", "that", "this", "what you are holding", "what you're holding",
-                 "the thing you are holding", "the object", "what you have", "the thing in your hand")
-EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop")
+                 "the thing you are holding", "the object", "what you have", "the thing in your hand",
+                 "whatever you're holding", "what's in your hand", "what you've got", "what you picked up", "the item",
+                 "the thing", "that thing", "your load")
+EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop",
+                  "stick", "plop", "stash", "dump", "lower", "rest", "stow", "tuck", "unload", "drop off")
 EN_POLITE = ("please ", "could you ", "can you ", "would you ", "will you ", "I'd like you to ", "I want you to ",
              "I need you to ", "go ahead and ", "let's ", "kindly ", "try to ", "you can ", "you should ",
-             "could you please ", "can you please ", "please go ahead and ", "now ", "just ")
-EN_PREFIX = ("ok ", "okay ", "alright ", "so ", "um ", "uh ", "hey ", "hey robot ", "robot, ", "next ", "right, ",
-             "well ", "and ", "then ", "hmm ", "okay so ", "now then ", "ok robot ", "all right ")
+             "could you please ", "can you please ", "please go ahead and ", "now ", "just ",
+             "do me a favour and ", "do me a favor and ", "I'd appreciate it if you'd ", "if you could ",
+             "go on and ", "why don't you ", "how about you ", "you wanna ", "can ya ", "would ya ",
+             "time to ", "be so kind and ", "could you just ", "I'd love it if you'd ", "you could ", "we should ",
+             "let's go ahead and ", "quick, ", "I'm asking you to ")
+EN_PREFIX = ("ok ", "okay ", "alright ", "so ", "um ", "uh ", "hey ", "hey robot ", "next ", "right, ",
+             "well ", "and ", "then ", "hmm ", "okay so ", "now then ", "ok robot ", "all right ",
+             "hey there ", "excuse me ", "listen ", "oh ", "yeah ", "so yeah ", "okay robot ", "right so ",
+             "erm ", "ok so ", "now, ", "oh and ", "so um ", "alright robot ", "hi robot ", "yo ")
 EN_SUFFIX = (" please", " thanks", " thank you", " now", " for me", " right now", " if you can",
              " if you could", " when you can", " ok", " okay", " real quick", " quickly", " carefully", " thx",
-             " please and thank you")
-EN_FILLERS = ("uh", "um", "er", "like")
+             " please and thank you", " would you", " will you", " can you", " yeah", " cheers", " ta",
+             " if that's ok", " if possible", " when you get a chance", " thanks a lot", " please robot", " asap",
+             " for me please", " it's in the way", " I need it there", " that's all", " go", " pronto",
+             " if you don't mind", " no rush", " gently")
+EN_FILLERS = ("uh", "um", "er", "like", "you know", "erm", "I mean", "so", "uhh", "hmm")
 EN_THEN = ("and then", "then", "and", "after that", "and after that", "and next", "then after that")
 
 
@@ -123,14 +146,21 @@ class _English:
         i, into, _ = prepositions(shape)
         forms = [f"{i} the {d_text}"] * 4 + [f"{into} the {d_text}"] * 3 + [f"to the {d_text}", f"over to the {d_text}"]
         forms += [f"inside the {d_text}"] if shape in _INSIDE else [f"on top of the {d_text}"]
+        if _chance(rng, 0.2):  # rarer ways of saying where: spoken splits, adverbs, a pointing word
+            forms = [f"{into.replace('to', ' to')} the {d_text}", f"down {i} the {d_text}", f"right {into} the {d_text}",
+                     f"over {into} the {d_text}", f"{i} the {d_text} there", f"{i} the {d_text} over there",
+                     f"across to the {d_text}", f"back {into} the {d_text}", f"straight {into} the {d_text}"]
+            forms += [f"inside of the {d_text}", f"down inside the {d_text}"] if shape in _INSIDE else \
+                [f"up on the {d_text}", f"down on top of the {d_text}"]
         return _pick(rng, forms)
 
     def imperative(self, rng, core: str, gerund: str | None) -> str:
         """Politeness around an imperative core; 'would you mind' takes the -ing form."""
         if _chance(rng, 0.45):
             return core
-        if gerund is not None and _chance(rng, 0.08):
-            return f"would you mind {gerund}"
+        if gerund is not None and _chance(rng, 0.1):
+            return _pick(rng, ("would you mind", "would you mind", "do you mind", "mind", "how about", "what about",
+                               "could you try", "try")) + f" {gerund}"
         return _pick(rng, EN_POLITE) + core
 
     def move(self, rng, o_text: str, d_text: str, shape: str) -> str:
@@ -140,41 +170,67 @@ class _English:
         ing, particle = EN_MOVE_VERBS[verb]
         particle = f" {particle}" if particle and _chance(rng, 0.6) else ""
         frame = rng.random()
-        if frame < 0.62:
+        if frame < 0.56:
             return self.imperative(rng, f"{verb} {o}{particle} {where}", f"{ing} {o}{particle} {where}")
-        if frame < 0.70:
-            return f"{o} " + _pick(rng, ("goes", "should go", "needs to go", "has to go", "belongs")) + f" {where}"
+        if frame < 0.60:  # the particle after the destination, or the object last
+            return self.imperative(rng, f"{verb} {where} {o}" if not particle else f"{verb} {o} {where}{particle}", None)
+        if frame < 0.67:
+            return f"{o} " + _pick(rng, ("goes", "should go", "needs to go", "has to go", "belongs", "must go",
+                                         "ought to go", "is supposed to go", "needs to be",
+                                         "has to end up", "can go", "wants to go")) + f" {where}"
+        if frame < 0.74:
+            wish = _pick(rng, ("I want", "I need", "I would like", "I'd like", "we need", "I wanna see", "let's have",
+                               "we want", "I'd love", "I'd prefer"))
+            return f"{wish} {o} " + _pick(rng, ("", "moved ", "put ", "placed ", "sitting ", "over ")) + where
         if frame < 0.78:
-            wish = _pick(rng, ("I want", "I need", "I would like", "I'd like", "we need"))
-            return f"{wish} {o} " + _pick(rng, ("", "moved ", "put ", "placed ")) + where
-        if frame < 0.84:
             return f"{where}, {verb} {o}" if _chance(rng, 0.5) else f"{where} {verb} {o}"
-        if frame < 0.92:
+        if frame < 0.84:
             return f"{o} {where}" if _chance(rng, 0.5) else f"{o_text} {where}"
-        if frame < 0.96:
-            return _pick(rng, ("can", "could")) + f" {o} go {where}"
-        return f"{verb} {o} {where} " + _pick(rng, ("would you", "will you", "can you", "ok"))
+        if frame < 0.87:
+            return _pick(rng, ("can", "could", "would", "will")) + f" {o} go {where}"
+        if frame < 0.91:  # the object named first, then the instruction about it
+            return f"{o}, " + _pick(rng, ("put it", "move it", "drop it", "stick it", "get it", "take it",
+                                           "I want it", "it goes")) + f" {where}"
+        if frame < 0.95:  # make sure / see to it
+            lead = _pick(rng, ("make sure", "see that", "check that", "please make sure", "ensure"))
+            return f"{lead} {o} " + _pick(rng, ("ends up", "goes", "gets", "is", "lands")) + f" {where}"
+        if frame < 0.97:
+            return f"{o} " + _pick(rng, ("has to be", "needs to be", "should be")) + " " + \
+                _pick(rng, ("moved", "put", "placed", "dropped", "taken")) + f" {where}"
+        return f"{verb} {o} {where} " + _pick(rng, ("would you", "will you", "can you", "ok", "yeah", "right",
+                                                     "if you would"))
 
     def pick(self, rng, o_text: str) -> str:
         o = f"{self.the(rng)} {o_text}"
         frame = rng.random()
-        if frame < 0.85:
+        if frame < 0.8:
             return self.imperative(rng, _pick(rng, EN_PICK_FORMS).format(o=o), _pick(rng, EN_PICK_GERUNDS).format(o=o))
-        if frame < 0.93:
-            return f"{o}, pick it up" if _chance(rng, 0.5) else f"{o} " + _pick(rng, ("pick it up", "grab it", "lift it"))
-        return _pick(rng, ("can I have", "could I have", "I want to hold")) + f" {o}"
+        if frame < 0.88:
+            return f"{o}, " + _pick(rng, ("pick it up", "grab it", "lift it", "take it", "get it", "pick that up",
+                                           "grab that", "lift it up")) if _chance(rng, 0.5) else \
+                f"{o} " + _pick(rng, ("pick it up", "grab it", "lift it", "please", "up", "grab that one"))
+        if frame < 0.94:
+            return _pick(rng, ("can I have", "could I have", "I want to hold", "I need", "I'd like", "I want",
+                               "let me have", "may I have", "I'll take")) + f" {o}"
+        return f"{o} " + _pick(rng, ("needs picking up", "needs to be picked up", "should be picked up",
+                                     "has to be lifted", "is the one to grab", "is what I want"))
 
     def place(self, rng, d_text: str, shape: str) -> str:
         held = _pick(rng, EN_PLACE_HELD)
         where = self.dest(rng, d_text, shape)
         frame = rng.random()
-        if frame < 0.8:
+        if frame < 0.76:
             verb = _pick(rng, EN_PLACE_VERBS)
-            down = " down" if verb in ("put", "set", "place") and _chance(rng, 0.25) else ""
+            down = " down" if verb in ("put", "set", "place", "plop", "lay") and _chance(rng, 0.25) else ""
             core = f"{verb} {held}{down} {where}"
             return self.imperative(rng, core, f"putting {held}{down} {where}")
-        if frame < 0.9:
-            return _pick(rng, ("it goes", "that goes", "it belongs", "now")) + f" {where}"
+        if frame < 0.86:
+            return _pick(rng, ("it goes", "that goes", "it belongs", "now", "that belongs", "it should go",
+                               "this one goes", "it needs to go", "it can go", "that can go")) + f" {where}"
+        if frame < 0.93:  # where first, then what to do
+            return f"{where}, " + _pick(rng, ("put it there", "drop it", "let go", "leave it there", "set it down",
+                                               "release it", "put it down")) if _chance(rng, 0.5) else \
+                f"{where} " + _pick(rng, ("please", "with that", "it goes", "thanks"))
         return f"{where} with it" if _chance(rng, 0.5) else f"now {where}"
 
     def pick_place(self, rng, o_text: str, d_text: str, shape: str) -> str:
@@ -236,15 +292,26 @@ class _English:
 # Chinese
 # ---------------------------------------------------------------------------------------------
 
-ZH_MOVE_VERBS = ("放", "放", "放", "移", "挪", "搬", "摆", "搁", "丢", "扔", "移动", "放置")
+ZH_MOVE_VERBS = ("放", "放", "放", "移", "挪", "搬", "摆", "搁", "丢", "扔", "移动", "放置", "拿", "送", "转移",
+                 "收", "装", "拿过去放", "搬过去放", "挪过去放")
 ZH_PICK_FORMS = ("拿起{o}", "捡起{o}", "抓起{o}", "拿{o}", "抓{o}", "捡{o}", "拿住{o}", "抓住{o}", "举起{o}", "提起{o}",
                  "拿一下{o}", "抓一下{o}", "把{o}拿起来", "把{o}捡起来", "把{o}抓起来", "把{o}举起来", "把{o}提起来",
-                 "{o}拿起来", "去拿{o}", "帮我拿一下{o}", "把{o}拿一下", "拿起来{o}", "给我拿{o}")
-ZH_HELD = ("它", "它", "这个", "那个", "东西", "手里的东西", "手上的东西", "手里的", "拿着的东西")
-ZH_POLITE = ("请", "麻烦", "麻烦你", "请你", "帮我", "你帮我", "你", "去", "快", "赶紧", "现在", "可以")
-ZH_ASK = (("能不能", ""), ("你能不能", ""), ("可以", "吗"), ("你可以", "吗"), ("能", "吗"), ("你能", "吗"))
-ZH_PREFIX = ("嗯", "嗯，", "那个", "那个，", "好", "好的，", "来，", "然后", "机器人，", "喂，", "哎，", "行，")
-ZH_SUFFIX = ("吧", "一下", "好吗", "谢谢", "可以吗", "就行", "啊", "哈", "呗", "好不好")
+                 "{o}拿起来", "去拿{o}", "帮我拿一下{o}", "把{o}拿一下", "拿起来{o}", "给我拿{o}",
+                 "拎起{o}", "把{o}拎起来", "取{o}", "取一下{o}", "把{o}取出来", "把{o}夹起来", "夹起{o}", "夹住{o}",
+                 "把{o}递给我", "把{o}拿过来", "{o}给我", "给我{o}", "去把{o}拿起来", "把{o}拿起",
+                 "{o}抓起来", "{o}捡起来", "拿一下那个{o}", "把{o}给拿起来", "把{o}抓一下")
+ZH_HELD = ("它", "它", "这个", "那个", "东西", "手里的东西", "手上的东西", "手里的", "拿着的东西", "你拿着的",
+           "手上拿的", "抓着的东西", "这东西", "那东西", "刚拿的东西", "夹着的东西")
+ZH_POLITE = ("请", "麻烦你", "请你", "帮我", "你帮我", "你", "去", "快", "赶紧", "现在", "可以",
+             "帮忙", "麻烦你帮我", "辛苦你", "你去", "你先", "请你帮忙", "你给我", "来")
+ZH_ASK = (("能不能", ""), ("你能不能", ""), ("可以", "吗"), ("你可以", "吗"), ("能", "吗"), ("你能", "吗"),
+          ("能不能帮我", ""), ("能帮我", "吗"), ("可不可以", ""), ("能否", ""), ("你能帮我", "吗"), ("可以帮我", "吗"),
+          ("", "好吗"), ("", "行吗"), ("", "可以吗"))
+ZH_PREFIX = ("嗯", "嗯，", "那个", "那个，", "好", "好的，", "来，", "然后", "机器人，", "喂，", "哎，", "行，",
+             "那", "诶，", "机器人", "小机器人，", "你好，", "好了，", "接下来", "下一步，", "对了，", "呃，", "那么，",
+             "OK，", "好嘞，", "现在")
+ZH_SUFFIX = ("吧", "一下", "好吗", "谢谢", "可以吗", "就行", "啊", "哈", "呗", "好不好", "嘛", "啦", "哦", "一下吧",
+             "行吗", "行不行", "谢谢啦", "麻烦了", "就好", "去吧", "吧谢谢", "快点", "小心点")
 ZH_THEN = ("然后", "再", "接着", "之后", "完了")
 
 
@@ -284,8 +351,16 @@ class _Chinese:
         where = self.where(rng, d_text, shape)
         tail = _pick(rng, ("", "", "", "去"))
         frame = rng.random()
-        if frame < 0.55:
+        if frame < 0.47:
             core = f"{_pick(rng, ('把', '把', '将'))}{o}{verb}{to}{where}{tail}"
+        elif frame < 0.52:  # 到 dropped, as people say it fast: 把…放碗里(去)
+            core = f"把{o}{_pick(rng, ('放', '搁', '扔', '丢', '弄'))}{where}{_pick(rng, ('', '去'))}"
+        elif frame < 0.56:
+            lead = _pick(rng, ("我要", "我想", "我需要", "我想要", "我们要", "要", "得", "你得", "你要"))
+            core = f"{lead}把{o}{verb}{to}{where}"
+        elif frame < 0.60:  # the object as the topic, then what should happen to it
+            core = f"{o}{_pick(rng, ('，', '，', ''))}" + _pick(rng, ("", "要", "应该", "得", "需要", "给我")) + \
+                f"{verb}{to}{where}{tail}"
         elif frame < 0.68:
             core = f"{o}{verb}{to}{where}{tail}"
         elif frame < 0.76 and shape in _INSIDE:
@@ -308,8 +383,12 @@ class _Chinese:
         frame = rng.random()
         if frame < 0.5:
             core = f"把{_pick(rng, ZH_HELD)}{verb}{to}{where}"
-        elif frame < 0.8:
+        elif frame < 0.72:
             core = f"{verb}{to}{where}"
+        elif frame < 0.8:
+            core = _pick(rng, (f"就{verb}{to}{where}", f"可以{verb}{to}{where}了",
+                               f"{where}，{_pick(rng, ('放下', '放这', '松手', '放进去' if shape in _INSIDE else '放上去'))}",
+                               f"{_pick(rng, ZH_HELD)}{verb}{to}{where}", f"把{_pick(rng, ZH_HELD)}给{verb}{to}{where}"))
         elif frame < 0.9 and shape in _INSIDE:
             core = f"放进{d_text}{_pick(rng, ('', '里'))}"
         else:

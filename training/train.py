@@ -232,7 +232,9 @@ def build_model(cfg: TrainConfig, bf16: bool):
 
     try:
         parts = parts_to_train(cfg)
-        if cfg.finetuning_type == "lora":
+        if cfg.finetuning_type == "lora" and cfg.adapter_name_or_path:
+            model = _continue_adapter(model, cfg.adapter_name_or_path)
+        elif cfg.finetuning_type == "lora":
             from peft import LoraConfig, get_peft_model
 
             language_regex = lora_target_regex(model, cfg.lora_target)[0] if LANGUAGE in parts else ""
@@ -267,6 +269,24 @@ def build_model(cfg: TrainConfig, bf16: bool):
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     total = sum(size(p) for p in model.parameters())
     log.info("trainable parameters: %d / %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return model
+
+
+def _continue_adapter(model, adapter: str):
+    """The adapter's own LoRA (rank, alpha, targets, modules_to_save) on this base, trainable."""
+    import torch
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, unknown target module
+        raise ConfigError(f"adapter_name_or_path {adapter!r} does not fit the base {model.name_or_path!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    for p in model.parameters():  # trained in fp32 even when the base is bf16, as a new adapter is
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    lora = model.peft_config["default"]
+    log.info("LoRA r=%d alpha=%d: training the adapter %s further", lora.r, lora.lora_alpha, adapter)
     return model
 
 
