@@ -157,15 +157,42 @@ def test_the_held_out_sets_draw_from_seeds_no_training_uses(tmp_path):
     import json
     from pathlib import Path
 
-    from training.build_embedded import (HELDOUT_SEEDS, SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET,
-                                         SEED_ZH_OFFSET, heldout_configs, main)
+    from training.build_embedded import (HELDOUT_SEEDS, LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET,
+                                         SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET, SEED_ZH_OFFSET,
+                                         heldout_configs, main)
 
     for seed in (0, 1, 7):
-        trained = {seed + offset for offset in (0, SEED_ZH_OFFSET, SEED_GROUNDING_OFFSET, SEED_DISTRACTORS_OFFSET)}
+        trained = {seed + offset for offset in (0, SEED_ZH_OFFSET, SEED_GROUNDING_OFFSET, SEED_DISTRACTORS_OFFSET,
+                                                SEED_CLARIFY_OFFSET, SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET)}
+        assert len(trained) == 6 and max(trained) == seed + LAST_SEED_OFFSET
         held = {cfg.seed for cfg in heldout_configs(140000, 30000, seed).values()}
         assert len(held) == 2 and not held & trained
     models = Path(__file__).resolve().parents[1] / "models" / "heldout"
     for name, seed in HELDOUT_SEEDS.items():
         assert json.loads((models / f"{name}.json").read_text())["config"]["seed"] == seed
-    with pytest.raises(SystemExit, match="--seed 1000000: must be"):
-        main(["--seed", "1000000", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    last_allowed = min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET - 1  # its last scenes' seed is held-out's - 1
+    with pytest.raises(SystemExit, match=f"--seed {last_allowed + 1}: must be"):
+        main(["--seed", str(last_allowed + 1), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+
+
+def test_clarify_rich_scenes_are_a_dataset_vla_train_reads_on_a_seed_of_their_own(tmp_path):
+    """--clarify-samples: CLARIFY-rich scenes (multi-step commands that name an absent look-alike)
+    mixed into a stage's data by path; English and Chinese sets draw from seeds no other set uses."""
+    import argparse
+    import json
+
+    from training import sharegpt
+    from training.build_embedded import LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET, clarify_rich
+    from vla_node.vocabulary import Vocabulary
+
+    args = argparse.Namespace(seed=3, clarify_samples=60, workers=1)
+    en = clarify_rich(tmp_path / "en", args, ("en",), MODEL_SIZES)
+    zh = clarify_rich(tmp_path / "zh", args, ("zh", "en"), MODEL_SIZES)
+    seeds = [json.loads((tmp_path / name / "synth_config.json").read_text())["config"]["seed"] for name in ("en", "zh")]
+    assert seeds == [3 + SEED_CLARIFY_OFFSET, 3 + LAST_SEED_OFFSET]
+    for path in (en, zh):
+        rows = json.loads(open(path, encoding="utf-8").read())
+        answers = [row["messages"][-1]["content"] for row in rows]
+        assert 0.25 <= sum(a.startswith("CLARIFY(") for a in answers) / len(answers) <= 0.7
+        samples = sharegpt.load_validated(path, vocab=Vocabulary.load(None))  # what vla-train reads, checked
+        assert len(samples) == len(rows) and samples.verdict.kind == "actions"

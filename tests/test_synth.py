@@ -145,6 +145,39 @@ def test_multi_step_rule(plain):
             assert [x.verb for x in s.steps] == ["CLARIFY"]
 
 
+def test_missing_rate_sets_how_often_a_multi_step_command_names_an_absent_thing(vocab):
+    def multi_kinds(rate):
+        cfg = SynthConfig(num=120, skills=("multi", "clarify"), missing_rate=rate, languages=("en",))
+        syn = Synthesizer(cfg, vocab)
+        return [k for k in (syn.sample(i, render=False).kind for i in range(cfg.num)) if k.startswith("multi")]
+
+    never, always = multi_kinds(0.0), multi_kinds(1.0)
+    assert never and "multi_clarify_absent" not in never
+    # 1.0: every one names something absent, but where every label of the slot is on the table
+    assert always and always.count("multi_clarify_absent") >= 0.8 * len(always)
+    with pytest.raises(SynthError, match="missing-rate must be in"):
+        SynthConfig(missing_rate=1.5).check()
+
+
+def test_missing_lookalikes_name_an_absent_thing_like_one_on_the_table(vocab):
+    def absent_and_present(lookalikes):
+        cfg = SynthConfig(num=300, skills=("multi", "clarify"), missing_rate=1.0, missing_lookalikes=lookalikes,
+                          languages=("en",))
+        syn = Synthesizer(cfg, vocab)
+        for sample in (syn.sample(i, render=False) for i in range(cfg.num)):
+            if sample.kind == "multi_clarify_absent":
+                absent = sample.steps[0].reason.removeprefix("no ").removesuffix(" is visible")
+                yield absent, [(t.colour, t.shape) for t in sample.things]
+
+    def alike(absent, present):
+        colour, shape = absent.split(" ", 1)
+        return any(colour == c or shape == s for c, s in present)
+
+    hard = list(absent_and_present(True))
+    assert len(hard) > 50 and all(alike(a, p) for a, p in hard)
+    assert not all(alike(a, p) for a, p in absent_and_present(False))  # the default: any absent label
+
+
 def _hue(bgr) -> float:
     return float(cv2.cvtColor(np.uint8([[bgr]]), cv2.COLOR_BGR2HSV)[0, 0, 0])
 

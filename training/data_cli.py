@@ -171,6 +171,7 @@ def _synth(args) -> int:
                           if args.destinations else None),
             boxes=args.boxes, vocab_path=args.vocab, name_prefix=args.name_prefix,
             max_objects=args.max_objects, max_containers=args.max_containers,
+            missing_rate=args.missing_rate, missing_lookalikes=args.missing_lookalikes,
             **_pixel_limits(args),
         )
         report = generate_dataset(args.out_dir, cfg, overwrite=args.overwrite, workers=args.workers)
@@ -305,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N objects per scene beyond those a command needs (default: 1-5 drawn)")
     s.add_argument("--max-containers", type=int, metavar="N",
                    help="at most N containers per scene beyond those a command needs (default: 1-3 drawn)")
+    s.add_argument("--missing-rate", type=float, default=0.2, metavar="P",
+                   help="with the clarify skill: how often a multi-step command names one thing the scene lacks "
+                        "(answered CLARIFY) (default %(default)s)")
+    s.add_argument("--missing-lookalikes", action="store_true",
+                   help="that absent thing shares a colour or shape with one on the table (hard negatives)")
     s.add_argument("--name-prefix", default="tabletop", help="dataset name prefix in dataset_info.json (default tabletop)")
     s.add_argument("--overwrite", action="store_true", help="replace a previous synth output in OUT_DIR")
     s.add_argument("--workers", type=int, default=1,

@@ -136,6 +136,11 @@ class SynthConfig:
     # generator's own draws); 1 and 0 make scenes where the named object is the only thing to find
     max_objects: Optional[int] = None
     max_containers: Optional[int] = None
+    # how often (with the clarify skill on) a multi-step command names one thing that is not there
+    missing_rate: float = 0.2
+    # the absent thing a multi-step command names shares a colour or shape with one on the table
+    # (hard negatives, as the single-step CLARIFY scenes draw mostly); False: any absent label
+    missing_lookalikes: bool = False
 
     def check(self) -> None:
         if self.num < 1:
@@ -149,6 +154,8 @@ class SynthConfig:
         if (self.max_objects is not None and self.max_objects < 1) or (
                 self.max_containers is not None and self.max_containers < 0):
             raise SynthError("--max-objects must be at least 1 and --max-containers at least 0")
+        if not 0 <= self.missing_rate <= 1:
+            raise SynthError(f"--missing-rate must be in [0, 1], got {self.missing_rate}")
         if self.boxes not in BOX_MODES:
             raise SynthError(f"--boxes must be one of {', '.join(BOX_MODES)}, got {self.boxes!r}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
@@ -651,12 +658,17 @@ class Synthesizer:
     def _maybe_missing(self, rng, things) -> Optional[tuple[str, Thing]]:
         """With the clarify skill on, now and then a multi-step command names something absent:
         returns ("o" | "d", the absent Thing, unplaced) or None."""
-        if "clarify" not in self.skills or rng.random() >= 0.2:
+        if "clarify" not in self.skills or rng.random() >= self.cfg.missing_rate:
             return None
         present = {t.label for t in things}
         slot = "o" if rng.random() < 0.6 else "d"
         pool = self.objects if slot == "o" else self.containers
         absent = [x for x in pool if x not in present]
+        if self.cfg.missing_lookalikes:
+            kind = "object" if slot == "o" else "container"
+            seen = [(t.colour, t.shape) for t in things if t.kind == kind]
+            absent = [x for x in absent if any(c == _split_label(x)[0] or sh == _split_label(x)[1] for c, sh in seen)] \
+                or absent
         if not absent:
             return None
         label = self._choice(rng, absent)

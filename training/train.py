@@ -250,10 +250,7 @@ def build_model(cfg: TrainConfig, bf16: bool):
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, lora)
-            for p in model.parameters():  # LoRA weights train in fp32 even when the base is bf16
-                if p.requires_grad and p.dtype != torch.float32:
-                    p.data = p.data.float()
+            model = _trainable_in_fp32(get_peft_model(model, lora))
             log.info("LoRA r=%d alpha=%d on %d linear layers of the %s", cfg.lora_rank, cfg.lora_alpha,
                      len(matched), ", ".join(sorted(parts)))
         else:
@@ -272,9 +269,18 @@ def build_model(cfg: TrainConfig, bf16: bool):
     return model
 
 
+def _trainable_in_fp32(model):
+    """LoRA weights train in fp32 even when the base is bf16 (the optimizer's updates would round away)."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def _continue_adapter(model, adapter: str):
     """The adapter's own LoRA (rank, alpha, targets, modules_to_save) on this base, trainable."""
-    import torch
     from peft import PeftModel
 
     try:
@@ -282,9 +288,7 @@ def _continue_adapter(model, adapter: str):
     except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, unknown target module
         raise ConfigError(f"adapter_name_or_path {adapter!r} does not fit the base {model.name_or_path!r}: "
                           f"{str(e).splitlines()[0]}") from None
-    for p in model.parameters():  # trained in fp32 even when the base is bf16, as a new adapter is
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    model = _trainable_in_fp32(model)
     lora = model.peft_config["default"]
     log.info("LoRA r=%d alpha=%d: training the adapter %s further", lora.r, lora.lora_alpha, adapter)
     return model
