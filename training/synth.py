@@ -664,11 +664,10 @@ class Synthesizer:
         slot = "o" if rng.random() < 0.6 else "d"
         pool = self.objects if slot == "o" else self.containers
         absent = [x for x in pool if x not in present]
-        if self.cfg.missing_lookalikes:
-            kind = "object" if slot == "o" else "container"
-            seen = [(t.colour, t.shape) for t in things if t.kind == kind]
-            absent = [x for x in absent if any(c == _split_label(x)[0] or sh == _split_label(x)[1] for c, sh in seen)] \
-                or absent
+        if self.cfg.missing_lookalikes:  # those sharing a colour or shape with a present thing of the slot's kind
+            seen = [t for t in things if t.kind == ("object" if slot == "o" else "container")]
+            colours, shapes = {t.colour for t in seen}, {t.shape for t in seen}
+            absent = [x for x in absent if _split_label(x)[0] in colours or _split_label(x)[1] in shapes] or absent
         if not absent:
             return None
         label = self._choice(rng, absent)
