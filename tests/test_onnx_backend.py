@@ -1,9 +1,11 @@
-"""onnxruntime backend: `vla-export --onnx` of a trained Qwen2.5-VL model (the embedded model of
-2026-12-01: tests/data/tabletop-tiny-qwen2_5_vl; today's embedded model is Qwen3-VL, which the ONNX
-export refuses), token parity with torch, the
+"""onnxruntime backend: `vla-export --onnx` of the trained models, token parity with torch, the
 runtime's interface (statuses through the real InferenceCore), and clear refusals.
 
-The 100-command parity run lives in benchmarks/onnx_vs_torch.py (too slow for CI here).
+Two families, two trained models: the embedded Qwen3-VL (models/tabletop-tiny, deepstack, with and
+without its Chinese adapter merged) and the Qwen2.5-VL embedded model of 2026-12-01
+(tests/data/tabletop-tiny-qwen2_5_vl: window attention inputs, the Qwen2.5 path).
+
+The 40-100-command parity runs live in benchmarks/onnx_vs_torch.py (too slow for CI here).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")  # torch.onnx.export writes through it
 
 from training.export import main as export_main  # noqa: E402
 from training.onnx_export import OnnxExportError, export_onnx  # noqa: E402
@@ -24,12 +27,15 @@ from vla_node.backends.base import BackendError, GenerationRequest  # noqa: E402
 from vla_node.backends.onnx_backend import (  # noqa: E402
     OnnxBackend,
     _builtin_chat,
+    position_embedding_taps,
     render_chat,
     vision_inputs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "tests" / "data" / "tabletop-tiny-qwen2_5_vl"
+QWEN3 = ROOT / "models" / "tabletop-tiny"  # the embedded model: Qwen3-VL
+QWEN3_ADAPTER = ROOT / "models" / "tabletop-tiny-zh-lora"
 PARITY_COMMANDS = 4  # 2 en + 2 zh held-out commands; 100 in benchmarks/onnx_vs_torch.py
 PARITY_TOKENS = 32
 
@@ -82,19 +88,25 @@ def test_greedy_tokens_match_torch_on_heldout_commands(torch_backend, onnx_backe
     assert result["mismatches"] == [], result["mismatches"]
 
 
-def test_inputs_match_the_transformers_processor(torch_backend, onnx_backend, heldout):
+def assert_inputs_match_the_transformers_processor(torch_backend, onnx_backend, command):
+    """token ids, pixel values (bit-identical), grid and M-RoPE position ids as transformers makes them."""
     from vla_node.image import fit_to_limits
 
-    command = heldout[-1]  # Chinese: exercises the tokenizer beyond ASCII
     image = fit_to_limits(command.image, torch_backend.pixel_limits)
     expected = torch_backend.prepare_inputs(image, command.messages)
     got = onnx_backend.prepare_inputs(image, command.messages)
     np.testing.assert_array_equal(got["input_ids"], expected["input_ids"][0].numpy())
     np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"].numpy())  # bit-identical
     assert list(got["grid_thw"]) == expected["image_grid_thw"][0].tolist()
-    positions, _ = torch_backend.model.model.get_rope_index(
+    positions, delta = torch_backend.model.model.get_rope_index(
         expected["input_ids"], expected["mm_token_type_ids"], expected["image_grid_thw"])
     np.testing.assert_array_equal(got["position_ids"], positions.numpy())
+    assert got["rope_delta"] == int(delta)
+    return got, expected
+
+
+def test_inputs_match_the_transformers_processor(torch_backend, onnx_backend, heldout):
+    assert_inputs_match_the_transformers_processor(torch_backend, onnx_backend, heldout[-1])  # Chinese
 
 
 def test_builtin_chat_format_matches_the_exported_template(onnx_dir, heldout):
@@ -139,8 +151,9 @@ def test_window_attention_vision_encoder_matches_torch(tiny_qwen2_5_vl, tmp_path
             expected_inputs["pixel_values"], expected_inputs["image_grid_thw"]).pooler_output
     expected = (expected[0] if isinstance(expected, (list, tuple)) else expected).numpy()
     inputs = backend.prepare_inputs(image, tiny_messages())
-    np.testing.assert_allclose(backend._image_embeds(inputs["pixel_values"], inputs["grid_thw"]), expected,
-                               atol=1e-5)
+    embeds, deepstack = backend._image_features(inputs["pixel_values"], inputs["grid_thw"])
+    assert deepstack is None
+    np.testing.assert_allclose(embeds, expected, atol=1e-5)
 
 
 def test_core_with_onnx_backend_gives_the_same_plan_and_status_as_torch(onnx_dir, torch_backend, heldout):
@@ -235,14 +248,17 @@ def test_folders_that_are_not_onnx_exports_are_refused(tmp_path):
         OnnxBackend(tmp_path / "missing")
     with pytest.raises(BackendError, match="not a `vla-export --onnx` folder"):
         OnnxBackend(EMBEDDED)  # a torch checkpoint
-    qwen3 = tmp_path / "qwen3"
-    qwen3.mkdir()
-    (qwen3 / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
-    with pytest.raises(BackendError, match="Qwen3-VL"):
-        OnnxBackend(qwen3)
-    with pytest.raises(OnnxExportError, match="deepstack"):
-        export_onnx(str(qwen3), str(tmp_path / "out"))
-    assert export_main(["--model", str(qwen3), "--onnx", str(tmp_path / "out")]) == 1
+    unsupported = tmp_path / "llava"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(BackendError, match="export it with `vla-export"):
+        OnnxBackend(unsupported)
+    with pytest.raises(OnnxExportError, match=r"'llava' cannot be exported to ONNX \(supported: .*qwen3_vl\)"):
+        export_onnx(str(unsupported), str(tmp_path / "out"))
+    assert export_main(["--model", str(unsupported), "--onnx", str(tmp_path / "out")]) == 1
+    (unsupported / "onnx_manifest.json").write_text(json.dumps({"format": 1, "family": "llava"}))
+    with pytest.raises(BackendError, match="family 'llava' is not supported"):
+        OnnxBackend(unsupported)
     from vla_node.factory import RuntimeSettings, build_core
 
     with pytest.raises(BackendError, match="needs model_path"):
@@ -290,3 +306,164 @@ print(json.dumps({{"heavy": heavy, "tokens": result.new_tokens}}))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [] and report["tokens"] >= 1
+
+
+# ------------------------------------------------------------------------------ Qwen3-VL: the embedded model
+
+
+@pytest.fixture(scope="module")
+def qwen3_onnx_dir(tmp_path_factory) -> Path:
+    if not (QWEN3 / "config.json").is_file():
+        pytest.skip("the embedded Qwen3-VL model is missing")
+    out = tmp_path_factory.mktemp("onnx_qwen3") / "tabletop-tiny-onnx"
+    assert export_main(["--model", str(QWEN3), "--onnx", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_zh_onnx_dir(qwen3_onnx_dir, tmp_path_factory) -> Path:
+    """The embedded model with its Chinese adapter merged at export (vla-export --adapter)."""
+    if not (QWEN3_ADAPTER / "adapter_config.json").is_file():
+        pytest.skip("the embedded Chinese adapter is missing")
+    out = tmp_path_factory.mktemp("onnx_qwen3_zh") / "tabletop-tiny-zh-onnx"
+    assert export_main(["--model", str(QWEN3), "--adapter", str(QWEN3_ADAPTER), "--onnx", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_onnx(qwen3_onnx_dir) -> OnnxBackend:
+    backend = OnnxBackend(qwen3_onnx_dir, device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def qwen3_zh_onnx(qwen3_zh_onnx_dir) -> OnnxBackend:
+    backend = OnnxBackend(qwen3_zh_onnx_dir, device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def qwen3_torch(qwen3_onnx_dir):
+    """The embedded model as the node serves it: the Chinese adapter loaded (peft, unmerged), inactive."""
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(QWEN3, device="cpu", dtype="float32")
+    backend.load_adapter(str(QWEN3_ADAPTER), "zh")
+    backend.set_adapter(None)
+    yield backend
+    backend.close()
+
+
+def test_qwen3_export_wires_deepstack_through(qwen3_onnx_dir, qwen3_zh_onnx_dir, heldout):
+    import onnxruntime as ort
+
+    config = json.loads((QWEN3 / "config.json").read_text())
+    manifest = json.loads((qwen3_onnx_dir / "onnx_manifest.json").read_text())
+    assert manifest["family"] == "qwen3_vl" and manifest["head_dim"] == config["text_config"]["head_dim"]
+    indexes = config["vision_config"]["deepstack_visual_indexes"]
+    assert manifest["deepstack_visual_indexes"] == indexes and manifest["deepstack_layers"] == len(indexes) >= 1
+    assert manifest["vision_inputs"] == ["pixel_values", "position_ids", "interp_indices", "interp_weights"]
+    grid = manifest["vision"]["position_embedding"]
+    assert grid == {"grid_per_side": 24, "interpolation": "bilinear", "align_corners": True}
+    assert grid["grid_per_side"] ** 2 == config["vision_config"]["num_position_embeddings"]
+    assert (manifest["vision"]["patch_size"], manifest["vision"]["image_mean"]) == (16, [0.5, 0.5, 0.5])
+    vision = ort.InferenceSession(str(qwen3_onnx_dir / "vision.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in vision.get_outputs()] == ["image_embeds", "deepstack_embeds"]
+    decoder = ort.InferenceSession(str(qwen3_onnx_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in decoder.get_inputs()][:5] == [
+        "inputs_embeds", "position_ids", "deepstack_embeds", "visual_positions", "past_key_0"]
+    merged = json.loads((qwen3_zh_onnx_dir / "onnx_manifest.json").read_text())
+    assert merged["merged_adapter"] == str(QWEN3_ADAPTER) and merged["source_model"] == str(QWEN3)
+    template = (qwen3_onnx_dir / "chat_template.jinja").read_text()
+    assert all(render_chat(template, c.messages) == _builtin_chat(c.messages) for c in heldout)
+
+
+def test_qwen3_inputs_and_vision_features_match_transformers(qwen3_torch, qwen3_onnx, heldout):
+    """Processor outputs and rope index as transformers', the resampled position grid's taps
+    bit-identical, the image embeddings and deepstack features within float32 noise."""
+    import torch
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    got, expected = assert_inputs_match_the_transformers_processor(qwen3_torch, qwen3_onnx, heldout[-1])
+    visual = qwen3_torch.model.model.visual
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        expected["image_grid_thw"], visual.num_grid_per_side, mode="bilinear", align_corners=True,
+        spatial_merge_size=visual.spatial_merge_size)
+    taps = position_embedding_taps(got["grid_thw"], visual.num_grid_per_side, visual.spatial_merge_size)
+    np.testing.assert_array_equal(taps[0], indices.numpy())
+    np.testing.assert_array_equal(taps[1], weights.numpy())
+    with torch.inference_mode():
+        reference = qwen3_torch.model.model.get_image_features(expected["pixel_values"], expected["image_grid_thw"])
+    embeds, deepstack = qwen3_onnx._image_features(got["pixel_values"], got["grid_thw"])
+    np.testing.assert_allclose(embeds, reference.pooler_output[0].numpy(), atol=1e-4)
+    assert deepstack.shape == (len(reference.deepstack_features), *embeds.shape)
+    for level, features in zip(deepstack, reference.deepstack_features):
+        np.testing.assert_allclose(level, features[0].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", [None, "zh"], ids=["base", "zh-adapter-merged"])
+def test_qwen3_greedy_tokens_match_torch(adapter, qwen3_torch, heldout, request):
+    """The embedded model's greedy answers through onnxruntime are transformers' generate's, token
+    for token; with the adapter: the export with it merged against torch with it loaded (peft)."""
+    from training.onnx_parity import compare_greedy
+
+    onnx = request.getfixturevalue("qwen3_zh_onnx" if adapter else "qwen3_onnx")
+    qwen3_torch.set_adapter(adapter)
+    try:
+        result = compare_greedy(qwen3_torch, onnx, heldout, PARITY_TOKENS)
+    finally:
+        qwen3_torch.set_adapter(None)
+    assert result["tokens"] > 3 * len(heldout)
+    assert result["mismatches"] == [], result["mismatches"]
+
+
+def test_qwen3_decode_step_without_image_tokens(qwen3_onnx, heldout):
+    """A decode step feeds zero deepstack rows: its logits are those of one uncached call over the
+    prompt and that token; on the prompt call the deepstack features do count."""
+    from vla_node.image import fit_to_limits
+
+    backend = qwen3_onnx
+    inputs = backend.prepare_inputs(fit_to_limits(heldout[0].image, backend.pixel_limits), heldout[0].messages)
+    session = backend._decoder_session
+    prompt_feeds = backend._prompt_feeds(inputs)
+    assert prompt_feeds["deepstack_embeds"].shape[1] == len(prompt_feeds["visual_positions"]) > 0
+    prompt = session.run(None, prompt_feeds)
+    token = int(np.argmax(prompt[0][0]))
+    step_embeds = np.asarray(backend._embed[[token]], dtype=np.float32)[None]
+    step_positions = np.full((3, 1, 1), len(inputs["input_ids"]) + inputs["rope_delta"], dtype=np.int64)
+    step_feeds = backend._decoder_feeds(step_embeds, step_positions, prompt[1:])
+    assert step_feeds["deepstack_embeds"].shape[1] == 0 and step_feeds["visual_positions"].shape == (0,)
+    step = session.run(None, step_feeds)
+    whole = dict(prompt_feeds, inputs_embeds=np.concatenate([prompt_feeds["inputs_embeds"], step_embeds], axis=1),
+                 position_ids=np.concatenate([inputs["position_ids"], step_positions], axis=2))
+    np.testing.assert_allclose(step[0], session.run(None, whole)[0], atol=1e-4)
+    without = session.run(None, dict(prompt_feeds, deepstack_embeds=np.zeros_like(prompt_feeds["deepstack_embeds"])))
+    assert np.abs(without[0] - prompt[0]).max() > 0.1
+
+
+def test_qwen3_constrained_answers_match_torch(qwen3_onnx_dir, qwen3_zh_onnx_dir, qwen3_torch, heldout):
+    """The node's default, constrained decoding: English commands on the base export, Chinese ones
+    on the export with the adapter merged, each against torch serving the same (adapter loaded)."""
+    from vla_node.image import fit_to_limits
+    from vla_node.vocabulary import Vocabulary
+
+    qwen3_torch.enable_constrained_decoding(Vocabulary.load())
+    try:
+        for export_dir, adapter, language in ((qwen3_onnx_dir, None, "en"), (qwen3_zh_onnx_dir, "zh", "zh")):
+            onnx = OnnxBackend(export_dir, device="cpu")
+            onnx.enable_constrained_decoding(Vocabulary.load())
+            qwen3_torch.set_adapter(adapter)
+            try:
+                for command in (c for c in heldout if c.language == language):
+                    image = fit_to_limits(command.image, qwen3_torch.pixel_limits)
+                    request = GenerationRequest(image, command.messages, max_new_tokens=PARITY_TOKENS)
+                    got, expected = onnx.generate(request), qwen3_torch.generate(request)
+                    assert (got.text, got.new_tokens) == (expected.text, expected.new_tokens), language
+                    assert got.new_tokens > 3 and got.confidence == pytest.approx(expected.confidence, rel=1e-3)
+            finally:
+                onnx.close()
+    finally:
+        qwen3_torch.set_adapter(None)
+        qwen3_torch.disable_constrained_decoding()

@@ -92,7 +92,7 @@ def _pip(python, *args, timeout=900) -> subprocess.CompletedProcess:
 def test_the_onnx_extra_alone_runs_the_onnx_backend_without_torch(tmp_path):
     """A fresh venv with `pip install "vla_node[onnx]"` (no torch, no ROS) answers a command with the
     onnx backend on a trained model's `vla-export --onnx` folder (the Qwen2.5-VL embedded model of 2026-12-01,
-    tests/data/tabletop-tiny-qwen2_5_vl: the ONNX export does not take today's Qwen3-VL one).
+    tests/data/tabletop-tiny-qwen2_5_vl; tests/test_onnx_backend.py covers today's Qwen3-VL one).
 
     Wheels come from a wheelhouse (~/.cache/vla_node/wheelhouse, or $VLA_WHEELHOUSE) filled from
     PyPI on first use, at the versions this checkout's venv runs; the test skips when PyPI cannot

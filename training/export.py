@@ -29,7 +29,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory for the merged checkpoint")
     p.add_argument("--onnx", metavar="OUT",
                    help="instead: export to an onnxruntime folder OUT (vision encoder + KV-cache decoder + "
-                        "tokenizer + manifest; the adapter, if given, is merged first). Qwen2-VL / Qwen2.5-VL only")
+                        "tokenizer + manifest; the adapter, if given, is merged first). Qwen2-VL, Qwen2.5-VL, Qwen3-VL")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights (default: %(default)s)")
     p.add_argument("--no-manifest-check", action="store_true",
                    help="merge even if the adapter's manifest does not match the base model")

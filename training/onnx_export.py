@@ -1,21 +1,27 @@
-"""`vla-export --onnx OUT`: export a Qwen2-VL / Qwen2.5-VL checkpoint for the onnxruntime backend.
+"""`vla-export --onnx OUT`: export a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint for the onnxruntime backend.
 
 The export folder runs on its own (no torch, no transformers) with
 :class:`vla_node.backends.onnx_backend.OnnxBackend`:
 
 * ``vision.onnx``  patches -> merged image embeddings. Everything that depends on the image grid
-  (rotary position ids, window order, window attention bias) is an input computed in numpy by the
-  backend, so one graph serves every image size (legacy ``torch.onnx.export`` would otherwise bake
-  the grid of the example image into the graph).
+  (rotary position ids; Qwen2.5-VL's window order and window attention bias; Qwen3-VL's learned
+  position embedding resampled to the grid, as gather indices + bilinear weights) is an input
+  computed in numpy by the backend, so one graph serves every image size (legacy
+  ``torch.onnx.export`` would otherwise bake the grid of the example image into the graph).
+  Qwen3-VL's graph has a second output, ``deepstack_embeds`` (one row of merged features per
+  ``deepstack_visual_indexes`` block, stacked: layers x image tokens x hidden).
 * ``decoder.onnx`` inputs_embeds + 3D M-RoPE position ids + past key/values -> last-token logits +
-  present key/values (explicit KV-cache inputs/outputs, causal mask built from the shapes).
+  present key/values (explicit KV-cache inputs/outputs, causal mask built from the shapes). Qwen3-VL's
+  also takes ``deepstack_embeds`` and ``visual_positions`` (the image tokens' indices within this
+  call's sequence) and adds row ``i`` to those positions after decoder layer ``i``, as transformers
+  does; a decode step passes zero image tokens. Its interleaved M-RoPE and q/k norms are the
+  checkpoint's own modules, traced.
 * ``embed_tokens.npy`` the token embedding table (the lookup and the image-feature merge are numpy).
 * ``tokenizer.json``, ``chat_template.jinja``, ``config.json``, ``generation_config.json``,
   ``processor_config.json``/``preprocessor_config.json``, ``vla_manifest.json`` (when the model has
   one) and ``onnx_manifest.json`` (shapes, token ids, image settings, provenance).
 
-Qwen3-VL is refused: its decoder takes deepstack visual features at several layers, which this
-export does not wire through.
+Other model types are refused with the supported list.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from pathlib import Path
 
 log = logging.getLogger("vla_export.onnx")
 
-__all__ = ["export_onnx", "OnnxExportError", "ONNX_FORMAT"]
+__all__ = ["export_onnx", "OnnxExportError", "ONNX_FORMAT", "FAMILIES"]
 
 ONNX_FORMAT = 1
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _COPIED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -55,21 +62,17 @@ def _refuse_unsupported(model_dir: Path) -> dict:
         raise OnnxExportError(f"{model_dir}: no config.json (not a Hugging Face checkpoint)")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     model_type = cfg.get("model_type")
-    if model_type == "qwen3_vl" or str(model_type).startswith("qwen3"):
+    if model_type not in FAMILIES:
         raise OnnxExportError(
-            f"{model_dir}: Qwen3-VL is not supported by the ONNX export (its decoder injects deepstack "
-            "visual features into several layers, which this export does not wire through); "
+            f"{model_dir}: model_type {model_type!r} cannot be exported to ONNX (supported: {', '.join(FAMILIES)}); "
             "serve it with backend 'transformers'"
-        )
-    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-        raise OnnxExportError(
-            f"{model_dir}: model_type {model_type!r} cannot be exported to ONNX (supported: qwen2_vl, qwen2_5_vl)"
         )
     return cfg
 
 
 def _build_wrappers(model):
-    """torch modules with plain-tensor signatures that reuse the checkpoint's own submodules."""
+    """torch modules with plain-tensor signatures that reuse the checkpoint's own submodules:
+    (vision encoder, text decoder) for the checkpoint's family."""
     import torch
     from torch import nn
 
@@ -77,10 +80,31 @@ def _build_wrappers(model):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+    def vision_attention(attn, x, cos, sin, bias):
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # heads, n, head_dim
+        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores.float(), dim=-1)
+        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
+        return attn.proj(out)
+
     visual = model.model.visual
     language = model.model.language_model
+    deepstack = hasattr(visual, "deepstack_merger_list")  # Qwen3-VL
+    if deepstack:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+    else:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
     class VisionEncoder(nn.Module):
+        """Qwen2-VL / Qwen2.5-VL: window order and window attention bias come in as inputs."""
+
         def __init__(self):
             super().__init__()
             self.visual = visual
@@ -93,20 +117,6 @@ def _build_wrappers(model):
             n = x.shape[0]
             return x.reshape(n // self.unit, self.unit, -1)[window_index].reshape(n, -1)
 
-        def _attention(self, attn, x, cos, sin, bias):
-            n = x.shape[0]
-            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-            q = q * c + rotate_half(q) * s
-            k = k * c + rotate_half(k) * s
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # heads, n, head_dim
-            scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-            if bias is not None:
-                scores = scores + bias
-            probs = torch.softmax(scores.float(), dim=-1)
-            out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
-            return attn.proj(out)
-
         def forward(self, pixel_values, position_ids, window_index, reverse_index, window_bias=None):
             h = self.visual.patch_embed(pixel_values)
             h = self._permute(h, window_index)
@@ -114,21 +124,59 @@ def _build_wrappers(model):
             cos, sin = self._permute(cos, window_index), self._permute(sin, window_index)
             for i, blk in enumerate(self.visual.blocks):
                 bias = None if i in self.full_blocks else window_bias
-                h = h + self._attention(blk.attn, blk.norm1(h), cos, sin, bias)
+                h = h + vision_attention(blk.attn, blk.norm1(h), cos, sin, bias)
                 h = h + blk.mlp(blk.norm2(h))
             return self.visual.merger(h)[reverse_index]
 
-    class TextDecoder(nn.Module):
+    class DeepstackVisionEncoder(nn.Module):
+        """Qwen3-VL: full attention in every block; the learned position embedding is resampled to the
+        grid by the gather indices and bilinear weights given as inputs; also returns the deepstack
+        features (the merged output of each ``deepstack_visual_indexes`` block), stacked."""
+
+        windowed = False
+
         def __init__(self):
+            super().__init__()
+            self.visual = visual
+            self.deepstack_indexes = list(visual.deepstack_visual_indexes)
+
+        def forward(self, pixel_values, position_ids, interp_indices, interp_weights):
+            h = self.visual.patch_embed(pixel_values)
+            h = h + (self.visual.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1)
+            cos, sin = self.visual.rotary_pos_emb(h, position_ids)
+            features = []
+            for i, blk in enumerate(self.visual.blocks):
+                h = h + vision_attention(blk.attn, blk.norm1(h), cos, sin, None)
+                h = h + blk.mlp(blk.norm2(h))
+                if i in self.deepstack_indexes:
+                    merger = self.visual.deepstack_merger_list[self.deepstack_indexes.index(i)]
+                    features.append(merger(h))
+            return self.visual.merger(h), torch.stack(features)
+
+    class TextDecoder(nn.Module):
+        """One decoder call (prompt or decode step) with an explicit KV cache. With ``deepstack_layers``
+        (Qwen3-VL) two more inputs follow the position ids: ``deepstack_embeds`` (layers x image tokens
+        x hidden) and ``visual_positions`` (those tokens' indices in this call's sequence)."""
+
+        def __init__(self, deepstack_layers: int = 0):
             super().__init__()
             self.layers = language.layers
             self.norm = language.norm
             self.rotary = language.rotary_emb
             self.lm_head = model.lm_head
+            self.deepstack_layers = deepstack_layers
 
-        def forward(self, inputs_embeds, position_ids, *past):
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+        @staticmethod
+        def _heads(projected, norm, seq, head_dim):
+            """(1, heads, seq, head_dim); Qwen3-VL RMS-normalises each head (q_norm, k_norm) first."""
+            split = projected.view(1, seq, -1, head_dim)
+            return (split if norm is None else norm(split)).transpose(1, 2)
 
+        def forward(self, inputs_embeds, position_ids, *rest):
+            if self.deepstack_layers:
+                deepstack_embeds, visual_positions, *past = rest
+            else:
+                past = rest
             cos, sin = self.rotary(inputs_embeds, position_ids)
             seq = inputs_embeds.shape[1]
             past_len = past[0].shape[2]
@@ -141,9 +189,9 @@ def _build_wrappers(model):
             for i, layer in enumerate(self.layers):
                 attn = layer.self_attn
                 x = layer.input_layernorm(h)
-                q = attn.q_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
-                k = attn.k_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
-                v = attn.v_proj(x).view(1, seq, -1, attn.head_dim).transpose(1, 2)
+                q = self._heads(attn.q_proj(x), getattr(attn, "q_norm", None), seq, attn.head_dim)
+                k = self._heads(attn.k_proj(x), getattr(attn, "k_norm", None), seq, attn.head_dim)
+                v = self._heads(attn.v_proj(x), None, seq, attn.head_dim)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
@@ -156,9 +204,18 @@ def _build_wrappers(model):
                 out = torch.matmul(probs, vr).transpose(1, 2).reshape(1, seq, -1)
                 h = h + attn.o_proj(out)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
+                if i < self.deepstack_layers:
+                    # transformers' _deepstack_process: hidden[image tokens] += that layer's visual features.
+                    # gather + scatter (GatherElements / ScatterElements) rather than index_put, whose
+                    # TorchScript export bakes the example's shapes; zero image tokens leave h as it is
+                    where = visual_positions[:, None].expand(-1, h.shape[-1])
+                    rows = h[0].gather(0, where) + deepstack_embeds[i]
+                    h = h[0].scatter(0, where, rows).unsqueeze(0)
             logits = self.lm_head(self.norm(h[:, -1, :]))
             return (logits, *presents)
 
+    if deepstack:
+        return DeepstackVisionEncoder(), TextDecoder(len(visual.deepstack_visual_indexes))
     return VisionEncoder(), TextDecoder()
 
 
@@ -189,13 +246,20 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
     hf.eval()
     processor = AutoProcessor.from_pretrained(str(model_dir))
     vision, decoder = _build_wrappers(hf)
+    deepstack_layers = decoder.deepstack_layers  # 0 but for Qwen3-VL
+    if deepstack_layers:
+        # the backend resamples the learned position grid with 4 bilinear taps (numpy); refuse anything else
+        interpolation = str(getattr(hf.model.visual, "interpolation_mode", "bilinear"))
+        if interpolation != "bilinear":
+            raise OnnxExportError(f"{model_dir}: vision position embeddings resampled {interpolation!r}; "
+                                  "the onnx backend implements 'bilinear' only")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tcfg = hf.config.text_config
     vcfg = hf.config.vision_config
     layers = int(tcfg.num_hidden_layers)
     kv_heads = int(tcfg.num_key_value_heads)
-    head_dim = int(tcfg.hidden_size) // int(tcfg.num_attention_heads)
+    head_dim = int(getattr(tcfg, "head_dim", None) or int(tcfg.hidden_size) // int(tcfg.num_attention_heads))
     hidden = int(tcfg.hidden_size)
     ip = processor.image_processor
     patch, merge, temporal = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
@@ -211,18 +275,28 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
         pixel_values = torch.randn(n, 3 * temporal * patch * patch)
         pos = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1).reshape(-1, 2)
         position_ids = torch.from_numpy(pos.astype(np.int64))
-        window_index = torch.arange(n // unit, dtype=torch.int64)
-        vision_inputs = [pixel_values, position_ids, window_index, window_index.clone()]
-        vision_names = ["pixel_values", "position_ids", "window_index", "reverse_index"]
-        dynamic = {"pixel_values": {0: "patches"}, "position_ids": {0: "patches"},
-                   "window_index": {0: "tokens"}, "reverse_index": {0: "tokens"},
-                   "image_embeds": {0: "tokens"}}
+        if deepstack_layers:
+            taps = int(hf.model.visual.pos_embed.num_embeddings)
+            vision_inputs = [pixel_values, position_ids, torch.randint(0, taps, (n, 4)), torch.rand(n, 4)]
+            vision_names = ["pixel_values", "position_ids", "interp_indices", "interp_weights"]
+            vision_outputs = ["image_embeds", "deepstack_embeds"]
+            dynamic = {"pixel_values": {0: "patches"}, "position_ids": {0: "patches"},
+                       "interp_indices": {0: "patches"}, "interp_weights": {0: "patches"},
+                       "image_embeds": {0: "tokens"}, "deepstack_embeds": {1: "tokens"}}
+        else:
+            window_index = torch.arange(n // unit, dtype=torch.int64)
+            vision_inputs = [pixel_values, position_ids, window_index, window_index.clone()]
+            vision_names = ["pixel_values", "position_ids", "window_index", "reverse_index"]
+            vision_outputs = ["image_embeds"]
+            dynamic = {"pixel_values": {0: "patches"}, "position_ids": {0: "patches"},
+                       "window_index": {0: "tokens"}, "reverse_index": {0: "tokens"},
+                       "image_embeds": {0: "tokens"}}
         if vision.windowed:
             vision_inputs.append(torch.zeros(n, n))
             vision_names.append("window_bias")
             dynamic["window_bias"] = {0: "patches", 1: "patches_k"}
         torch.onnx.export(vision, tuple(vision_inputs), str(out_dir / "vision.onnx"), input_names=vision_names,
-                          output_names=["image_embeds"], dynamic_axes=dynamic, opset_version=opset,
+                          output_names=vision_outputs, dynamic_axes=dynamic, opset_version=opset,
                           dynamo=False)
 
         seq, past_len = 5, 3
@@ -238,8 +312,14 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
                 dyn[f"present_{kind}_{i}"] = {2: "total"}
         embeds = torch.randn(1, seq, hidden)
         pos3 = torch.arange(past_len, past_len + seq).view(1, 1, -1).expand(3, 1, seq).contiguous()
-        torch.onnx.export(decoder, (embeds, pos3, *past), str(out_dir / "decoder.onnx"),
-                          input_names=["inputs_embeds", "position_ids", *past_names],
+        deepstack_inputs, deepstack_names = [], []
+        if deepstack_layers:  # 2 of the 5 example tokens are image tokens
+            deepstack_inputs = [torch.randn(deepstack_layers, 2, hidden), torch.tensor([1, 2], dtype=torch.int64)]
+            deepstack_names = ["deepstack_embeds", "visual_positions"]
+            dyn.update({"deepstack_embeds": {1: "visual"}, "visual_positions": {0: "visual"}})
+        decoder_names = ["inputs_embeds", "position_ids", *deepstack_names, *past_names]
+        torch.onnx.export(decoder, (embeds, pos3, *deepstack_inputs, *past), str(out_dir / "decoder.onnx"),
+                          input_names=decoder_names,
                           output_names=["logits", *present_names], dynamic_axes=dyn, opset_version=opset,
                           dynamo=False)
 
@@ -298,6 +378,15 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
             "max_pixels": int(max_pixels),
         },
     }
+    if deepstack_layers:
+        visual = hf.model.visual
+        manifest["deepstack_layers"] = deepstack_layers
+        manifest["deepstack_visual_indexes"] = [int(i) for i in visual.deepstack_visual_indexes]
+        manifest["vision"]["position_embedding"] = {
+            "grid_per_side": int(visual.num_grid_per_side),
+            "interpolation": interpolation,
+            "align_corners": bool(visual.interpolation_align_corners),
+        }
     manifest.update(_provenance or {})
     (out_dir / "onnx_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log.info("exported %s to ONNX in %s", model_dir, out_dir)

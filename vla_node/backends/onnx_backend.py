@@ -3,22 +3,23 @@
 Runtime needs only onnxruntime, numpy, the ``tokenizers`` library (and jinja2 for the chat
 template when present). Everything the transformers processor and model do around the two
 exported graphs is re-done here in numpy, exactly as transformers does it for Qwen2-VL /
-Qwen2.5-VL:
+Qwen2.5-VL / Qwen3-VL (the manifest's ``family`` says which):
 
 * chat template -> text; ``<|image_pad|>`` expanded to one token per merged image patch; tokenised
   with the exported ``tokenizer.json``;
 * image: fitted to the pixel limits (vla_node.image, the pipeline's own resize), rescaled,
   normalised and patchified into ``pixel_values`` + ``grid_thw``;
-* vision rotary positions, Qwen2.5-VL window order and window attention bias;
+* vision rotary positions, Qwen2.5-VL window order and window attention bias, Qwen3-VL's learned
+  position grid resampled to the image grid (bilinear gather indices and weights);
 * 3D M-RoPE position ids for the prompt (rope index) and the decode steps;
+* Qwen3-VL deepstack: the vision graph's per-layer features go to the decoder with the image
+  tokens' positions on the prompt call, and zero image tokens on each decode step;
 * greedy decoding with an explicit KV cache, confidence = geometric mean of chosen-token
   probabilities (as TransformersBackend reports it);
 * constrained decoding (``enable_constrained_decoding``) with the same action grammar and logits
   processor as TransformersBackend (vla_node.grammar); it needs xgrammar, which imports torch and
   transformers, so a host without them serves unconstrained plans (the parser and the safety gate
   still check each one).
-
-Qwen3-VL exports are refused (deepstack features are not exported).
 """
 
 from __future__ import annotations
@@ -44,18 +45,19 @@ from vla_node.backends.base import (
 )
 from vla_node.manifest import COORDINATE_CONVENTIONS
 
-__all__ = ["OnnxBackend", "render_chat", "rope_index", "patchify", "vision_inputs"]
+__all__ = ["OnnxBackend", "render_chat", "rope_index", "patchify", "vision_inputs", "position_embedding_taps"]
 
 ONNX_FORMAT = 1
 _IMAGE_PAD = "<|image_pad|>"
-_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL needs deepstack inputs, which are not exported
+_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 # ------------------------------------------------------------------------------ prompt
 
 
 def _builtin_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The Qwen2-VL / Qwen2.5-VL chat format, for hosts without jinja2 (tests check it matches)."""
+    """The Qwen2-VL / Qwen2.5-VL chat format (the embedded Qwen3-VL's too), for hosts without jinja2
+    (tests check it matches the exported templates)."""
     parts = []
     for i, msg in enumerate(messages):
         if i == 0 and msg["role"] != "system":
@@ -154,8 +156,44 @@ def vision_inputs(grid_thw, merge: int, window_size: int, patch: int, windowed: 
             "reverse_index": np.argsort(window_index).astype(np.int64), "window_bias": bias}
 
 
+def _axis_taps(index: np.ndarray, size: int, side: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear taps (floor, floor + 1, clamped) and weights on one axis of a ``side``-long table for
+    positions ``index`` of a ``size``-long axis, in float32 and in transformers' order of operations
+    (vision_utils._interpolation_axis_taps_weights) so the weights are bit-identical."""
+    index = index.astype(np.float32)
+    if align_corners:
+        src = index * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    else:
+        src = (index + np.float32(0.5)) * np.float32(side) / np.float32(size) - np.float32(0.5)
+    floor = np.floor(src)
+    offsets = np.arange(2, dtype=np.float32)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    distance = np.abs(src[:, None] - floor[:, None] - offsets)
+    return taps, np.maximum(np.float32(1.0) - distance, np.float32(0.0))
+
+
+def position_embedding_taps(grid_thw, grid_per_side: int, merge: int, align_corners: bool = True):
+    """Qwen3-VL: the learned ``grid_per_side`` x ``grid_per_side`` position embedding resampled to the
+    image grid as 4 gather indices + bilinear weights per patch (patches in merge-block order), as
+    transformers' get_vision_interpolation_indices_and_weights. Returns ((N, 4) int64, (N, 4) float32)."""
+    t, h, w = grid_thw
+    within = np.arange(t * h * w) % (h * w)
+    blocks_w = w // merge
+    row = (within // (merge * merge * blocks_w)) * merge + (within // merge) % merge
+    col = ((within // (merge * merge)) % blocks_w) * merge + within % merge
+    h_taps, h_weights = _axis_taps(row, h, grid_per_side, align_corners)
+    w_taps, w_weights = _axis_taps(col, w, grid_per_side, align_corners)
+    indices = (h_taps[:, :, None] * grid_per_side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return indices.astype(np.int64), weights.astype(np.float32)
+
+
 def rope_index(input_ids: np.ndarray, image_token_id: int, grid_thw, merge: int) -> tuple[np.ndarray, int]:
-    """3D M-RoPE position ids (3, 1, S) for one prompt with one image + the decode-step delta."""
+    """3D M-RoPE position ids (3, 1, S) for one prompt with one image + the decode-step delta.
+
+    Qwen2-VL, Qwen2.5-VL and Qwen3-VL agree for one still image (one temporal patch): text tokens
+    count on, image tokens take (start, start + row, start + column), and the text after the image
+    restarts at start + max(rows, columns)."""
     ids = np.asarray(input_ids).reshape(-1)
     is_image = ids == image_token_id
     t, h, w = grid_thw
@@ -240,6 +278,9 @@ class OnnxBackend(Backend):
         self._layers = int(man["num_layers"])
         self._past_shape = (1, int(man["num_key_value_heads"]), 0, int(man["head_dim"]))
         self._vision_names = list(man["vision_inputs"])
+        # Qwen3-VL: decoder layers 0..n-1 each add one row of the vision graph's deepstack features
+        self._deepstack_layers = int(man.get("deepstack_layers", 0))
+        self._hidden = int(man["hidden_size"])
         if self.tokenizer.token_to_id(_IMAGE_PAD) != self._image_token_id:
             raise BackendError(f"ONNX export '{self.export_dir}': tokenizer.json and onnx_manifest.json disagree "
                                f"on the image token id")
@@ -251,10 +292,9 @@ class OnnxBackend(Backend):
             raise BackendError(f"ONNX export directory '{path}' does not exist or is not a directory")
         mpath = path / "onnx_manifest.json"
         if not mpath.is_file():
-            cfg = path / "config.json"
             hint = ""
-            if cfg.is_file() and "qwen3" in cfg.read_text(encoding="utf-8", errors="replace"):
-                hint = " (Qwen3-VL cannot be served by the onnx backend: deepstack is not exported)"
+            if (path / "config.json").is_file():
+                hint = f" (a model checkpoint: export it with `vla-export --model {path} --onnx OUT`)"
             raise BackendError(f"'{path}' has no onnx_manifest.json: not a `vla-export --onnx` folder{hint}")
         try:
             man = json.loads(mpath.read_text(encoding="utf-8"))
@@ -264,7 +304,7 @@ class OnnxBackend(Backend):
             raise BackendError(f"'{mpath}': format {man.get('format')!r} is not supported (expected {ONNX_FORMAT})")
         if man.get("family") not in _FAMILIES:
             raise BackendError(f"'{mpath}': family {man.get('family')!r} is not supported by the onnx backend "
-                               "(qwen2_vl, qwen2_5_vl; Qwen3-VL needs deepstack, use backend 'transformers')")
+                               f"({', '.join(_FAMILIES)}; use backend 'transformers')")
         missing = [f for f in ("vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json")
                    if not (path / f).is_file()]
         if missing:
@@ -309,11 +349,18 @@ class OnnxBackend(Backend):
         return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid,
                 "position_ids": positions, "rope_delta": delta}
 
-    def _image_embeds(self, pixel_values: np.ndarray, grid) -> np.ndarray:
+    def _image_features(self, pixel_values: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray | None]:
+        """(merged image embeddings (tokens, hidden), Qwen3-VL deepstack features (layers, tokens, hidden)
+        or None for the families without them)."""
         v = self._vision
         feeds = vision_inputs(grid, self.merge_size, int(v["window_size"]), self.patch_size, bool(v["windowed"]))
         feeds["pixel_values"] = pixel_values
-        return self._vision_session.run(None, {k: feeds[k] for k in self._vision_names})[0]
+        if "interp_indices" in self._vision_names:
+            grid_pe = v["position_embedding"]
+            feeds["interp_indices"], feeds["interp_weights"] = position_embedding_taps(
+                grid, int(grid_pe["grid_per_side"]), self.merge_size, bool(grid_pe["align_corners"]))
+        outputs = self._vision_session.run(None, {k: feeds[k] for k in self._vision_names})
+        return outputs[0], (outputs[1] if self._deepstack_layers else None)
 
     # ------------------------------------------------------------------------------ constrained decoding
 
@@ -386,18 +433,39 @@ class OnnxBackend(Backend):
             self._ensure_open()
             return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None)[0]
 
+    def _prompt_feeds(self, inputs: dict) -> dict:
+        """The first decoder call's inputs: the prompt's embeddings with the image features merged in
+        at the image tokens (Qwen3-VL: with its deepstack features and those tokens' positions)."""
+        ids = inputs["input_ids"]
+        embeds = np.asarray(self._embed[ids], dtype=np.float32)
+        image_rows = ids == self._image_token_id
+        image_embeds, deepstack = self._image_features(inputs["pixel_values"], inputs["grid_thw"])
+        embeds[image_rows] = image_embeds
+        empty = np.zeros(self._past_shape, dtype=np.float32)
+        return self._decoder_feeds(embeds[None], inputs["position_ids"], [empty] * (2 * self._layers),
+                                   deepstack, np.flatnonzero(image_rows).astype(np.int64))
+
+    def _decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+                       deepstack: np.ndarray | None = None, visual_positions: np.ndarray | None = None) -> dict:
+        """One decoder call's inputs; for Qwen3-VL without ``deepstack`` (a decode step) its deepstack
+        inputs hold zero image tokens."""
+        feeds = {"inputs_embeds": embeds, "position_ids": positions}
+        if self._deepstack_layers:
+            if deepstack is None:
+                deepstack = np.zeros((self._deepstack_layers, 0, self._hidden), dtype=np.float32)
+                visual_positions = np.zeros(0, dtype=np.int64)
+            feeds["deepstack_embeds"] = deepstack
+            feeds["visual_positions"] = visual_positions
+        for i in range(self._layers):
+            feeds[f"past_key_{i}"] = past[2 * i]
+            feeds[f"past_value_{i}"] = past[2 * i + 1]
+        return feeds
+
     def _greedy(self, inputs: dict, n_max: int, stop_event, constraint=None) -> tuple[list[int], list[float]]:
         """Greedy tokens and their log-probabilities; under ``constraint`` (a grammar logits
         processor) among the tokens its bitmask allows, as transformers' generate applies it."""
         ids = inputs["input_ids"]
-        embeds = np.asarray(self._embed[ids], dtype=np.float32)
-        image_rows = ids == self._image_token_id
-        embeds[image_rows] = self._image_embeds(inputs["pixel_values"], inputs["grid_thw"])
-        feeds = {"inputs_embeds": embeds[None], "position_ids": inputs["position_ids"]}
-        empty = np.zeros(self._past_shape, dtype=np.float32)
-        for i in range(self._layers):
-            feeds[f"past_key_{i}"] = empty
-            feeds[f"past_value_{i}"] = empty
+        feeds = self._prompt_feeds(inputs)
         delta, cache_len = inputs["rope_delta"], len(ids)
         new_ids: list[int] = []
         logps: list[float] = []
@@ -416,11 +484,8 @@ class OnnxBackend(Backend):
             logps.append(float(_log_softmax(logits)[token]))
             if token in self._eos_ids or len(new_ids) >= n_max or (stop_event is not None and stop_event.is_set()):
                 return new_ids, logps
-            feeds = {"inputs_embeds": np.asarray(self._embed[[token]], dtype=np.float32)[None],
-                     "position_ids": np.full((3, 1, 1), cache_len + delta, dtype=np.int64)}
-            for i in range(self._layers):
-                feeds[f"past_key_{i}"] = outputs[1 + 2 * i]
-                feeds[f"past_value_{i}"] = outputs[2 + 2 * i]
+            feeds = self._decoder_feeds(np.asarray(self._embed[[token]], dtype=np.float32)[None],
+                                        np.full((3, 1, 1), cache_len + delta, dtype=np.int64), outputs[1:])
             cache_len += 1
 
     # ------------------------------------------------------------------------------ interface
