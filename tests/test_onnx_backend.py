@@ -437,10 +437,34 @@ def test_qwen3_decode_step_without_image_tokens(qwen3_onnx, heldout):
     assert step_feeds["deepstack_embeds"].shape[1] == 0 and step_feeds["visual_positions"].shape == (0,)
     step = session.run(None, step_feeds)
     whole = dict(prompt_feeds, inputs_embeds=np.concatenate([prompt_feeds["inputs_embeds"], step_embeds], axis=1),
-                 position_ids=np.concatenate([inputs["position_ids"], step_positions], axis=2))
+                 position_ids=np.concatenate([prompt_feeds["position_ids"], step_positions], axis=2))
     np.testing.assert_allclose(step[0], session.run(None, whole)[0], atol=1e-4)
     without = session.run(None, dict(prompt_feeds, deepstack_embeds=np.zeros_like(prompt_feeds["deepstack_embeds"])))
     assert np.abs(without[0] - prompt[0]).max() > 0.1
+
+
+def test_qwen3_prefix_reuse_gives_the_same_answers(qwen3_onnx_dir, qwen3_onnx, heldout):
+    """The text before the image (the system text all commands share) is prefilled once and each
+    prompt call starts from its keys and values (prefix_cache, on by default): the same tokens as
+    prefilling the whole prompt, the deepstack features landing at the image tokens all the same."""
+    from vla_node.image import fit_to_limits
+
+    whole_prompt = OnnxBackend(qwen3_onnx_dir, device="cpu", prefix_cache=False)
+    before = qwen3_onnx.prefix_cache_stats
+    try:
+        for command in heldout:
+            image = fit_to_limits(command.image, qwen3_onnx.pixel_limits)
+            inputs = qwen3_onnx.prepare_inputs(image, command.messages)
+            feeds = qwen3_onnx._prompt_feeds(inputs)
+            prefix = feeds["past_key_0"].shape[2]
+            assert prefix > 0 and feeds["inputs_embeds"].shape[1] == len(inputs["input_ids"]) - prefix
+            assert qwen3_onnx.generate_ids(image, command.messages, PARITY_TOKENS) == \
+                whole_prompt.generate_ids(image, command.messages, PARITY_TOKENS)
+    finally:
+        whole_prompt.close()
+    after = qwen3_onnx.prefix_cache_stats
+    assert after["hits"] - before["hits"] >= 2 * len(heldout) - 1, "one system text, prefilled at most once"
+    assert whole_prompt.prefix_cache_stats == {"hits": 0, "misses": 0, "entries": 0}
 
 
 def test_qwen3_constrained_answers_match_torch(qwen3_onnx_dir, qwen3_zh_onnx_dir, qwen3_torch, heldout):

@@ -86,7 +86,7 @@ class RuntimeSettings:
     backend: str = default("backend")
     device: str = default("device")
     dtype: str = default("dtype")
-    prefix_cache: bool = default("prefix_cache")  # transformers: reuse the system-prompt prefix's KV cache
+    prefix_cache: bool = default("prefix_cache")  # transformers, onnx: reuse the system-prompt prefix's KV cache
     decode_cache: str = default("decode_cache")  # transformers: auto | dynamic | static
     compile_decode: bool = default("compile_decode")  # transformers, static on CUDA: torch.compile the decode step
     compile_layers: bool = default("compile_layers")  # transformers on CUDA: compile vision blocks, prefill norms/MLPs
@@ -152,7 +152,8 @@ def _build_onnx_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: Sa
 
     if not settings.model_path:
         raise BackendError("backend 'onnx' needs model_path: a folder written by `vla-export --model DIR --onnx OUT`")
-    backend = OnnxBackend(settings.model_path, device=settings.device, max_new_tokens=settings.max_new_tokens)
+    backend = OnnxBackend(settings.model_path, device=settings.device, max_new_tokens=settings.max_new_tokens,
+                          prefix_cache=settings.prefix_cache)
     for name, path in parse_adapter_specs(settings.adapters).items():
         backend.load_adapter(path, name)  # raises: merge adapters at export time
     backend.set_adapter(settings.active_adapter or None)

@@ -139,8 +139,8 @@ _DECLARED = (
     NodeParameter("device", "auto", "auto | cpu | cuda | cuda:N", _RUN),
     NodeParameter("dtype", "auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", _RUN,
                   choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")),
-    NodeParameter("prefix_cache", True, "backend transformers: prefill the shared system-prompt prefix once and "
-                  "reuse its KV cache (same outputs)", _RUN),
+    NodeParameter("prefix_cache", True, "backends transformers and onnx: prefill the shared system-prompt prefix "
+                  "once and reuse its KV cache (same outputs)", _RUN),
     NodeParameter("decode_cache", "auto", "backend transformers: KV cache for decoding: auto (static + CUDA-graphed "
                   "prefill and decode on CUDA, dynamic on CPU) | dynamic | static", _RUN,
                   choices=("auto", "dynamic", "static")),

@@ -16,6 +16,9 @@ Qwen2.5-VL / Qwen3-VL (the manifest's ``family`` says which):
   tokens' positions on the prompt call, and zero image tokens on each decode step;
 * greedy decoding with an explicit KV cache, confidence = geometric mean of chosen-token
   probabilities (as TransformersBackend reports it);
+* prefix KV reuse (``prefix_cache``, as TransformersBackend's): the tokens before the image (the
+  system text every command shares) are prefilled once and each command's prompt call starts from
+  their keys and values;
 * constrained decoding (``enable_constrained_decoding``) with the same action grammar and logits
   processor as TransformersBackend (vla_node.grammar); it needs xgrammar, which imports torch and
   transformers, so a host without them serves unconstrained plans (the parser and the safety gate
@@ -43,6 +46,7 @@ from vla_node.backends.base import (
     token_budget,
     warmup_request,
 )
+from vla_node.lru import CountingLru
 from vla_node.manifest import COORDINATE_CONVENTIONS
 
 __all__ = ["OnnxBackend", "render_chat", "rope_index", "patchify", "vision_inputs", "position_embedding_taps"]
@@ -50,6 +54,8 @@ __all__ = ["OnnxBackend", "render_chat", "rope_index", "patchify", "vision_input
 ONNX_FORMAT = 1
 _IMAGE_PAD = "<|image_pad|>"
 _FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+_PREFIX_ENTRIES = 4  # prefilled prompt prefixes kept (one system text per vocabulary / template in use)
+_MIN_PREFIX_TOKENS = 16  # shorter prefixes are not worth a second decoder call
 
 
 # ------------------------------------------------------------------------------ prompt
@@ -232,7 +238,7 @@ class OnnxBackend(Backend):
 
     def __init__(self, export_dir: str | os.PathLike, device: str = "auto",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 threads: int = 0):
+                 threads: int = 0, prefix_cache: bool = True):
         self._lock = threading.RLock()
         self._closed = False
         self.warnings: list[str] = []
@@ -275,6 +281,8 @@ class OnnxBackend(Backend):
         template = self.export_dir / "chat_template.jinja"
         self._template = template.read_text(encoding="utf-8") if template.is_file() else None
         self._image_token_id = int(man["image_token_id"])
+        self._vision_start_id = int(man["vision_start_token_id"])
+        self._prefixes = CountingLru(_PREFIX_ENTRIES if prefix_cache else 0)
         self._layers = int(man["num_layers"])
         self._past_shape = (1, int(man["num_key_value_heads"]), 0, int(man["head_dim"]))
         self._vision_names = list(man["vision_inputs"])
@@ -433,17 +441,42 @@ class OnnxBackend(Backend):
             self._ensure_open()
             return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None)[0]
 
+    @property
+    def prefix_cache_stats(self) -> dict:
+        """Prefix KV reuse counters: hits, misses (prefills), entries."""
+        return {"hits": self._prefixes.hits, "misses": self._prefixes.misses, "entries": len(self._prefixes)}
+
     def _prompt_feeds(self, inputs: dict) -> dict:
-        """The first decoder call's inputs: the prompt's embeddings with the image features merged in
-        at the image tokens (Qwen3-VL: with its deepstack features and those tokens' positions)."""
+        """The prompt call's inputs: the prompt's embeddings with the image features merged in at the
+        image tokens (Qwen3-VL: with its deepstack features and those tokens' positions); with a
+        prefilled prefix, only the tokens after it, on top of its keys and values."""
         ids = inputs["input_ids"]
         embeds = np.asarray(self._embed[ids], dtype=np.float32)
         image_rows = ids == self._image_token_id
         image_embeds, deepstack = self._image_features(inputs["pixel_values"], inputs["grid_thw"])
         embeds[image_rows] = image_embeds
+        start = self._prefix_length(ids)
+        if start:
+            past = self._prefixes.get_or_make(ids[:start].tobytes(), lambda: self._prefill(ids[:start]))
+        else:
+            past = [np.zeros(self._past_shape, dtype=np.float32)] * (2 * self._layers)
+        return self._decoder_feeds(embeds[None, start:], inputs["position_ids"][:, :, start:], past,
+                                   deepstack, np.flatnonzero(image_rows[start:]).astype(np.int64))
+
+    def _prefix_length(self, ids: np.ndarray) -> int:
+        """Tokens before the image (0: no reuse). Their keys and values depend on nothing else: their
+        M-RoPE positions are plain text positions 0..P-1 and no image feature reaches them."""
+        if self._prefixes.capacity == 0:
+            return 0
+        where = np.flatnonzero(ids == self._vision_start_id)
+        return int(where[0]) if len(where) and where[0] >= _MIN_PREFIX_TOKENS else 0
+
+    def _prefill(self, prefix_ids: np.ndarray) -> list[np.ndarray]:
+        """The prefix's per-layer keys and values (past_key_0, past_value_0, ...)."""
+        embeds = np.asarray(self._embed[prefix_ids], dtype=np.float32)[None]
+        positions = np.broadcast_to(np.arange(len(prefix_ids), dtype=np.int64), (3, 1, len(prefix_ids))).copy()
         empty = np.zeros(self._past_shape, dtype=np.float32)
-        return self._decoder_feeds(embeds[None], inputs["position_ids"], [empty] * (2 * self._layers),
-                                   deepstack, np.flatnonzero(image_rows).astype(np.int64))
+        return self._decoder_session.run(None, self._decoder_feeds(embeds, positions, [empty] * (2 * self._layers)))[1:]
 
     def _decoder_feeds(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
                        deepstack: np.ndarray | None = None, visual_positions: np.ndarray | None = None) -> dict:
