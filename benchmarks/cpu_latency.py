@@ -1,6 +1,6 @@
 """Command latency of the embedded default model on a CPU: the node's pipeline vs a naive HF call.
 
-    source scripts/env.sh && python benchmarks/cpu_latency.py [--samples 8] [--repeats 2] [--threads 2]
+    source scripts/env.sh && python benchmarks/cpu_latency.py [--samples 8] [--repeats 2] [--threads 2] [--onnx]
 
 For each held-out command (models/heldout/test_{en,zh}.json: real synthetic table-top scenes the
 model never trained on, camera frame upscaled to --frame-size), three ways are timed in the same
@@ -15,6 +15,10 @@ run, interleaved so a noisy neighbour hits all alike:
   baseline  what a plain transformers serving path does with the same weights: AutoProcessor on
             the raw frame + model.generate (default dynamic cache, no compile, max_new_tokens
             64, greedy) + tokenizer.decode, then the same parser.
+  node, backend onnx (with --onnx): the same InferenceCore.infer on backend onnx (onnxruntime with
+            --threads intra-op threads, constrained decoding on as the factory sets it) serving a
+            `vla-export --onnx` of the same model (the Chinese adapter merged into its own export);
+            exports go to --onnx-dir (reused when there) or a temporary folder.
 
 Prints end-to-end p50/p95 per model, new tokens per command, the statuses, and baseline/node.
 The machine is shared, so repeat runs vary by ~10-20%; compare the ratio, not absolute ms.
@@ -88,15 +92,43 @@ def naive_parse(core, answer: str, rgb: np.ndarray, backend) -> str:
         return "PARSE_ERROR"
 
 
-def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
+def onnx_core(export_dir: Path, threads: int, max_new_tokens: int):
+    """InferenceCore on backend onnx as the factory builds it, but with ``threads`` onnxruntime
+    intra-op threads (the node has no parameter for them: onnxruntime's default, one per physical core)."""
+    from vla_node.backends.onnx_backend import OnnxBackend
+    from vla_node.factory import RuntimeSettings, build_core
+
+    settings = RuntimeSettings(backend="onnx", model_path=str(export_dir), device="cpu", max_new_tokens=max_new_tokens)
+    backend = OnnxBackend(export_dir, device="cpu", max_new_tokens=max_new_tokens, threads=threads)
+    core = build_core(settings, backend=backend)
+    if settings.constrained_decoding:
+        backend.enable_constrained_decoding(core.vocab, core.policy, restrict_to_policy=settings.constrain_to_policy)
+    return core
+
+
+def onnx_export_dir(root: Path, model: Path, adapter: Path | None) -> Path:
+    """`vla-export --onnx` of ``model`` (+ ``adapter`` merged) under ``root``, exported unless already there."""
+    from training.onnx_export import export_onnx
+
+    out = root / (model.name + (f"+{adapter.name}" if adapter else ""))
+    if not (out / "onnx_manifest.json").is_file():
+        export_onnx(str(model), str(out), adapter=str(adapter) if adapter else None)
+    return out
+
+
+def measure(core, commands, repeats: int, max_new_tokens: int, onnx=None) -> dict:
     backend = core.backend
     node_ms, again_ms, base_ms, base_tokens, node_tokens = [], [], [], [], []
+    onnx_ms, onnx_same = [], 0
     tokenizer = backend.processor.tokenizer
     statuses: Counter[str] = Counter()
+    onnx_statuses: Counter[str] = Counter()
     baseline_parsed: Counter[str] = Counter()
     # warm-up: first calls pay one-off allocation and kernel selection
     core.infer(commands[0][1], commands[0][0])
     naive_generate(backend, core, commands[0][1], commands[0][0], max_new_tokens)
+    if onnx is not None:
+        onnx.infer(commands[0][1], commands[0][0])
     for _ in range(repeats):
         for command, rgb in commands:
             started = time.perf_counter()
@@ -105,6 +137,14 @@ def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
             statuses[status.code.name] += 1
             if plan is not None:  # the answer's tokens + its end
                 node_tokens.append(len(tokenizer(plan.raw_text, add_special_tokens=False)["input_ids"]) + 1)
+
+            if onnx is not None:  # the same command on backend onnx, right after
+                started = time.perf_counter()
+                onnx_plan, onnx_status = onnx.infer(rgb, command)
+                onnx_ms.append((time.perf_counter() - started) * 1000.0)
+                onnx_statuses[onnx_status.code.name] += 1
+                onnx_same += (onnx_status.code == status.code and (onnx_plan is None) == (plan is None)
+                              and (plan is None or onnx_plan.raw_text == plan.raw_text))
 
             started = time.perf_counter()  # a second command about the same frame
             core.infer(rgb, command)
@@ -116,7 +156,8 @@ def measure(core, commands, repeats: int, max_new_tokens: int) -> dict:
             base_ms.append((time.perf_counter() - started) * 1000.0)
             base_tokens.append(n_new)
     return {"node": node_ms, "again": again_ms, "baseline": base_ms, "statuses": statuses, "baseline_parsed": baseline_parsed,
-            "baseline_tokens": base_tokens, "node_tokens": node_tokens}
+            "baseline_tokens": base_tokens, "node_tokens": node_tokens, "onnx": onnx_ms,
+            "onnx_statuses": onnx_statuses, "onnx_same": onnx_same}
 
 
 def report(name: str, result: dict) -> list[str]:
@@ -133,6 +174,15 @@ def report(name: str, result: dict) -> list[str]:
         f"  baseline p50 / node p50                  {statistics.median(base) / statistics.median(node):8.2f}x",
         f"  node statuses: {dict(result['statuses'])}; baseline answers: {dict(result['baseline_parsed'])}",
     ]
+    onnx = result["onnx"]
+    if onnx:
+        lines += [
+            f"  node pipeline, backend onnx              p50 {statistics.median(onnx):8.1f} ms  "
+            f"p95 {percentile(onnx, 95):8.1f} ms",
+            f"  node p50 (torch) / node p50 (onnx)       {statistics.median(node) / statistics.median(onnx):8.2f}x",
+            f"  onnx statuses: {dict(result['onnx_statuses'])}; same status and answer text as torch: "
+            f"{result['onnx_same']}/{len(onnx)}",
+        ]
     return lines
 
 
@@ -140,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8, help="held-out commands per language (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the commands (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch intra-op threads (and onnxruntime's with --onnx; default %(default)s)")
     parser.add_argument("--frame-size", default="640x480", help="camera frame WxH (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default %(default)s)")
     parser.add_argument("--models", default=str(ROOT / "models"), help="folder with the embedded model + heldout/")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time the node pipeline on backend onnx (onnxruntime, --threads threads), "
+                             "interleaved")
+    parser.add_argument("--onnx-dir", default="",
+                        help="with --onnx: where the exports are kept (reused when there; default: a temporary folder)")
     args = parser.parse_args(argv)
 
     import torch
@@ -156,22 +212,35 @@ def main(argv: list[str] | None = None) -> int:
     models = Path(args.models)
     runs = [
         ("tabletop-tiny, English commands", models / "heldout" / "test_en.json", RuntimeSettings(
-            model_path=str(models / "tabletop-tiny"), device="cpu", max_new_tokens=args.max_new_tokens)),
+            model_path=str(models / "tabletop-tiny"), device="cpu", max_new_tokens=args.max_new_tokens), None),
         ("tabletop-tiny + tabletop-tiny-zh-lora, Chinese commands", models / "heldout" / "test_zh.json",
          RuntimeSettings(model_path=str(models / "tabletop-tiny"), device="cpu", max_new_tokens=args.max_new_tokens,
-                         adapters=[f"zh={models / 'tabletop-tiny-zh-lora'}"], active_adapter="zh")),
+                         adapters=[f"zh={models / 'tabletop-tiny-zh-lora'}"], active_adapter="zh"),
+         models / "tabletop-tiny-zh-lora"),
     ]
+    onnx_root = Path(args.onnx_dir or tempfile.mkdtemp(prefix="cpu_latency_onnx_"))
     lines = [
         f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
         f"torch threads {args.threads}, no GPU; python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         f"frames {width}x{height} RGB, greedy, max_new_tokens {args.max_new_tokens}, fp32",
     ]
-    for name, spec, settings in runs:
+    if args.onnx:
+        import onnxruntime
+
+        lines.append(f"backend onnx: onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, "
+                     f"{args.threads} intra-op threads")
+    for name, spec, settings, adapter in runs:
         commands = heldout_commands(spec, args.samples, (width, height))
+        onnx = None
+        if args.onnx:
+            export_dir = onnx_export_dir(onnx_root, models / "tabletop-tiny", adapter)
+            onnx = onnx_core(export_dir, args.threads, args.max_new_tokens)
         core = build_core(settings)
-        lines += report(name, measure(core, commands, args.repeats, args.max_new_tokens))
+        lines += report(name, measure(core, commands, args.repeats, args.max_new_tokens, onnx))
         core.backend.close()
+        if onnx is not None:
+            onnx.backend.close()
     print("\n".join(lines))
     return 0
 

@@ -1,16 +1,21 @@
-"""onnxruntime backend vs the torch (transformers) CPU backend on a trained Qwen2.5-VL model.
+"""onnxruntime backend vs the torch (transformers) CPU backend on a trained model.
 
-    source scripts/env.sh && python benchmarks/onnx_vs_torch.py [--commands 100] [--max-new-tokens 64]
+    source scripts/env.sh && python benchmarks/onnx_vs_torch.py [--commands 100] [--max-new-tokens 64] [--threads 1]
 
-Exports --model (default tests/data/tabletop-tiny-qwen2_5_vl, the embedded model of 2026-12-01: the ONNX
-export does not take today's Qwen3-VL one) with `vla-export --onnx` into a temporary folder (or uses --onnx-dir),
+Exports --model (default models/tabletop-tiny, the embedded Qwen3-VL; tests/data/tabletop-tiny-qwen2_5_vl
+is the Qwen2.5-VL one of 2026-12-01) with `vla-export --onnx` into a temporary folder (or uses --onnx-dir;
+with --adapter, merged into the export and loaded into torch with peft, as the node serves it),
 then runs the same held-out commands (half English, half Chinese) through both backends on CPU:
 greedy token ids must be identical (parity), and the per-command latency (preprocess + greedy
 decode, same tokens on both sides) is reported as p50/p90 for both and their ratio, measured in
-the same run. Then, on the first --constrained-commands commands, both backends' ``generate`` with
-constrained decoding on (the node's default; the onnx backend runs it where xgrammar is installed):
-identical answers, and the latency of each. Also prints the install size of each runtime's Python
-packages in .venv (du).
+the same run; the torch side here is transformers' own ``generate`` over the whole prompt (the
+parity reference), the onnx side the backend as it serves (prefix KV reuse on). Then, on the first
+--constrained-commands commands, both backends' ``generate`` with constrained decoding on (the
+node's default; the onnx backend runs it where xgrammar is installed), each with its prefix KV
+reuse: identical answers, and the latency of each: the like-for-like comparison. Also prints the
+install size of each runtime's Python packages in .venv (du). --threads N gives both runtimes N
+intra-op threads (torch.set_num_threads, onnxruntime's intra_op_num_threads); 0 leaves each its
+default.
 """
 from __future__ import annotations
 
@@ -83,10 +88,14 @@ def install_sizes() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "tests" / "data" / "tabletop-tiny-qwen2_5_vl"),
-                    help="a Qwen2-VL / Qwen2.5-VL checkpoint (default: the Qwen2.5-VL embedded model of 2026-12-01; "
-                         "the ONNX export does not take today's Qwen3-VL one)")
-    ap.add_argument("--onnx-dir", default="", help="an existing vla-export --onnx folder ('' = export now)")
+    ap.add_argument("--model", default=str(ROOT / "models" / "tabletop-tiny"),
+                    help="a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (default: the embedded Qwen3-VL model)")
+    ap.add_argument("--adapter", default="",
+                    help="a LoRA adapter of --model: merged into the export, loaded (peft) into torch")
+    ap.add_argument("--onnx-dir", default="", help="an existing vla-export --onnx folder of --model (+ --adapter) "
+                                                   "('' = export now)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads of both torch and onnxruntime (default 0: each runtime's own default)")
     ap.add_argument("--commands", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--constrained-commands", type=int, default=20,
@@ -102,19 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     from vla_node.backends.transformers_backend import TransformersBackend
     from vla_node.image import fit_to_limits
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="vla_onnx_bench_") as tmp:
         onnx_dir = Path(a.onnx_dir) if a.onnx_dir else Path(tmp) / "onnx"
         if not a.onnx_dir:
             from training.onnx_export import export_onnx
 
             started = time.perf_counter()
-            export_onnx(a.model, str(onnx_dir))
+            export_onnx(a.model, str(onnx_dir), adapter=a.adapter or None)
             export_s = time.perf_counter() - started
         else:
             export_s = float("nan")
         commands = heldout_commands(ROOT / "models", Path(tmp) / "heldout", a.commands)
         torch_backend = TransformersBackend(a.model, device="cpu", dtype="float32")
-        onnx_backend = OnnxBackend(onnx_dir, device="cpu")
+        if a.adapter:
+            torch_backend.load_adapter(a.adapter, "adapter")
+            torch_backend.set_adapter("adapter")
+        onnx_backend = OnnxBackend(onnx_dir, device="cpu", threads=a.threads)
         torch_backend.warmup()
         onnx_backend.warmup()
 
@@ -151,26 +165,32 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = install_sizes()
     p50_t, p50_o = statistics.median(torch_ms), statistics.median(onnx_ms)
+    options = "".join(f" --{name} {value}" for name, value in (("model", a.model), ("adapter", a.adapter),
+                                                                  ("threads", a.threads)) if value)
     lines = [
-        f"$ source scripts/env.sh && python benchmarks/onnx_vs_torch.py --commands {a.commands} "
+        f"$ source scripts/env.sh && python benchmarks/onnx_vs_torch.py{options} --commands {a.commands} "
         f"--max-new-tokens {a.max_new_tokens} --constrained-commands {a.constrained_commands}",
         f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores (shared), no GPU; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} ({onnx_backend.providers[0]})",
-        f"model {a.model}, export {export_s:.1f} s",
+        f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} ({onnx_backend.providers[0]}, "
+        f"{a.threads or 'default'} intra-op threads)",
+        f"model {a.model}{' + adapter ' + a.adapter + ' (merged in the export)' if a.adapter else ''}, "
+        f"family {onnx_backend.family}, export {export_s:.1f} s",
         f"parity: {len(commands) - len(mismatches)}/{len(commands)} commands with identical greedy tokens "
         f"({tokens} tokens; {sum(c.language == 'en' for c in commands)} en, "
         f"{sum(c.language == 'zh' for c in commands)} zh, max_new_tokens {a.max_new_tokens})",
         f"latency per command (preprocess + greedy decode), torch CPU  p50 {p50_t:8.1f} ms  "
-        f"p90 {float(np.percentile(torch_ms, 90)):8.1f} ms",
+        f"p90 {float(np.percentile(torch_ms, 90)):8.1f} ms  (transformers generate, whole prompt)",
         f"latency per command (preprocess + greedy decode), onnxruntime p50 {p50_o:8.1f} ms  "
-        f"p90 {float(np.percentile(onnx_ms, 90)):8.1f} ms",
+        f"p90 {float(np.percentile(onnx_ms, 90)):8.1f} ms  (onnx backend, prefix KV reuse "
+        f"{'on' if onnx_backend.prefix_cache_stats['hits'] else 'off'})",
         f"speed-up onnxruntime over torch (p50 ratio)  {p50_t / p50_o:.2f}x",
     ]
     if constrained:
         c_torch = statistics.median(row[0] for row in constrained)
         c_onnx = statistics.median(row[1] for row in constrained)
         lines += [
-            f"constrained decoding (generate, the node's default), first {len(constrained)} commands: "
+            f"constrained decoding (each backend's generate, the node's default: prefix KV reuse on both), "
+            f"first {len(constrained)} commands: "
             f"{sum(row[2] for row in constrained)}/{len(constrained)} identical answers",
             f"  torch p50 {c_torch:8.1f} ms, onnxruntime p50 {c_onnx:8.1f} ms, ratio {c_torch / c_onnx:.2f}x; "
             f"onnxruntime greedy on the same commands p50 {statistics.median(onnx_ms[:len(constrained)]):8.1f} ms",
