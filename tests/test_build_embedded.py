@@ -196,3 +196,56 @@ def test_clarify_rich_scenes_are_a_dataset_vla_train_reads_on_a_seed_of_their_ow
         assert 0.25 <= sum(a.startswith("CLARIFY(") for a in answers) / len(answers) <= 0.7
         samples = sharegpt.load_validated(path, vocab=Vocabulary.load(None))  # what vla-train reads, checked
         assert len(samples) == len(rows) and samples.verdict.kind == "actions"
+
+
+def _fake_base(folder, merge_size: int):
+    """A checkpoint folder as far as the build's merge handling reads it (config.json only)."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl",
+                                                    "vision_config": {"spatial_merge_size": merge_size}}))
+    return folder
+
+
+def test_a_base_from_a_coarser_merge_is_widened_once_and_trained_on_data_for_finer_tokens(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--base-from DIR (merge 2) --merge-size 1: DIR is widened into WORK/base_widened, the base trains from
+    there, and its data is drawn for 16 px tokens (320x240 inputs, the boxes in their pixels); a resumed
+    build reuses the widened base; a base is never narrowed; without --merge-size the base's own wins."""
+    import json
+
+    import training.build_embedded as build
+    import training.widen_vision as widen_vision
+
+    widened, trained = [], []
+
+    def widen(source, out, merge_size, **options):
+        widened.append((source, out, merge_size))
+        _fake_base(out, merge_size)
+        return out
+
+    monkeypatch.setattr(widen_vision, "widen_vision_tokens", widen)
+    monkeypatch.setattr(build, "run_training", lambda deadline, eval_samples, **o: trained.append(o) or tmp_path)
+    monkeypatch.setattr(build, "export_model", lambda trained_dir, target: None)
+    merge2 = _fake_base(tmp_path / "merge2", 2)
+    work = tmp_path / "work"
+    common = ["--out", str(tmp_path / "out"), "--base-samples", "40", "--grounding-steps", "0",
+              "--distractor-steps", "0", "--base-steps", "2", "--workers", "1", "--stop-after", "base"]
+    args = common + ["--work", str(work), "--base-from", str(merge2), "--merge-size", "1"]
+    assert build.main(args) == 0
+    assert widened == [(merge2, work / "base_widened", 1)]
+    assert trained[-1]["model_path"] == str(work / "base_widened")
+    data = json.loads((work / "data_en" / "synth_config.json").read_text())["config"]
+    assert data["factor"] == 16 and "widening it to 1" in capsys.readouterr().out
+    assert build.main(args) == 0 and len(widened) == 1, "a resumed build reuses the widened base"
+    assert trained[-1]["model_path"] == str(work / "base_widened") and "widened to merge 1 before" in \
+        capsys.readouterr().out
+
+    merge1 = _fake_base(tmp_path / "merge1", 1)
+    with pytest.raises(SystemExit, match=r"merge1/config.json has spatial_merge_size 1; --merge-size 2"):
+        build.main(common + ["--work", str(tmp_path / "w2"), "--base-from", str(merge1), "--merge-size", "2"])
+    assert not (tmp_path / "w2" / "data_en").exists(), "refused before any data is rendered"
+    assert build.main(common + ["--work", str(tmp_path / "w3"), "--base-from", str(merge1)]) == 0
+    assert trained[-1]["model_path"] == str(merge1) and len(widened) == 1
+    assert json.loads((tmp_path / "w3" / "data_en" / "synth_config.json").read_text())["config"]["factor"] == 16

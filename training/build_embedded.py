@@ -30,7 +30,9 @@ tool with --deadline-minutes; the committed weights were then trained further on
 (--base-from, --seed 1) and the adapter with --lora-from (models/README.md lists every call, logged
 in benchmarks/results/embedded_build_*_session1[6-9]*.log); on a CPU a whole build takes days.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
-not raise the held-out CLARIFY recall).
+not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
+first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
+distilled, every other weight kept) and trains on from there, its data drawn for the finer tokens.
 """
 from __future__ import annotations
 
@@ -298,6 +300,31 @@ def curriculum(args, work: Path, sizes: dict) -> list[tuple]:
     return [stage for stage in stages if stage[2] > 0]
 
 
+def base_start(base_from: Path, work: Path, merge_size: int, seed: int) -> Path:
+    """--base-from's checkpoint as the base's start; one built with a larger merge size is widened first
+    (training.widen_vision) into work/base_widened, once (a resumed build reuses it)."""
+    have = merge_size_of(base_from)
+    if have is None or have == merge_size:
+        return base_from
+    if merge_size > have:
+        raise SystemExit(f"--base-from {base_from}: {base_from / 'config.json'} has spatial_merge_size {have}; "
+                         f"--merge-size {merge_size} would need coarser tokens, and a base is only widened "
+                         f"(to a smaller merge size)")
+    widened = work / "base_widened"
+    if merge_size_of(widened) == merge_size:  # written whole or not at all
+        log(f"--base-from {base_from} (merge {have}) widened to merge {merge_size} before: {widened}")
+        return widened
+    from training.widen_vision import widen_vision_tokens
+
+    log(f"--base-from {base_from} has merge size {have}: widening it to {merge_size} into {widened} "
+        "(mergers distilled, every other weight kept)")
+    widen_vision_tokens(base_from, widened, merge_size, seed=seed, overwrite=True)
+    note = json.loads((widened / "vla_manifest.json").read_text()).get("widened", {}) \
+        if (widened / "vla_manifest.json").is_file() else {}
+    log(f"widened {widened}: merger relative errors {note.get('merger_relative_error')}")
+    return widened
+
+
 def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args, common: dict,
                 deadline: Deadline, eval_samples: int = 0) -> Path:
     """A curriculum stage before the base's own training (the text stage, the grounding stage): full
@@ -487,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train this adapter further (vla-train adapter_name_or_path) instead of a new one: "
                              "after the base was trained further, its earlier adapter is most of the way there")
     parser.add_argument("--base-from", default=None,
-                        help="start full fine-tuning from this checkpoint instead of a random init (a second stage)")
+                        help="start full fine-tuning from this checkpoint instead of a random init (a second stage); "
+                             "a smaller --merge-size than its own widens it first into WORK/base_widened")
     parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                         help="processes for rendering and encoding the data (default: cores - 1, at most 16)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (default: %(default)s)")
@@ -499,9 +527,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --deadline-minutes: the base training stops this much earlier, leaving the adapter its time")
     parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per split for METRICS (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
-    parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=MODEL_SIZES["merge_size"],
+    parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=None,
                         help="patches merged per visual token, per side: 1 = 16 px tokens (300 per frame), 2 = 32 px "
-                             "(70 per frame, faster on a CPU); an exported base's own value wins (default: %(default)s)")
+                             "(70 per frame, faster on a CPU); an exported base's own value wins; with --base-from "
+                             "a base of a larger one, the base is widened first (training.widen_vision: its mergers "
+                             "distilled, every other weight kept) (default: --base-from's, else "
+                             f"{MODEL_SIZES['merge_size']})")
     parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen3_vl",
                         help="architecture of the base (Qwen3-VL's vision tower adds learned absolute position "
                              "embeddings and DeepStack features) (default: %(default)s)")
@@ -519,9 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     built_merge = merge_size_of(out / EMBEDDED_MODEL)
-    if built_merge is not None and built_merge != args.merge_size:
+    if built_merge is not None and args.merge_size not in (None, built_merge):
         log(f"--merge-size {args.merge_size} ignored: {out / EMBEDDED_MODEL} was built with {built_merge}")
-    sizes = architecture(built_merge or args.merge_size)
+    base_from_merge = merge_size_of(Path(args.base_from)) if args.base_from else None
+    # the model's merge decides the data's input size (synth_config's factor), so both follow it
+    sizes = architecture(built_merge or args.merge_size or base_from_merge or MODEL_SIZES["merge_size"])
     deadline = Deadline(args.deadline_minutes * 60 if args.deadline_minutes else None)
     adapter_minutes = args.lora_minutes if args.stop_after == "all" else 0.0  # no adapter: the base takes it all
     base_deadline = Deadline((args.deadline_minutes - adapter_minutes) * 60 if args.deadline_minutes else None)
@@ -545,10 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     if (out / EMBEDDED_MODEL / "config.json").is_file() and not resumable(base_run):
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")  # exported by an earlier (maybe remote) run
     else:
+        # --base-from is checked (and widened) before any data is rendered
+        init = base_start(Path(args.base_from), work, sizes["merge_size"], args.seed) if args.base_from else None
         data_en = synth(work / "data_en", *en_data, args.workers, sizes)
-        init = Path(args.base_from) if args.base_from else base_init(
-            work / "base_init", corpus(training_text, args.workers), args.seed,
-            {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
+        if init is None:
+            init = base_init(work / "base_init", corpus(training_text, args.workers), args.seed,
+                             {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
         base_datasets = ["tabletop_train"]
         for name, title, steps, data, answers in curriculum(args, work, sizes):
             if args.base_from and not (args.base_keeps_grounding and name != "text"):
