@@ -137,7 +137,7 @@ def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unc
     import torch
     from safetensors.torch import load_file, save_file
 
-    from training.build_embedded import shard_weights
+    from training.weight_shards import shard_weights
 
     tensors = {f"layer.{i}.weight": torch.randn(64, 64).to(torch.bfloat16) for i in range(10)}  # 8 KiB each
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

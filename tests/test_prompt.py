@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vla_node import prompt as prompt_module
-from vla_node.prompt import IMAGE_PLACEHOLDER, TEMPLATE_ID, PromptBuilder, quote_command, unshout
+from vla_node.prompt import IMAGE_PLACEHOLDER, TEMPLATE_ID, PromptBuilder, normalise_command, quote_command
 from vla_node.vocabulary import Vocabulary
 
 VOCAB = Vocabulary.load()
@@ -86,8 +86,8 @@ def test_any_command_is_one_quoted_line(command):
     text = BUILDER.user_text(command)
     assert text.startswith('Command: "') and text.endswith('"')
     assert not any(brk in text for brk in LINE_BREAKS) and "<" not in text
-    assert json.loads(text[len("Command: "):]) == unshout(command)
-    assert quote_command(unshout(command)) == text[len("Command: "):]
+    assert json.loads(text[len("Command: "):]) == normalise_command(command)
+    assert quote_command(normalise_command(command)) == text[len("Command: "):]
 
 
 def test_a_shouted_command_is_asked_in_lower_case_and_any_other_case_is_kept():
@@ -141,3 +141,14 @@ def test_chat_from_sharegpt_accepts_from_value_and_several_images():
 
 def test_template_id_matches_the_manifest_contract():
     assert TEMPLATE_ID == "vla_node.prompt/v1"
+
+
+def test_spaces_between_chinese_characters_are_dropped_and_every_other_space_is_kept():
+    """A recogniser's pauses inside Chinese text ("红 色 圆锥") are not asked; spaces next to Latin
+    letters, digits or punctuation are."""
+    assert BUILDER.user_text("帮我将红 色 圆锥  挪过去\t放到白色盘子上") == 'Command: "帮我将红色圆锥挪过去放到白色盘子上"'
+    assert BUILDER.user_text("把 red cube 放到 蓝碗里") == 'Command: "把 red cube 放到蓝碗里"'
+    assert BUILDER.user_text("put the red cube in the blue bowl") == 'Command: "put the red cube in the blue bowl"'
+    assert BUILDER.user_text("放到蓝碗里， 谢谢") == 'Command: "放到蓝碗里， 谢谢"'
+    # training writes the same text
+    assert BUILDER.sharegpt_messages("把 它 放下", "STOP()")[1]["content"] == IMAGE_PLACEHOLDER + 'Command: "把它放下"'

@@ -41,9 +41,11 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+from training.weight_shards import shard_weights
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
 # The architecture: Qwen2.5-VL with every size shrunk, 16x16 pixel patches merged 2x2 (the Qwen-VL
@@ -409,35 +411,7 @@ def export_model(trained: Path, target: Path) -> None:
         shard_weights(target)
 
 
-def shard_weights(folder: Path, max_bytes: int = 20_000_000) -> None:
-    """model.safetensors as transformers' shards of at most max_bytes (+ model.safetensors.index.json):
-    a committed file stays under the repository's 25 MB per file; the tensors are unchanged."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    source = folder / "model.safetensors"
-    with safe_open(str(source), "pt") as f:
-        metadata = f.metadata() or {"format": "pt"}
-    tensors = load_file(str(source))
-    groups, size = [[]], 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    if len(groups) == 1:
-        return
-    weight_map = {}
-    for number, group in enumerate(groups, 1):
-        shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        save_file({name: tensors[name] for name in group}, str(folder / shard), metadata=metadata)
-        weight_map.update(dict.fromkeys(group, shard))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    source.unlink()
+PANELS_PER_ROW = 4
 
 
 def plot_learning_curve(histories: dict[str, list[dict]], path: Path) -> Path | None:
@@ -451,14 +425,18 @@ def plot_learning_curve(histories: dict[str, list[dict]], path: Path) -> Path | 
     stages = [(name, h) for name, h in histories.items() if any("eval_loss" in e for e in h)]
     if not stages:
         return None
-    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4), dpi=100, squeeze=False)
-    for ax, (name, history) in zip(axes[0], stages):
+    columns = min(len(stages), PANELS_PER_ROW)  # rows of a few panels: titles stay readable
+    rows = -(-len(stages) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(stages):]:
+        ax.set_visible(False)
+    for ax, (name, history) in zip(axes.flat, stages):
         loss = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
         ax.plot(*zip(*loss), "o-", color="tab:blue", label="eval loss")
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss", color="tab:blue")
         ax.set_yscale("log")
-        ax.set_title(name)
+        ax.set_title(textwrap.fill(name, 60), fontsize=9)
         right = ax.twinx()
         for key, colour, label in (("gen_plan_exact_match", "tab:green", "plan exact match"),
                                    ("gen_box_iou50", "tab:red", "box IoU@0.5")):

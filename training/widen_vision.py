@@ -189,7 +189,7 @@ def widen_vision_tokens(model_dir, out_dir, merge_size: int = 1, steps: int = DE
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoProcessor
 
-    from training.build_embedded import shard_weights
+    from training.weight_shards import shard_weights
 
     source, out = Path(model_dir), Path(out_dir)
     _, old_merge = vision_merge_of(source)

@@ -5,6 +5,7 @@ so the model is always asked exactly the way it was trained.
 from __future__ import annotations
 
 import json
+import re
 
 from vla_node.vocabulary import Vocabulary
 
@@ -31,6 +32,22 @@ def unshout(command: str) -> str:
     carries no meaning for an action, and lower case is what the generator mostly writes."""
     cased = [c for c in command if c.isupper() or c.islower()]
     return command.lower() if len(cased) > 1 and all(c.isupper() for c in cased) else command
+
+
+# whitespace with a Han character on each side: written Chinese has no spaces between words, so these
+# are a speech recogniser's pauses or chunk joins ("红 色 圆锥"), never meaning
+_HAN_GAP = re.compile(r"(?<=[\u3400-\u9fff\uf900-\ufaff])\s+(?=[\u3400-\u9fff\uf900-\ufaff])")
+
+
+def drop_han_spaces(command: str) -> str:
+    """The command without the spaces between two Chinese characters (any other space is kept)."""
+    return _HAN_GAP.sub("", command)
+
+
+def normalise_command(command: str) -> str:
+    """What the model is asked, serving and training alike: the command without what carries no
+    meaning for an action (SHOUTING, spaces inside Chinese text)."""
+    return drop_han_spaces(unshout(command))
 
 
 def quote_command(command: str) -> str:
@@ -105,7 +122,7 @@ class PromptBuilder:
         self.system_text = system_text
 
     def user_text(self, command: str) -> str:
-        return f"Command: {quote_command(unshout(command))}"
+        return f"Command: {quote_command(normalise_command(command))}"
 
     def chat_messages(self, command: str) -> list[dict]:
         """For processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)."""
