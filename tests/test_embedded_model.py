@@ -32,6 +32,25 @@ def test_heldout_recipes_recreate_unseen_samples(tmp_path):
     assert any(any("\u4e00" <= ch <= "\u9fff" for ch in row["messages"][-2]["content"]) for row in rows)
 
 
+def test_a_recipe_redrawn_for_another_input_frame_keeps_its_scenes_and_moves_only_the_boxes(tmp_path):
+    """A merge-1 model (16 px tokens) reads a 320x240 frame whole where the recipe's merge-2 frame is
+    320x224: the same scenes and commands, the boxes in the model's own pixels."""
+    from training.heldout import input_factor, materialise_heldout
+
+    published()
+    assert input_factor(MODELS / EMBEDDED_MODEL) == 32  # 16 px patches merged 2x2
+    rows = {}
+    for factor in (None, 16):
+        data = materialise_heldout(MODELS / "heldout" / "test_en.json", tmp_path / str(factor), limit=6, factor=factor)
+        rows[factor] = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    for recipe, redrawn in zip(rows[None], rows[16]):
+        assert recipe["messages"][:-1] == redrawn["messages"][:-1]  # the same command
+        assert (tmp_path / "None" / recipe["images"][0]).read_bytes() == (tmp_path / "16" / redrawn["images"][0]).read_bytes()
+    boxes = [(r["messages"][-1]["content"], d["messages"][-1]["content"]) for r, d in zip(rows[None], rows[16])
+             if "_box=" in r["messages"][-1]["content"]]
+    assert boxes and all(recipe != redrawn for recipe, redrawn in boxes)  # y scaled 224 -> 240
+
+
 def test_embedded_model_reproduces_its_published_metrics():
     from training.embedded_metrics import CI_PHRASING_SETS, REPRODUCED, evaluate_embedded
 

@@ -43,21 +43,25 @@ def _headline(metrics: dict) -> dict:
 def evaluate_embedded(models: Path, limit: int | None = 400, device: str = "cpu", write: bool = True,
                       ci_limit: int | None = CI_LIMIT, phrasing_sets: tuple[str, ...] = PHRASING_SETS) -> dict:
     import tempfile
+    from dataclasses import replace
 
     from training.evaluate import evaluate
-    from training.heldout import materialise_heldout, read_heldout_spec
+    from training.heldout import input_factor, materialise_heldout, read_heldout_spec
     from training.phrasings import DATASETS, materialise_phrasings
 
     model, adapter = str(models / EMBEDDED_MODEL), str(models / EMBEDDED_ADAPTER)
+    # the references' boxes in the model's own input frame (a merge-1 model's differs from the recipe's)
+    factor = input_factor(Path(model))
     results = {}
     for split in SPLITS:
         with tempfile.TemporaryDirectory(prefix=f"vla-{split}-") as tmp:
-            data = materialise_heldout(models / "heldout" / f"{split}.json", Path(tmp), limit=limit)
+            data = materialise_heldout(models / "heldout" / f"{split}.json", Path(tmp), limit=limit, factor=factor)
             result = evaluate(model=model, adapter=adapter, dataset_dir=str(data), dataset="tabletop_test",
                               compare_base=True, limit=limit, device=device)
         results[split] = {run: _headline(metrics) for run, metrics in result["runs"].items()}
     gaps: dict[str, dict] = {}
-    scenes, _ = read_heldout_spec(models / "heldout" / "test_en.json")  # the model's frame and box set-up
+    scenes, _ = read_heldout_spec(models / "heldout" / "test_en.json")  # the box set-up
+    scenes = replace(scenes, factor=factor)  # in the model's input frame
     for name in phrasing_sets:
         phrasings = models / "heldout" / f"{name}.json"
         if not phrasings.is_file():

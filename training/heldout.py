@@ -7,7 +7,7 @@ without committing their images.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from training.synth import SynthConfig, Synthesizer, generate_dataset
@@ -43,10 +43,26 @@ def read_heldout_spec(spec_path: Path) -> tuple[SynthConfig, list[int]]:
     return cfg, indices
 
 
-def materialise_heldout(spec_path: Path, out_dir: Path, limit: int | None = None, workers: int = 1) -> Path:
+def input_factor(model_dir: Path) -> int:
+    """patch_size x spatial_merge_size of a Qwen-VL checkpoint: the multiple its input frame is resized
+    to, in whose pixels an absolute_resized answer writes its boxes."""
+    path = Path(model_dir) / "config.json"
+    try:
+        vision = json.loads(path.read_text(encoding="utf-8"))["vision_config"]
+        return int(vision["patch_size"]) * int(vision["spatial_merge_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: no vision_config patch_size and spatial_merge_size ({exc})") from exc
+
+
+def materialise_heldout(spec_path: Path, out_dir: Path, limit: int | None = None, workers: int = 1,
+                        factor: int | None = None) -> Path:
     """Write the first `limit` held-out samples of a spec as a LLaMA-Factory dataset dir
-    (dataset name ``tabletop_test``); returns out_dir."""
+    (dataset name ``tabletop_test``); returns out_dir. ``factor``: the boxes for a model whose input
+    frame is resized to that multiple (input_factor) instead of the spec's; the scenes and commands
+    are the same (the factor decides the boxes' frame only)."""
     cfg, indices = read_heldout_spec(spec_path)
+    if factor is not None:
+        cfg = replace(cfg, factor=int(factor))
     if limit is not None:
         indices = indices[:limit]
     generate_dataset(out_dir, cfg, overwrite=True, workers=workers, only={"test": indices})
