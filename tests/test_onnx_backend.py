@@ -43,18 +43,29 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(),
                                 reason="the Qwen2.5-VL test model is missing")
 
 
+def exported(tmp_path_factory, folder: str, model: Path, adapter: Path | None = None) -> Path:
+    """`vla-export --onnx` of model (with adapter merged) into a fresh temporary folder."""
+    out = tmp_path_factory.mktemp(folder) / f"{model.name}-onnx"
+    merged = ["--adapter", str(adapter)] if adapter else []
+    assert export_main(["--model", str(model), *merged, "--onnx", str(out)]) == 0
+    return out
+
+
+def served(export_dir: Path):
+    """An OnnxBackend on export_dir for a fixture's lifetime (yield from)."""
+    backend = OnnxBackend(export_dir, device="cpu")
+    yield backend
+    backend.close()
+
+
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "tabletop-tiny-onnx"
-    assert export_main(["--model", str(EMBEDDED), "--onnx", str(out)]) == 0
-    return out
+    return exported(tmp_path_factory, "onnx", EMBEDDED)
 
 
 @pytest.fixture(scope="module")
 def onnx_backend(onnx_dir) -> OnnxBackend:
-    backend = OnnxBackend(onnx_dir, device="cpu")
-    yield backend
-    backend.close()
+    yield from served(onnx_dir)
 
 
 @pytest.fixture(scope="module")
@@ -315,9 +326,7 @@ print(json.dumps({{"heavy": heavy, "tokens": result.new_tokens}}))
 def qwen3_onnx_dir(tmp_path_factory) -> Path:
     if not (QWEN3 / "config.json").is_file():
         pytest.skip("the embedded Qwen3-VL model is missing")
-    out = tmp_path_factory.mktemp("onnx_qwen3") / "tabletop-tiny-onnx"
-    assert export_main(["--model", str(QWEN3), "--onnx", str(out)]) == 0
-    return out
+    return exported(tmp_path_factory, "onnx_qwen3", QWEN3)
 
 
 @pytest.fixture(scope="module")
@@ -325,23 +334,17 @@ def qwen3_zh_onnx_dir(qwen3_onnx_dir, tmp_path_factory) -> Path:
     """The embedded model with its Chinese adapter merged at export (vla-export --adapter)."""
     if not (QWEN3_ADAPTER / "adapter_config.json").is_file():
         pytest.skip("the embedded Chinese adapter is missing")
-    out = tmp_path_factory.mktemp("onnx_qwen3_zh") / "tabletop-tiny-zh-onnx"
-    assert export_main(["--model", str(QWEN3), "--adapter", str(QWEN3_ADAPTER), "--onnx", str(out)]) == 0
-    return out
+    return exported(tmp_path_factory, "onnx_qwen3_zh", QWEN3, QWEN3_ADAPTER)
 
 
 @pytest.fixture(scope="module")
 def qwen3_onnx(qwen3_onnx_dir) -> OnnxBackend:
-    backend = OnnxBackend(qwen3_onnx_dir, device="cpu")
-    yield backend
-    backend.close()
+    yield from served(qwen3_onnx_dir)
 
 
 @pytest.fixture(scope="module")
 def qwen3_zh_onnx(qwen3_zh_onnx_dir) -> OnnxBackend:
-    backend = OnnxBackend(qwen3_zh_onnx_dir, device="cpu")
-    yield backend
-    backend.close()
+    yield from served(qwen3_zh_onnx_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.widen_vision import MERGER_PREFIXES, WideningError, load_tensors, scene_images, widen_vision_tokens
+from training.weight_shards import load_tensors
+from training.widen_vision import MERGER_PREFIXES, WideningError, scene_images, widen_vision_tokens
 
 SOURCE = Path(__file__).resolve().parents[1] / "models" / "tabletop-tiny"
 FRAME = (320, 240)

@@ -1,10 +1,10 @@
-"""A checkpoint's weights as transformers' safetensors shards, small enough to commit."""
+"""A checkpoint's weights as transformers' safetensors shards, small enough to commit, and back."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["shard_weights"]
+__all__ = ["shard_weights", "load_tensors"]
 
 
 def shard_weights(folder: Path, max_bytes: int = 20_000_000) -> None:
@@ -36,3 +36,18 @@ def shard_weights(folder: Path, max_bytes: int = 20_000_000) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     source.unlink()
+
+
+def load_tensors(model_dir: Path) -> dict:
+    """Every tensor of a safetensors checkpoint (one file or transformers' shards), as stored."""
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(str(model_dir / shard)))
+    return tensors

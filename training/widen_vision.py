@@ -63,21 +63,6 @@ def check_merge_sizes(path: Path, old: int, new: int) -> None:
                             f"smaller divisor of it (widening gives finer tokens: e.g. 2 -> 1)")
 
 
-def load_tensors(model_dir: Path) -> dict:
-    """Every tensor of a safetensors checkpoint (one file or transformers' shards), as stored."""
-    from safetensors.torch import load_file
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    tensors = {}
-    for shard in shards:
-        tensors.update(load_file(str(model_dir / shard)))
-    return tensors
-
-
 def with_merge_size(data, merge_size: int):
     """A JSON value with every "merge_size" / "spatial_merge_size" key set to merge_size (any depth)."""
     if isinstance(data, dict):
@@ -189,7 +174,7 @@ def widen_vision_tokens(model_dir, out_dir, merge_size: int = 1, steps: int = DE
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoProcessor
 
-    from training.weight_shards import shard_weights
+    from training.weight_shards import load_tensors, shard_weights
 
     source, out = Path(model_dir), Path(out_dir)
     _, old_merge = vision_merge_of(source)
