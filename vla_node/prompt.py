@@ -5,8 +5,8 @@ so the model is always asked exactly the way it was trained.
 from __future__ import annotations
 
 import json
-import re
 
+from vla_node.text import drop_han_spaces
 from vla_node.vocabulary import Vocabulary
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image tag in ShareGPT text
@@ -32,16 +32,6 @@ def unshout(command: str) -> str:
     carries no meaning for an action, and lower case is what the generator mostly writes."""
     cased = [c for c in command if c.isupper() or c.islower()]
     return command.lower() if len(cased) > 1 and all(c.isupper() for c in cased) else command
-
-
-# whitespace with a Han character on each side: written Chinese has no spaces between words, so these
-# are a speech recogniser's pauses or chunk joins ("红 色 圆锥"), never meaning
-_HAN_GAP = re.compile(r"(?<=[\u3400-\u9fff\uf900-\ufaff])\s+(?=[\u3400-\u9fff\uf900-\ufaff])")
-
-
-def drop_han_spaces(command: str) -> str:
-    """The command without the spaces between two Chinese characters (any other space is kept)."""
-    return _HAN_GAP.sub("", command)
 
 
 def normalise_command(command: str) -> str:

@@ -23,7 +23,16 @@ DEFAULT_STOP_PHRASES: tuple[str, ...] = (
 _WHITESPACE_CONTROLS = frozenset("\t\n\r\v\f\x1c\x1d\x1e\x1f\x85\u2028\u2029")
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
 # Ideographs and kana have no spaces between words: each character is its own unit.
-_CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs: extension A, unified, compatibility
+_CJK_CHAR = re.compile(f"[\u3040-\u30ff{_HAN}]")
+# whitespace with a Han character on each side: written Chinese has no spaces between words, so these
+# are a speech recogniser's pauses or chunk joins ("红 色 圆锥"), never meaning
+_HAN_GAP = re.compile(f"(?<=[{_HAN}])\\s+(?=[{_HAN}])")
+
+
+def drop_han_spaces(command: str) -> str:
+    """The command without the spaces between two Chinese characters (any other space is kept)."""
+    return _HAN_GAP.sub("", command)
 
 
 class CommandError(ValueError):
