@@ -157,14 +157,15 @@ def test_the_held_out_sets_draw_from_seeds_no_training_uses(tmp_path):
     import json
     from pathlib import Path
 
-    from training.build_embedded import (HELDOUT_SEEDS, LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET,
+    from training.build_embedded import (HELDOUT_SEEDS, LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET, SEED_COUNT_OFFSET,
                                          SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET, SEED_ZH_OFFSET,
                                          heldout_configs, main)
 
     for seed in (0, 1, 7):
         trained = {seed + offset for offset in (0, SEED_ZH_OFFSET, SEED_GROUNDING_OFFSET, SEED_DISTRACTORS_OFFSET,
-                                                SEED_CLARIFY_OFFSET, SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET)}
-        assert len(trained) == 6 and max(trained) == seed + LAST_SEED_OFFSET
+                                                SEED_CLARIFY_OFFSET, SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET,
+                                                SEED_COUNT_OFFSET)}
+        assert len(trained) == 7 and max(trained) == seed + LAST_SEED_OFFSET
         held = {cfg.seed for cfg in heldout_configs(140000, 30000, seed).values()}
         assert len(held) == 2 and not held & trained
     models = Path(__file__).resolve().parents[1] / "models" / "heldout"
@@ -182,14 +183,14 @@ def test_clarify_rich_scenes_are_a_dataset_vla_train_reads_on_a_seed_of_their_ow
     import json
 
     from training import sharegpt
-    from training.build_embedded import LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET, clarify_rich
+    from training.build_embedded import SEED_CLARIFY_OFFSET, SEED_ZH_OFFSET, clarify_rich
     from vla_node.vocabulary import Vocabulary
 
     args = argparse.Namespace(seed=3, clarify_samples=60, workers=1)
     en = clarify_rich(tmp_path / "en", args, ("en",), MODEL_SIZES)
     zh = clarify_rich(tmp_path / "zh", args, ("zh", "en"), MODEL_SIZES)
     seeds = [json.loads((tmp_path / name / "synth_config.json").read_text())["config"]["seed"] for name in ("en", "zh")]
-    assert seeds == [3 + SEED_CLARIFY_OFFSET, 3 + LAST_SEED_OFFSET]
+    assert seeds == [3 + SEED_CLARIFY_OFFSET, 3 + SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET]
     for path in (en, zh):
         rows = json.loads(open(path, encoding="utf-8").read())
         answers = [row["messages"][-1]["content"] for row in rows]
@@ -249,3 +250,71 @@ def test_a_base_from_a_coarser_merge_is_widened_once_and_trained_on_data_for_fin
     assert build.main(common + ["--work", str(tmp_path / "w3"), "--base-from", str(merge1)]) == 0
     assert trained[-1]["model_path"] == str(merge1) and len(widened) == 1
     assert json.loads((tmp_path / "w3" / "data_en" / "synth_config.json").read_text())["config"]["factor"] == 16
+
+
+def test_add_layers_without_base_from_is_refused_before_any_data_is_rendered(tmp_path):
+    from training.build_embedded import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="--add-layers deepens a trained base: give it with --base-from"):
+        main(["--work", str(work), "--out", str(tmp_path / "out"), "--add-layers", "2", "--base-samples", "40",
+              "--workers", "1", "--stop-after", "base"])
+    with pytest.raises(SystemExit, match="--add-layers -1: a number of decoder layers to append, 0 or more"):
+        main(["--work", str(work), "--out", str(tmp_path / "out"), "--add-layers", "-1", "--base-from",
+              str(tmp_path / "any"), "--workers", "1", "--stop-after", "base"])
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_base_from_with_add_layers_is_deepened_once_into_the_work_folder(tiny_qwen3_vl, tmp_path):
+    """--base-from DIR --add-layers K: the base trains from WORK/base_deepened, K layers deeper; a
+    resumed build reuses it as it is; without --add-layers the base is DIR itself."""
+    import json
+
+    from training.build_embedded import base_start
+
+    def layers(folder):
+        return json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    merge = merge_size_of(tiny_qwen3_vl)
+    assert base_start(tiny_qwen3_vl, work, merge, 0, add_layers=0) == tiny_qwen3_vl
+    assert list(work.iterdir()) == [], "nothing written without --add-layers"
+    deepened = base_start(tiny_qwen3_vl, work, merge, 0, add_layers=2)
+    assert deepened == work / "base_deepened" and layers(deepened) == layers(tiny_qwen3_vl) + 2
+    assert merge_size_of(deepened) == merge, "deepened, not widened"
+    written = {path.name: path.stat().st_mtime_ns for path in deepened.iterdir()}
+    assert "model.safetensors.index.json" in written or "model.safetensors" in written
+    assert base_start(tiny_qwen3_vl, work, merge, 0, add_layers=2) == deepened
+    assert {path.name: path.stat().st_mtime_ns for path in deepened.iterdir()} == written, "reused, not rewritten"
+    # a base deepened by another count is not the one asked for: written again
+    assert base_start(tiny_qwen3_vl, work, merge, 0, add_layers=1) == deepened
+    assert layers(deepened) == layers(tiny_qwen3_vl) + 1
+
+
+def test_counting_questions_are_written_once_on_a_seed_of_their_own(tmp_path):
+    """--count-samples: counting questions (training.synth_count) rendered once into the work folder on
+    --seed + SEED_COUNT_OFFSET, mixed into the base's data by the path of their training split."""
+    import argparse
+    import json
+
+    from training.build_embedded import SEED_COUNT_OFFSET, counting
+    from training.synth_count import CountingScenes
+
+    args = argparse.Namespace(seed=3, count_samples=40, workers=1)
+    out = tmp_path / "data_count_en"
+    path = counting(out, args, MODEL_SIZES)
+    assert path == str((out / "count_train.json").resolve())
+    rows = json.loads((out / "count_train.json").read_text())
+    assert len(rows) + len(json.loads((out / "count_val.json").read_text())) == 40
+    indices = [int(row["images"][0].removeprefix("images/").removesuffix(".png")) for row in rows]
+
+    def drawn(seed):
+        scenes = CountingScenes(synth_config(40, seed, ("en",), MODEL_SIZES), "compact")
+        return [scenes.count_sample(i, render=False).messages for i in indices]
+
+    assert [row["messages"] for row in rows] == drawn(3 + SEED_COUNT_OFFSET)
+    assert [row["messages"] for row in rows] != drawn(3), "not the base's own seed"
+    (out / "count_train.json").write_text("[]\n")
+    assert counting(out, args, MODEL_SIZES) == path and (out / "count_train.json").read_text() == "[]\n", \
+        "written once"

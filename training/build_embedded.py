@@ -33,6 +33,11 @@ in benchmarks/results/embedded_build_*_session1[6-9]*.log); on a CPU a whole bui
 not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
 first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
 distilled, every other weight kept) and trains on from there, its data drawn for the finer tokens.
+--base-from DIR --add-layers K first deepens DIR into WORK/base_deepened (training.deepen: K decoder
+layers appended that change no answer until trained); --count-samples N mixes N counting questions
+(training.synth_count: how many of a named thing are on the table, and where) into the base's data.
+The committed base is session 18's deepened by 2 layers and trained on with counting questions
+(session 22).
 """
 from __future__ import annotations
 
@@ -104,7 +109,8 @@ SEED_ZH_OFFSET = 1
 SEED_GROUNDING_OFFSET = 2  # the grounding stage's scenes: none of the base's or the adapter's
 SEED_DISTRACTORS_OFFSET = 3  # the second grounding stage's scenes: none of the others'
 SEED_CLARIFY_OFFSET = 4  # the CLARIFY-rich scenes (--clarify-samples): none of the others'
-LAST_SEED_OFFSET = SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET  # the Chinese CLARIFY-rich scenes'
+SEED_COUNT_OFFSET = SEED_CLARIFY_OFFSET + SEED_ZH_OFFSET + 1  # the counting scenes (--count-samples)
+LAST_SEED_OFFSET = SEED_COUNT_OFFSET
 # The held-out test sets come from seeds no training of any build draws from (a build's seeds are
 # --seed + 0..LAST_SEED_OFFSET, and --seed stays below HELDOUT_SEEDS): the test split of the build's own seed was
 # not enough, since another build with another --base-samples splits the same seed otherwise, and
@@ -159,6 +165,18 @@ def clarify_rich(out: Path, args, languages: tuple[str, ...], sizes: dict) -> st
     seed = args.seed + SEED_CLARIFY_OFFSET + (SEED_ZH_OFFSET if "zh" in languages else 0)
     data = synth(out, args.clarify_samples, seed, languages, args.workers, sizes, **CLARIFY_RICH)
     return str((data / "train.json").resolve())
+
+
+def counting(out: Path, args, sizes: dict) -> str:
+    """--count-samples counting questions (training.synth_count) on scenes of their own, rendered to
+    ``out`` (once); the path of their training split, as a dataset name vla-train reads."""
+    from training.synth_count import COUNT_CONFIG, generate_count_dataset
+
+    if not (out / COUNT_CONFIG).is_file():  # written last: a dataset stopped halfway is written again
+        report = generate_count_dataset(out, synth_config(args.count_samples, args.seed + SEED_COUNT_OFFSET, ("en",),
+                                                          sizes), PROMPT_TEMPLATE, workers=args.workers)
+        log(f"counting questions {out.name}: {report['counts']} {report['kinds']} in {report['seconds']:.0f} s")
+    return str((out / "count_train.json").resolve())
 
 
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES,
@@ -302,9 +320,26 @@ def curriculum(args, work: Path, sizes: dict) -> list[tuple]:
     return [stage for stage in stages if stage[2] > 0]
 
 
-def base_start(base_from: Path, work: Path, merge_size: int, seed: int) -> Path:
+def base_start(base_from: Path, work: Path, merge_size: int, seed: int, add_layers: int = 0) -> Path:
     """--base-from's checkpoint as the base's start; one built with a larger merge size is widened first
-    (training.widen_vision) into work/base_widened, once (a resumed build reuses it)."""
+    (training.widen_vision) into work/base_widened, and with --add-layers it is deepened (training.deepen)
+    into work/base_deepened, each once (a resumed build reuses them)."""
+    start = widened_start(base_from, work, merge_size, seed)
+    if not add_layers:
+        return start
+    from training.deepen import deepen_language_model, language_layers
+
+    deepened = work / "base_deepened"
+    layers = language_layers(start / "config.json")[1] + add_layers
+    if (deepened / "config.json").is_file() and language_layers(deepened / "config.json")[1] == layers:
+        log(f"{start} deepened to {layers} layers before: {deepened}")  # written whole or not at all
+        return deepened
+    log(f"deepening {start} by {add_layers} decoder layers into {deepened} (zero-effect copies of the last ones)")
+    return deepen_language_model(start, deepened, add_layers, overwrite=True)
+
+
+def widened_start(base_from: Path, work: Path, merge_size: int, seed: int) -> Path:
+    """--base-from, or its widening (training.widen_vision) to ``merge_size`` in work/base_widened."""
     have = merge_size_of(base_from)
     if have is None or have == merge_size:
         return base_from
@@ -484,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clarify-samples", type=int, default=0,
                         help="CLARIFY-rich scenes (CLARIFY_RICH) mixed into the base's data (English) and the "
                              "adapter's (Chinese and English); 0: none (default: %(default)s)")
+    parser.add_argument("--count-samples", type=int, default=0,
+                        help="counting questions (training.synth_count: how many of a named thing are on the "
+                             "table, and where) on scenes of their own, mixed into the base's data (default: "
+                             "%(default)s: none)")
+    parser.add_argument("--add-layers", type=int, default=0,
+                        help="with --base-from: decoder layers appended to its language model before training "
+                             "(training.deepen: zero-effect copies of the last ones) (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=1200, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
@@ -536,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.deadline_minutes * 60 if args.deadline_minutes else None)
     adapter_minutes = args.lora_minutes if args.stop_after == "all" else 0.0  # no adapter: the base takes it all
     base_deadline = Deadline((args.deadline_minutes - adapter_minutes) * 60 if args.deadline_minutes else None)
+    if args.add_layers < 0:
+        raise SystemExit(f"--add-layers {args.add_layers}: a number of decoder layers to append, 0 or more")
+    if args.add_layers and not args.base_from:
+        raise SystemExit("--add-layers deepens a trained base: give it with --base-from (a new model's depth is "
+                         "training.tiny_models')")
     if not 0 <= args.seed < min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET:
         raise SystemExit(f"--seed {args.seed}: must be >= 0 and below {min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET} "
                          "(the seeds above are the held-out sets')")
@@ -557,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")  # exported by an earlier (maybe remote) run
     else:
         # --base-from is checked (and widened) before any data is rendered
-        init = base_start(Path(args.base_from), work, sizes["merge_size"], args.seed) if args.base_from else None
+        init = base_start(Path(args.base_from), work, sizes["merge_size"], args.seed, args.add_layers) \
+            if args.base_from else None
         data_en = synth(work / "data_en", *en_data, args.workers, sizes)
         if init is None:
             init = base_init(work / "base_init", corpus(training_text, args.workers), args.seed,
@@ -576,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                 base_datasets[1:] = [str((stage_data / "train.json").resolve())]
         if args.clarify_samples:
             base_datasets.append(clarify_rich(work / "data_clarify_en", args, ("en",), sizes))
+        if args.count_samples:
+            base_datasets.append(counting(work / "data_count_en", args, sizes))
         if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
             adapter_data = render_in_background(work / "data_zh", *zh_data, args.workers, sizes)
         steps = int(args.base_steps) if args.base_steps != "auto" else scheduled_steps(base_run)

@@ -31,9 +31,6 @@ log = logging.getLogger("widen_vision")
 MERGER_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 VISION_PREFIX = "model.visual."
 PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-# the source's own training records and weights: not the widened checkpoint's
-NOT_COPIED = {"train_config.json", "train_results.json", "all_results.json", "eval_results.json",
-              "trainer_state.json", "log_history.json", "model.safetensors.index.json"}
 SCENE_SEED = 3_000_000  # + seed: scenes no build trains or tests on (their seeds are < 1,000,000 and 1M, 2M + seed)
 SCENE_SIZE = (320, 240)  # the camera frames the embedded model reads
 HELD_OUT_FRACTION = 8  # every 8th scene measures the fit, the others train it
@@ -76,10 +73,10 @@ def with_merge_size(data, merge_size: int):
 def write_configs(source: Path, target: Path, merge_size: int) -> None:
     """The source's tokenizer, chat template, generation config and manifest as they are; config.json
     and the processor configs with the new merge size."""
+    from training.derived_checkpoint import carried_files
+
     target.mkdir(parents=True)
-    for item in sorted(source.iterdir()):
-        if not item.is_file() or item.suffix in (".safetensors", ".png", ".bin") or item.name in NOT_COPIED:
-            continue
+    for item in carried_files(source):
         if item.name == "config.json" or item.name in PROCESSOR_CONFIGS:
             data = with_merge_size(json.loads(item.read_text(encoding="utf-8")), merge_size)
             (target / item.name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -174,6 +171,7 @@ def widen_vision_tokens(model_dir, out_dir, merge_size: int = 1, steps: int = DE
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoProcessor
 
+    from training.derived_checkpoint import move_into_place, partial_folder
     from training.weight_shards import load_tensors, shard_weights
 
     source, out = Path(model_dir), Path(out_dir)
@@ -182,12 +180,7 @@ def widen_vision_tokens(model_dir, out_dir, merge_size: int = 1, steps: int = DE
     if images < HELD_OUT_FRACTION + 1:
         raise WideningError(f"images={images}: at least {HELD_OUT_FRACTION + 1} (every {HELD_OUT_FRACTION}th "
                             "one is held out to measure the fit)")
-    if out.resolve() == source.resolve():
-        raise WideningError(f"--out {out} is the source checkpoint: write the widened one elsewhere")
-    if out.exists() and not overwrite:
-        raise WideningError(f"{out} exists; remove it or pass overwrite (--overwrite)")
-    partial = out.with_name(out.name + ".partial")  # moved into place once whole
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = partial_folder(source, out, overwrite, WideningError, "widened")
     write_configs(source, partial, merge_size)
 
     old_tensors = load_tensors(source)
@@ -203,9 +196,7 @@ def widen_vision_tokens(model_dir, out_dir, merge_size: int = 1, steps: int = DE
     save_file(widened, str(partial / "model.safetensors"), metadata={"format": "pt"})
     shard_weights(partial)
     note_widening(partial, source, old_merge, merge_size, images, seed, reports)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    move_into_place(partial, out)
     log.info("widened %s (merge %d) -> %s (merge %d)", source, old_merge, out, merge_size)
     return out
 
