@@ -1,4 +1,4 @@
-"""The held-out phrasings (models/heldout/phrasings.json and phrasings_blind.json): enough of them,
+"""The held-out phrasings (models/heldout/phrasings.json, phrasings_blind.json, phrasings_blind2.json): enough of them,
 all usable, and apart from the generator (training/synth_language.py): a phrasing the generator
 writes word for word would test nothing, so none of them may come out of 6,000 generated commands
 of its skill (such an entry is taken out of its file). The development set training/phrasings_dev.json,
@@ -16,7 +16,7 @@ from training.phrasings import fill, read_phrasings
 from training.synth import SynthConfig, Synthesizer
 
 HELDOUT = Path(__file__).resolve().parents[1] / "models" / "heldout"
-SPECS = [HELDOUT / "phrasings.json", HELDOUT / "phrasings_blind.json"]
+SPECS = [HELDOUT / "phrasings.json", HELDOUT / "phrasings_blind.json", HELDOUT / "phrasings_blind2.json"]
 _PUNCTUATION = re.compile(r"[,.!?，。！？、]")
 
 

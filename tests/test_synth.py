@@ -280,3 +280,25 @@ def test_vla_data_synth_takes_the_scene_limits(tmp_path, capsys):
     assert json.loads((out / "synth_config.json").read_text())["config"]["max_objects"] == 1
     assert data_main(["synth", str(tmp_path / "bad"), "--num", "6", "--max-containers", "-1"]) == 2
     assert "max-containers at least 0" in capsys.readouterr().err
+
+
+def test_chinese_picks_into_the_hand_or_off_the_table_and_moves_holding_the_thing_first(vocab):
+    """把X拿到手里 / 从桌上拿起X are pick commands (手里 and 桌上 are no destination); 拿着X放进Y is one
+    move: the grammar writes these wordings, and with the answer each one means."""
+    containers = ("碗", "盘子", "托盘", "盒子", "篮子")
+    picks = Synthesizer(SynthConfig(num=600, seed=9, languages=("zh",), skills=("pick",)), vocab)
+    into_hand = off_table = 0
+    for index in range(600):
+        sample = picks.sample(index, render=False)
+        if not any(word in sample.command for word in ("手里", "手上", "手中", "手心里", "从桌", "从台子")):
+            continue
+        into_hand += any(word in sample.command for word in ("手里", "手上", "手中", "手心里"))
+        off_table += "从桌" in sample.command or "从台子" in sample.command
+        assert [(s.verb, s.destination) for s in sample.steps] == [("PICK_OBJECT", "")], sample.command
+        assert not any(word in sample.command for word in containers), sample.command
+    assert into_hand >= 20 and off_table >= 20
+    moves = Synthesizer(SynthConfig(num=600, seed=9, languages=("zh",), skills=("move",)), vocab)
+    holding = [s for s in (moves.sample(i, render=False) for i in range(600))
+               if any(verb in s.command for verb in ("拿着", "抓着", "夹着", "提着", "拎着"))]
+    assert len(holding) >= 5
+    assert all([step.verb for step in s.steps] == ["MOVE_OBJECT"] and s.steps[0].destination for s in holding)

@@ -120,6 +120,18 @@ def test_the_same_config_writes_the_same_bytes_with_one_worker_or_two(tmp_path):
     assert (tmp_path / "c" / "images" / "000004.png").read_bytes() != files[0]["images/000004.png"]
 
 
+def test_a_folder_written_again_holds_only_the_new_dataset(tmp_path):
+    """An earlier run's files (a larger or a stopped one) do not linger beside the new dataset."""
+    generate_count_dataset(tmp_path / "count", synth_config(12, 5, ("en",)))
+    smaller = synth_config(5, 5, ("en",))
+    generate_count_dataset(tmp_path / "count", smaller)
+    fresh = tmp_path / "fresh"
+    generate_count_dataset(fresh, smaller)
+    assert {p.relative_to(tmp_path / "count") for p in (tmp_path / "count").rglob("*")} == \
+        {p.relative_to(fresh) for p in fresh.rglob("*")}
+    assert sorted(p.name for p in (tmp_path / "count" / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+
 def test_the_datasets_are_declared_free_form_and_vla_train_reads_them_as_text(tmp_path):
     from training import sharegpt
     from training.config import load_config

@@ -23,8 +23,9 @@ SPLITS = ("test_en", "test_zh")
 # (language, the run that serves it): English commands reach the base, Chinese ones the adapter
 PHRASINGS = (("en", "base"), ("zh", "adapter"))
 # phrasings.json: written apart from the generator; phrasings_blind.json: by a writer who had read
-# neither the generator nor the first set (the first one's author had seen the generator's gaps)
-PHRASING_SETS = ("phrasings", "phrasings_blind")
+# neither the generator nor the first set (the first one's author had seen the generator's gaps);
+# phrasings_blind2.json: by a writer who had read no file of the project at all (session 23)
+PHRASING_SETS = ("phrasings", "phrasings_blind", "phrasings_blind2")
 CI_LIMIT = 12
 # the ci_check's phrasing sets: the blind one alone keeps the test's time down (each set is 4 runs)
 CI_PHRASING_SETS = ("phrasings_blind",)
