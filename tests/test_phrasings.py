@@ -1,8 +1,9 @@
-"""The held-out phrasings (models/heldout/phrasings.json, phrasings_blind.json, phrasings_blind2.json): enough of them,
-all usable, and apart from the generator (training/synth_language.py): a phrasing the generator
-writes word for word would test nothing, so none of them may come out of 6,000 generated commands
-of its skill (such an entry is taken out of its file). The development set training/phrasings_dev.json,
-which the grammar may grow against, must be as usable."""
+"""The held-out phrasings (models/heldout/phrasings.json, phrasings_blind.json and
+phrasings_blind2.json): enough of them, all usable, and apart from the generator
+(training/synth_language.py): a phrasing the generator writes word for word would test nothing, so
+none of them may come out of 6,000 generated commands of its skill (such an entry is taken out of
+its file). The development set training/phrasings_dev.json, which the grammar may grow against,
+must be as usable."""
 
 from __future__ import annotations
 

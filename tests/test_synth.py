@@ -284,7 +284,7 @@ def test_vla_data_synth_takes_the_scene_limits(tmp_path, capsys):
 
 def test_chinese_picks_into_the_hand_or_off_the_table_and_moves_holding_the_thing_first(vocab):
     """把X拿到手里 / 从桌上拿起X are pick commands (手里 and 桌上 are no destination); 拿着X放进Y is one
-    move: the grammar writes these wordings, and with the answer each one means."""
+    move: the grammar writes these wordings, each answered with the plan it means."""
     containers = ("碗", "盘子", "托盘", "盒子", "篮子")
     picks = Synthesizer(SynthConfig(num=600, seed=9, languages=("zh",), skills=("pick",)), vocab)
     into_hand = off_table = 0
