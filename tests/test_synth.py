@@ -285,15 +285,15 @@ def test_vla_data_synth_takes_the_scene_limits(tmp_path, capsys):
 def test_chinese_picks_into_the_hand_or_off_the_table_and_moves_holding_the_thing_first(vocab):
     """把X拿到手里 / 从桌上拿起X are pick commands (手里 and 桌上 are no destination); 拿着X放进Y is one
     move: the grammar writes these wordings, each answered with the plan it means."""
-    containers = ("碗", "盘子", "托盘", "盒子", "篮子")
+    containers, hand, table = ("碗", "盘子", "托盘", "盒子", "篮子"), ("手里", "手上", "手中", "手心里"), ("从桌", "从台子")
     picks = Synthesizer(SynthConfig(num=600, seed=9, languages=("zh",), skills=("pick",)), vocab)
     into_hand = off_table = 0
     for index in range(600):
         sample = picks.sample(index, render=False)
-        if not any(word in sample.command for word in ("手里", "手上", "手中", "手心里", "从桌", "从台子")):
+        said = [any(word in sample.command for word in words) for words in (hand, table)]
+        if not any(said):
             continue
-        into_hand += any(word in sample.command for word in ("手里", "手上", "手中", "手心里"))
-        off_table += "从桌" in sample.command or "从台子" in sample.command
+        into_hand, off_table = into_hand + said[0], off_table + said[1]
         assert [(s.verb, s.destination) for s in sample.steps] == [("PICK_OBJECT", "")], sample.command
         assert not any(word in sample.command for word in containers), sample.command
     assert into_hand >= 20 and off_table >= 20

@@ -812,6 +812,13 @@ def _messages_of_sample(index: int) -> list[dict]:
     return _WORKER_SYNTH.sample(index, render=False).messages
 
 
+def remove_outputs(out: Path, files: Sequence[str]) -> None:
+    """A generator's own outputs in ``out``: its images/ and ``files``; nothing else there is touched."""
+    shutil.rmtree(out / "images", ignore_errors=True)
+    for name in files:
+        (out / name).unlink(missing_ok=True)
+
+
 def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = None,
                      overwrite: bool = False, workers: int = 1,
                      only: Optional[dict[str, list[int]]] = None) -> SynthReport:
@@ -830,9 +837,7 @@ def generate_dataset(out_dir, cfg: SynthConfig, vocab: Optional[Vocabulary] = No
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SynthError(f"{out} is not empty (pass --overwrite to replace a previous synth output)")
-        shutil.rmtree(out / "images", ignore_errors=True)
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+        remove_outputs(out, OUTPUT_FILES)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, int] = {}

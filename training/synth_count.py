@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from training.synth import (PNG_PARAMS, SynthConfig, SynthError, Synthesizer, Thing, _plural, _Retry,
-                            _split_label)
+from training.synth import (PNG_PARAMS, SynthConfig, SynthError, Synthesizer, Thing, _plural, _Retry, _split_label,
+                            remove_outputs)
 from vla_node.prompt import PromptBuilder, quote_command
 
 __all__ = ["QUESTION_KINDS", "CountSample", "CountingScenes", "count_answer", "count_question",
@@ -45,6 +45,8 @@ __all__ = ["QUESTION_KINDS", "CountSample", "CountingScenes", "count_answer", "c
 QUESTION_KINDS = {"several": 0.3, "absent_lookalike": 0.3, "present": 0.25, "shape": 0.15}
 QUESTION_PREFIX = "Count: "
 COUNT_CONFIG = "count_config.json"  # the options and counts, written once the dataset is whole
+# what a run writes besides images/ (dataset_info.json is shared: write_sharegpt updates its entries)
+COUNT_OUTPUT_FILES = (COUNT_CONFIG, "count_train.json", "count_val.json")
 
 
 def count_question(noun: str) -> str:
@@ -153,16 +155,6 @@ def _encode_in_worker(index: int) -> tuple[int, bytes, list, str]:
     return _encode(_WORKER, index)
 
 
-def _remove_earlier_output(out: Path) -> None:
-    """This generator's own files in ``out`` (nothing else there is touched; write_sharegpt updates its
-    entries in dataset_info.json)."""
-    import shutil
-
-    shutil.rmtree(out / "images", ignore_errors=True)
-    for name in (COUNT_CONFIG, "count_train.json", "count_val.json"):  # dataset_info.json: entries are updated
-        (out / name).unlink(missing_ok=True)
-
-
 def generate_count_dataset(out_dir, cfg: SynthConfig, template: str = "compact", workers: int = 1) -> dict:
     """Write the dataset (module docstring) from ``cfg``'s scenes: its num, seed, size, box convention
     and val_frac (test_frac is not used: the held-out sets are the action data's). Same config, same
@@ -173,7 +165,7 @@ def generate_count_dataset(out_dir, cfg: SynthConfig, template: str = "compact",
     scenes = CountingScenes(cfg, template)
     out = Path(out_dir)
     images = out / "images"
-    _remove_earlier_output(out)  # a stopped or larger earlier run's images would lie beside the new ones
+    remove_outputs(out, COUNT_OUTPUT_FILES)  # a stopped or larger earlier run's images would lie beside the new ones
     images.mkdir(parents=True, exist_ok=True)
     n_val = int(round(cfg.num * cfg.val_frac))
     rows: dict[str, list] = {"train": [], "val": []}
