@@ -87,3 +87,30 @@ def test_no_held_out_phrasing_is_written_by_the_generator(path, lang, generator_
     spec = read_phrasings(path)
     written = [e["text"] for e in spec[lang] if _normal(e["text"]) in generator_commands[lang]]
     assert not written, f"the generator writes these held-out phrasings itself: {json.dumps(written, ensure_ascii=False)}"
+
+
+def test_a_shape_or_colour_alone_is_put_only_on_scenes_where_it_names_one_thing(tmp_path):
+    """"pick up the cube" with two cubes on the table asks for a CLARIFY, not the scene's action:
+    materialise_phrasings must not pair such a phrasing with such a scene."""
+    from training.phrasings import materialise_phrasings
+
+    spec = {"seed": 4242, "scenes_per_phrasing": 12,
+            "en": [{"skill": "pick", "text": "grab the {os}"}, {"skill": "move", "text": "the {oc} one into the {ds}"}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    base = SynthConfig()
+    out = materialise_phrasings(path, base, "en", tmp_path / "out")
+    rows = json.loads((out / "phrased.json").read_text(encoding="utf-8"))
+    assert len(rows) == 24
+    synths = {skill: Synthesizer(SynthConfig(seed=4242, languages=("en",), skills=(skill,))) for skill in ("pick", "move")}
+    for row in rows:
+        index = int(Path(row["images"][0]).stem) - 1  # materialise names a scene's image by its index + 1
+        skill = "pick" if "grab the" in row["messages"][-2]["content"] else "move"
+        sample = synths[skill].sample(index, render=False)
+        obj = next(t for t in sample.things if t.label == sample.steps[0].object)
+        if skill == "pick":
+            assert sum(t.kind == "object" and t.shape == obj.shape for t in sample.things) == 1
+        else:
+            dest = next(t for t in sample.things if t.label == sample.steps[0].destination)
+            assert sum(t.kind == "object" and t.colour == obj.colour for t in sample.things) == 1
+            assert sum(t.kind == "container" and t.shape == dest.shape for t in sample.things) == 1

@@ -302,3 +302,30 @@ def test_chinese_picks_into_the_hand_or_off_the_table_and_moves_holding_the_thin
                if any(verb in s.command for verb in ("拿着", "抓着", "夹着", "提着", "拎着"))]
     assert len(holding) >= 5
     assert all([step.verb for step in s.steps] == ["MOVE_OBJECT"] and s.steps[0].destination for s in holding)
+
+
+def test_english_pick_and_place_verbs_joined_by_and_are_one_move_and_steps_need_a_sequencing_word(vocab):
+    """"grab the X and drop it in the Y" is one MOVE_OBJECT (people mean one move, as every
+    hand-written phrasing set answers it); a pick and a place are two steps only when a sequencing
+    word sets them out ("pick up the X, then put it in the Y")."""
+    sequencing = re.compile(r"\b(then|after that|next|afterwards|once that's done)\b")
+    two_verbs = re.compile(r"\b(pick|grab|take|lift|get|grasp|collect|snatch|seize|scoop|pluck)\b.* and "
+                           r"(put|place|drop|set|leave|release|lay|deposit|let go of|pop|stick|plop|stash|dump|"
+                           r"lower|rest|stow|tuck|unload) it\b")
+    moves = Synthesizer(SynthConfig(num=800, seed=9, languages=("en",), skills=("move",)), vocab)
+    joined = [s for s in (moves.sample(i, render=False) for i in range(800)) if two_verbs.search(s.command.lower())]
+    assert len(joined) >= 30
+    assert all([step.verb for step in s.steps] == ["MOVE_OBJECT"] and s.steps[0].destination for s in joined)
+    assert not any(sequencing.search(s.command.lower()) for s in joined)
+    multi = Synthesizer(SynthConfig(num=800, seed=9, languages=("en",), skills=("multi",)), vocab)
+    pick_place = [s for s in (multi.sample(i, render=False) for i in range(800)) if s.kind == "multi_pick_place"]
+    assert len(pick_place) >= 50
+    assert all(sequencing.search(s.command.lower()) for s in pick_place), \
+        [s.command for s in pick_place if not sequencing.search(s.command.lower())]
+
+
+def test_a_plate_is_sometimes_called_a_dish_and_the_answer_names_the_plate(vocab):
+    moves = Synthesizer(SynthConfig(num=1500, seed=9, languages=("en",), skills=("move",)), vocab)
+    dishes = [s for s in (moves.sample(i, render=False) for i in range(1500)) if " dish" in s.command.lower()]
+    assert len(dishes) >= 5
+    assert all(s.steps[0].destination.endswith(" plate") for s in dishes)

@@ -49,6 +49,21 @@ def _requirement_met(entry: dict, obj: str | None, dest: str | None) -> bool:
     return True
 
 
+def _references_unique(entry: dict, obj: str | None, dest: str | None, things) -> bool:
+    """A phrasing that names a thing by its shape alone ({os}, {ds}) or its colour alone ({oc},
+    {dc}) names one thing only where no other object (container) of the scene shares that word;
+    elsewhere its right answer is a CLARIFY, not the scene's action, so the scene is not used."""
+    for label, kind, slots in ((obj, "object", ("{os}", "{oc}")), (dest, "container", ("{ds}", "{dc}"))):
+        if label is None:
+            continue
+        colour, _, shape = label.rpartition(" ")
+        for slot, word, attribute in zip(slots, (shape, colour), ("shape", "colour")):
+            if slot in entry["text"] and \
+                    sum(1 for t in things if t.kind == kind and getattr(t, attribute) == word) != 1:
+                return False
+    return True
+
+
 def fill(entry: dict, lang: str, obj: str | None, dest: str | None, zh_name) -> str:
     """The phrasing with its slots filled for this object and destination (canonical labels)."""
     slots: dict[str, str] = {}
@@ -98,7 +113,7 @@ def materialise_phrasings(spec_path: Path, base: SynthConfig, lang: str, out_dir
                 index += 1
                 step = sample.steps[0]
                 obj, dest = step.object or None, step.destination or None
-                if _requirement_met(entry, obj, dest):
+                if _requirement_met(entry, obj, dest) and _references_unique(entry, obj, dest, sample.things):
                     break
             path = out / "images" / f"{index:06d}.png"
             ok, png = cv2.imencode(".png", sample.image, PNG_PARAMS)

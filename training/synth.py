@@ -18,8 +18,10 @@ Skills (``--skills``) and the answers they teach:
                 rendered: the box tells them apart)
     multi    "pick up X and then put it in Y"  -> PICK_OBJECT + PLACE_OBJECT
              "put X in Y and then put Z in W"  -> MOVE_OBJECT + MOVE_OBJECT
-             Fixed rule: a command that names the pick and the place as separate steps gets
-             PICK_OBJECT then PLACE_OBJECT; a single put/move phrase is one MOVE_OBJECT.
+             Fixed rule: a command that sets the pick and the place out as steps, with a
+             sequencing word (then, after that, 然后, 再), gets PICK_OBJECT then PLACE_OBJECT; a
+             single put/move phrase is one MOVE_OBJECT, and so is a pick verb joined to a place
+             verb by a plain "and" ("grab X and drop it in Y", 拿着X放进Y).
              If anything a multi-step command names is missing, the whole answer is one CLARIFY
              (never a partial plan).
     clarify  absent object/destination -> CLARIFY(reason="no red cube is visible");

@@ -9,8 +9,10 @@ and then the speech layer: casing, punctuation or none, a repeated word, an "uh"
 a dropped article, as an automatic speech recogniser writes them.
 
 The answer never depends on the wording beyond its meaning: one put/move phrase is one
-MOVE_OBJECT; naming the pick and the place as separate verbs ("take the X and put it in Y",
-"先拿起X，然后放到Y里") is PICK_OBJECT + PLACE_OBJECT (training.synth owns that rule).
+MOVE_OBJECT, and so is a pick verb joined to a place verb by a plain "and" ("grab the X and drop
+it in the Y", as 拿着X放进Y is in Chinese): people mean one move. Only a pick and a place set out
+as steps with a sequencing word ("pick up the X, then put it in the Y", "先拿起X，然后放到Y里") are
+PICK_OBJECT + PLACE_OBJECT (training.synth owns that rule).
 
 Everything draws from the numpy Generator it is given, so a sample stays a function of its seed
 and index. models/heldout/phrasings.json, phrasings_blind.json and phrasings_blind2.json hold
@@ -41,7 +43,7 @@ SHAPES_ZH = {
     "cone": "圆锥", "bowl": "碗", "tray": "托盘", "box": "盒子", "plate": "盘子", "basket": "篮子",
 }
 # Other words for a shape, used only when that word is not itself a shape of the vocabulary.
-EN_SYNONYMS = {"cube": ("block",), "ball": ("sphere",), "box": ("bin", "crate")}
+EN_SYNONYMS = {"cube": ("block",), "ball": ("sphere",), "box": ("bin", "crate"), "plate": ("dish",)}
 ZH_SYNONYMS = {"cube": ("积木", "立方体", "方块儿"), "ball": ("小球", "圆球"), "cylinder": ("圆柱体", "柱子"),
                "cone": ("锥体",), "box": ("箱子",), "plate": ("碟子",)}
 ZH_SHORT_COLOUR = {"红色": "红", "绿色": "绿", "蓝色": "蓝", "黄色": "黄", "橙色": "橙", "紫色": "紫", "白色": "白",
@@ -106,6 +108,7 @@ EN_PLACE_HELD = ("it", "it", "it", "that", "this", "what you are holding", "what
                  "the thing", "that thing", "your load")
 EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop",
                   "stick", "plop", "stash", "dump", "lower", "rest", "stow", "tuck", "unload", "drop off")
+EN_PLACE_IT_VERBS = tuple(verb for verb in EN_PLACE_VERBS if verb != "drop off")  # "drop off it" is not English
 EN_POLITE = ("please ", "could you ", "can you ", "would you ", "will you ", "I'd like you to ", "I want you to ",
              "I need you to ", "go ahead and ", "let's ", "kindly ", "try to ", "you can ", "you should ",
              "could you please ", "can you please ", "please go ahead and ", "now ", "just ",
@@ -124,7 +127,16 @@ EN_SUFFIX = (" please", " thanks", " thank you", " now", " for me", " right now"
              " for me please", " it's in the way", " I need it there", " that's all", " go", " pronto",
              " if you don't mind", " no rush", " gently")
 EN_FILLERS = ("uh", "um", "er", "like", "you know", "erm", "I mean", "so", "uhh", "hmm")
-EN_THEN = ("and then", "then", "and", "after that", "and after that", "and next", "then after that")
+# Sequencing words: they make a pick and a place two steps. A plain "and" does not ("grab it and drop
+# it in the bowl" is one move), but it does join two moves, each with its own destination.
+EN_THEN = ("and then", "then", "after that", "and after that", "and next", "then after that", "next",
+           "and afterwards", "once that's done")
+EN_AND = ("and", "and", "and also", "plus")
+# A pick verb that can open "<pick> the X and <place verb> it in the Y", one move.
+EN_MOVE_PICKS = ("pick up {o}", "pick {o} up", "grab {o}", "take {o}", "lift {o}", "lift up {o}", "get {o}",
+                 "grasp {o}", "take hold of {o}", "collect {o}", "snatch {o}", "seize {o}", "get hold of {o}",
+                 "grab hold of {o}", "scoop up {o}", "pluck {o} off the table", "pick up {o} off the table",
+                 "take {o} off the table", "go get {o}", "go grab {o}")
 
 
 class _English:
@@ -175,6 +187,12 @@ class _English:
         ing, particle = EN_MOVE_VERBS[verb]
         particle = f" {particle}" if particle and _chance(rng, 0.6) else ""
         frame = rng.random()
+        if frame < 0.09:  # a pick verb and a place verb joined by a plain "and": one move
+            place = _pick(rng, EN_PLACE_IT_VERBS)
+            down = " down" if place in ("put", "set", "place", "plop", "lay") and _chance(rng, 0.3) else ""
+            comma = "," if _chance(rng, 0.1) else ""
+            core = f"{_pick(rng, EN_MOVE_PICKS).format(o=o)}{comma} and {place} it{down} {where}"
+            return self.imperative(rng, core, None)
         if frame < 0.56:
             return self.imperative(rng, f"{verb} {o}{particle} {where}", f"{ing} {o}{particle} {where}")
         if frame < 0.60:  # the particle after the destination, or the object last
@@ -254,7 +272,8 @@ class _English:
         second = f"{verb} the {o2} {self.dest(rng, d2, s2)}" if _chance(rng, 0.75) else \
             f"the {o2} {self.dest(rng, d2, s2)}"
         opening = _pick(rng, ("", "", "first ", "first, "))
-        return f"{opening}{first}{',' if _chance(rng, 0.4) else ''} {_pick(rng, EN_THEN)} {second}"
+        joint = _pick(rng, EN_THEN + EN_AND)
+        return f"{opening}{first}{',' if _chance(rng, 0.4) else ''} {joint} {second}"
 
     def stop(self, rng) -> str:
         return _pick(rng, ("stop", "stop!", "stop now", "halt", "freeze", "stop moving", "wait, stop", "emergency stop",
