@@ -108,6 +108,7 @@ EN_PLACE_HELD = ("it", "it", "it", "that", "this", "what you are holding", "what
                  "the thing", "that thing", "your load")
 EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop",
                   "stick", "plop", "stash", "dump", "lower", "rest", "stow", "tuck", "unload", "drop off")
+EN_PUT_DOWN_VERBS = ("put", "set", "place", "plop", "lay")  # "put it down in the bowl"
 EN_PLACE_IT_VERBS = tuple(verb for verb in EN_PLACE_VERBS if verb != "drop off")  # "drop off it" is not English
 EN_POLITE = ("please ", "could you ", "can you ", "would you ", "will you ", "I'd like you to ", "I want you to ",
              "I need you to ", "go ahead and ", "let's ", "kindly ", "try to ", "you can ", "you should ",
@@ -132,6 +133,7 @@ EN_FILLERS = ("uh", "um", "er", "like", "you know", "erm", "I mean", "so", "uhh"
 EN_THEN = ("and then", "then", "after that", "and after that", "and next", "then after that", "next",
            "and afterwards", "once that's done")
 EN_AND = ("and", "and", "and also", "plus")
+EN_JOIN_MOVES = EN_THEN + EN_AND
 # A pick verb that can open "<pick> the X and <place verb> it in the Y", one move.
 EN_MOVE_PICKS = ("pick up {o}", "pick {o} up", "grab {o}", "take {o}", "lift {o}", "lift up {o}", "get {o}",
                  "grasp {o}", "take hold of {o}", "collect {o}", "snatch {o}", "seize {o}", "get hold of {o}",
@@ -189,7 +191,7 @@ class _English:
         frame = rng.random()
         if frame < 0.09:  # a pick verb and a place verb joined by a plain "and": one move
             place = _pick(rng, EN_PLACE_IT_VERBS)
-            down = " down" if place in ("put", "set", "place", "plop", "lay") and _chance(rng, 0.3) else ""
+            down = " down" if place in EN_PUT_DOWN_VERBS and _chance(rng, 0.3) else ""
             comma = "," if _chance(rng, 0.1) else ""
             core = f"{_pick(rng, EN_MOVE_PICKS).format(o=o)}{comma} and {place} it{down} {where}"
             return self.imperative(rng, core, None)
@@ -244,7 +246,7 @@ class _English:
         frame = rng.random()
         if frame < 0.76:
             verb = _pick(rng, EN_PLACE_VERBS)
-            down = " down" if verb in ("put", "set", "place", "plop", "lay") and _chance(rng, 0.25) else ""
+            down = " down" if verb in EN_PUT_DOWN_VERBS and _chance(rng, 0.25) else ""
             core = f"{verb} {held}{down} {where}"
             return self.imperative(rng, core, f"putting {held}{down} {where}")
         if frame < 0.86:
@@ -272,7 +274,7 @@ class _English:
         second = f"{verb} the {o2} {self.dest(rng, d2, s2)}" if _chance(rng, 0.75) else \
             f"the {o2} {self.dest(rng, d2, s2)}"
         opening = _pick(rng, ("", "", "first ", "first, "))
-        joint = _pick(rng, EN_THEN + EN_AND)
+        joint = _pick(rng, EN_JOIN_MOVES)
         return f"{opening}{first}{',' if _chance(rng, 0.4) else ''} {joint} {second}"
 
     def stop(self, rng) -> str:
