@@ -329,3 +329,12 @@ def test_a_plate_is_sometimes_called_a_dish_and_the_answer_names_the_plate(vocab
     dishes = [s for s in (moves.sample(i, render=False) for i in range(1500)) if " dish" in s.command.lower()]
     assert len(dishes) >= 5
     assert all(s.steps[0].destination.endswith(" plate") for s in dishes)
+
+
+def test_a_pronoun_is_never_put_after_a_verb_with_a_particle(vocab):
+    """"drop off the thing you're holding" is English, "drop off it" is not: a pronoun takes the
+    place verbs without a particle."""
+    places = Synthesizer(SynthConfig(num=3000, seed=9, languages=("en",), skills=("place",)), vocab)
+    commands = [s.command.lower() for s in (places.sample(i, render=False) for i in range(3000))]
+    assert any("drop off " in c for c in commands)  # the verb itself stays in the grammar
+    assert not [c for c in commands if re.search(r"\bdrop off (it|that|this)\b(?! thing)", c)]

@@ -378,6 +378,9 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
             "max_pixels": int(max_pixels),
         },
     }
+    clarify_threshold = mf.clarify_threshold_of(model_dir)  # the source model's calibrated one, if any
+    if clarify_threshold is not None:
+        manifest["clarify_threshold"] = clarify_threshold
     if deepstack_layers:
         visual = hf.model.visual
         manifest["deepstack_layers"] = deepstack_layers

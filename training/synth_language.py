@@ -109,6 +109,7 @@ EN_PLACE_HELD = ("it", "it", "it", "that", "this", "what you are holding", "what
 EN_PLACE_VERBS = ("put", "place", "drop", "set", "leave", "release", "lay", "deposit", "let go of", "pop",
                   "stick", "plop", "stash", "dump", "lower", "rest", "stow", "tuck", "unload", "drop off")
 EN_PUT_DOWN_VERBS = ("put", "set", "place", "plop", "lay")  # "put it down in the bowl"
+EN_PRONOUNS = ("it", "that", "this")
 EN_PLACE_IT_VERBS = tuple(verb for verb in EN_PLACE_VERBS if verb != "drop off")  # "drop off it" is not English
 EN_POLITE = ("please ", "could you ", "can you ", "would you ", "will you ", "I'd like you to ", "I want you to ",
              "I need you to ", "go ahead and ", "let's ", "kindly ", "try to ", "you can ", "you should ",
@@ -245,7 +246,8 @@ class _English:
         where = self.dest(rng, d_text, shape)
         frame = rng.random()
         if frame < 0.76:
-            verb = _pick(rng, EN_PLACE_VERBS)
+            # a pronoun goes between "drop" and "off", so a pronoun takes the verbs without a particle
+            verb = _pick(rng, EN_PLACE_IT_VERBS if held in EN_PRONOUNS else EN_PLACE_VERBS)
             down = " down" if verb in EN_PUT_DOWN_VERBS and _chance(rng, 0.25) else ""
             core = f"{verb} {held}{down} {where}"
             return self.imperative(rng, core, f"putting {held}{down} {where}")

@@ -12,11 +12,15 @@ not match what it is serving. Format (SPEC)::
      "coordinate_convention": "absolute_resized" | "normalized_1000",
      "vocabulary": {"version": str, "fingerprint": str},
      "dataset_sha256": str, "metrics": {...}, "created": iso8601,
-     "answers": ["actions"] | ["text"] | ["actions", "text"]}
+     "answers": ["actions"] | ["text"] | ["actions", "text"],
+     "clarify_threshold": float (optional, in (0, 0.5])}
 
 ``answers`` says what the adapter was trained to answer: robot actions, free-form text, or both
 (absent in older manifests: actions). The node serves actions, so an adapter trained only on
 free-form text is refused (:func:`check_adapter_against_base`, ``require_actions``).
+``clarify_threshold`` (a model's, optional): the answer starts with CLARIFY whenever the model
+gives it at least that probability at the first token (vla_node.clarify_threshold; written by
+``python -m training.calibrate_clarify``).
 
 Pure Python (no torch), so training tools and tests can use it cheaply.
 """
@@ -54,6 +58,7 @@ __all__ = [
     "ANSWER_KINDS",
     "answers_of",
     "require_action_answers",
+    "clarify_threshold_of",
 ]
 
 MANIFEST_NAME = "vla_manifest.json"
@@ -260,6 +265,10 @@ def validate_manifest(data: Any, source: str | os.PathLike = "manifest") -> dict
         if not isinstance(answers, list) or not answers or any(a not in ANSWER_KINDS for a in answers):
             raise ManifestError(f"{src}: field 'answers' = {answers!r} must be a non-empty list of "
                                 f"{', '.join(repr(k) for k in ANSWER_KINDS)}")
+    if "clarify_threshold" in data:
+        threshold = data["clarify_threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 0.5:
+            raise ManifestError(f"{src}: field 'clarify_threshold' = {threshold!r} must be a number in (0, 0.5]")
     return data
 
 
@@ -334,6 +343,15 @@ def coordinate_convention_of(model_dir: str | os.PathLike) -> str:
         return read_manifest(model_dir)["coordinate_convention"]
     _, cfg = _load_config(model_dir)
     return coordinate_convention_for(family_of(cfg.get("model_type", "")))
+
+
+def clarify_threshold_of(model_dir: str | os.PathLike) -> float | None:
+    """The calibrated CLARIFY threshold of the checkpoint in ``model_dir`` (its manifest's), or None
+    (no manifest, or none calibrated: greedy decoding decides alone)."""
+    if not model_dir or not has_manifest(model_dir):
+        return None
+    threshold = read_manifest(model_dir).get("clarify_threshold")
+    return None if threshold is None else float(threshold)
 
 
 def prompt_template_of(model_dir: str | os.PathLike) -> str:

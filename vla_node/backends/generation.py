@@ -73,17 +73,19 @@ def greedy_config(loaded: LoadedModel, max_new_tokens: int):
     return gc
 
 
-def generate_kwargs(stop_event, constraint) -> tuple[dict, StopOnEvent | None]:
-    """``generate``'s stopping criteria and logits processors for a stop event and a grammar
-    processor (either may be None), and the stop criterion."""
+def generate_kwargs(stop_event, constraint, first_token=None) -> tuple[dict, StopOnEvent | None]:
+    """``generate``'s stopping criteria and logits processors for a stop event, a grammar
+    processor and a first-token rule (vla_node.clarify_threshold's processor, which sees the raw
+    scores before the grammar masks them; any may be None), and the stop criterion."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     kwargs, stop_check = {}, None
     if stop_event is not None:
         stop_check = StopOnEvent(stop_event)
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop_check])
-    if constraint is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([constraint])
+    processors = [processor for processor in (first_token, constraint) if processor is not None]
+    if processors:
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
     return kwargs, stop_check
 
 

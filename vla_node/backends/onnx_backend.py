@@ -46,6 +46,7 @@ from vla_node.backends.base import (
     token_budget,
     warmup_request,
 )
+from vla_node.clarify_threshold import ClarifyThreshold, ClarifyThresholdError, clarify_first_token
 from vla_node.lru import CountingLru
 from vla_node.manifest import COORDINATE_CONVENTIONS
 
@@ -293,6 +294,13 @@ class OnnxBackend(Backend):
             raise BackendError(f"ONNX export '{self.export_dir}': tokenizer.json and onnx_manifest.json disagree "
                                f"on the image token id")
         self.action_grammar = None  # vla_node.grammar.ActionGrammar when constrained decoding is on
+        # the source model's calibrated CLARIFY threshold (vla_node.clarify_threshold; None: greedy alone)
+        self.clarify_rule: ClarifyThreshold | None = None
+        if man.get("clarify_threshold") is not None:
+            try:
+                self.clarify_rule = ClarifyThreshold(clarify_first_token(self.tokenizer), man["clarify_threshold"])
+            except ClarifyThresholdError as e:
+                raise BackendError(f"ONNX export '{self.export_dir}': {e}") from None
 
     @staticmethod
     def _read_manifest(path: Path) -> dict:
@@ -508,6 +516,8 @@ class OnnxBackend(Backend):
         while True:
             outputs = self._decoder_session.run(None, feeds)
             logits = outputs[0][0]
+            if not new_ids and self.clarify_rule is not None:  # on the raw scores, before the grammar's mask
+                logits = self.clarify_rule.apply_numpy(logits)
             if constraint is not None:
                 allowed = allowed_tokens(constraint.next_bitmask(seen), logits.shape[-1])
                 logits = np.where(allowed, logits, -np.inf)

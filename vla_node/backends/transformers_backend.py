@@ -30,6 +30,7 @@ from vla_node.backends.base import (
 from vla_node.backends.engine import Engine, EngineOptions
 from vla_node.backends.engine.guard import probe_disagreement
 from vla_node.backends.generation import LoadedModel, generate_kwargs, greedy_config, on_device, tokens_of
+from vla_node.clarify_threshold import ClarifyThreshold, ClarifyThresholdError, clarify_first_token
 
 __all__ = ["TransformersBackend"]
 
@@ -161,6 +162,7 @@ class TransformersBackend(Backend):
         try:  # the template and box convention the model was trained with: an adapter's must be the same
             self.coordinate_convention: str = _manifest.coordinate_convention_of(self.model_path)
             self.prompt_template: str = _manifest.prompt_template_of(self.model_path)
+            clarify_threshold = _manifest.clarify_threshold_of(self.model_path)
         except _manifest.ManifestError as e:
             raise BackendError(str(e)) from None
 
@@ -214,6 +216,13 @@ class TransformersBackend(Backend):
         pad = getattr(model.generation_config, "pad_token_id", None)
         pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         self.loaded = LoadedModel(model, self.processor, self.device, self.dtype, tuple(eos), int(pad_id))
+        # the model's calibrated CLARIFY threshold (vla_node.clarify_threshold; None: greedy alone)
+        self.clarify_rule: ClarifyThreshold | None = None
+        if clarify_threshold is not None:
+            try:
+                self.clarify_rule = ClarifyThreshold(clarify_first_token(tok), clarify_threshold)
+            except ClarifyThresholdError as e:
+                raise BackendError(f"model directory '{self.model_path}': {e}") from None
         self.engine: Engine | None = None
         self._engine_probed = False
         self.use_engine(options)
@@ -573,9 +582,11 @@ class TransformersBackend(Backend):
             try:
                 with torch.inference_mode():
                     if self.engine is not None:
-                        answer = self.engine.generate(inputs, image, budget, ev, constraint)
+                        answer = self.engine.generate(inputs, image, budget, ev, constraint,
+                                                      self.first_token_processor())
                     else:
-                        answer = self._generate_plain(inputs, budget, ev, constraint)
+                        answer = self._generate_plain(inputs, budget, ev, constraint,
+                                                      first_token=self.first_token_processor())
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             generate_ms = (time.perf_counter() - t1) * 1000.0
@@ -589,10 +600,15 @@ class TransformersBackend(Backend):
                 generate_ms=generate_ms,
             )
 
-    def _generate_plain(self, inputs: dict, budget: int, stop_event, constraint, with_logits: bool = False):
+    def first_token_processor(self):
+        """The model's CLARIFY threshold as a processor for one ``generate`` (None: none calibrated)."""
+        return None if self.clarify_rule is None else self.clarify_rule.processor()
+
+    def _generate_plain(self, inputs: dict, budget: int, stop_event, constraint, with_logits: bool = False,
+                        first_token=None):
         """The plain path: transformers' ``generate`` with its own DynamicCache, greedy. Returns the
         answer's Tokens (and, ``with_logits``, generate's per-step logits)."""
-        kwargs, _ = generate_kwargs(stop_event, constraint)
+        kwargs, _ = generate_kwargs(stop_event, constraint, first_token)
         out = self.base_model.generate(**inputs, generation_config=greedy_config(self.loaded, budget), **kwargs)
         answer = tokens_of(out, int(inputs["input_ids"].shape[1]))
         return (answer, out.logits) if with_logits else answer

@@ -43,6 +43,8 @@ class Requests(Protocol):
 
     def batch_constraint(self, budgets: list[int], sizes: list[tuple[int, int]]): ...
 
+    def first_token_processor(self): ...
+
     def answer_text(self, ids: list[int]) -> str: ...
 
 
@@ -190,8 +192,10 @@ class BatchedGeneration:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         kwargs = {"stopping_criteria": StoppingCriteriaList([ends])}
-        if constraint is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([constraint])
+        # the first-token rule on the raw scores, then the grammar, as one request alone has them
+        processors = [p for p in (backend.first_token_processor(), constraint) if p is not None]
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         loaded = self.engine.loaded
         try:
             with torch.inference_mode():
@@ -259,10 +263,11 @@ class BatchedGeneration:
             with torch.inference_mode():
                 batch = None
                 for row in rows:
-                    kwargs, stop_check = generate_kwargs(requests[row].stop_event, constraints.get(row))
+                    first_token = backend.first_token_processor()
+                    kwargs, stop_check = generate_kwargs(requests[row].stop_event, constraints.get(row), first_token)
                     first, stopped, rope_deltas = engine.static_prefill_first(
                         prepared[row], requests[row].image, budgets[row], requests[row].stop_event,
-                        constraints.get(row), kwargs, stop_check)
+                        constraints.get(row), kwargs, stop_check, first_token)
                     if batch is None:  # the one-row cache holds a prompt now: its layout is known
                         batch = self._batch_cache(len(rows), end + max(budgets[r] for r in rows))
                     place_row(batch, len(firsts), engine.static_cache, prompt_lens[row], end)

@@ -185,21 +185,22 @@ class Engine:
 
     # ------------------------------------------------------------------------------ one request
 
-    def generate(self, inputs: dict, image, budget: int, stop_event, constraint) -> Tokens:
+    def generate(self, inputs: dict, image, budget: int, stop_event, constraint, first_token=None) -> Tokens:
         """The answer's tokens for one prompt's ``inputs`` (on the device) about ``image``, at most
         ``budget`` of them; ``stop_event`` ends it early, ``constraint`` (a grammar processor)
-        masks each choice. The caller holds the backend's lock, in inference mode."""
+        masks each choice, ``first_token`` (vla_node.clarify_threshold's processor) may change the
+        first. The caller holds the backend's lock, in inference mode."""
         if self.decode_cache == "static":
-            kwargs, stop_check = generate_kwargs(stop_event, constraint)
+            kwargs, stop_check = generate_kwargs(stop_event, constraint, first_token)
             first, stopped, rope_deltas = self.static_prefill_first(inputs, image, budget, stop_event, constraint,
-                                                                    kwargs, stop_check)
+                                                                    kwargs, stop_check, first_token)
             return self._decode_rest(first, rope_deltas, budget, stop_event, stopped, constraint)
         prompt_len = int(inputs["input_ids"].shape[1])
         cache, _ = self._initial_cache(inputs["input_ids"], prompt_len + budget)
         model_inputs = self.model_inputs(inputs, image)
         if cache is not None:
             model_inputs = {**model_inputs, "past_key_values": cache}
-        kwargs, _ = generate_kwargs(stop_event, constraint)
+        kwargs, _ = generate_kwargs(stop_event, constraint, first_token)
         out = self.loaded.model.generate(**model_inputs, generation_config=greedy_config(self.loaded, budget),
                                          **kwargs)
         return tokens_of(out, prompt_len)
@@ -211,11 +212,11 @@ class Engine:
         return self.vision_cache.model_inputs(self.loaded.model, inputs, image, self.adapter_id, encoder)
 
     def static_prefill_first(self, inputs: dict, image, budget: int, stop_event, constraint, generate_kwargs: dict,
-                             stop_check) -> tuple[tuple[int, float] | None, bool, object]:
+                             stop_check, first_token=None) -> tuple[tuple[int, float] | None, bool, object]:
         """The prompt prefilled into the engine's StaticCache (from the cached prefix) and the first
         token chosen: ((token, log-probability) or None, stopped, rope_deltas). PrefillGraphs where
         supported, else a one-token ``generate`` (with ``generate_kwargs``: its stop criteria and
-        grammar processor; ``stop_check`` its stop criterion)."""
+        processors, ``first_token`` among them; ``stop_check`` its stop criterion)."""
         model = self.loaded.model
         prompt_len = int(inputs["input_ids"].shape[1])
         host = host_inputs(inputs)  # read back before the vision tower is queued: the reads wait for nothing
@@ -227,7 +228,7 @@ class Engine:
         prefill = (PrefillGraphs.prepare(model, inputs, start, host) if self._uses_static_prefill(inputs)
                    else None)
         if prefill is not None:
-            first, stopped = self._static_first_token(prefill, model_inputs, stop_event, constraint)
+            first, stopped = self._static_first_token(prefill, model_inputs, stop_event, constraint, first_token)
             return first, stopped, prefill.rope_deltas
         out = model.generate(**model_inputs, past_key_values=cache,
                              generation_config=greedy_config(self.loaded, 1), **generate_kwargs)
@@ -249,9 +250,9 @@ class Engine:
             return None
         return first[0], float(torch.log_softmax(out.logits[0][0].float(), dim=-1)[first[0]])
 
-    def _static_first_token(self, prefill, model_inputs: dict, stop_event, constraint):
+    def _static_first_token(self, prefill, model_inputs: dict, stop_event, constraint, first_token=None):
         """The prompt prefilled by PrefillGraphs on the StaticCache and the first token chosen from
-        its logits as ``generate`` would (grammar mask, greedy); returns ((token, log-probability),
+        its logits as ``generate`` would (first-token rule, grammar mask, greedy); returns ((token, log-probability),
         stopped), ``stopped`` being the stop event seen set after that token, as generate's criteria check."""
         model = self.loaded.model
         graphs = self.prefill_graphs
@@ -264,6 +265,8 @@ class Engine:
             features = model.model.get_image_features(model_inputs["pixel_values"], model_inputs["image_grid_thw"],
                                                       return_dict=True)
         scores = graphs.run(prefill, features)
+        if first_token is not None:  # on the raw scores, as in generate (its processor comes first)
+            scores = first_token(prefill.input_ids, scores)
         if constraint is not None:  # masks in place, as in generate (whose returned logits are the masked ones)
             scores = constraint(prefill.input_ids, scores)
         token, logprob = greedy_choice(scores)
