@@ -169,3 +169,45 @@ def test_calibration_runs_the_model_on_scenes_of_its_own_seed_and_writes_the_man
     threshold = clarify_threshold_of(model)
     assert threshold is not None and 0 < threshold <= 0.5
     assert f"clarify_threshold {threshold} written" in out
+
+
+def test_an_adapter_answers_with_its_own_threshold_not_the_bases(tmp_path, asking_model):
+    """An adapter changes the first token's distribution: while it is active the threshold is the
+    one in its own manifest (none: greedy alone), and the base's comes back with the base."""
+    from vla_node.backends.transformers_backend import TransformersBackend
+
+    uncalibrated = ROOT / "models" / "tabletop-tiny-zh-lora"
+    calibrated = tmp_path / "calibrated-lora"
+    shutil.copytree(uncalibrated, calibrated)
+    write_manifest(calibrated, {**read_manifest(calibrated), "clarify_threshold": 0.125})
+    backend = TransformersBackend(asking_model, device="cpu", dtype="float32", max_new_tokens=TOKENS)
+    try:
+        base_threshold = read_manifest(asking_model)["clarify_threshold"]
+        assert backend.clarify_rule.threshold == base_threshold
+        backend.load_adapter(str(uncalibrated), "zh")
+        backend.load_adapter(str(calibrated), "zh_calibrated")
+        backend.set_adapter("zh")
+        assert backend.clarify_rule is None and backend.first_token_processor() is None
+        backend.set_adapter("zh_calibrated")
+        assert backend.clarify_rule.threshold == 0.125
+        backend.set_adapter(None)
+        assert backend.clarify_rule.threshold == base_threshold
+    finally:
+        backend.close()
+
+
+def test_an_onnx_export_with_an_adapter_merged_carries_the_adapters_threshold(tmp_path, asking_model):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import json
+
+    from training.onnx_export import export_onnx
+
+    calibrated = tmp_path / "calibrated-lora"
+    shutil.copytree(ROOT / "models" / "tabletop-tiny-zh-lora", calibrated)
+    write_manifest(calibrated, {**read_manifest(calibrated), "clarify_threshold": 0.125})
+    for adapter, expected in ((calibrated, 0.125), (ROOT / "models" / "tabletop-tiny-zh-lora", None)):
+        out = tmp_path / f"onnx-{adapter.name}"
+        export_onnx(str(asking_model), str(out), adapter=str(adapter))
+        # the adapter's own, or none: the base's does not carry over
+        assert json.loads((out / "onnx_manifest.json").read_text()).get("clarify_threshold") == expected

@@ -1,7 +1,7 @@
 """Calibrate a model's CLARIFY threshold (vla_node.clarify_threshold) on scenes of a seed of their own.
 
     python -m training.calibrate_clarify --model models/tabletop-tiny \\
-        [--recipe models/heldout/test_en.json] [--seed 777] [--samples 800] [--write]
+        [--adapter DIR] [--recipe models/heldout/test_en.json] [--seed 777] [--samples 800] [--write]
 
 The scenes are the held-out recipe's (its synth options and test split) drawn on ``--seed``
 instead of the recipe's own, so neither the training data nor the held-out test set is looked at.
@@ -12,7 +12,10 @@ token, its greedy answer, the reference. A threshold t makes every answer with t
 CLARIFY" against "should" on these scenes (both kinds of error count: a needless question and a
 move on a thing that is not there), ties: the middle of the longest run of equals, away from its
 edges. ``--write`` records it in the model's vla_manifest.json (``clarify_threshold``), which every
-local backend then applies; the table printed shows precision and recall at some candidates.
+local backend then applies; the table printed shows precision and recall at some candidates. With ``--adapter`` the model answers with the
+adapter active and the threshold is the adapter's (written into its manifest): an adapter changes
+the first token's distribution, so the base's threshold does not carry over to it (use the
+adapter's own recipe, e.g. models/heldout/test_zh.json).
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ def choose_threshold(observations: list[Observation], candidates=CANDIDATES) -> 
     return longest[len(longest) // 2]
 
 
-def observe(model: str, data_dir: Path, device: str) -> list[Observation]:
-    """The model's observations on the samples of ``data_dir`` (dataset tabletop_test)."""
+def observe(model: str, data_dir: Path, device: str, adapter: str | None = None) -> list[Observation]:
+    """The model's (with ``adapter`` active) observations on the samples of ``data_dir`` (dataset
+    tabletop_test)."""
     from training.evaluate import _sample_parts, evaluate_core, load_eval_samples
     from vla_node.clarify_threshold import ClarifyThreshold, clarify_first_token
     from vla_node.factory import RuntimeSettings, build_backend, build_core
@@ -74,7 +78,8 @@ def observe(model: str, data_dir: Path, device: str) -> list[Observation]:
 
     vocab = Vocabulary.load(None)
     samples, _ = load_eval_samples(str(data_dir), "tabletop_test", vocab, False, None)
-    settings = RuntimeSettings(model_path=model, device=device)
+    settings = RuntimeSettings(model_path=model, device=device, adapters=[f"calibrated={adapter}"] if adapter else [],
+                               active_adapter="calibrated" if adapter else "")
     backend = build_backend(settings, vocab)
     probabilities: list[float] = []
     # observe only: the greedy answers are the model's own, whatever its manifest holds now
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.calibrate_clarify",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the model folder (with its vla_manifest.json)")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter of the model: calibrated with it active, written into its manifest")
     parser.add_argument("--recipe", default="models/heldout/test_en.json",
                         help="a held-out spec whose synth options are used (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=777,
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vla-calibrate-") as tmp:
         spec = write_heldout_spec(Path(tmp) / "calibration.json", replace(cfg, seed=args.seed))
         data = materialise_heldout(spec, Path(tmp) / "data", limit=args.samples, factor=input_factor(model))
-        observations = observe(str(model), data, args.device)
+        observations = observe(str(model), data, args.device, args.adapter)
     chosen = choose_threshold(observations)
     should = sum(o.should_clarify for o in observations)
     print(f"{len(observations)} scenes of seed {args.seed} ({args.recipe}'s options), {should} should be CLARIFY")
@@ -129,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         p, r, f1 = scores(observations, t)
         print(f"{t:<9.2f}  {p:.3f}      {r:.3f}   {f1:.3f}{'  <- chosen' if t == chosen else ''}")
     if args.write:
-        manifest = read_manifest(model)
+        target = Path(args.adapter) if args.adapter else model
+        manifest = read_manifest(target)
         manifest["clarify_threshold"] = chosen
-        write_manifest(model, manifest)
-        print(f"clarify_threshold {chosen} written to {model / 'vla_manifest.json'}")
+        write_manifest(target, manifest)
+        print(f"clarify_threshold {chosen} written to {target / 'vla_manifest.json'}")
     return 0
 
 

@@ -378,7 +378,9 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
             "max_pixels": int(max_pixels),
         },
     }
-    clarify_threshold = mf.clarify_threshold_of(model_dir)  # the source model's calibrated one, if any
+    # the source model's calibrated one, if any (a merged checkpoint carries its adapter's manifest:
+    # the adapter's own, never the base's)
+    clarify_threshold = mf.clarify_threshold_of(model_dir)
     if clarify_threshold is not None:
         manifest["clarify_threshold"] = clarify_threshold
     if deepstack_layers:

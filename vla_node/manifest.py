@@ -18,9 +18,9 @@ not match what it is serving. Format (SPEC)::
 ``answers`` says what the adapter was trained to answer: robot actions, free-form text, or both
 (absent in older manifests: actions). The node serves actions, so an adapter trained only on
 free-form text is refused (:func:`check_adapter_against_base`, ``require_actions``).
-``clarify_threshold`` (a model's, optional): the answer starts with CLARIFY whenever the model
-gives it at least that probability at the first token (vla_node.clarify_threshold; written by
-``python -m training.calibrate_clarify``).
+``clarify_threshold`` (a model's or an adapter's, optional): the answer starts with CLARIFY whenever
+the answering model gives it at least that probability at the first token (vla_node.clarify_threshold;
+written by ``python -m training.calibrate_clarify``); an adapter never inherits its base's.
 
 Pure Python (no torch), so training tools and tests can use it cheaply.
 """

@@ -61,14 +61,15 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class _AdapterInfo:
-    __slots__ = ("name", "path", "adapter_id", "manifest", "pixel_limits")
+    __slots__ = ("name", "path", "adapter_id", "manifest", "pixel_limits", "clarify_rule")
 
-    def __init__(self, name, path, adapter_id, manifest, pixel_limits):
+    def __init__(self, name, path, adapter_id, manifest, pixel_limits, clarify_rule=None):
         self.name = name
         self.path = path
         self.adapter_id = adapter_id
         self.manifest = manifest
         self.pixel_limits = pixel_limits
+        self.clarify_rule = clarify_rule  # the adapter's own CLARIFY threshold (None: greedy alone)
 
 
 def pick_device(device: str, torch):
@@ -216,13 +217,11 @@ class TransformersBackend(Backend):
         pad = getattr(model.generation_config, "pad_token_id", None)
         pad_id = pad if pad is not None else tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         self.loaded = LoadedModel(model, self.processor, self.device, self.dtype, tuple(eos), int(pad_id))
-        # the model's calibrated CLARIFY threshold (vla_node.clarify_threshold; None: greedy alone)
-        self.clarify_rule: ClarifyThreshold | None = None
-        if clarify_threshold is not None:
-            try:
-                self.clarify_rule = ClarifyThreshold(clarify_first_token(tok), clarify_threshold)
-            except ClarifyThresholdError as e:
-                raise BackendError(f"model directory '{self.model_path}': {e}") from None
+        # the answering model's calibrated CLARIFY threshold (vla_node.clarify_threshold; None: greedy
+        # alone): the base's, and while an adapter is active the adapter's own (an adapter changes the
+        # first token's distribution, so the base's does not carry over)
+        self.base_clarify_rule = self._clarify_rule(clarify_threshold, f"model directory '{self.model_path}'")
+        self.clarify_rule: ClarifyThreshold | None = self.base_clarify_rule
         self.engine: Engine | None = None
         self._engine_probed = False
         self.use_engine(options)
@@ -364,6 +363,7 @@ class TransformersBackend(Backend):
 
             man = None
             limits = self.base_pixel_limits
+            clarify_rule = None
             if _manifest.has_manifest(p):
                 expected = {
                     "family": self.family,
@@ -383,6 +383,7 @@ class TransformersBackend(Backend):
                     max_pixels=int(man["image"]["max_pixels"]),
                     factor=self.base_pixel_limits.factor,
                 )
+                clarify_rule = self._clarify_rule(man.get("clarify_threshold"), f"adapter '{p}'")
                 if self.vocab_fingerprint is None:
                     self.warnings.append(
                         f"adapter '{p}': vocabulary fingerprint not checked (backend has no vocab_fingerprint)"
@@ -407,7 +408,7 @@ class TransformersBackend(Backend):
                 log.warning(msg)
             self.base_model.to(self.device)  # new LoRA weights land on the base model's device
             adapter_id = f"{name}@{_sha256_file(weights)[:8]}"
-            self.adapters[name] = _AdapterInfo(name, p, adapter_id, man, limits)
+            self.adapters[name] = _AdapterInfo(name, p, adapter_id, man, limits, clarify_rule)
             self._apply_active()  # peft activates the first adapter it loads; keep ours
             return name
 
@@ -459,10 +460,12 @@ class TransformersBackend(Backend):
         if name is None:
             self.adapter_id = ""
             self.pixel_limits = self.base_pixel_limits
+            self.clarify_rule = self.base_clarify_rule
         else:
             info = self.adapters[name]
             self.adapter_id = info.adapter_id
             self.pixel_limits = info.pixel_limits
+            self.clarify_rule = info.clarify_rule
         if self.engine is not None:  # its recordings keep the weights they were made with
             self.engine.adapter_changed(self.adapter_id)
 
@@ -599,6 +602,14 @@ class TransformersBackend(Backend):
                 preprocess_ms=preprocess_ms,
                 generate_ms=generate_ms,
             )
+
+    def _clarify_rule(self, threshold: float | None, where: str) -> ClarifyThreshold | None:
+        if threshold is None:
+            return None
+        try:
+            return ClarifyThreshold(clarify_first_token(self.processor.tokenizer), threshold)
+        except ClarifyThresholdError as e:
+            raise BackendError(f"{where}: {e}") from None
 
     def first_token_processor(self):
         """The model's CLARIFY threshold as a processor for one ``generate`` (None: none calibrated)."""
