@@ -58,11 +58,13 @@ class ClarifyThreshold:
             self.observed.extend(float(p) for p in probability)
         if self.threshold is None:
             return scores
-        for row in torch.nonzero(probability >= self.threshold).flatten().tolist():
-            top = float(scores[row].max())
-            # just above the best (one step of the scores' precision): chosen, and the answer's
-            # confidence still shows the near tie
-            scores[row, self.token_id] = top + 2 * torch.finfo(scores.dtype).eps * max(1.0, abs(top))
+        # just above the best (a step of the scores' precision): chosen, and the answer's confidence
+        # still shows the near tie; all rows at once, no read back to the host (the first token of
+        # every command passes here)
+        top = scores.float().max(dim=-1).values
+        raised = top + 2 * torch.finfo(scores.dtype).eps * top.abs().clamp(min=1.0)
+        column = scores[:, self.token_id]
+        scores[:, self.token_id] = torch.where(probability >= self.threshold, raised.to(scores.dtype), column)
         return scores
 
     def apply_numpy(self, logits):
