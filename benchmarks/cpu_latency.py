@@ -1,6 +1,6 @@
 """Command latency of the embedded default model on a CPU: the node's pipeline vs a naive HF call.
 
-    source scripts/env.sh && python benchmarks/cpu_latency.py [--samples 8] [--repeats 2] [--threads 2] [--onnx]
+    source scripts/env.sh && python benchmarks/cpu_latency.py [--samples 8] [--repeats 2] [--threads 2] [--onnx] [--int4]
 
 For each held-out command (models/heldout/test_{en,zh}.json: real synthetic table-top scenes the
 model never trained on, camera frame upscaled to --frame-size), three ways are timed in the same
@@ -19,6 +19,8 @@ run, interleaved so a noisy neighbour hits all alike:
             --threads intra-op threads, constrained decoding on as the factory sets it) serving a
             `vla-export --onnx` of the same model (the Chinese adapter merged into its own export);
             exports go to --onnx-dir (reused when there) or a temporary folder.
+  node, backend onnx int4 (with --int4): the same on `vla-export --onnx --quantize int4` of the same
+            model (decoder weights in 4 bits, training/onnx_quantize.py).
 
 Prints end-to-end p50/p95 per model, new tokens per command, the statuses, and baseline/node.
 The machine is shared, so repeat runs vary by ~10-20%; compare the ratio, not absolute ms.
@@ -106,29 +108,33 @@ def onnx_core(export_dir: Path, threads: int, max_new_tokens: int):
     return core
 
 
-def onnx_export_dir(root: Path, model: Path, adapter: Path | None) -> Path:
-    """`vla-export --onnx` of ``model`` (+ ``adapter`` merged) under ``root``, exported unless already there."""
+def onnx_export_dir(root: Path, model: Path, adapter: Path | None, quantize: str | None = None) -> Path:
+    """`vla-export --onnx` of ``model`` (+ ``adapter`` merged; ``quantize``) under ``root``, exported
+    unless already there."""
     from training.onnx_export import export_onnx
 
-    out = root / (model.name + (f"+{adapter.name}" if adapter else ""))
+    out = root / (model.name + (f"+{adapter.name}" if adapter else "") + (f"-{quantize}" if quantize else ""))
     if not (out / "onnx_manifest.json").is_file():
-        export_onnx(str(model), str(out), adapter=str(adapter) if adapter else None)
+        export_onnx(str(model), str(out), adapter=str(adapter) if adapter else None, quantize=quantize)
     return out
 
 
-def measure(core, commands, repeats: int, max_new_tokens: int, onnx=None) -> dict:
+def measure(core, commands, repeats: int, max_new_tokens: int, onnx: dict | None = None) -> dict:
+    """``onnx``: {label: InferenceCore on backend onnx}, each timed right after the torch node."""
     backend = core.backend
     node_ms, again_ms, base_ms, base_tokens, node_tokens = [], [], [], [], []
-    onnx_ms, onnx_same = [], 0
+    onnx = onnx or {}
+    onnx_ms = {label: [] for label in onnx}
+    onnx_same = Counter()
     tokenizer = backend.processor.tokenizer
     statuses: Counter[str] = Counter()
-    onnx_statuses: Counter[str] = Counter()
+    onnx_statuses = {label: Counter() for label in onnx}
     baseline_parsed: Counter[str] = Counter()
     # warm-up: first calls pay one-off allocation and kernel selection
     core.infer(commands[0][1], commands[0][0])
     naive_generate(backend, core, commands[0][1], commands[0][0], max_new_tokens)
-    if onnx is not None:
-        onnx.infer(commands[0][1], commands[0][0])
+    for variant in onnx.values():
+        variant.infer(commands[0][1], commands[0][0])
     for _ in range(repeats):
         for command, rgb in commands:
             started = time.perf_counter()
@@ -138,13 +144,13 @@ def measure(core, commands, repeats: int, max_new_tokens: int, onnx=None) -> dic
             if plan is not None:  # the answer's tokens + its end
                 node_tokens.append(len(tokenizer(plan.raw_text, add_special_tokens=False)["input_ids"]) + 1)
 
-            if onnx is not None:  # the same command on backend onnx, right after
+            for label, variant in onnx.items():  # the same command on backend onnx, right after
                 started = time.perf_counter()
-                onnx_plan, onnx_status = onnx.infer(rgb, command)
-                onnx_ms.append((time.perf_counter() - started) * 1000.0)
-                onnx_statuses[onnx_status.code.name] += 1
-                onnx_same += (onnx_status.code == status.code and (onnx_plan is None) == (plan is None)
-                              and (plan is None or onnx_plan.raw_text == plan.raw_text))
+                onnx_plan, onnx_status = variant.infer(rgb, command)
+                onnx_ms[label].append((time.perf_counter() - started) * 1000.0)
+                onnx_statuses[label][onnx_status.code.name] += 1
+                onnx_same[label] += (onnx_status.code == status.code and (onnx_plan is None) == (plan is None)
+                                     and (plan is None or onnx_plan.raw_text == plan.raw_text))
 
             started = time.perf_counter()  # a second command about the same frame
             core.infer(rgb, command)
@@ -174,14 +180,14 @@ def report(name: str, result: dict) -> list[str]:
         f"  baseline p50 / node p50                  {statistics.median(base) / statistics.median(node):8.2f}x",
         f"  node statuses: {dict(result['statuses'])}; baseline answers: {dict(result['baseline_parsed'])}",
     ]
-    onnx = result["onnx"]
-    if onnx:
+    for label, onnx in result["onnx"].items():
         lines += [
-            f"  node pipeline, backend onnx              p50 {statistics.median(onnx):8.1f} ms  "
+            f"  node pipeline, backend {label:<17s} p50 {statistics.median(onnx):8.1f} ms  "
             f"p95 {percentile(onnx, 95):8.1f} ms",
-            f"  node p50 (torch) / node p50 (onnx)       {statistics.median(node) / statistics.median(onnx):8.2f}x",
-            f"  onnx statuses: {dict(result['onnx_statuses'])}; same status and answer text as torch: "
-            f"{result['onnx_same']}/{len(onnx)}",
+            f"  node p50 (torch) / node p50 ({label}){' ' * max(0, 10 - len(label))} "
+            f"{statistics.median(node) / statistics.median(onnx):8.2f}x",
+            f"  {label} statuses: {dict(result['onnx_statuses'][label])}; same status and answer text as torch: "
+            f"{result['onnx_same'][label]}/{len(onnx)}",
         ]
     return lines
 
@@ -191,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="held-out commands per language (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the commands (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads (and onnxruntime's with --onnx; default %(default)s)")
+                        help="torch intra-op threads (and onnxruntime's with --onnx / --int4; default %(default)s)")
     parser.add_argument("--frame-size", default="640x480", help="camera frame WxH (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default %(default)s)")
     parser.add_argument("--models", default=str(ROOT / "models"), help="folder with the embedded model + heldout/")
     parser.add_argument("--onnx", action="store_true",
                         help="also time the node pipeline on backend onnx (onnxruntime, --threads threads), "
                              "interleaved")
+    parser.add_argument("--int4", action="store_true",
+                        help="also time backend onnx on an export with the decoder's weights in 4 bits "
+                             "(vla-export --quantize int4), interleaved")
     parser.add_argument("--onnx-dir", default="",
-                        help="with --onnx: where the exports are kept (reused when there; default: a temporary folder)")
+                        help="with --onnx / --int4: where the exports are kept (reused when there; default: a temporary folder)")
     args = parser.parse_args(argv)
 
     import torch
@@ -225,22 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         f"transformers {transformers.__version__}",
         f"frames {width}x{height} RGB, greedy, max_new_tokens {args.max_new_tokens}, fp32",
     ]
-    if args.onnx:
+    variants = ([("onnx", None)] if args.onnx else []) + ([("onnx int4", "int4")] if args.int4 else [])
+    if variants:
         import onnxruntime
 
         lines.append(f"backend onnx: onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, "
                      f"{args.threads} intra-op threads")
     for name, spec, settings, adapter in runs:
         commands = heldout_commands(spec, args.samples, (width, height))
-        onnx = None
-        if args.onnx:
-            export_dir = onnx_export_dir(onnx_root, models / "tabletop-tiny", adapter)
-            onnx = onnx_core(export_dir, args.threads, args.max_new_tokens)
+        onnx = {label: onnx_core(onnx_export_dir(onnx_root, models / "tabletop-tiny", adapter, quantize),
+                                 args.threads, args.max_new_tokens)
+                for label, quantize in variants}
         core = build_core(settings)
         lines += report(name, measure(core, commands, args.repeats, args.max_new_tokens, onnx))
         core.backend.close()
-        if onnx is not None:
-            onnx.backend.close()
+        for variant in onnx.values():
+            variant.backend.close()
     print("\n".join(lines))
     return 0
 

@@ -160,6 +160,60 @@ def test_data_the_fast_path_cannot_serve_takes_the_ordinary_path(train_model_dir
     assert "ordinary training path: the fast path does not serve images of different sizes" in caplog.text
 
 
+def test_a_dead_encoding_worker_stops_the_encoding_with_a_reason(train_model_dir, synth_box_dir, monkeypatch):
+    """A worker killed mid-chunk (the OOM killer; SIGBUS when the frame mapping's disk fills) loses its
+    task, and multiprocessing.Pool would wait for it forever: the encoding stops within
+    ENCODE_STALL_S with what is known instead."""
+    import os
+    import signal
+
+    from training import encoded_tensors
+    from training.encoded_tensors import EncodeStalled, encode_samples
+
+    collator = training_collator(train_model_dir)
+    samples = _samples(synth_box_dir, "tabletop_val")
+    victim = str(encoded_tensors._images_of(samples[-1])[0])
+    load_rgb = encoded_tensors.load_rgb
+
+    def killed_at_the_last_image(image):  # runs in the forked worker
+        if str(image) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return load_rgb(image)
+
+    monkeypatch.setattr(encoded_tensors, "load_rgb", killed_at_the_last_image)
+    monkeypatch.setattr(encoded_tensors, "CHUNK", 2)
+    monkeypatch.setattr(encoded_tensors, "ENCODE_STALL_S", 3.0)
+
+    def hung(signum, frame):
+        raise AssertionError("encode_samples hung on a dead worker")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(EncodeStalled, match=r"no chunk of 2 samples finished in 3 s \(\d+ of "
+                                                 rf"{len(samples)} samples encoded\): a worker died"):
+            encode_samples(samples, collator, workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_too_little_scratch_space_for_the_workers_frames_is_named(train_model_dir, synth_box_dir, monkeypatch):
+    """The workers write the frames into a file mapping in TMPDIR; a disk too small would kill them
+    mid-write, so the fast path declines up front (vla-train then takes the ordinary path)."""
+    from training import encoded_tensors
+    from training.encoded_tensors import NotEncodable, encode_samples
+
+    collator = training_collator(train_model_dir)
+    samples = _samples(synth_box_dir, "tabletop_val")
+    monkeypatch.setattr(encoded_tensors, "CHUNK", 2)  # several chunks: the workers' path
+    monkeypatch.setattr(encoded_tensors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
+    with pytest.raises(NotEncodable, match=r"data whose frames need \d+\.\d MB of scratch space in .+ for the encoding "
+                                            r"workers, with 0\.0 MB free \(point TMPDIR at a larger disk"):
+        encode_samples(samples, collator, workers=2)
+    assert len(encode_samples(samples, collator, workers=0)) == len(samples)  # in memory: no scratch needed
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -38,16 +38,19 @@ QWEN3 = ROOT / "models" / "tabletop-tiny"  # the embedded model: Qwen3-VL
 QWEN3_ADAPTER = ROOT / "models" / "tabletop-tiny-zh-lora"
 PARITY_COMMANDS = 4  # 2 en + 2 zh held-out commands; 100 in benchmarks/onnx_vs_torch.py
 PARITY_TOKENS = 32
+INT4_COMMANDS = 6  # held-out English commands through both exports (400 in benchmarks/results/cpu_latency.txt)
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(),
                                 reason="the Qwen2.5-VL test model is missing")
 
 
-def exported(tmp_path_factory, folder: str, model: Path, adapter: Path | None = None) -> Path:
-    """`vla-export --onnx` of model (with adapter merged) into a fresh temporary folder."""
+def exported(tmp_path_factory, folder: str, model: Path, adapter: Path | None = None,
+             quantize: str | None = None) -> Path:
+    """`vla-export --onnx` of model (with adapter merged; quantised) into a fresh temporary folder."""
     out = tmp_path_factory.mktemp(folder) / f"{model.name}-onnx"
     merged = ["--adapter", str(adapter)] if adapter else []
-    assert export_main(["--model", str(model), *merged, "--onnx", str(out)]) == 0
+    quantized = ["--quantize", quantize] if quantize else []
+    assert export_main(["--model", str(model), *merged, "--onnx", str(out), *quantized]) == 0
     return out
 
 
@@ -494,3 +497,137 @@ def test_qwen3_constrained_answers_match_torch(qwen3_onnx_dir, qwen3_zh_onnx_dir
     finally:
         qwen3_torch.set_adapter(None)
         qwen3_torch.disable_constrained_decoding()
+
+
+# ------------------------------------------------------------------------------ speed: patch embedding, int4 decoder
+
+
+def test_the_patch_embedding_is_exported_as_one_matmul(qwen3_onnx_dir):
+    """A Conv3d with kernel == stride is a matmul on flattened patches; onnxruntime's Conv ran it 4-5x
+    slower on CPU. (The features it feeds are checked against transformers' above, atol 1e-4.)"""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(qwen3_onnx_dir / "vision.onnx")).graph.node}
+    assert "Conv" not in ops and "Gemm" in ops
+
+
+@pytest.fixture(scope="module")
+def qwen3_int4_dir(tmp_path_factory) -> Path:
+    if not (QWEN3 / "config.json").is_file():
+        pytest.skip("the embedded Qwen3-VL model is missing")
+    return exported(tmp_path_factory, "onnx_qwen3_int4", QWEN3, quantize="int4")
+
+
+def test_int4_export_stores_the_decoder_weights_in_4_bits(qwen3_onnx_dir, qwen3_int4_dir):
+    import onnx
+
+    manifest = json.loads((qwen3_int4_dir / "onnx_manifest.json").read_text())
+    layers = manifest["num_layers"]
+    per_layer = 7  # q, k, v, o; gate, up, down
+    assert manifest["decoder_weights"] == {"scheme": "int4", "bits": 4, "block_size": 32, "symmetric": True,
+                                           "accuracy_level": 4, "quantized_matmuls": per_layer * layers + 1}
+    assert "decoder_weights" not in json.loads((qwen3_onnx_dir / "onnx_manifest.json").read_text())
+    graph = onnx.load(str(qwen3_int4_dir / "decoder.onnx")).graph
+    weights = {init.name for init in graph.initializer}
+    assert sum(node.op_type == "MatMulNBits" for node in graph.node) == per_layer * layers + 1  # + the LM head
+    assert not [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    assert (qwen3_int4_dir / "decoder.onnx").stat().st_size < (qwen3_onnx_dir / "decoder.onnx").stat().st_size / 5
+    vision_ops = {node.op_type for node in onnx.load(str(qwen3_int4_dir / "vision.onnx")).graph.node}
+    assert "MatMulNBits" not in vision_ops, "the vision encoder stays float32"
+
+
+def test_int4_plans_are_the_float32_plans_boxes_within_a_pixel(qwen3_onnx_dir, qwen3_int4_dir, tmp_path):
+    """Through the runtime (InferenceCore, constrained decoding): the same status, verbs, objects and
+    destinations on held-out English commands, each box within a pixel of float32's (measured on 400:
+    the same metrics, 387 answers identical, 13 with one coordinate 1 px off)."""
+    from training.collate import load_rgb
+    from training.heldout import materialise_heldout
+    from vla_node.actions import box_iou
+    from vla_node.factory import RuntimeSettings, build_core
+
+    data = materialise_heldout(ROOT / "models" / "heldout" / "test_en.json", tmp_path / "en", limit=INT4_COMMANDS)
+    samples = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    cores = [build_core(RuntimeSettings(backend="onnx", model_path=str(d), device="cpu"))
+             for d in (qwen3_onnx_dir, qwen3_int4_dir)]
+    assert cores[1].backend.model_id.endswith("+int4") and not cores[0].backend.model_id.endswith("+int4")
+    steps = 0
+    try:
+        for sample in samples:
+            user = next(m["content"] for m in sample["messages"] if m["role"] == "user")
+            command = json.loads(user.split("Command: ", 1)[1])
+            image = load_rgb(data / sample["images"][0])
+            (plan, status), (int4_plan, int4_status) = (core.infer(image, command) for core in cores)
+            assert int4_status.code == status.code, command
+            assert (plan is None) == (int4_plan is None)
+            if plan is None:
+                continue
+            assert len(int4_plan.steps) == len(plan.steps), command
+            for got, expected in zip(int4_plan.steps, plan.steps):
+                boxes = ("object_box", "destination_box")
+                assert got.model_dump(exclude={"confidence", *boxes}) == \
+                       expected.model_dump(exclude={"confidence", *boxes}), command
+                for box in boxes:
+                    a, b = getattr(got, box), getattr(expected, box)
+                    assert (a is None) == (b is None)
+                    if a is not None:  # objects are 20-40 px: one pixel off is IoU >= 0.93
+                        assert box_iou(a, b) >= 0.9, (command, a, b)
+                steps += 1
+    finally:
+        for core in cores:
+            core.backend.close()
+    assert steps >= INT4_COMMANDS
+
+
+def test_quantization_refusals(qwen3_int4_dir, tmp_path, capsys):
+    from training.onnx_quantize import quantize_decoder
+
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_decoder(qwen3_int4_dir)
+    with pytest.raises(OnnxExportError, match=r"unknown quantization 'int2' \(supported: int4\)"):
+        export_onnx(str(QWEN3), str(tmp_path / "int2"), quantize="int2")
+    assert not (tmp_path / "int2").exists()
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(QWEN3), "--adapter", str(QWEN3_ADAPTER), "--out", str(tmp_path / "m"),
+                     "--quantize", "int4"])
+    assert "--quantize applies to --onnx exports only" in capsys.readouterr().err
+
+
+def test_vla_eval_scores_an_int4_export_on_backend_onnx(qwen3_int4_dir, tmp_path, capsys):
+    """`vla-eval --backend onnx`: the held-out metrics of an export as a robot without torch serves it."""
+    from training.evaluate import main as eval_main
+    from training.heldout import materialise_heldout
+
+    data = materialise_heldout(ROOT / "models" / "heldout" / "test_en.json", tmp_path / "en", limit=INT4_COMMANDS)
+    common = ["--model", str(qwen3_int4_dir), "--backend", "onnx", "--dataset-dir", str(data),
+              "--dataset", "tabletop_test", "--device", "cpu"]
+    assert eval_main([*common, "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    run = metrics["runs"]["model"]
+    assert metrics["backend"] == "onnx" and run["n"] == INT4_COMMANDS and run["model_id"].endswith("+int4")
+    assert run["parse_valid_rate"] == 1.0 and run["plan_exact_match"] >= 0.5
+    assert "backend: onnx" in (tmp_path / "eval" / "metrics.md").read_text()
+    capsys.readouterr()
+    assert eval_main([*common, "--adapter", str(QWEN3_ADAPTER)]) == 1
+    assert "pass the export as the model, without an adapter" in capsys.readouterr().err
+
+
+def test_the_demo_on_backend_onnx_with_int4_weights_answers_every_command(tmp_path_factory, tmp_path, capsys):
+    """The robot-CPU path end to end: the real node on backend onnx serving the embedded model with its
+    Chinese adapter merged and the decoder in 4 bits, replaying the demo bag; every command right."""
+    pytest.importorskip("rclpy")
+    from vla_node import demo
+    from vla_node.report import load_expectations
+
+    if not (QWEN3_ADAPTER / "adapter_config.json").is_file():
+        pytest.skip("the embedded Chinese adapter is missing")
+    export = exported(tmp_path_factory, "onnx_qwen3_zh_int4", QWEN3, QWEN3_ADAPTER, quantize="int4")
+    with pytest.raises(SystemExit):
+        demo.main(["--backend", "onnx"])
+    assert "--backend onnx needs --model" in capsys.readouterr().err
+    assert demo.main(["--backend", "onnx", "--model", str(export), "--out", str(tmp_path / "demo"),
+                      "--as-fast-as-possible"]) == 0
+    out = capsys.readouterr().out
+    commands = load_expectations(ROOT / "tests" / "data" / "demo_bag.truth.json")["commands"]
+    assert f"{len(commands)} of {len(commands)} commands answered as the scene requires" in out, out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
+    assert report["node"]["model_id"].endswith("+int4") and not report["node"]["adapter_id"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,11 +35,21 @@ from vla_node.image import fit_to_limits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncodedTensors", "NotEncodable", "encode_samples", "pixel_values_of", "processor_arithmetic"]
+__all__ = ["EncodedTensors", "NotEncodable", "EncodeStalled", "encode_samples", "pixel_values_of",
+           "processor_arithmetic"]
+
+CHUNK = 256  # samples a worker encodes per task
+# A chunk takes a worker about a second; none finishing in this long means a worker died (a killed
+# process's task is lost and multiprocessing.Pool would wait for it forever) or hangs.
+ENCODE_STALL_S = 120.0
 
 
 class NotEncodable(Exception):
     """The dataset does not have the shape the fast path serves (the message says what differs)."""
+
+
+class EncodeStalled(RuntimeError):
+    """The encoding workers stopped making progress (the message says what is known)."""
 
 
 @dataclass
@@ -144,9 +155,11 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     patch, merge = int(processor.patch_size), int(processor.merge_size)
     height, width = _frame_shape(collator, samples[0])
     grid = (1, height // patch, width // patch)
-    chunks = [range(i, min(i + 256, len(samples))) for i in range(0, len(samples), 256)]
+    chunks = [range(i, min(i + CHUNK, len(samples))) for i in range(0, len(samples), CHUNK)]
     parallel = workers > 0 and len(chunks) > 1
     shape = (len(samples), height, width, 3)
+    if parallel:
+        _check_scratch_space(int(np.prod(shape)))
     # Forked workers write the frames in place into a file mapping (MAP_SHARED): tens of GB would
     # not fit a container's /dev/shm, nor cross the pool's pipes quickly.
     spill = tempfile.TemporaryDirectory(prefix="vla_frames_") if parallel else None
@@ -158,7 +171,16 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     try:
         if parallel:
             with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
-                for part in pool.imap_unordered(_encode_chunk, chunks):
+                parts = pool.imap_unordered(_encode_chunk, chunks)
+                for _ in chunks:
+                    try:
+                        part = parts.next(timeout=ENCODE_STALL_S)
+                    except multiprocessing.TimeoutError:
+                        pool.terminate()
+                        raise EncodeStalled(
+                            f"encoding stalled: no chunk of {CHUNK} samples finished in {ENCODE_STALL_S:.0f} s "
+                            f"({len(rows)} of {len(samples)} samples encoded): a worker died (killed for memory?) "
+                            f"or hangs; preprocessing_num_workers=0 encodes in this process") from None
                     if isinstance(part, str):
                         pool.terminate()
                         raise NotEncodable(part)
@@ -192,6 +214,21 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
         prefix_length=prefix_length,
         grid_thw=grid,
     )
+
+
+def _check_scratch_space(frame_bytes: int) -> None:
+    """The workers' frame mapping lives in the temporary folder: a disk that fills while they write
+    kills them (SIGBUS), so refuse up front, naming what is needed."""
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if frame_bytes > 0.95 * free:
+        raise NotEncodable(f"data whose frames need {_size(frame_bytes)} of scratch space in {folder} for the encoding "
+                           f"workers, with {_size(free)} free (point TMPDIR at a larger disk, or set "
+                           f"preprocessing_num_workers=0 to keep them in memory)")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _shared_prefix_length(ids: torch.Tensor, lengths: torch.Tensor, image_token: int) -> int:

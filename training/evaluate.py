@@ -57,6 +57,7 @@ __all__ = ["command_from_user_text", "score_sample", "aggregate", "evaluate", "e
            "main"]
 
 ADAPTER_NAME = "eval_adapter"
+EVAL_BACKENDS = ("transformers", "onnx")  # the local ones
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,9 +396,12 @@ def evaluate(
     dtype: str = "auto",
     vocabulary: str | None = None,
     skip_invalid: bool = False,
+    backend: str = "transformers",
 ) -> dict:
     """Run the evaluation; returns the metrics dict that metrics.json holds. ``out`` is written only
-    when the whole evaluation succeeded (a failed run leaves no folder, an existing one untouched)."""
+    when the whole evaluation succeeded (a failed run leaves no folder, an existing one untouched).
+    ``backend`` "onnx": ``model`` is a `vla-export --onnx` folder (an adapter merged at export), served
+    by the runtime's onnx backend, as a robot without torch would."""
     import shutil
     import tempfile
 
@@ -406,6 +410,14 @@ def evaluate(
 
     vocab = Vocabulary.load(vocabulary)
     samples, kind = load_eval_samples(dataset_dir, dataset, vocab, skip_invalid, limit)
+    if backend not in EVAL_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (available: {', '.join(EVAL_BACKENDS)})")
+    if backend == "onnx" and adapter:
+        raise ValueError("backend onnx serves an export with its adapter merged (vla-export --model M --adapter A "
+                         "--onnx OUT): pass the export as the model, without an adapter")
+    if backend == "onnx" and kind != ACTIONS:
+        raise ValueError(f"backend onnx scores action datasets only; {dataset!r} holds {kind} answers "
+                         "(free-form answers are generated with transformers)")
     runs_todo: list[tuple[str, bool]] = [("base", False), ("adapter", True)] if adapter and compare_base \
         else [("adapter" if adapter else "model", bool(adapter))]
     out_dir = Path(out) if out else None
@@ -418,20 +430,22 @@ def evaluate(
     try:
         if kind == ACTIONS:
             runs = _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype,
-                                     vocabulary, vocab)
+                                     vocabulary, vocab, backend)
         else:
             runs = _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype)
         result = {
             "dataset": {"dir": str(dataset_dir), "name": dataset, "samples": len(samples), "answers": kind},
             "model": str(model),
             "adapter": str(adapter) if adapter else None,
+            "backend": backend,
             "runs": runs,
         }
         if staging is not None:
             (staging / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8")
             title = f"# vla-eval: {dataset} ({len(samples)} samples)\n\nmodel: `{model}`" + (
-                f"  \nadapter: `{adapter}`" if adapter else "") + "\n\n"
+                f"  \nadapter: `{adapter}`" if adapter else "") + (
+                f"  \nbackend: {backend}" if backend != "transformers" else "") + "\n\n"
             (staging / "metrics.md").write_text(title + table_for(result), encoding="utf-8")
             _publish(staging, out_dir)
     finally:
@@ -476,12 +490,13 @@ def _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tok
 
 
 def _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype, vocabulary,
-                      vocab) -> dict:
+                      vocab, backend_name: str = "transformers") -> dict:
     from training.freeform_eval import write_predictions
     from training.nlg_metrics import predict_results, sample_scores
     from vla_node.factory import RuntimeSettings, build_backend, build_core
 
     settings = RuntimeSettings(
+        backend=backend_name,
         model_path=str(model),
         adapters=[f"{ADAPTER_NAME}={adapter}"] if adapter else [],
         active_adapter=ADAPTER_NAME if adapter else "",
@@ -559,6 +574,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     p.add_argument("--vocabulary", help="actions.yaml (default: the packaged config/actions.yaml)")
     p.add_argument("--skip-invalid", action="store_true", help="drop invalid samples instead of failing")
+    p.add_argument("--backend", choices=EVAL_BACKENDS, default="transformers",
+                   help="transformers (default), or onnx: --model is a `vla-export --onnx` folder (an adapter merged "
+                        "at export, a quantised decoder as exported), served by the node's onnx backend")
     return p
 
 
@@ -572,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(a.model, a.dataset_dir, a.dataset, adapter=a.adapter, compare_base=a.compare_base,
                           out=a.out, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device,
-                          dtype=a.dtype, vocabulary=a.vocabulary, skip_invalid=a.skip_invalid)
+                          dtype=a.dtype, vocabulary=a.vocabulary, skip_invalid=a.skip_invalid, backend=a.backend)
     except (ValueError, OSError) as e:
         print(f"vla-eval: {e}", file=sys.stderr)
         return 1

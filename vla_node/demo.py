@@ -107,9 +107,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--bag", type=Path, help="bag to replay (default: the bundled tests/data/demo_bag)")
-    p.add_argument("--model", default="", metavar="DIR", help="model_path ('' = the embedded tabletop-tiny)")
+    p.add_argument("--model", default="", metavar="DIR",
+                   help="model_path ('' = the embedded tabletop-tiny; backend onnx: a `vla-export --onnx` folder)")
+    p.add_argument("--backend", choices=("transformers", "onnx"), default="transformers",
+                   help="the node's backend (default %(default)s); onnx serves --model, an export with the adapter "
+                        "merged, e.g. vla-export --model models/tabletop-tiny --adapter models/tabletop-tiny-zh-lora "
+                        "--onnx out/onnx-zh-int4 --quantize int4")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH",
-                   help="adapters (default: zh=embedded, the bundled Chinese LoRA)")
+                   help="adapters (default: zh=embedded, the bundled Chinese LoRA; none on backend onnx)")
     p.add_argument("--active-adapter", default=None, metavar="NAME",
                    help="active adapter (default: zh; '' = base model)")
     p.add_argument("--as-fast-as-possible", action="store_true", help="do not wait for the recorded timing")
@@ -125,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from vla_node.replay import ReplayError, ReplayOptions, print_table, replay_bag
     from vla_node.report import ReportFileError, load_expectations
 
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.backend == "onnx" and not args.model:
+        parser.error("--backend onnx needs --model: a `vla-export --onnx` folder (adapters merged at export)")
     bag = args.bag or find_demo_bag()
     if bag is None:
         print("demo: the demo bag is missing (tests/data/demo_bag); make it with "
@@ -139,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         except ReportFileError as error:
             print(f"demo: {error}", file=sys.stderr)
             return 2
-    adapters = args.adapter if args.adapter is not None else ["zh=embedded"]
-    active = args.active_adapter if args.active_adapter is not None else ("zh" if args.adapter is None else "")
-    parameters = {"model_path": args.model, "adapters": adapters or [""], "active_adapter": active}
+    default_adapters = ["zh=embedded"] if args.backend == "transformers" else []
+    adapters = args.adapter if args.adapter is not None else default_adapters
+    active = args.active_adapter if args.active_adapter is not None else ("zh" if default_adapters and
+                                                                          args.adapter is None else "")
+    parameters = {"backend": args.backend, "model_path": args.model, "adapters": adapters or [""],
+                  "active_adapter": active}
     options = ReplayOptions(bag=bag, out=args.out, node_parameters=parameters,
                             as_fast_as_possible=args.as_fast_as_possible, verbose=args.verbose)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
