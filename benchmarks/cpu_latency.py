@@ -95,17 +95,12 @@ def naive_parse(core, answer: str, rgb: np.ndarray, backend) -> str:
 
 
 def onnx_core(export_dir: Path, threads: int, max_new_tokens: int):
-    """InferenceCore on backend onnx as the factory builds it, but with ``threads`` onnxruntime
-    intra-op threads (the node has no parameter for them: onnxruntime's default, one per physical core)."""
-    from vla_node.backends.onnx_backend import OnnxBackend
+    """InferenceCore on backend onnx as the node builds it, with ``threads`` onnxruntime intra-op threads
+    (the node's onnx_threads)."""
     from vla_node.factory import RuntimeSettings, build_core
 
-    settings = RuntimeSettings(backend="onnx", model_path=str(export_dir), device="cpu", max_new_tokens=max_new_tokens)
-    backend = OnnxBackend(export_dir, device="cpu", max_new_tokens=max_new_tokens, threads=threads)
-    core = build_core(settings, backend=backend)
-    if settings.constrained_decoding:
-        backend.enable_constrained_decoding(core.vocab, core.policy, restrict_to_policy=settings.constrain_to_policy)
-    return core
+    return build_core(RuntimeSettings(backend="onnx", model_path=str(export_dir), device="cpu",
+                                      max_new_tokens=max_new_tokens, onnx_threads=threads))
 
 
 def onnx_export_dir(root: Path, model: Path, adapter: Path | None, quantize: str | None = None) -> Path:

@@ -631,3 +631,21 @@ def test_the_demo_on_backend_onnx_with_int4_weights_answers_every_command(tmp_pa
     assert f"{len(commands)} of {len(commands)} commands answered as the scene requires" in out, out
     report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
     assert report["node"]["model_id"].endswith("+int4") and not report["node"]["adapter_id"]
+
+
+def test_onnx_threads_sets_onnxruntimes_intra_op_threads(qwen3_int4_dir):
+    """The node's onnx_threads parameter reaches both sessions; negatives are refused by name."""
+    from vla_node.factory import RuntimeSettings, build_core, settings_from_parameters
+    from vla_node.settings import PARAMETERS
+
+    values = {name: p.default for name, p in PARAMETERS.items()}
+    runtime, _ = settings_from_parameters({**values, "backend": "onnx", "model_path": str(qwen3_int4_dir),
+                                           "device": "cpu", "onnx_threads": 1})
+    core = build_core(runtime)
+    try:
+        for session in (core.backend._vision_session, core.backend._decoder_session):
+            assert session.get_session_options().intra_op_num_threads == 1
+    finally:
+        core.backend.close()
+    with pytest.raises(BackendError, match="onnx_threads must be >= 0"):
+        build_core(RuntimeSettings(backend="onnx", model_path=str(qwen3_int4_dir), device="cpu", onnx_threads=-1))

@@ -91,6 +91,7 @@ class RuntimeSettings:
     compile_decode: bool = default("compile_decode")  # transformers, static on CUDA: torch.compile the decode step
     compile_layers: bool = default("compile_layers")  # transformers on CUDA: compile vision blocks, prefill norms/MLPs
     torch_threads: int = default("torch_threads")  # transformers: torch CPU threads (0 = torch's default)
+    onnx_threads: int = default("onnx_threads")  # onnx: onnxruntime intra-op threads (0 = its default)
     vocabulary_path: str = default("vocabulary_path")  # "" -> config/actions.yaml
     max_new_tokens: int = default("max_new_tokens")
     min_confidence: float | None = None  # overrides the vocabulary file's policy when set
@@ -153,7 +154,7 @@ def _build_onnx_backend(settings: RuntimeSettings, vocab: Vocabulary, policy: Sa
     if not settings.model_path:
         raise BackendError("backend 'onnx' needs model_path: a folder written by `vla-export --model DIR --onnx OUT`")
     backend = OnnxBackend(settings.model_path, device=settings.device, max_new_tokens=settings.max_new_tokens,
-                          prefix_cache=settings.prefix_cache)
+                          threads=settings.onnx_threads, prefix_cache=settings.prefix_cache)
     for name, path in parse_adapter_specs(settings.adapters).items():
         backend.load_adapter(path, name)  # raises: merge adapters at export time
     backend.set_adapter(settings.active_adapter or None)

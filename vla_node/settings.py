@@ -152,6 +152,9 @@ _DECLARED = (
                   "(faster frames; the first frame of each size compiles, seconds)", _RUN),
     NodeParameter("torch_threads", 0, "backend transformers: torch CPU threads, process-wide (0 = torch's default, "
                   "one per core; 1 is often fastest on a shared CPU)", _RUN, minimum=0),
+    NodeParameter("onnx_threads", 0, "backend onnx: onnxruntime intra-op threads of each session (0 = "
+                  "onnxruntime's default, one per physical core; 1 leaves the other cores to the robot's other "
+                  "nodes)", _RUN, minimum=0),
     # A two-step plan with boxes is ~110 tokens for the embedded model; 64 cut such plans short.
     NodeParameter("max_new_tokens", 128, "Upper bound on generated tokens per command (a two-step plan with boxes "
                   "is ~110 tokens)", _RUN, minimum=1),

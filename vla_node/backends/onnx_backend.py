@@ -256,6 +256,8 @@ class OnnxBackend(Backend):
         self.max_new_tokens = int(max_new_tokens)
         if self.max_new_tokens < 1:
             raise BackendError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if int(threads) < 0:
+            raise BackendError(f"onnx_threads must be >= 0 (0 = onnxruntime's default), got {threads}")
         man = self._read_manifest(self.export_dir)
         self.manifest = man
         self.family = man["family"]
