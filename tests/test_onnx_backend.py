@@ -578,7 +578,7 @@ def test_int4_plans_are_the_float32_plans_boxes_within_a_pixel(qwen3_onnx_dir, q
     assert steps >= INT4_COMMANDS
 
 
-def test_quantization_refusals(qwen3_int4_dir, tmp_path, capsys):
+def test_quantization_refusals(qwen3_int4_dir, tmp_path, capsys, monkeypatch):
     from training.onnx_quantize import quantize_decoder
 
     with pytest.raises(ValueError, match="already quantised"):
@@ -590,6 +590,10 @@ def test_quantization_refusals(qwen3_int4_dir, tmp_path, capsys):
         export_main(["--model", str(QWEN3), "--adapter", str(QWEN3_ADAPTER), "--out", str(tmp_path / "m"),
                      "--quantize", "int4"])
     assert "--quantize applies to --onnx exports only" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # a host without the quantizer
+    with pytest.raises(OnnxExportError, match=r"--quantize needs onnx and onnxruntime>=1\.22"):
+        export_onnx(str(QWEN3), str(tmp_path / "no-quantizer"), quantize="int4")
+    assert not (tmp_path / "no-quantizer").exists(), "refused before anything is written"
 
 
 def test_vla_eval_scores_an_int4_export_on_backend_onnx(qwen3_int4_dir, tmp_path, capsys):

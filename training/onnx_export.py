@@ -97,7 +97,8 @@ def _build_wrappers(model):
     def patch_embed(embed, pixel_values):
         """The patch embedding as one matmul: its Conv3d has kernel == stride == one patch, so it is a
         linear map of each flattened patch (rows of ``pixel_values`` are flattened in the conv weight's
-        (channel, time, y, x) order). Traced as a Conv, onnxruntime runs it 4-5x slower on CPU."""
+        (channel, time, y, x) order). Traced as a Conv it took onnxruntime 13 ms of a 75 ms vision call on
+        one CPU core; as a matmul the call is ~6 ms shorter."""
         conv = embed.proj
         if not (isinstance(conv, nn.Conv3d) and tuple(conv.kernel_size) == tuple(conv.stride)
                 and conv.padding in ((0, 0, 0), "valid") and conv.groups == 1):
@@ -235,11 +236,14 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
     """Export ``model`` (optionally with ``adapter`` merged in first) to the folder ``out``;
     ``quantize`` ("int4", training.onnx_quantize) stores the decoder's weights in 4 bits."""
     model_dir, out_dir = Path(model), Path(out)
-    if quantize is not None:
-        from training.onnx_quantize import QUANTIZATIONS
+    if quantize is not None:  # refused before anything is written
+        from training.onnx_quantize import QUANTIZATIONS, quantizer_unavailable
 
         if quantize not in QUANTIZATIONS:
             raise OnnxExportError(f"unknown quantization {quantize!r} (supported: {', '.join(QUANTIZATIONS)})")
+        missing = quantizer_unavailable()
+        if missing:
+            raise OnnxExportError(missing)
     if adapter:
         from training.merge import export_merged
 

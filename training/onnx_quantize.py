@@ -22,11 +22,21 @@ from pathlib import Path
 
 log = logging.getLogger("vla_export.onnx")
 
-__all__ = ["QUANTIZATIONS", "quantize_decoder"]
+__all__ = ["QUANTIZATIONS", "quantize_decoder", "quantizer_unavailable"]
 
 QUANTIZATIONS = ("int4",)
 _BLOCK_SIZE = 32
 _ACCURACY_LEVEL = 4  # int8 activations: the fast MLAS kernels (level 0, float activations, measured 2x slower)
+
+
+def quantizer_unavailable() -> str | None:
+    """Why this host cannot quantise (onnx or onnxruntime's quantizer missing), or None."""
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401
+    except ImportError as e:
+        return f"--quantize needs onnx and onnxruntime>=1.22 (pip install \"vla_node[export]\"): {e}"
+    return None
 
 
 def quantize_decoder(export_dir: str | Path, scheme: str = "int4") -> dict:
@@ -34,6 +44,9 @@ def quantize_decoder(export_dir: str | Path, scheme: str = "int4") -> dict:
     (``decoder_weights``); returns that record."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {scheme!r} (supported: {', '.join(QUANTIZATIONS)})")
+    missing = quantizer_unavailable()
+    if missing:
+        raise ValueError(missing)
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
