@@ -147,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         except ReportFileError as error:
             print(f"demo: {error}", file=sys.stderr)
             return 2
-    default_adapters = ["zh=embedded"] if args.backend == "transformers" else []
-    adapters = args.adapter if args.adapter is not None else default_adapters
-    active = args.active_adapter if args.active_adapter is not None else ("zh" if default_adapters and
-                                                                          args.adapter is None else "")
+    if args.adapter is not None:
+        adapters, active = args.adapter, ""
+    elif args.backend == "transformers":  # the bundled Chinese adapter, active
+        adapters, active = ["zh=embedded"], "zh"
+    else:  # onnx: adapters are merged at export
+        adapters, active = [], ""
+    if args.active_adapter is not None:
+        active = args.active_adapter
     parameters = {"backend": args.backend, "model_path": args.model, "adapters": adapters or [""],
                   "active_adapter": active}
     options = ReplayOptions(bag=bag, out=args.out, node_parameters=parameters,
