@@ -1,6 +1,6 @@
 """Training throughput of a small (embedded-size) model: vla-train's ordinary path vs its fast path.
 
-    python3 benchmarks/small_model_training.py [--shape previous|embedded] [--samples 8192] [--steps 60]
+    python3 benchmarks/small_model_training.py [--shape previous|embedded|committed] [--samples 8192] [--steps 60]
 
 Both arms run `vla-train`'s own train() on the same synthetic table-top samples and a randomly
 initialised checkpoint of the chosen shape:
@@ -12,8 +12,10 @@ initialised checkpoint of the chosen shape:
             computed once per batch, bf16 autocast over fp32 weights, batch 256
 
 Shapes: `previous` = the embedded model as committed before the fast path (hidden 256, 4 layers,
-vision 192 x 4, 28 px visual tokens, 252x196 input); `embedded` = training.build_embedded's
-MODEL_SIZES. Timed: optimizer steps after --warmup-steps. Printed: samples/s, the ratio, model
+vision 192 x 4, 28 px visual tokens, 252x196 input, Qwen2.5-VL, the full system prompt);
+`embedded` = training.build_embedded's MODEL_SIZES (Qwen2.5-VL, random init); `committed` = the
+committed models/tabletop-tiny itself (Qwen3-VL, 6 layers, its weights, its manifest's compact
+prompt), trained on as the builds since session 22 did. Timed: optimizer steps after --warmup-steps. Printed: samples/s, the ratio, model
 FLOPs per second against the measured bf16 matmul peak (the FLOPs of the ordinary forward of a
 whole sample, so both arms are measured against the same work), and GPU busy time (the CUDA
 kernels' time over wall time in a torch.profiler window of 5 steps).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,31 +41,45 @@ PREVIOUS = dict(vocab_size=3000, hidden_size=256, intermediate_size=768, num_hid
                 vision_num_heads=4, min_pixels=56 * 56, max_pixels=252 * 196, vision_window_attention=False)
 
 
-def shape(name: str) -> dict:
-    """tiny_models sizes of the shape."""
+COMMITTED = ROOT / "models" / "tabletop-tiny"
+
+
+def shape(name: str) -> dict | None:
+    """tiny_models sizes of the shape (None: the committed checkpoint as it is)."""
     if name == "previous":
         return PREVIOUS
+    if name == "committed":
+        return None
     from training.build_embedded import MODEL_SIZES
 
     return MODEL_SIZES
 
 
-def prepare(work: Path, sizes: dict, samples: int) -> tuple[Path, Path]:
+def prepare(work: Path, sizes: dict | None, samples: int) -> tuple[Path, Path]:
+    from training.heldout import input_factor
     from training.synth import SynthConfig, generate_dataset
     from training.tiny_models import DEFAULT_SIZES, build_tiny_checkpoint, patch_size_of
 
-    from training.build_embedded import corpus
+    from training.build_embedded import IMAGE_SIZE, MODEL_SIZES, corpus
 
     data = work / "data"
     workers = max(1, (os.cpu_count() or 2) - 1)
-    synth = SynthConfig(num=samples, seed=0, size=(320, 240), val_frac=0.0, test_frac=0.0, boxes="absolute_resized",
-                        min_pixels=sizes["min_pixels"], max_pixels=sizes["max_pixels"],
-                        factor=patch_size_of("qwen2_5_vl", sizes) * sizes.get("merge_size", DEFAULT_SIZES["merge_size"]))
+    if sizes is None:
+        pixels, factor = MODEL_SIZES, input_factor(COMMITTED)
+    else:
+        pixels = sizes
+        factor = patch_size_of("qwen2_5_vl", sizes) * sizes.get("merge_size", DEFAULT_SIZES["merge_size"])
+    synth = SynthConfig(num=samples, seed=0, size=IMAGE_SIZE, val_frac=0.0, test_frac=0.0, boxes="absolute_resized",
+                        min_pixels=pixels["min_pixels"], max_pixels=pixels["max_pixels"], factor=factor)
     if not (data / "dataset_info.json").is_file():
         generate_dataset(data, synth, workers=workers)
     checkpoint = work / "checkpoint"
-    if not (checkpoint / "config.json").is_file():  # a tokenizer trained on the data's text, as a build's
-        build_tiny_checkpoint(checkpoint, family="qwen2_5_vl", seed=0, vocab_texts=corpus([synth], workers), **sizes)
+    if not (checkpoint / "config.json").is_file():
+        if sizes is None:
+            shutil.copytree(COMMITTED, checkpoint)
+        else:  # a tokenizer trained on the data's text, as a build's
+            build_tiny_checkpoint(checkpoint, family="qwen2_5_vl", seed=0, vocab_texts=corpus([synth], workers),
+                                  **sizes)
     return checkpoint, data
 
 
@@ -121,11 +138,13 @@ def flops_per_sample(checkpoint: Path, data: Path) -> float:
     from transformers import AutoProcessor
 
     from training.collate import VLACollator, pixel_limits_of
+    from vla_node.manifest import prompt_template_of
     from vla_node.prompt import PromptBuilder
     from vla_node.vocabulary import Vocabulary
 
     processor = AutoProcessor.from_pretrained(checkpoint)
-    collator = VLACollator(processor, PromptBuilder(Vocabulary.load()), pixel_limits_of(processor))
+    builder = PromptBuilder(Vocabulary.load(), template=prompt_template_of(checkpoint))  # the template trained
+    collator = VLACollator(processor, builder, pixel_limits_of(processor))
     sample["images"] = [str(data / sample["images"][0])]
     enc = collator.encode(sample)
     tokens, patches = int(enc["input_ids"].shape[0]), int(enc["image_grid_thw"].prod())
@@ -162,9 +181,11 @@ def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
     fast = arm == "fast"
     batch = args.fast_batch if fast else args.ordinary_batch
     clock = Clock(args.warmup_steps)
+    run_dir = out / f"{arm}_batch{batch}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run left there would be resumed, at its last step
     cfg = TrainConfig(model_path=str(checkpoint), finetuning_type="full", freeze_vision_tower=False,
                       freeze_multi_modal_projector=False, dataset_dir=str(data), dataset="tabletop_train",
-                      output_dir=str(out / arm), max_steps=args.steps, per_device_train_batch_size=batch,
+                      output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=batch,
                       learning_rate=1e-3, warmup_ratio=0.0, save_steps=10**6, logging_steps=10**6, report_to="none",
                       plot_loss=False, disable_tqdm=True, seed=0, fast_path="true" if fast else "false",
                       bf16="auto" if fast else "false", dataloader_num_workers=None if fast else args.workers,
@@ -178,7 +199,7 @@ def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=("previous", "embedded"), default="previous")
+    parser.add_argument("--shape", choices=("previous", "embedded", "committed"), default="previous")
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=10)
