@@ -318,3 +318,24 @@ def test_counting_questions_are_written_once_on_a_seed_of_their_own(tmp_path):
     (out / "count_train.json").write_text("[]\n")
     assert counting(out, args, MODEL_SIZES) == path and (out / "count_train.json").read_text() == "[]\n", \
         "written once"
+
+
+def test_a_base_trained_with_counting_questions_says_so_in_its_manifest(tmp_path):
+    """mark_count_questions: what lets the node's presence check ask the model (vla_node.presence_check);
+    every other manifest field is kept."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from training.build_embedded import mark_count_questions
+    from vla_node.manifest import answers_count_questions, read_manifest
+
+    model = tmp_path / "tabletop-tiny"
+    model.mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "models" / "tabletop-tiny" / "vla_manifest.json", model)
+    before = {k: v for k, v in read_manifest(model).items() if k != "count_questions"}
+    (model / "vla_manifest.json").write_text(json.dumps(before))
+    assert not answers_count_questions(model)
+    mark_count_questions(model)
+    assert answers_count_questions(model)
+    assert {k: v for k, v in read_manifest(model).items() if k != "count_questions"} == before

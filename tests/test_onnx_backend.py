@@ -499,6 +499,35 @@ def test_qwen3_constrained_answers_match_torch(qwen3_onnx_dir, qwen3_zh_onnx_dir
         qwen3_torch.disable_constrained_decoding()
 
 
+def test_qwen3_export_carries_the_counting_skill_and_the_presence_check_runs_on_it(qwen3_onnx_dir, qwen3_zh_onnx_dir,
+                                                                                   tmp_path):
+    """The base export says count_questions (its manifest's), so the node's presence check asks it: test_en
+    sample 8's two-step plan moves a blue cylinder that is not there, checked it is the CLARIFY the scene
+    needs. An export with the adapter merged keeps the base's skill in the adapter's manifest."""
+    from training.collate import load_rgb
+    from training.heldout import input_factor, materialise_heldout
+    from vla_node.factory import RuntimeSettings, build_core
+
+    assert json.loads((qwen3_onnx_dir / "onnx_manifest.json").read_text())["count_questions"] is True
+    assert json.loads((qwen3_zh_onnx_dir / "onnx_manifest.json").read_text())["count_questions"] is True
+    assert "count_questions" not in json.loads((QWEN3_ADAPTER / "vla_manifest.json").read_text())
+    out = materialise_heldout(ROOT / "models" / "heldout" / "test_en.json", tmp_path, limit=9,
+                              factor=input_factor(QWEN3))
+    row = json.loads((out / "test.json").read_text(encoding="utf-8"))[8]
+    command = json.loads(row["messages"][-2]["content"].split("Command: ", 1)[1])
+    core = build_core(RuntimeSettings(backend="onnx", model_path=str(qwen3_onnx_dir), device="cpu"))
+    try:
+        assert core.backend.answers_count_questions
+        plans = {}
+        for check in (False, True):
+            core.presence_check = check
+            plans[check], _ = core.infer(load_rgb(out / row["images"][0]), command)
+    finally:
+        core.backend.close()
+    assert [s.verb for s in plans[False].steps] == ["MOVE_OBJECT", "MOVE_OBJECT"]
+    assert [(s.verb, s.reason) for s in plans[True].steps] == [("CLARIFY", "no blue cylinder is visible")]
+
+
 # ------------------------------------------------------------------------------ speed: patch embedding, int4 decoder
 
 

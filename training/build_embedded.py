@@ -179,6 +179,14 @@ def counting(out: Path, args, sizes: dict) -> str:
     return str((out / "count_train.json").resolve())
 
 
+def mark_count_questions(model: Path) -> None:
+    """Record in the model's manifest that it answers the counting question (``count_questions``):
+    the node then checks its multi-step plans with it (vla_node.presence_check)."""
+    from vla_node.manifest import read_manifest, write_manifest
+
+    write_manifest(model, {**read_manifest(model), "count_questions": True})
+
+
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES,
           **changes) -> Path:
     """Render synth_config(...) (with SynthConfig ``changes``, e.g. GROUNDING) to ``out`` unless done."""
@@ -640,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                             prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
                             **common)
         export_model(base, out / EMBEDDED_MODEL)
+        if args.count_samples:
+            mark_count_questions(out / EMBEDDED_MODEL)
     histories["base (tabletop-tiny)"] = _history(base_run)
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")

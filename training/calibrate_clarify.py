@@ -78,8 +78,9 @@ def observe(model: str, data_dir: Path, device: str, adapter: str | None = None)
 
     vocab = Vocabulary.load(None)
     samples, _ = load_eval_samples(str(data_dir), "tabletop_test", vocab, False, None)
+    # the threshold decides the plan's first token; the presence check (multi-step plans) comes after it
     settings = RuntimeSettings(model_path=model, device=device, adapters=[f"calibrated={adapter}"] if adapter else [],
-                               active_adapter="calibrated" if adapter else "")
+                               active_adapter="calibrated" if adapter else "", presence_check=False)
     backend = build_backend(settings, vocab)
     probabilities: list[float] = []
     # observe only: the greedy answers are the model's own, whatever its manifest holds now

@@ -113,7 +113,8 @@ class _Recorder:
 
     def generate(self, request):
         result = self._backend.generate(request)
-        object.__setattr__(self, "last", result)
+        if not request.free_text:  # a presence check's question is not the plan's answer
+            object.__setattr__(self, "last", result)
         return result
 
     def __getattr__(self, name):
@@ -397,11 +398,13 @@ def evaluate(
     vocabulary: str | None = None,
     skip_invalid: bool = False,
     backend: str = "transformers",
+    presence_check: bool = True,
 ) -> dict:
     """Run the evaluation; returns the metrics dict that metrics.json holds. ``out`` is written only
     when the whole evaluation succeeded (a failed run leaves no folder, an existing one untouched).
     ``backend`` "onnx": ``model`` is a `vla-export --onnx` folder (an adapter merged at export), served
-    by the runtime's onnx backend, as a robot without torch would."""
+    by the runtime's onnx backend, as a robot without torch would. ``presence_check``: the node's
+    parameter (on by default, as the node runs; off scores the plans as the model answers them)."""
     import shutil
     import tempfile
 
@@ -430,7 +433,7 @@ def evaluate(
     try:
         if kind == ACTIONS:
             runs = _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype,
-                                     vocabulary, vocab, backend)
+                                     vocabulary, vocab, backend, presence_check)
         else:
             runs = _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype)
         result = {
@@ -438,6 +441,7 @@ def evaluate(
             "model": str(model),
             "adapter": str(adapter) if adapter else None,
             "backend": backend,
+            **({"presence_check": presence_check} if kind == ACTIONS else {}),
             "runs": runs,
         }
         if staging is not None:
@@ -490,7 +494,7 @@ def _evaluate_free_form(model, adapter, samples, runs_todo, staging, max_new_tok
 
 
 def _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_tokens, device, dtype, vocabulary,
-                      vocab, backend_name: str = "transformers") -> dict:
+                      vocab, backend_name: str = "transformers", presence_check: bool = True) -> dict:
     from training.freeform_eval import write_predictions
     from training.nlg_metrics import predict_results, sample_scores
     from vla_node.factory import RuntimeSettings, build_backend, build_core
@@ -504,6 +508,7 @@ def _evaluate_actions(model, adapter, samples, runs_todo, staging, max_new_token
         dtype=dtype,
         vocabulary_path=vocabulary or "",
         max_new_tokens=max_new_tokens,
+        presence_check=presence_check,
     )
     backend = build_backend(settings, vocab)
     core = build_core(settings, backend=_Recorder(backend))
@@ -577,6 +582,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=EVAL_BACKENDS, default="transformers",
                    help="transformers (default), or onnx: --model is a `vla-export --onnx` folder (an adapter merged "
                         "at export, a quantised decoder as exported), served by the node's onnx backend")
+    p.add_argument("--no-presence-check", dest="presence_check", action="store_false",
+                   help="score the plans as the model answers them, without the node's presence check (which asks "
+                        "the model about each thing a multi-step plan names; models whose manifest says "
+                        "count_questions)")
     return p
 
 
@@ -590,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(a.model, a.dataset_dir, a.dataset, adapter=a.adapter, compare_base=a.compare_base,
                           out=a.out, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device,
-                          dtype=a.dtype, vocabulary=a.vocabulary, skip_invalid=a.skip_invalid, backend=a.backend)
+                          dtype=a.dtype, vocabulary=a.vocabulary, skip_invalid=a.skip_invalid, backend=a.backend,
+                          presence_check=a.presence_check)
     except (ValueError, OSError) as e:
         print(f"vla-eval: {e}", file=sys.stderr)
         return 1

@@ -83,6 +83,10 @@ def export_merged(model: str, adapter: str, out: str, dtype: str = "float32", ch
             "base_path": str(model_dir),
             "dtype": dtype,
         }
+        # the base's counting skill is the merged model's too, as it is with the adapter active unmerged
+        # (the node's presence check asks either: vla_node/presence_check.py reads both answer forms)
+        if mf.answers_count_questions(model_dir):
+            note["count_questions"] = True
         mf.write_manifest(out_dir, note)
     log.info("merged %s into %s -> %s", adapter_dir, model_dir, out_dir)
     return out_dir

@@ -404,6 +404,8 @@ def export_onnx(model: str, out: str, adapter: str | None = None, opset: int = 1
     clarify_threshold = mf.clarify_threshold_of(model_dir)
     if clarify_threshold is not None:
         manifest["clarify_threshold"] = clarify_threshold
+    if mf.answers_count_questions(model_dir):  # vla_node.presence_check may ask it
+        manifest["count_questions"] = True
     if deepstack_layers:
         visual = hf.model.visual
         manifest["deepstack_layers"] = deepstack_layers

@@ -15,8 +15,9 @@ answers' vocabulary.
 
 The samples carry the serving prompt's system message (vla_node.prompt, the template given), so
 every sample of a mixed batch shares the prompt up to the image and the trainer's shared-prefix
-fast path keeps working; the user turn says "Count:", which the node never writes (it always
-quotes the spoken command after "Command:"), so no command served can ask for this answer.
+fast path keeps working; the user turn says "Count:" (vla_node.prompt.count_question), which no
+spoken command becomes (the node quotes every command after "Command:"), so no command served can
+ask for this answer; the node asks it itself to check a multi-step plan (vla_node.presence_check).
 The dataset is declared free-form ("vla_answers": "text"): its answers are not actions.
 
 `generate_count_dataset(out, SynthConfig(...))` writes images/, count_train.json, count_val.json, a
@@ -35,7 +36,7 @@ import numpy as np
 
 from training.synth import (PNG_PARAMS, SynthConfig, SynthError, Synthesizer, Thing, _plural, _Retry, _split_label,
                             remove_outputs)
-from vla_node.prompt import PromptBuilder, quote_command
+from vla_node.prompt import PromptBuilder, absent_reason, count_question
 
 __all__ = ["QUESTION_KINDS", "CountSample", "CountingScenes", "count_answer", "count_question",
            "generate_count_dataset"]
@@ -43,21 +44,15 @@ __all__ = ["QUESTION_KINDS", "CountSample", "CountingScenes", "count_answer", "c
 # question kinds and how often each is drawn: several of one label or shape (the ambiguous
 # commands' case), an absent look-alike (the absent-thing case), one present thing, a bare shape
 QUESTION_KINDS = {"several": 0.3, "absent_lookalike": 0.3, "present": 0.25, "shape": 0.15}
-QUESTION_PREFIX = "Count: "
 COUNT_CONFIG = "count_config.json"  # the options and counts, written once the dataset is whole
 # what a run writes besides images/ (dataset_info.json is shared: write_sharegpt updates its entries)
 COUNT_OUTPUT_FILES = (COUNT_CONFIG, "count_train.json", "count_val.json")
 
 
-def count_question(noun: str) -> str:
-    """The user turn's text after the image."""
-    return QUESTION_PREFIX + quote_command(noun)
-
-
 def count_answer(noun: str, boxes: Sequence[Sequence[int]]) -> str:
     """The answer: the CLARIFY reasons' words, then the boxes (model pixels) left to right."""
     if not boxes:
-        return f"no {noun} is visible"
+        return absent_reason(noun)
     listed = ", ".join("[" + ", ".join(str(int(v)) for v in box) + "]" for box in boxes)
     if len(boxes) == 1:
         return f"1 {noun} is visible: {listed}"

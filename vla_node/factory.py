@@ -98,6 +98,7 @@ class RuntimeSettings:
     max_steps: int | None = None
     constrained_decoding: bool = default("constrained_decoding")  # only grammar-valid plans (vla_node.grammar)
     constrain_to_policy: bool = default("constrain_to_policy")  # the grammar also applies the policy's labels
+    presence_check: bool = default("presence_check")  # ask whether a multi-step plan's things are on the table
     server: ServerSettings = field(default_factory=ServerSettings)  # backend "openai" only
 
 
@@ -194,4 +195,5 @@ def build_core(settings: RuntimeSettings, backend: Backend | None = None) -> Inf
         prompt = PromptBuilder(vocab, template=template or prompt_template_of(settings.model_path))
     except ManifestError as e:
         raise BackendError(str(e)) from None
-    return InferenceCore(backend, vocab, prompt, policy, settings.max_new_tokens)
+    return InferenceCore(backend, vocab, prompt, policy, settings.max_new_tokens,
+                         presence_check=settings.presence_check)

@@ -13,7 +13,8 @@ not match what it is serving. Format (SPEC)::
      "vocabulary": {"version": str, "fingerprint": str},
      "dataset_sha256": str, "metrics": {...}, "created": iso8601,
      "answers": ["actions"] | ["text"] | ["actions", "text"],
-     "clarify_threshold": float (optional, in (0, 0.5])}
+     "clarify_threshold": float (optional, in (0, 0.5]),
+     "count_questions": bool (optional)}
 
 ``answers`` says what the adapter was trained to answer: robot actions, free-form text, or both
 (absent in older manifests: actions). The node serves actions, so an adapter trained only on
@@ -21,6 +22,9 @@ free-form text is refused (:func:`check_adapter_against_base`, ``require_actions
 ``clarify_threshold`` (a model's or an adapter's, optional): the answer starts with CLARIFY whenever
 the answering model gives it at least that probability at the first token (vla_node.clarify_threshold;
 written by ``python -m training.calibrate_clarify``); an adapter never inherits its base's.
+``count_questions`` (a base model's, optional): the model was trained to answer the counting question
+(vla_node.prompt.count_question), so the node may ask it whether the things a plan names are on the
+table (vla_node.presence_check); ``training.build_embedded`` writes it when the base's data had them.
 
 Pure Python (no torch), so training tools and tests can use it cheaply.
 """
@@ -59,6 +63,7 @@ __all__ = [
     "answers_of",
     "require_action_answers",
     "clarify_threshold_of",
+    "answers_count_questions",
 ]
 
 MANIFEST_NAME = "vla_manifest.json"
@@ -269,6 +274,8 @@ def validate_manifest(data: Any, source: str | os.PathLike = "manifest") -> dict
         threshold = data["clarify_threshold"]
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 0.5:
             raise ManifestError(f"{src}: field 'clarify_threshold' = {threshold!r} must be a number in (0, 0.5]")
+    if "count_questions" in data and not isinstance(data["count_questions"], bool):
+        raise ManifestError(f"{src}: field 'count_questions' = {data['count_questions']!r} must be true or false")
     return data
 
 
@@ -434,3 +441,11 @@ def check_adapter_against_base(
         got = get(m)
         if got != want:
             raise mismatch(field, got, want, "expected")
+
+
+def answers_count_questions(model_dir: str | os.PathLike) -> bool:
+    """Whether the checkpoint in ``model_dir`` was trained on the counting question (its manifest says
+    ``count_questions: true``); no manifest or no field: it was not."""
+    if not model_dir or not has_manifest(model_dir):
+        return False
+    return read_manifest(model_dir).get("count_questions") is True

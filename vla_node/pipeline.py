@@ -25,6 +25,7 @@ from vla_node.backends.base import DEFAULT_MAX_NEW_TOKENS, Backend, GenerationRe
 from vla_node.image import ImageError, fit_to_limits
 from vla_node.parser import BoxCodec, ParseError, parse_actions
 from vla_node.policy import SafetyPolicy
+from vla_node.presence_check import check_presence, needs_check
 from vla_node.prompt import PromptBuilder
 from vla_node.settings import check_all, default
 from vla_node.text import CommandError, StopPhraseDetector, echo_refused, sanitise_command
@@ -68,12 +69,16 @@ class InferenceCore:
         prompt: PromptBuilder,
         policy: SafetyPolicy,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        presence_check: bool = False,
     ):
         self.backend = backend
         self.vocab = vocab
         self.prompt = prompt
         self.policy = policy
         self.max_new_tokens = max_new_tokens
+        # ask the model whether each thing a multi-step plan names is on the table (vla_node.presence_check);
+        # only a model that answers the counting question (its manifest) is asked
+        self.presence_check = presence_check
 
     def infer(
         self,
@@ -116,8 +121,8 @@ class InferenceCore:
                 results = [error] * len(requests)
         else:
             results = []
-        for (index, resize_ms), result in zip(waiting, results):
-            outcomes[index] = self._conclude(jobs[index], resize_ms, result)
+        for (index, resize_ms), request, result in zip(waiting, requests, results):
+            outcomes[index] = self._conclude(jobs[index], resize_ms, result, request.image)
         return outcomes  # type: ignore[return-value]
 
     def _status(self, job: "InferenceJob", code: StatusCode, detail: str) -> CommandStatus:
@@ -138,8 +143,10 @@ class InferenceCore:
         )
         return request, _ms(time.perf_counter() - started)
 
-    def _conclude(self, job: "InferenceJob", resize_ms: float, result) -> tuple[ActionPlan | None, CommandStatus]:
-        """Generated text -> parsed, policy-checked plan and status (or the backend's error status)."""
+    def _conclude(self, job: "InferenceJob", resize_ms: float, result,
+                  fitted: np.ndarray) -> tuple[ActionPlan | None, CommandStatus]:
+        """Generated text -> parsed, policy-checked (and, multi-step, presence-checked) plan and status
+        (or the backend's error status). ``fitted``: the image the model was asked about."""
         if isinstance(result, BaseException):
             log.error("backend failed on command %s: %s: %s", job.command_id, type(result).__name__, result,
                       exc_info=result)
@@ -161,6 +168,10 @@ class InferenceCore:
         latency.parse_ms = _ms(time.perf_counter() - parse_started)
         if refusal is not None:
             return None, self._status(job, StatusCode.REJECTED_BY_POLICY, f"{refusal}; model text: {result.text!r}")
+        checked = self._presence_checked(job, steps, fitted, original_size)
+        if isinstance(checked, CommandStatus):
+            return None, checked
+        steps, note = checked
         plan = ActionPlan(
             stamp_ns=job.stamp_ns,
             frame_id=job.frame_id,
@@ -173,7 +184,30 @@ class InferenceCore:
             latency=latency,
         )
         summary = "; ".join(step.verb for step in steps)
-        return plan, self._status(job, StatusCode.ACCEPTED, f"{len(steps)} step(s): {summary}")
+        return plan, self._status(job, StatusCode.ACCEPTED, f"{len(steps)} step(s): {summary}{note}")
+
+    def _presence_checked(self, job: "InferenceJob", steps: list[ActionStep], fitted: np.ndarray,
+                          original_size: tuple[int, int]) -> tuple[list[ActionStep], str] | CommandStatus:
+        """The plan's steps after the presence check (vla_node.presence_check) and a note for the
+        status ("" when unchecked or nothing was absent), or the status that ends the command."""
+        if not (self.presence_check and self.backend.answers_count_questions and needs_check(steps)):
+            return steps, ""
+        try:
+            check = check_presence(self.backend, self.prompt, fitted, steps, job.stop_event)
+        except Exception as error:  # as a failed generation: never publish a plan the check could not finish
+            log.error("presence check failed on command %s: %s: %s", job.command_id, type(error).__name__, error)
+            return self._status(job, StatusCode.BACKEND_ERROR, f"presence check: {type(error).__name__}: {error}")
+        job.latency.generate_ms += check.ms
+        if check.absent is None:
+            return steps, ""
+        planned = "; ".join(step.verb for step in steps)
+        clarify = [ActionStep(verb="CLARIFY", reason=check.reason, confidence=check.confidence)]
+        refusal = self.policy.check(clarify, original_size)
+        if refusal is not None:
+            return self._status(job, StatusCode.REJECTED_BY_POLICY,
+                                f"{refusal}; after the presence check (the model says {check.reason})")
+        return clarify, (f" (presence check: the model says {check.reason}; its plan was {len(steps)} step(s): "
+                         f"{planned})")
 
 
 @dataclass

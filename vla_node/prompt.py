@@ -48,6 +48,22 @@ def quote_command(command: str) -> str:
     return quoted
 
 
+# The counting question a base trained with training/synth_count answers (`Count: "red tray"` ->
+# `no red tray is visible` / `1 red tray is visible: [..]`): serving asks it only to check that the
+# things a plan names are on the table (vla_node.presence_check); a spoken command never becomes one.
+COUNT_PREFIX = "Count: "
+
+
+def count_question(noun: str) -> str:
+    """The user turn's text after the image of a counting question."""
+    return COUNT_PREFIX + quote_command(noun)
+
+
+def absent_reason(noun: str) -> str:
+    """The words a model says when ``noun`` is not on the table: a counting answer's and a CLARIFY reason's."""
+    return f"no {noun} is visible"
+
+
 def build_system_text(vocab: Vocabulary) -> str:
     verb_lines = []
     for spec in vocab.verbs.values():
@@ -119,6 +135,13 @@ class PromptBuilder:
         return [
             {"role": "system", "content": [{"type": "text", "text": self.system_text}]},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.user_text(command)}]},
+        ]
+
+    def count_messages(self, noun: str) -> list[dict]:
+        """A counting question about the image (see COUNT_PREFIX), in chat form, same system prompt."""
+        return [
+            {"role": "system", "content": [{"type": "text", "text": self.system_text}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": count_question(noun)}]},
         ]
 
     def sharegpt_messages(self, command: str, answer: str) -> list[dict]:

@@ -169,6 +169,9 @@ _DECLARED = (
                   _ACTIONS, minimum=-1),
     NodeParameter("constrained_decoding", True, "Grammar-constrained decoding: only well-formed plans of the "
                   "vocabulary (<= max_steps lines) can be generated", _ACTIONS),
+    NodeParameter("presence_check", True, "Before publishing a plan of two or more steps, ask the model whether each "
+                  "thing it names is on the table; one it says is absent makes the plan CLARIFY (models whose "
+                  "manifest says count_questions, e.g. the embedded one; backends transformers and onnx)", _ACTIONS),
     NodeParameter("constrain_to_policy", False, "The grammar also applies the policy's allowed verbs/objects/"
                   "destinations (off: a refused label is reported as REJECTED_BY_POLICY instead)", _ACTIONS),
     NodeParameter("stop_phrases", list(DEFAULT_STOP_PHRASES), "Utterances that publish STOP at once, without the "

@@ -32,6 +32,9 @@ class GenerationRequest:
     messages: list[dict]  # from PromptBuilder.chat_messages
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop_event: threading.Event | None = None  # set -> abort generation as soon as possible
+    # True: the model answers in its own words (a counting question): no action grammar, no CLARIFY
+    # threshold; the node's plans are always asked with False
+    free_text: bool = False
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Backend(abc.ABC):
     pixel_limits: PixelLimits
     # Most requests generate_batch() runs as one model call; 1: it only loops over generate().
     max_batch_size: int = 1
+    # The model answers vla_node.prompt's counting question (its manifest's count_questions) and the
+    # backend honours GenerationRequest.free_text: vla_node.presence_check may ask it.
+    answers_count_questions: bool = False
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult: ...

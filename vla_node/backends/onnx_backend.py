@@ -315,6 +315,8 @@ class OnnxBackend(Backend):
                 self.clarify_rule = ClarifyThreshold(clarify_first_token(self.tokenizer), man["clarify_threshold"])
             except ClarifyThresholdError as e:
                 raise BackendError(f"ONNX export '{self.export_dir}': {e}") from None
+        # the source model answers the counting question (vla_node.presence_check may ask it)
+        self.answers_count_questions = man.get("count_questions") is True
 
     @staticmethod
     def _read_manifest(path: Path) -> dict:
@@ -436,7 +438,7 @@ class OnnxBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, len(ids), 0, preprocess_ms, 0.0)
             constraint = None
-            if self.action_grammar is not None:
+            if self.action_grammar is not None and not request.free_text:
                 from vla_node.grammar import box_bounds
 
                 try:
@@ -445,7 +447,8 @@ class OnnxBackend(Backend):
                 except Exception as e:
                     raise BackendError(f"constrained decoding: {e}") from e
             try:
-                new_ids, logps = self._greedy(inputs, n_max, ev, constraint)
+                new_ids, logps = self._greedy(inputs, n_max, ev, constraint,
+                                              clarify_rule=None if request.free_text else self.clarify_rule)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             confidence = 1.0
@@ -461,7 +464,8 @@ class OnnxBackend(Backend):
         """Greedy token ids only (parity checks against the torch backend)."""
         with self._lock:
             self._ensure_open()
-            return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None)[0]
+            return self._greedy(self.prepare_inputs(image, messages), max_new_tokens, None,
+                                clarify_rule=self.clarify_rule)[0]
 
     @property
     def prefix_cache_stats(self) -> dict:
@@ -516,9 +520,11 @@ class OnnxBackend(Backend):
             feeds[f"past_value_{i}"] = past[2 * i + 1]
         return feeds
 
-    def _greedy(self, inputs: dict, n_max: int, stop_event, constraint=None) -> tuple[list[int], list[float]]:
+    def _greedy(self, inputs: dict, n_max: int, stop_event, constraint=None,
+                clarify_rule: ClarifyThreshold | None = None) -> tuple[list[int], list[float]]:
         """Greedy tokens and their log-probabilities; under ``constraint`` (a grammar logits
-        processor) among the tokens its bitmask allows, as transformers' generate applies it."""
+        processor) among the tokens its bitmask allows, as transformers' generate applies it, and
+        with ``clarify_rule`` (the CLARIFY threshold) applied to the first token."""
         ids = inputs["input_ids"]
         feeds = self._prompt_feeds(inputs)
         delta, cache_len = inputs["rope_delta"], len(ids)
@@ -530,8 +536,8 @@ class OnnxBackend(Backend):
         while True:
             outputs = self._decoder_session.run(None, feeds)
             logits = outputs[0][0]
-            if not new_ids and self.clarify_rule is not None:  # on the raw scores, before the grammar's mask
-                logits = self.clarify_rule.apply_numpy(logits)
+            if not new_ids and clarify_rule is not None:  # on the raw scores, before the grammar's mask
+                logits = clarify_rule.apply_numpy(logits)
             if constraint is not None:
                 allowed = allowed_tokens(constraint.next_bitmask(seen), logits.shape[-1])
                 logits = np.where(allowed, logits, -np.inf)

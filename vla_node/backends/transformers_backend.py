@@ -164,6 +164,7 @@ class TransformersBackend(Backend):
             self.coordinate_convention: str = _manifest.coordinate_convention_of(self.model_path)
             self.prompt_template: str = _manifest.prompt_template_of(self.model_path)
             clarify_threshold = _manifest.clarify_threshold_of(self.model_path)
+            self.answers_count_questions = _manifest.answers_count_questions(self.model_path)
         except _manifest.ManifestError as e:
             raise BackendError(str(e)) from None
 
@@ -579,17 +580,16 @@ class TransformersBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
             try:
-                constraint = self.constraint(budget, size)
+                constraint = None if request.free_text else self.constraint(budget, size)
             except Exception as e:
                 raise BackendError(f"constrained decoding: {e}") from e
+            first_token = None if request.free_text else self.first_token_processor()
             try:
                 with torch.inference_mode():
                     if self.engine is not None:
-                        answer = self.engine.generate(inputs, image, budget, ev, constraint,
-                                                      self.first_token_processor())
+                        answer = self.engine.generate(inputs, image, budget, ev, constraint, first_token)
                     else:
-                        answer = self._generate_plain(inputs, budget, ev, constraint,
-                                                      first_token=self.first_token_processor())
+                        answer = self._generate_plain(inputs, budget, ev, constraint, first_token=first_token)
             except Exception as e:
                 raise BackendError(f"generation failed: {e}") from e
             generate_ms = (time.perf_counter() - t1) * 1000.0

@@ -1,0 +1,93 @@
+"""Before a multi-step plan is published, ask the model whether each thing it names is on the table.
+
+A small model's plan for "put the blue cylinder in the green box, then the red cone in it too" can act
+on a blue cylinder that is not there (a look-alike's box, or empty table): checking every thing of a
+multi-step command is a step its one greedy answer skips. A base trained with training/synth_count
+answers the counting question about one thing at a time (``Count: "blue cylinder"`` -> ``no blue
+cylinder is visible`` / ``1 blue cylinder is visible: [..]``) and gets it right where its plan did not
+(models/README.md, item 16). When it says a named thing is absent, the plan becomes the CLARIFY it
+should have been, with the same reason.
+
+Only plans of two or more acting steps are checked: on one-step plans the check caught nothing the
+plan missed and turned one right answer into a needless question (test_en, 273 one-step plans).
+Pure Python: the backend runs the questions (GenerationRequest.free_text: no action grammar, no
+CLARIFY threshold).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from vla_node.actions import ActionStep
+from vla_node.backends.base import Backend, GenerationRequest
+from vla_node.prompt import PromptBuilder, absent_reason
+
+__all__ = ["ABSENT_ANSWER_TOKENS", "MIN_ACTING_STEPS", "PresenceCheck", "check_presence", "named_things",
+           "needs_check", "says_absent"]
+
+# "no blue cylinder is visible" or, from a model whose adapter answers everything as an action,
+# 'CLARIFY(reason="no blue cylinder is visible")': well under this many tokens; a present thing's
+# longer answer (its boxes) is cut short, which is all the check needs of it
+ABSENT_ANSWER_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class PresenceCheck:
+    """What checking one plan found: the first named thing the model says is absent (None: none)."""
+
+    absent: str | None
+    confidence: float  # the absent thing's counting answer's (1.0 when none is absent)
+    asked: int  # questions asked
+    ms: float  # spent on them (preprocessing + generation)
+
+    @property
+    def reason(self) -> str:
+        return absent_reason(self.absent or "")
+
+
+MIN_ACTING_STEPS = 2  # plans with fewer acting steps are not checked (module docstring: measured)
+
+
+def needs_check(steps: list[ActionStep]) -> bool:
+    """A plan of at least MIN_ACTING_STEPS steps that act on named things (a CLARIFY does not)."""
+    return sum(1 for step in steps if step.verb != "CLARIFY" and (step.object or step.destination)) >= MIN_ACTING_STEPS
+
+
+def named_things(steps: list[ActionStep]) -> list[str]:
+    """The objects and destinations an acting plan names, each once, in plan order."""
+    seen: dict[str, None] = {}
+    for step in steps:
+        for noun in (step.object, step.destination):
+            if noun:
+                seen.setdefault(noun, None)
+    return list(seen)
+
+
+def says_absent(answer: str, noun: str) -> bool:
+    """The counting answer says ``noun`` is not on the table: in the counting task's words, or in a
+    CLARIFY with the same reason (what an adapter trained only on actions answers)."""
+    reason = absent_reason(noun)
+    text = answer.strip()
+    return text == reason or text == f'CLARIFY(reason="{reason}")'
+
+
+def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, steps: list[ActionStep],
+                   stop_event: threading.Event | None = None) -> PresenceCheck:
+    """Ask the counting question for every thing the plan names (one request each, in order, on the
+    fitted image the plan was answered on) and stop at the first the model says is absent. Backend
+    errors propagate: the caller decides what a failed check means."""
+    spent, asked = 0.0, 0
+    for noun in named_things(steps):
+        request = GenerationRequest(image=image, messages=prompt.count_messages(noun),
+                                    max_new_tokens=ABSENT_ANSWER_TOKENS, stop_event=stop_event, free_text=True)
+        result = backend.generate(request)
+        asked += 1
+        spent += result.preprocess_ms + result.generate_ms
+        if says_absent(result.text, noun):
+            return PresenceCheck(noun, result.confidence, asked, spent)
+        if stop_event is not None and stop_event.is_set():
+            break
+    return PresenceCheck(None, 1.0, asked, spent)
