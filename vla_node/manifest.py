@@ -24,7 +24,8 @@ the answering model gives it at least that probability at the first token (vla_n
 written by ``python -m training.calibrate_clarify``); an adapter never inherits its base's.
 ``count_questions`` (a base model's, optional): the model was trained to answer the counting question
 (vla_node.prompt.count_question), so the node may ask it whether the things a plan names are on the
-table (vla_node.presence_check); ``training.build_embedded`` writes it when the base's data had them.
+table (vla_node.presence_check), with or without an adapter active; ``training.build_embedded`` writes
+it when the base's data had them, and a merged checkpoint (training.merge) keeps its base's.
 
 Pure Python (no torch), so training tools and tests can use it cheaply.
 """
