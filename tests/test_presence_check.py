@@ -51,12 +51,13 @@ def test_only_multi_step_plans_that_act_are_checked():
 
 
 def test_absent_answers_in_both_forms_and_nothing_else():
-    assert says_absent("no blue cylinder is visible", "blue cylinder")
-    assert says_absent(' CLARIFY(reason="no blue cylinder is visible")\n', "blue cylinder")
-    assert not says_absent("1 blue cylinder is visible: [1, 2, 3, 4]", "blue cylinder")
-    assert not says_absent("no blue cube is visible", "blue cylinder")  # about another thing
-    assert not says_absent("no blue cylinder is visible here", "blue cylinder")
-    assert not says_absent("", "blue cylinder")
+    vocab = Vocabulary.load()
+    assert says_absent("no blue cylinder is visible", "blue cylinder", vocab)
+    assert says_absent(' CLARIFY(reason="no blue cylinder is visible")\n', "blue cylinder", vocab)
+    assert not says_absent("1 blue cylinder is visible: [1, 2, 3, 4]", "blue cylinder", vocab)
+    assert not says_absent("no blue cube is visible", "blue cylinder", vocab)  # about another thing
+    assert not says_absent("no blue cylinder is visible here", "blue cylinder", vocab)
+    assert not says_absent("", "blue cylinder", vocab)
 
 
 def test_the_manifest_field_is_checked(tmp_path):

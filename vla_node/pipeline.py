@@ -58,6 +58,11 @@ class AnsweredCommand:
     rgb: np.ndarray | None = None  # that frame decoded, when the command got that far (else decode on demand)
 
 
+def _step_summary(steps: list[ActionStep]) -> str:
+    """A plan in a status's words: "2 step(s): MOVE_OBJECT; MOVE_OBJECT"."""
+    return f"{len(steps)} step(s): " + "; ".join(step.verb for step in steps)
+
+
 class InferenceCore:
     """Image -> prompt -> generate -> parse -> safety gate, for one command (`infer`) or several
     sharing one batched generation (`infer_batch`)."""
@@ -183,8 +188,7 @@ class InferenceCore:
             adapter_id=self.backend.adapter_id,
             latency=latency,
         )
-        summary = "; ".join(step.verb for step in steps)
-        return plan, self._status(job, StatusCode.ACCEPTED, f"{len(steps)} step(s): {summary}{note}")
+        return plan, self._status(job, StatusCode.ACCEPTED, f"{_step_summary(steps)}{note}")
 
     def _presence_checked(self, job: "InferenceJob", steps: list[ActionStep], fitted: np.ndarray,
                           original_size: tuple[int, int]) -> tuple[list[ActionStep], str] | CommandStatus:
@@ -200,14 +204,12 @@ class InferenceCore:
         job.latency.generate_ms += check.ms
         if check.absent is None:
             return steps, ""
-        planned = "; ".join(step.verb for step in steps)
         clarify = [ActionStep(verb="CLARIFY", reason=check.reason, confidence=check.confidence)]
         refusal = self.policy.check(clarify, original_size)
         if refusal is not None:
             return self._status(job, StatusCode.REJECTED_BY_POLICY,
                                 f"{refusal}; after the presence check (the model says {check.reason})")
-        return clarify, (f" (presence check: the model says {check.reason}; its plan was {len(steps)} step(s): "
-                         f"{planned})")
+        return clarify, f" (presence check: the model says {check.reason}; its plan was {_step_summary(steps)})"
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vla_node.actions import ActionStep
+from vla_node.actions import ActionStep, StepVocabulary, render_step
 from vla_node.backends.base import Backend, GenerationRequest
 from vla_node.prompt import PromptBuilder, absent_reason
 
@@ -66,12 +66,13 @@ def named_things(steps: list[ActionStep]) -> list[str]:
     return list(seen)
 
 
-def says_absent(answer: str, noun: str) -> bool:
-    """The counting answer says ``noun`` is not on the table: in the counting task's words, or in a
-    CLARIFY with the same reason (what an adapter trained only on actions answers)."""
+def says_absent(answer: str, noun: str, vocab: StepVocabulary) -> bool:
+    """The counting answer says ``noun`` is not on the table: in the counting task's words, or as the
+    CLARIFY with the same reason (what an adapter trained only on actions answers), rendered by
+    vla_node.actions as every model answer is."""
     reason = absent_reason(noun)
     text = answer.strip()
-    return text == reason or text == f'CLARIFY(reason="{reason}")'
+    return text == reason or text == render_step(ActionStep(verb="CLARIFY", reason=reason), vocab)
 
 
 def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, steps: list[ActionStep],
@@ -86,7 +87,7 @@ def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, s
         result = backend.generate(request)
         asked += 1
         spent += result.preprocess_ms + result.generate_ms
-        if says_absent(result.text, noun):
+        if says_absent(result.text, noun, prompt.vocab):
             return PresenceCheck(noun, result.confidence, asked, spent)
         if stop_event is not None and stop_event.is_set():
             break
