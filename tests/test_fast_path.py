@@ -80,16 +80,23 @@ def test_encoded_tensors_hold_what_the_collator_makes(train_model_dir, synth_box
     assert image not in encoded.ids[:, :encoded.prefix_length]
 
 
+@pytest.mark.parametrize("block_attention", [False, True], ids=["per_image_attention", "block_attention"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, tiny_checkpoints, synth_dir):
+def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, block_attention, tiny_checkpoints,
+                                                                     synth_dir):
+    """The fast path runs the batch's images as the frames of one clip (shared_prefix.one_clip_grid),
+    with the vision attention vla-train uses on CUDA (one call a layer) or transformers' own."""
     from transformers import AutoModelForImageTextToText
 
     from training.encoded_tensors import encode_samples
+    from vla_node.backends.engine.vision_attention import use_block_attention
 
     collator = training_collator(tiny_checkpoints[family])
     samples = _samples(synth_dir)
     encoded = encode_samples(samples, collator)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    assert not block_attention or use_block_attention(model)
     torch.manual_seed(0)
     for p in model.parameters():  # random init is near-uniform: make every gradient large enough to compare
         p.data.normal_(0.0, 0.05)

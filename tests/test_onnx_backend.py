@@ -473,6 +473,32 @@ def test_qwen3_prefix_reuse_gives_the_same_answers(qwen3_onnx_dir, qwen3_onnx, h
     assert whole_prompt.prefix_cache_stats == {"hits": 0, "misses": 0, "entries": 0}
 
 
+def test_qwen3_frame_cache_encodes_a_frame_once(qwen3_onnx_dir, heldout):
+    """Requests about one frame (a command, then the presence check's counting question) run the
+    vision encoder once (frame_cache, on by default); answers are those of a backend that encodes
+    every request's frame; another frame is encoded anew."""
+    from vla_node.image import fit_to_limits
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    count = PromptBuilder(Vocabulary.load(), template="compact").count_messages("red cube")
+    cached = OnnxBackend(qwen3_onnx_dir, device="cpu")
+    uncached = OnnxBackend(qwen3_onnx_dir, device="cpu", frame_cache=0)
+    try:
+        for frames, command in enumerate(heldout[:2], start=1):
+            image = fit_to_limits(command.image, cached.pixel_limits)
+            for messages in (command.messages, count):
+                assert cached.generate_ids(image, messages, PARITY_TOKENS) == \
+                    uncached.generate_ids(image, messages, PARITY_TOKENS)
+            assert cached.frame_cache_stats == {"hits": frames, "misses": frames, "entries": frames}
+        assert uncached.frame_cache_stats == {"hits": 0, "misses": 0, "entries": 0}
+    finally:
+        cached.close()
+        uncached.close()
+    with pytest.raises(BackendError, match="frame_cache must be >= 0"):
+        OnnxBackend(qwen3_onnx_dir, device="cpu", frame_cache=-1)
+
+
 def test_qwen3_constrained_answers_match_torch(qwen3_onnx_dir, qwen3_zh_onnx_dir, qwen3_torch, heldout):
     """The node's default, constrained decoding: English commands on the base export, Chinese ones
     on the export with the adapter merged, each against torch serving the same (adapter loaded)."""
@@ -522,10 +548,29 @@ def test_qwen3_export_carries_the_counting_skill_and_the_presence_check_runs_on_
         for check in (False, True):
             core.presence_check = check
             plans[check], _ = core.infer(load_rgb(out / row["images"][0]), command)
+        answers = _count_answers(core, load_rgb(out / row["images"][0]), ["blue cylinder", "green box"])
     finally:
         core.backend.close()
     assert [s.verb for s in plans[False].steps] == ["MOVE_OBJECT", "MOVE_OBJECT"]
     assert [(s.verb, s.reason) for s in plans[True].steps] == [("CLARIFY", "no blue cylinder is visible")]
+    # the questions end once the answer cannot say "absent": the absent thing's answer word for word,
+    # the green box's (there) after its first token instead of the whole count and box
+    (absent_whole, absent_ended), (present_whole, present_ended) = answers
+    assert absent_whole.text == absent_ended.text == "no blue cylinder is visible"
+    assert present_whole.text.startswith("1 green box is visible")
+    assert present_whole.new_tokens > 2 >= present_ended.new_tokens and present_ended.text == "1"
+
+
+def _count_answers(core, rgb, nouns: list[str]) -> list[tuple]:
+    """(whole answer, answer ended by answer_choices) of the counting question about each noun."""
+    from vla_node.backends.base import GenerationRequest
+    from vla_node.image import fit_to_limits
+    from vla_node.presence_check import ABSENT_ANSWER_TOKENS, absent_answers
+
+    fitted = fit_to_limits(rgb, core.backend.pixel_limits)
+    return [tuple(core.backend.generate(GenerationRequest(
+        image=fitted, messages=core.prompt.count_messages(noun), max_new_tokens=ABSENT_ANSWER_TOKENS, free_text=True,
+        answer_choices=choices)) for choices in ((), absent_answers(noun, core.prompt.vocab))) for noun in nouns]
 
 
 # ------------------------------------------------------------------------------ speed: patch embedding, int4 decoder

@@ -163,6 +163,42 @@ def test_the_check_runs_with_the_chinese_adapter_active(core, scenes):
     assert [(s.verb, s.reason) for s in plan.steps] == [("CLARIFY", "no blue cylinder is visible")], plan.raw_text
 
 
+@pytest.mark.parametrize("adapter", [None, "zh"])
+def test_questions_end_once_the_answer_cannot_say_absent(core, scenes, adapter):
+    """Every thing the absent sample's plan and the scan's first two-step plans name, asked with
+    and without answer_choices: the same verdict, the absent thing's answer word for word, and a
+    present thing's answer ended within two tokens instead of running to the budget."""
+    from vla_node.backends.base import GenerationRequest
+    from vla_node.image import fit_to_limits
+    from vla_node.presence_check import ABSENT_ANSWER_TOKENS, absent_answers
+
+    backend, prompt = core.backend, core.prompt
+    backend.set_adapter(adapter)
+    try:
+        questions = []
+        for scene in [scenes[ABSENT_SAMPLE]] + scenes[:12]:
+            plan, _ = _infer(core, scene, check=False)
+            if plan is not None and needs_check(plan.steps):
+                questions += [(scene[0], noun) for noun in named_things(plan.steps)]
+        verdicts = []
+        for rgb, noun in questions:
+            fitted = fit_to_limits(rgb, backend.pixel_limits)
+            answers = [backend.generate(GenerationRequest(
+                image=fitted, messages=prompt.count_messages(noun), max_new_tokens=ABSENT_ANSWER_TOKENS,
+                free_text=True, answer_choices=choices)) for choices in ((), absent_answers(noun, prompt.vocab))]
+            whole, ended = answers
+            absent = says_absent(whole.text, noun, prompt.vocab)
+            assert says_absent(ended.text, noun, prompt.vocab) == absent, (noun, whole.text, ended.text)
+            if absent:
+                assert (ended.text, ended.confidence) == (whole.text, whole.confidence)
+            else:
+                assert whole.new_tokens > 2 >= ended.new_tokens, (noun, whole.text, ended.text)
+            verdicts.append(absent)
+    finally:
+        backend.set_adapter(None)
+    assert verdicts[0] and verdicts.count(False) >= 4  # the absent blue cylinder, and things that are there
+
+
 def test_vla_eval_scores_with_the_check_by_default_and_without_it_when_asked(tmp_path):
     """vla-eval runs the node's core: the presence check is on as on the robot; --no-presence-check
     scores the model's own plans (test_en's first 9 samples: sample 8 is the absent blue cylinder)."""

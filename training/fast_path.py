@@ -8,7 +8,9 @@ system-prompt tokens at the head of every sample are most of the cost. Here:
 1. training.encoded_tensors encodes each sample once (in parallel processes) into token ids and
    the fitted uint8 frame, held on the training device;
 2. a batch is assembled there (gathers, the processor's rescale/normalise/patchify as tensor ops);
-3. training.shared_prefix computes the loss with the prefix's keys and values computed once.
+3. training.shared_prefix computes the loss with the prefix's keys and values computed once, and
+   hands the vision tower the batch's images (all of one size) as the frames of one clip, so its
+   host work (position ids, splits) is done once per batch, not once per image.
 
 Loss and gradients equal the ordinary path's (tests/test_fast_path.py). The Trainer (optimiser,
 schedule, clipping, checkpoints, resume, logging, evaluation) is unchanged.
@@ -134,7 +136,7 @@ class FastPath:
         with autocast:
             if not self.shared_prefix_agrees:
                 return model(**ordinary_inputs(model, **inputs)).loss
-            return shared_prefix_loss(model, position_ids=self.positions(model, total), **inputs)
+            return shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True, **inputs)
 
     def _agrees_with_ordinary(self, model, inputs, autocast) -> bool:
         """Once, on a few samples of the first batch: the shared-prefix loss must equal the ordinary
@@ -147,7 +149,8 @@ class FastPath:
         total = few["prefix_ids"].shape[1] + few["input_ids"].shape[1]
         with torch.no_grad(), autocast:
             ordinary = float(model(**ordinary_inputs(model, **few)).loss)
-            shared = float(shared_prefix_loss(model, position_ids=self.positions(model, total), **few))
+            shared = float(shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True,
+                                              **few))
         tolerance = (0.02 if self.bf16 else 1e-4) * max(1.0, abs(ordinary))
         if abs(shared - ordinary) <= tolerance:
             log.info("fast path: the shared-prefix loss equals the ordinary forward's on the first batch "

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from training.collate import IGNORE_INDEX
 
-__all__ = ["is_peft_model", "hf_model_of", "rope_positions", "shared_prefix_loss", "ordinary_inputs", "SUFFIX_ATTENTION"]
+__all__ = ["is_peft_model", "hf_model_of", "rope_positions", "shared_prefix_loss", "one_clip_grid", "ordinary_inputs",
+           "SUFFIX_ATTENTION"]
 
 # The language model's attention while the shared-prefix loss runs: queries are the batch's own
 # tokens, keys the prefix's and theirs. transformers' mask construction for a cache-extended
@@ -89,12 +90,14 @@ def rope_positions(model, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Te
 
 def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                        pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                       position_ids: torch.Tensor) -> torch.Tensor:
+                       position_ids: torch.Tensor, same_size_images: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens, as transformers' causal-LM loss.
 
     prefix_ids [1, P]: the shared tokens; input_ids / labels [B, S]: each sample's tokens after them
     (labels IGNORE_INDEX where no loss is taken); position_ids [3, 1, P + S]: rope_positions of the
     longest sample; pixel_values / image_grid_thw: the batch's images, as the processor gives them.
+    same_size_images: every row of image_grid_thw is the first's (the fast path's data), so the vision
+    tower may take the B images as the B frames of one clip (see one_clip_grid).
     """
     from transformers import DynamicCache
 
@@ -107,7 +110,8 @@ def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
         cache = DynamicCache(config=language_model.config)
         for index, layer in enumerate(shared.past_key_values.layers):
             cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
-        hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        vision_grid = one_clip_grid(image_grid_thw) if same_size_images else image_grid_thw
+        hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=vision_grid,
                       position_ids=position_ids[:, :, prefix:].expand(-1, batch, -1), past_key_values=cache,
                       use_cache=True).last_hidden_state
     # position j predicts token j + 1; the first own token (an image token) is never a label
@@ -115,6 +119,22 @@ def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
     keep = targets != IGNORE_INDEX
     logits = hf.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+def one_clip_grid(image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """B images of one grid (t, h, w) as one clip of B * t frames: [[B * t, h, w]].
+
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers attend per frame (each frame its own segment, its
+    own windows) and number each frame's patches as an image's, and the patches of a clip's frames
+    follow each other as those of consecutive images do: the tower's output is the same. What
+    changes is the host's work: transformers builds the rotary position ids with a Python loop over
+    the grid's rows and splits the features per row, ~18 small operations an image; a batch of 512
+    images issues ~9,000 of them every step, as many as the whole rest of a small model's step, and
+    a GPU waits for them. The language model's positions are given (rope_positions of the real
+    grid), so it never reads this grid."""
+    grid = image_grid_thw[:1].clone()
+    grid[:, 0] *= image_grid_thw.shape[0]
+    return grid
 
 
 def ordinary_inputs(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,

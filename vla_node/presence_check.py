@@ -25,12 +25,12 @@ from vla_node.actions import ActionStep, StepVocabulary, render_step
 from vla_node.backends.base import Backend, GenerationRequest
 from vla_node.prompt import PromptBuilder, absent_reason
 
-__all__ = ["ABSENT_ANSWER_TOKENS", "MIN_ACTING_STEPS", "PresenceCheck", "check_presence", "named_things",
-           "needs_check", "says_absent"]
+__all__ = ["ABSENT_ANSWER_TOKENS", "MIN_ACTING_STEPS", "PresenceCheck", "absent_answers", "check_presence",
+           "named_things", "needs_check", "says_absent"]
 
 # "no blue cylinder is visible" or, from a model whose adapter answers everything as an action,
-# 'CLARIFY(reason="no blue cylinder is visible")': well under this many tokens; a present thing's
-# longer answer (its boxes) is cut short, which is all the check needs of it
+# 'CLARIFY(reason="no blue cylinder is visible")': well under this many tokens (a present thing's
+# answer ends at its first token that departs from both: GenerationRequest.answer_choices)
 ABSENT_ANSWER_TOKENS = 24
 
 
@@ -66,24 +66,31 @@ def named_things(steps: list[ActionStep]) -> list[str]:
     return list(seen)
 
 
-def says_absent(answer: str, noun: str, vocab: StepVocabulary) -> bool:
-    """The counting answer says ``noun`` is not on the table: in the counting task's words, or as the
+def absent_answers(noun: str, vocab: StepVocabulary) -> tuple[str, str]:
+    """The answers that say ``noun`` is not on the table: in the counting task's words, and as the
     CLARIFY with the same reason (what an adapter trained only on actions answers), rendered by
     vla_node.actions as every model answer is."""
     reason = absent_reason(noun)
-    text = answer.strip()
-    return text == reason or text == render_step(ActionStep(verb="CLARIFY", reason=reason), vocab)
+    return reason, render_step(ActionStep(verb="CLARIFY", reason=reason), vocab)
+
+
+def says_absent(answer: str, noun: str, vocab: StepVocabulary) -> bool:
+    """The counting answer is one of absent_answers (whitespace around it aside)."""
+    return answer.strip() in absent_answers(noun, vocab)
 
 
 def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, steps: list[ActionStep],
                    stop_event: threading.Event | None = None) -> PresenceCheck:
     """Ask the counting question for every thing the plan names (one request each, in order, on the
-    fitted image the plan was answered on) and stop at the first the model says is absent. Backend
-    errors propagate: the caller decides what a failed check means."""
+    fitted image the plan was answered on) and stop at the first the model says is absent. Each
+    answer ends as soon as it can no longer say so (GenerationRequest.answer_choices): a present
+    thing's count and boxes are never decoded. Backend errors propagate: the caller decides what a
+    failed check means."""
     spent, asked = 0.0, 0
     for noun in named_things(steps):
         request = GenerationRequest(image=image, messages=prompt.count_messages(noun),
-                                    max_new_tokens=ABSENT_ANSWER_TOKENS, stop_event=stop_event, free_text=True)
+                                    max_new_tokens=ABSENT_ANSWER_TOKENS, stop_event=stop_event, free_text=True,
+                                    answer_choices=absent_answers(noun, prompt.vocab))
         result = backend.generate(request)
         asked += 1
         spent += result.preprocess_ms + result.generate_ms

@@ -35,6 +35,9 @@ class GenerationRequest:
     # True: the model answers in its own words (a counting question): no action grammar, no CLARIFY
     # threshold; the node's plans are always asked with False
     free_text: bool = False
+    # free text only: the texts the answer is compared with (stripped); its generation ends once it
+    # can be none of them (vla_node/backends/answer_choices.py). Empty: it runs to EOS or the budget
+    answer_choices: tuple[str, ...] = ()
 
 
 @dataclass

@@ -19,6 +19,9 @@ Qwen2.5-VL / Qwen3-VL (the manifest's ``family`` says which):
 * prefix KV reuse (``prefix_cache``, as TransformersBackend's): the tokens before the image (the
   system text every command shares) are prefilled once and each command's prompt call starts from
   their keys and values;
+* frame cache (``frame_cache``, as the torch engine's, engine/frame_cache.py): the vision encoder's
+  outputs kept for the last frames, so several requests about one frame (the presence check's
+  questions after its plan, a burst of commands) encode it once;
 * constrained decoding (``enable_constrained_decoding``) with the same action grammar and logits
   processor as TransformersBackend (vla_node.grammar); it needs xgrammar, which imports torch and
   transformers, so a host without them serves unconstrained plans (the parser and the safety gate
@@ -28,6 +31,7 @@ Qwen2.5-VL / Qwen3-VL (the manifest's ``family`` says which):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -248,7 +252,7 @@ class OnnxBackend(Backend):
 
     def __init__(self, export_dir: str | os.PathLike, device: str = "auto",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 threads: int = 0, prefix_cache: bool = True):
+                 threads: int = 0, prefix_cache: bool = True, frame_cache: int = 2):
         self._lock = threading.RLock()
         self._closed = False
         self.warnings: list[str] = []
@@ -298,6 +302,9 @@ class OnnxBackend(Backend):
         self._image_token_id = int(man["image_token_id"])
         self._vision_start_id = int(man["vision_start_token_id"])
         self._prefixes = CountingLru(_PREFIX_ENTRIES if prefix_cache else 0)
+        if int(frame_cache) < 0:
+            raise BackendError(f"frame_cache must be >= 0 (0 = every request encodes its frame), got {frame_cache}")
+        self._frames = CountingLru(int(frame_cache))
         self._layers = int(man["num_layers"])
         self._past_shape = (1, int(man["num_key_value_heads"]), 0, int(man["head_dim"]))
         self._vision_names = list(man["vision_inputs"])
@@ -383,7 +390,15 @@ class OnnxBackend(Backend):
 
     def _image_features(self, pixel_values: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray | None]:
         """(merged image embeddings (tokens, hidden), Qwen3-VL deepstack features (layers, tokens, hidden)
-        or None for the families without them)."""
+        or None for the families without them), from the frame cache when this frame was encoded
+        lately: the key is the pixels the encoder is fed and their grid, all its output depends on."""
+        if self._frames.capacity == 0:
+            return self._encode_image(pixel_values, grid)
+        key = hashlib.sha256(np.ascontiguousarray(pixel_values).data)
+        key.update(repr((pixel_values.shape, str(pixel_values.dtype), tuple(int(g) for g in grid))).encode())
+        return self._frames.get_or_make(key.digest(), lambda: self._encode_image(pixel_values, grid))
+
+    def _encode_image(self, pixel_values: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray | None]:
         v = self._vision
         feeds = vision_inputs(grid, self.merge_size, int(v["window_size"]), self.patch_size, bool(v["windowed"]))
         feeds["pixel_values"] = pixel_values
@@ -438,7 +453,12 @@ class OnnxBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, len(ids), 0, preprocess_ms, 0.0)
             constraint = None
-            if self.action_grammar is not None and not request.free_text:
+            if request.free_text and request.answer_choices:  # ends once it can be none of them
+                from vla_node.backends.answer_choices import AnswerChoicesStop
+
+                constraint = AnswerChoicesStop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                                               request.answer_choices, self._eos_ids, int(self._embed.shape[0]))
+            elif self.action_grammar is not None and not request.free_text:
                 from vla_node.grammar import box_bounds
 
                 try:
@@ -471,6 +491,11 @@ class OnnxBackend(Backend):
     def prefix_cache_stats(self) -> dict:
         """Prefix KV reuse counters: hits, misses (prefills), entries."""
         return {"hits": self._prefixes.hits, "misses": self._prefixes.misses, "entries": len(self._prefixes)}
+
+    @property
+    def frame_cache_stats(self) -> dict:
+        """Frame cache counters: hits, misses (vision encoder runs), entries."""
+        return {"hits": self._frames.hits, "misses": self._frames.misses, "entries": len(self._frames)}
 
     def _prompt_feeds(self, inputs: dict) -> dict:
         """The prompt call's inputs: the prompt's embeddings with the image features merged in at the

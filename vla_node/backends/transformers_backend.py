@@ -507,6 +507,15 @@ class TransformersBackend(Backend):
             return None
         return self.action_grammar.logits_processor(budget, self._box_bounds(size))
 
+    def answer_choices_stop(self, choices: tuple[str, ...]):
+        """A free-text answer's constraint: end it once it can be none of ``choices`` (None: no choices)."""
+        if not choices:
+            return None
+        from vla_node.backends.answer_choices import AnswerChoicesStop
+
+        vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
+        return AnswerChoicesStop(self.answer_text, choices, self.loaded.eos_ids, vocab_size)
+
     def batch_constraint(self, budgets: list[int], sizes: list[tuple[int, int]]):
         """The grammar's logits processor for the rows of one ``generate`` (None: unconstrained)."""
         if self.action_grammar is None:
@@ -580,7 +589,8 @@ class TransformersBackend(Backend):
             if ev is not None and ev.is_set():
                 return GenerationResult("", 1.0, size, prompt_len, 0, preprocess_ms, 0.0)
             try:
-                constraint = None if request.free_text else self.constraint(budget, size)
+                constraint = (self.answer_choices_stop(request.answer_choices) if request.free_text
+                              else self.constraint(budget, size))
             except Exception as e:
                 raise BackendError(f"constrained decoding: {e}") from e
             first_token = None if request.free_text else self.first_token_processor()
