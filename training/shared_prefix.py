@@ -127,11 +127,11 @@ def one_clip_grid(image_grid_thw: torch.Tensor) -> torch.Tensor:
     Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers attend per frame (each frame its own segment, its
     own windows) and number each frame's patches as an image's, and the patches of a clip's frames
     follow each other as those of consecutive images do: the tower's output is the same. What
-    changes is the host's work: transformers builds the rotary position ids with a Python loop over
-    the grid's rows and splits the features per row, ~18 small operations an image; a batch of 512
-    images issues ~9,000 of them every step, as many as the whole rest of a small model's step, and
-    a GPU waits for them. The language model's positions are given (rope_positions of the real
-    grid), so it never reads this grid."""
+    changes is the host's work: transformers builds the rotary position ids (and Qwen2.5-VL's window
+    order) in Python loops over the grid's rows and splits the features per row, 18-34 small
+    operations an image (benchmarks/results/training_step_ops_cpu.txt); at batch 512 that is more
+    than the whole rest of a small model's step, every step, and a GPU waits for it. The language
+    model's positions are given (rope_positions of the real grid), so it never reads this grid."""
     grid = image_grid_thw[:1].clone()
     grid[:, 0] *= image_grid_thw.shape[0]
     return grid
