@@ -456,8 +456,8 @@ class OnnxBackend(Backend):
             if request.free_text and request.answer_choices:  # ends once it can be none of them
                 from vla_node.backends.answer_choices import AnswerChoicesStop
 
-                constraint = AnswerChoicesStop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                                               request.answer_choices, self._eos_ids, int(self._embed.shape[0]))
+                constraint = AnswerChoicesStop(self._answer_text, request.answer_choices, self._eos_ids,
+                                               int(self._embed.shape[0]))
             elif self.action_grammar is not None and not request.free_text:
                 from vla_node.grammar import box_bounds
 
@@ -474,11 +474,14 @@ class OnnxBackend(Backend):
             confidence = 1.0
             if logps:
                 confidence = min(1.0, max(float(math.exp(sum(logps) / len(logps))), 1e-12))
-            text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            text = self._answer_text(new_ids)
             return GenerationResult(text=text, confidence=confidence, model_input_size=size,
                                     prompt_tokens=len(ids), new_tokens=len(new_ids),
                                     preprocess_ms=preprocess_ms,
                                     generate_ms=(time.perf_counter() - t1) * 1000.0)
+
+    def _answer_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate_ids(self, image: np.ndarray, messages: list[dict], max_new_tokens: int) -> list[int]:
         """Greedy token ids only (parity checks against the torch backend)."""

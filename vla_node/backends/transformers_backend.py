@@ -513,8 +513,8 @@ class TransformersBackend(Backend):
             return None
         from vla_node.backends.answer_choices import AnswerChoicesStop
 
-        vocab_size = int(self.base_model.get_output_embeddings().weight.shape[0])
-        return AnswerChoicesStop(self.answer_text, choices, self.loaded.eos_ids, vocab_size)
+        _, vocab_size, eos_ids = self.grammar_tokens()  # the scores' width and stop tokens, as the grammar's
+        return AnswerChoicesStop(self.answer_text, choices, eos_ids, vocab_size)
 
     def batch_constraint(self, budgets: list[int], sizes: list[tuple[int, int]]):
         """The grammar's logits processor for the rows of one ``generate`` (None: unconstrained)."""
