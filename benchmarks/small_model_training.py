@@ -15,20 +15,27 @@ Shapes: `previous` = the embedded model as committed before the fast path (hidde
 vision 192 x 4, 28 px visual tokens, 252x196 input, Qwen2.5-VL, the full system prompt);
 `embedded` = training.build_embedded's MODEL_SIZES (Qwen2.5-VL, random init); `committed` = the
 committed models/tabletop-tiny itself (Qwen3-VL, 6 layers, its weights, its manifest's compact
-prompt), trained on as the builds since session 22 did. Timed: optimizer steps after --warmup-steps. Printed: samples/s, the ratio, model
-FLOPs per second against the measured bf16 matmul peak (the FLOPs of the ordinary forward of a
-whole sample, so both arms are measured against the same work), and GPU busy time (the CUDA
-kernels' time over wall time in a torch.profiler window of 5 steps).
+prompt), trained on as the builds since session 22 did.
+
+Timed (on a GPU): after --warmup-steps, a torch.profiler window of 5 steps, then the wall time of the
+remaining steps, the GPU synchronised only at the ends (until session 28 every step was: that sync
+itself kept the host from queueing the next step while the GPU worked). Printed: samples/s, the
+ratio, model FLOPs per second against the measured bf16 matmul peak (the FLOPs of the ordinary
+forward of a whole sample, so both arms are measured against the same work), GPU busy time (the
+CUDA kernels' time over the profiler window's wall time), where one step made the host wait for the
+GPU (torch.cuda.set_sync_debug_mode over step --warmup-steps) and the kernels taking most GPU time.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,46 +91,78 @@ def prepare(work: Path, sizes: dict | None, samples: int) -> tuple[Path, Path]:
 
 
 class Clock:
-    """TrainerCallback: time of each optimizer step after the warm-up, and a profiler window."""
+    """TrainerCallback: a profiler window of a few steps after the warm-up, then the wall time of the
+    remaining steps. The GPU is synchronised only at the window's and the run's ends: a sync every
+    step would stop the host from queueing the next step while the GPU works, which is what a small
+    model's training lives on."""
 
     def __init__(self, warmup: int, profile_steps: int = 5):
         self.warmup, self.profile_steps = warmup, profile_steps
-        self.marks: list[float] = []
+        self.timed_from: tuple[int, float] | None = None
+        self.timed_to: tuple[int, float] | None = None
         self.busy_fraction = None
+        self.syncs: collections.Counter | None = None  # where one step made the host wait for the GPU
+        self.top_kernels: list[tuple[str, float, int]] = []  # (kernel, share of GPU time, launches a step)
 
     def callback(self):
         import torch
         from transformers import TrainerCallback
 
         clock = self
+        cuda = torch.cuda.is_available()
+
+        def now() -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
 
         class _Callback(TrainerCallback):
             profiler = None
             started = 0.0
+            caught = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                # the step after the warm-up (global_step is the steps done): every synchronising call
+                if cuda and state.global_step == clock.warmup - 1:
+                    self.caught = warnings.catch_warnings(record=True)
+                    self.records = self.caught.__enter__()
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
 
             def on_step_end(self, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
                 step = state.global_step
-                if step >= clock.warmup:
-                    clock.marks.append(time.perf_counter())
-                if step == clock.warmup and torch.cuda.is_available():
+                if self.caught is not None:
+                    torch.cuda.set_sync_debug_mode("default")
+                    self.caught.__exit__(None, None, None)
+                    clock.syncs = collections.Counter(
+                        f"{Path(r.filename).name}:{r.lineno}" for r in self.records
+                        if "synchroniz" in str(r.message))
+                    self.caught = None
+                if step == clock.warmup and cuda:
                     self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.started = now()
                     self.profiler.__enter__()
-                    self.started = time.perf_counter()
                 elif self.profiler is not None and step == clock.warmup + clock.profile_steps:
-                    wall = time.perf_counter() - self.started
+                    wall = now() - self.started
                     self.profiler.__exit__(None, None, None)
-                    kernel_us = sum(e.device_time_total for e in self.profiler.key_averages()
-                                    if e.device_type == torch.autograd.DeviceType.CUDA)
+                    kernels = [e for e in self.profiler.key_averages()
+                               if e.device_type == torch.autograd.DeviceType.CUDA]
+                    kernel_us = sum(e.device_time_total for e in kernels)
                     clock.busy_fraction = kernel_us / 1e6 / wall
+                    clock.top_kernels = [(e.key, e.device_time_total / kernel_us, e.count // clock.profile_steps)
+                                         for e in sorted(kernels, key=lambda e: -e.device_time_total)[:12]]
                     self.profiler = None
+                if step == clock.warmup + (clock.profile_steps if cuda else 0):
+                    clock.timed_from = (step, now())
+                elif step == state.max_steps and clock.timed_from is not None:
+                    clock.timed_to = (step, now())
 
         return _Callback()
 
     def seconds_per_step(self) -> float:
-        gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        return statistics.median(gaps[self.profile_steps:] or gaps)
+        if self.timed_from is None or self.timed_to is None or self.timed_to[0] <= self.timed_from[0]:
+            raise RuntimeError("too few steps to time: raise --steps above --warmup-steps + 5")
+        return (self.timed_to[1] - self.timed_from[1]) / (self.timed_to[0] - self.timed_from[0])
 
 
 def flops_per_sample(checkpoint: Path, data: Path) -> float:
@@ -194,7 +233,8 @@ def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
     train(cfg, callbacks=[clock.callback()])
     step = clock.seconds_per_step()
     return {"batch": batch, "seconds_per_step": step, "samples_per_s": batch / step,
-            "busy": clock.busy_fraction, "wall_s": time.perf_counter() - started}
+            "busy": clock.busy_fraction, "wall_s": time.perf_counter() - started, "syncs": clock.syncs,
+            "top_kernels": clock.top_kernels}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{per_sample * r['samples_per_s'] / peak:6.1%}" if peak else "   n/a"
         busy = f"{r['busy']:.0%}" if r["busy"] is not None else "n/a"
         print(f"{arm:<9} batch {r['batch']:4d}  {r['samples_per_s']:9.1f} samples/s  {ratio:6.2f}x  "
-              f"MFU {mfu}  GPU busy {busy}")
+              f"MFU {mfu}  GPU busy {busy}  (run {r['wall_s']:.0f} s)")
+        if r["syncs"] is not None:
+            where = ", ".join(f"{place} x{n}" for place, n in r["syncs"].most_common(8))
+            print(f"# {arm}: {sum(r['syncs'].values())} host syncs in step {args.warmup_steps}: {where or 'none'}")
+        for name, share, launches in r["top_kernels"]:
+            print(f"#   {arm} kernel {share:6.1%} of GPU time, {launches:4d} a step: {name[:110]}")
     return 0
 
 

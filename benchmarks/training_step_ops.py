@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def shared(one_clip: bool):
             return lambda: shared_prefix_loss(model, position_ids=positions, same_size_images=one_clip,
+                                              image_grid=encoded.grid_thw if one_clip else None,
                                               **inputs).backward()
 
         ordinary = {"ordinary": lambda: model(**ordinary_inputs(model, **inputs)).loss.backward()}

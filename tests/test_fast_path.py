@@ -103,6 +103,67 @@ def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, blo
     _compare_to_ordinary(model, collator, samples, encoded)
 
 
+@pytest.mark.parametrize("block_attention", [False, True], ids=["per_image_attention", "block_attention"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_vision_tower_takes_its_grid_inputs_computed_once(family, block_attention, tiny_checkpoints, synth_dir,
+                                                               monkeypatch):
+    """A fast-path step hands the tower its grid-derived inputs (position ids, segment bounds, window
+    order, position-table taps) computed at the first step: later steps never call transformers'
+    helpers that build them (Python loops, values read back from the GPU), and the loss is unchanged."""
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    from training.encoded_tensors import encode_samples
+    from training.shared_prefix import _GRID_HELPERS
+    from vla_node.backends.engine.vision_attention import use_block_attention
+
+    collator = training_collator(tiny_checkpoints[family])
+    encoded = encode_samples(_samples(synth_dir), collator)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    assert not block_attention or use_block_attention(model)
+    fast = _fast_path(collator, encoded)
+    inputs = fast.builder([("train", i) for i in BATCH])
+    with torch.no_grad():
+        first = float(fast.loss(model, inputs))
+    assert fast.shared_prefix_agrees
+    helpers = sys.modules[type(model.model.visual).__module__]
+    names = [name for name in vars(helpers) if name.startswith("get_vision_")]
+    assert names  # this transformers builds them with its vision_utils helpers
+
+    def given_only(name):  # a helper returns what it is given under its key, else builds it from the grid
+        original, key = getattr(helpers, name), _GRID_HELPERS[name][0]
+
+        def helper(*args, kwargs=None, **options):
+            if key not in (kwargs or {}):
+                raise AssertionError(f"the tower built {key} from its grid ({name})")
+            return original(*args, kwargs=kwargs, **options)
+        return helper
+
+    for name in names:
+        monkeypatch.setattr(helpers, name, given_only(name))
+    with torch.no_grad():
+        assert float(fast.loss(model, inputs)) == first
+
+
+def test_label_positions_select_what_the_label_mask_selects():
+    from training.collate import IGNORE_INDEX
+    from training.fast_path import label_positions
+
+    generator = torch.Generator().manual_seed(0)
+    width = 40
+    lengths = torch.randint(5, width + 1, (9,), generator=generator)
+    starts = [int(torch.randint(1, int(n), (1,), generator=generator)) for n in lengths]
+    labels = torch.full((9, width), IGNORE_INDEX)
+    for row, (start, end) in enumerate(zip(starts, lengths.tolist())):
+        labels[row, start:end] = 7
+    want = (labels[:, 1:] != IGNORE_INDEX)
+    got = label_positions(starts, lengths.tolist(), width)
+    # flat index row * width + j: position j predicts token j + 1
+    assert got.tolist() == [row * width + j for row, j in want.nonzero().tolist()]
+
+
 def test_shared_prefix_with_a_lora_adapter_and_a_fully_trained_embedding(train_model_dir, synth_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -145,6 +206,17 @@ def test_vla_train_fast_path_logs_the_ordinary_paths_losses(train_model_dir, syn
     assert "fast path: 28 training samples encoded once" in caplog.text
     manifest = json.loads((tmp_path / "true" / "vla_manifest.json").read_text())
     assert (tmp_path / "true" / "adapter_model.safetensors").is_file() and manifest["metrics"]["global_step"] == 4
+
+
+def test_the_fast_path_does_not_read_each_steps_loss_back(train_model_dir, synth_dir, tmp_path):
+    """transformers' NaN filter reads every step's loss back from the GPU; the fast path turns it off
+    (its host must be free to queue the next step), the ordinary path keeps transformers' default."""
+    from training.config import load_config
+    from training.train import training_args_for
+
+    cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / "run"))
+    assert training_args_for(cfg, bf16=False, has_eval=False, fast_path=True).logging_nan_inf_filter is False
+    assert training_args_for(cfg, bf16=False, has_eval=False, fast_path=False).logging_nan_inf_filter is True
 
 
 def test_data_the_fast_path_cannot_serve_takes_the_ordinary_path(train_model_dir, synth_dir, tmp_path, caplog):

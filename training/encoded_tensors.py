@@ -19,6 +19,7 @@ otherwise (``NotEncodable``) and the caller falls back to the ordinary path.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -271,8 +272,7 @@ def processor_arithmetic(image_processor) -> ProcessorArithmetic:
 def pixel_values_of(frames: torch.Tensor, how: ProcessorArithmetic) -> torch.Tensor:
     """uint8 RGB frames [B, H, W, 3] -> the processor's pixel_values [B * patches, 3 * T * p * p]
     (rescale and normalise fused as the processor does, then Qwen's patch order)."""
-    mean = torch.tensor(how.mean, device=frames.device) / how.rescale
-    std = torch.tensor(how.std, device=frames.device) / how.rescale
+    mean, std = _normalisation(tuple(how.mean), tuple(how.std), how.rescale, frames.device)
     images = (frames.permute(0, 3, 1, 2).float() - mean[:, None, None]) / std[:, None, None]
     b, c, h, w = images.shape
     p, m, t = how.patch, how.merge, how.temporal
@@ -280,6 +280,13 @@ def pixel_values_of(frames: torch.Tensor, how: ProcessorArithmetic) -> torch.Ten
     patches = images.reshape(b, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
     patches = patches.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)
     return patches.reshape(b * gh * gw, c * t * p * p)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(mean: tuple, std: tuple, rescale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std over the rescale factor, on ``device`` once: a host-to-GPU copy of a new tensor
+    waits for everything queued on the GPU, every batch."""
+    return (torch.tensor(mean, device=device) / rescale, torch.tensor(std, device=device) / rescale)
 
 
 def default_workers() -> int:

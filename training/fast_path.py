@@ -10,7 +10,14 @@ system-prompt tokens at the head of every sample are most of the cost. Here:
 2. a batch is assembled there (gathers, the processor's rescale/normalise/patchify as tensor ops);
 3. training.shared_prefix computes the loss with the prefix's keys and values computed once, and
    hands the vision tower the batch's images (all of one size) as the frames of one clip, so its
-   host work (position ids, splits) is done once per batch, not once per image.
+   host work (position ids, splits) is done once per batch, not once per image; the tower's
+   grid-derived inputs are computed once per batch size and given to it ready-made.
+
+A small model's step is short enough that the host's work (one Python call and kernel launch per
+operation) is what the GPU waits on, so a step also avoids making the host wait for the GPU: the
+loss's label positions come from lengths known on the host (no boolean mask read back), host
+tensors go to the GPU from pinned memory without a sync, and the Trainer's NaN filter (a read of
+every step's loss) is off on this path; the host can then queue the next step while the GPU works.
 
 Loss and gradients equal the ordinary path's (tests/test_fast_path.py). The Trainer (optimiser,
 schedule, clipping, checkpoints, resume, logging, evaluation) is unchanged.
@@ -68,9 +75,11 @@ class BatchBuilder:
     arithmetic: ProcessorArithmetic
     device: torch.device
     lengths: dict[str, list[int]] = field(init=False)
+    answer_starts: dict[str, list[int]] = field(init=False)
 
     def __post_init__(self) -> None:  # read once on the host: no device sync per batch
         self.lengths = {name: enc.lengths.tolist() for name, enc in self.splits.items()}
+        self.answer_starts = {name: enc.answer_starts.tolist() for name, enc in self.splits.items()}
 
     def __call__(self, items: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
         names = {name for name, _ in items}
@@ -80,20 +89,42 @@ class BatchBuilder:
         enc, lengths = self.splits[name], self.lengths[name]
         indices = [index for _, index in items]
         longest = max(lengths[i] for i in indices)
-        rows = torch.as_tensor(indices, device=enc.ids.device)
+        rows = to_device(torch.as_tensor(indices), enc.ids.device)
         ids = enc.ids[rows, :longest].long()
         slot = torch.arange(longest, device=ids.device)
         answer = (slot[None, :] >= enc.answer_starts[rows, None]) & (slot[None, :] < enc.lengths[rows, None])
         labels = torch.where(answer, ids, torch.full_like(ids, IGNORE_INDEX))
-        frames = enc.frames[rows.to(enc.frames.device)].to(self.device, non_blocking=True)
+        frames = to_device(enc.frames[rows.to(enc.frames.device)], self.device)
         prefix = enc.prefix_length
+        positions = label_positions([self.answer_starts[name][i] - prefix for i in indices],
+                                    [lengths[i] - prefix for i in indices], longest - prefix)
         return {
-            "prefix_ids": ids[:1, :prefix].to(self.device),
-            "input_ids": ids[:, prefix:].to(self.device),
-            "labels": labels[:, prefix:].to(self.device),
+            "prefix_ids": to_device(ids[:1, :prefix], self.device),
+            "input_ids": to_device(ids[:, prefix:], self.device),
+            "labels": to_device(labels[:, prefix:], self.device),
             "pixel_values": pixel_values_of(frames, self.arithmetic),
-            "image_grid_thw": torch.tensor([enc.grid_thw] * len(rows), device=self.device),
+            "image_grid_thw": to_device(torch.tensor([enc.grid_thw] * len(rows)), self.device),
+            "label_positions": to_device(positions, self.device),
         }
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU: a plain copy from pageable memory
+    waits for all the work queued before it (the previous step), so the host could never run ahead."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def label_positions(answer_starts: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """Flat indices (row * width + j) of the positions j whose next token is a label, in row-major
+    order: what ``labels[:, 1:] != IGNORE_INDEX`` selects, known on the host from the lengths, so the
+    loss gathers them without reading a mask back from the device (a sync every step)."""
+    starts, ends = torch.as_tensor(answer_starts, dtype=torch.long), torch.as_tensor(lengths, dtype=torch.long)
+    counts = ends - starts
+    first = torch.arange(len(starts)) * width + starts - 1  # each row's first position
+    before = torch.cumsum(counts, 0) - counts  # positions of the earlier rows
+    return torch.arange(int(counts.sum())) + torch.repeat_interleave(first - before, counts)
 
 
 @dataclass
@@ -128,6 +159,8 @@ class FastPath:
         return self._positions[:, :, :length]
 
     def loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = dict(inputs)
+        positions = inputs.pop("label_positions", None)
         total = inputs["prefix_ids"].shape[1] + inputs["input_ids"].shape[1]
         device_type = inputs["input_ids"].device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -136,7 +169,8 @@ class FastPath:
         with autocast:
             if not self.shared_prefix_agrees:
                 return model(**ordinary_inputs(model, **inputs)).loss
-            return shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True, **inputs)
+            return shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True,
+                                      label_positions=positions, image_grid=self.train.grid_thw, **inputs)
 
     def _agrees_with_ordinary(self, model, inputs, autocast) -> bool:
         """Once, on a few samples of the first batch: the shared-prefix loss must equal the ordinary
@@ -150,7 +184,7 @@ class FastPath:
         with torch.no_grad(), autocast:
             ordinary = float(model(**ordinary_inputs(model, **few)).loss)
             shared = float(shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True,
-                                              **few))
+                                              image_grid=self.train.grid_thw, **few))
         tolerance = (0.02 if self.bf16 else 1e-4) * max(1.0, abs(ordinary))
         if abs(shared - ordinary) <= tolerance:
             log.info("fast path: the shared-prefix loss equals the ordinary forward's on the first batch "

@@ -14,13 +14,15 @@ Works on transformers' own modules (Qwen2-VL / Qwen2.5-VL / Qwen3-VL ``model.mod
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from training.collate import IGNORE_INDEX
 
 __all__ = ["is_peft_model", "hf_model_of", "rope_positions", "shared_prefix_loss", "one_clip_grid", "ordinary_inputs",
-           "SUFFIX_ATTENTION"]
+           "vision_grid_inputs", "clip_grid_inputs", "SUFFIX_ATTENTION"]
 
 # The language model's attention while the shared-prefix loss runs: queries are the batch's own
 # tokens, keys the prefix's and theirs. transformers' mask construction for a cache-extended
@@ -90,7 +92,9 @@ def rope_positions(model, ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Te
 
 def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                        pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                       position_ids: torch.Tensor, same_size_images: bool = False) -> torch.Tensor:
+                       position_ids: torch.Tensor, same_size_images: bool = False,
+                       label_positions: torch.Tensor | None = None,
+                       image_grid: Sequence[int] | None = None) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens, as transformers' causal-LM loss.
 
     prefix_ids [1, P]: the shared tokens; input_ids / labels [B, S]: each sample's tokens after them
@@ -98,6 +102,11 @@ def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
     longest sample; pixel_values / image_grid_thw: the batch's images, as the processor gives them.
     same_size_images: every row of image_grid_thw is the first's (the fast path's data), so the vision
     tower may take the B images as the B frames of one clip (see one_clip_grid).
+    label_positions: the flat indices (row * S + j) of the positions j whose next token is labelled
+    (training.fast_path.label_positions); without them the labels are found with a boolean mask,
+    whose size the host must read back from the device before the loss can go on.
+    image_grid: with same_size_images, the one grid row (t, h, w) as host numbers: the tower's
+    grid-derived inputs are then computed once per batch size (clip_grid_inputs), not every step.
     """
     from transformers import DynamicCache
 
@@ -111,10 +120,16 @@ def shared_prefix_loss(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
         for index, layer in enumerate(shared.past_key_values.layers):
             cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
         vision_grid = one_clip_grid(image_grid_thw) if same_size_images else image_grid_thw
-        hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=vision_grid,
-                      position_ids=position_ids[:, :, prefix:].expand(-1, batch, -1), past_key_values=cache,
-                      use_cache=True).last_hidden_state
+        given = clip_grid_inputs(core.visual, image_grid, batch, input_ids.device) \
+            if same_size_images and image_grid is not None else None
+        with _tower_takes(core.visual, given):
+            hidden = core(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=vision_grid,
+                          position_ids=position_ids[:, :, prefix:].expand(-1, batch, -1), past_key_values=cache,
+                          use_cache=True).last_hidden_state
     # position j predicts token j + 1; the first own token (an image token) is never a label
+    if label_positions is not None:
+        logits = hf.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_positions))
+        return F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, label_positions + 1))
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = hf.lm_head(hidden[:, :-1][keep])
@@ -137,9 +152,82 @@ def one_clip_grid(image_grid_thw: torch.Tensor) -> torch.Tensor:
     return grid
 
 
+# transformers' vision_utils helpers that derive a vision tower's inputs from its grid (Python loops,
+# values read back to the host) and the keys under which the tower takes them ready-made instead
+_GRID_HELPERS = {
+    "get_vision_position_ids": ("position_ids",),
+    "get_vision_attention_seqlens": ("cu_seqlens", "max_seqlen"),
+    "get_vision_window_index": ("window_index", "cu_window_seqlens", "max_window_seqlen"),
+    "get_vision_interpolation_indices_and_weights": ("interp_indices", "interp_weights"),
+}
+
+
+def vision_grid_inputs(visual, grid_thw: torch.Tensor) -> dict | None:
+    """What ``visual`` (a Qwen-VL vision tower) derives from ``grid_thw`` before its first layer,
+    computed with the same transformers helpers, for the tower to take as given (the helpers return
+    a value passed under its key). None where this transformers or tower uses a helper not known here,
+    or none at all (then the tower computes its inputs itself)."""
+    import sys
+
+    namespace = vars(sys.modules[type(visual).__module__])
+    used = {name for name in namespace if name.startswith("get_vision_") and callable(namespace[name])}
+    if not used or not used <= set(_GRID_HELPERS):
+        return None
+    from transformers.utils.generic import get_max_seqlen
+
+    config, merge = visual.config, visual.spatial_merge_size
+    given: dict = {}
+    if "get_vision_position_ids" in used:
+        given["position_ids"] = namespace["get_vision_position_ids"](grid_thw, merge)
+    if "get_vision_attention_seqlens" in used:
+        given["cu_seqlens"], given["max_seqlen"] = namespace["get_vision_attention_seqlens"](grid_thw, config)
+    if "get_vision_window_index" in used:
+        given["window_index"], given["cu_window_seqlens"] = namespace["get_vision_window_index"](
+            grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size)
+        given["max_window_seqlen"] = get_max_seqlen(given["cu_window_seqlens"], config)
+    if "get_vision_interpolation_indices_and_weights" in used:
+        given["interp_indices"], given["interp_weights"] = namespace["get_vision_interpolation_indices_and_weights"](
+            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=config.spatial_merge_size)
+    return {key: value for key, value in given.items() if value is not None}  # None: the tower's own default
+
+
+def clip_grid_inputs(visual, image_grid: Sequence[int], batch: int, device: torch.device) -> dict | None:
+    """vision_grid_inputs of one_clip_grid's grid for ``batch`` images of grid ``image_grid`` (t, h, w),
+    known on the host: computed once per batch size and device and kept on the tower, so a step of the
+    fast path neither repeats that host work nor waits for the GPU to hand its grid back."""
+    t, h, w = (int(v) for v in image_grid)
+    cache = visual.__dict__.setdefault("_vla_clip_grid_inputs", {})
+    key = (str(device), batch * t, h, w)
+    if key not in cache:
+        cache[key] = vision_grid_inputs(visual, torch.tensor([[batch * t, h, w]], device=device))
+    return cache[key]
+
+
+class _tower_takes:
+    """Inside the block, ``visual`` is called with ``given`` added to its keyword arguments."""
+
+    def __init__(self, visual, given: dict | None):
+        self.visual, self.given, self.handle = visual, given, None
+
+    def __enter__(self):
+        if self.given:
+            given = self.given
+            self.handle = self.visual.register_forward_pre_hook(
+                lambda module, args, kwargs: (args, {**kwargs, **given}), with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+        return False
+
+
 def ordinary_inputs(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: int | None = None) -> dict:
-    """The same samples (the first ``rows``) as the ordinary forward's inputs: whole sequences."""
+                    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: int | None = None,
+                    label_positions: torch.Tensor | None = None) -> dict:
+    """The same samples (the first ``rows``) as the ordinary forward's inputs: whole sequences (a fast
+    path batch's label_positions are not needed: the ordinary loss finds its labels itself)."""
     import inspect
 
     hf = hf_model_of(model)

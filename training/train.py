@@ -487,6 +487,9 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fast_path: b
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,  # no re-fork per epoch / eval
         dataloader_pin_memory=torch.cuda.is_available() and not fast_path,
+        # the filter reads every step's loss back from the GPU (a sync a step): a small model's host
+        # could then never queue the next step while the GPU works; a NaN loss shows in the log instead
+        logging_nan_inf_filter=not fast_path,
         ddp_find_unused_parameters=False,  # frozen vision tower: no unused trainable parameters
         disable_tqdm=cfg.disable_tqdm,
         save_only_model=cfg.save_only_model,
