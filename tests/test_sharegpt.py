@@ -337,6 +337,33 @@ def test_dataset_sha256(ds):
     assert sg.dataset_sha256(ds) != h_dir and sg.dataset_sha256(f) == h_file
 
 
+def _many_images(ds, count):
+    for k in range(count):
+        cv2.imwrite(str(ds / f"im{k}.png"), np.full((12, 16, 3), k, np.uint8))
+    return write_array(ds / "many.json", [dict(good(), images=[f"im{k}.png"]) for k in range(count)])
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_validation_hashes_each_image_as_dataset_sha256_would(ds, monkeypatch, parallel):
+    """The images' digests come from the bytes validation read, and the run's digest built from
+    them is the one that reads every image again."""
+    from training.train import _digest
+
+    f = _many_images(ds, 6)
+    if parallel:  # worker processes, as on a machine with cores to spare
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        real = sg._check_images_in_parallel
+        monkeypatch.setattr(sg, "_check_images_in_parallel",
+                            lambda paths, cache, digests=None: real(paths, cache, digests, chunk=2))
+    got = sg.load_validated(f)
+    images = [str(ds / f"im{k}.png") for k in range(6)]
+    assert got.image_sha256 == {img: sg.dataset_sha256(img) for img in images}
+    assert _digest(list(got), [f], got.image_sha256) == _digest(list(got), [f])
+    cv2.imwrite(images[3], np.zeros((12, 16, 3), np.uint8))  # an image re-rendered -> another digest
+    assert sg.load_validated(f).image_sha256[images[3]] != got.image_sha256[images[3]]
+    assert sg.load_validated(f, check_images=False).image_sha256 == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # vla-data check
 # ---------------------------------------------------------------------------------------------

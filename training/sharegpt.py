@@ -308,11 +308,14 @@ class SampleList(list):
     """A list of samples that also says what was dropped (``load_validated(skip_invalid=True)``)."""
 
     def __init__(self, items: Iterable[Sample] = (), dropped: int = 0, errors: Sequence[DataError] = (),
-                 verdict=None):
+                 verdict=None, image_sha256: Optional[dict] = None):
         super().__init__(items)
         self.dropped = dropped
         self.errors = list(errors)
         self.verdict = verdict  # training.answer_kinds.Verdict, when answers were classified
+        # dataset_sha256 of every image validation read (str(path) -> hex), so a digest of the
+        # run's data need not read them again
+        self.image_sha256 = dict(image_sha256 or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,7 +773,10 @@ def _check_roles(sample: Sample) -> Optional[DataError]:
     return None
 
 
-def _image_problem(path: Path, cache: dict) -> Optional[str]:
+def _image_problem(path: Path, cache: dict, digests: Optional[dict] = None) -> Optional[str]:
+    """Why the image at ``path`` cannot be used (None if it can), memoised in ``cache``; with
+    ``digests`` also its dataset_sha256, from the bytes already read (the run's digest then reads no
+    image a second time)."""
     key = str(path)
     if key in cache:
         return cache[key]
@@ -785,21 +791,25 @@ def _image_problem(path: Path, cache: dict) -> Optional[str]:
             data = np.fromfile(str(path), dtype=np.uint8)
             img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         except (OSError, cv2.error):
-            img = None
+            data, img = None, None
         if img is None:
             problem = f"image cannot be decoded (cv2.imread returned None): {path}"
+        elif digests is not None:
+            digests[key] = _file_sha256(path.name, memoryview(data))
     cache[key] = problem
     return problem
 
 
-def _image_problems(paths: list[Path]) -> list[Optional[str]]:
+def _image_problems(paths: list[Path]) -> tuple[list[Optional[str]], dict]:
     cache: dict = {}
-    return [_image_problem(p, cache) for p in paths]
+    digests: dict = {}
+    return [_image_problem(p, cache, digests) for p in paths], digests
 
 
-def _check_images_in_parallel(paths: list[Path], cache: dict, chunk: int = 512) -> None:
-    """Fill ``cache`` (as _image_problem would) for many images with worker processes: decoding
-    every image of a 100k-sample dataset takes minutes on one core."""
+def _check_images_in_parallel(paths: list[Path], cache: dict, digests: Optional[dict] = None,
+                              chunk: int = 512) -> None:
+    """Fill ``cache`` and ``digests`` (as _image_problem would) for many images with worker
+    processes: decoding every image of a 100k-sample dataset takes minutes on one core."""
     import os
 
     distinct = list(dict.fromkeys(str(p) for p in paths))
@@ -810,16 +820,19 @@ def _check_images_in_parallel(paths: list[Path], cache: dict, chunk: int = 512) 
 
     parts = [[Path(p) for p in distinct[i:i + chunk]] for i in range(0, len(distinct), chunk)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for part, problems in zip(parts, pool.imap(_image_problems, parts)):
+        for part, (problems, part_digests) in zip(parts, pool.imap(_image_problems, parts)):
             cache.update((str(p), problem) for p, problem in zip(part, problems))
+            if digests is not None:
+                digests.update(part_digests)
 
 
 _PARSER_REJECTED = "answer rejected by the action parser"
 
 
 def validate_sample(sample: Sample, vocab=None, check_images: bool = True,
-                    image_cache: Optional[dict] = None) -> list[DataError]:
-    """Every problem of one sample (see validate); ``image_cache`` shares image checks between calls."""
+                    image_cache: Optional[dict] = None, image_digests: Optional[dict] = None) -> list[DataError]:
+    """Every problem of one sample (see validate); ``image_cache`` shares image checks between
+    calls, ``image_digests`` collects the checked images' dataset_sha256."""
     errors: list[DataError] = []
     role_error = _check_roles(sample)
     if role_error is not None:
@@ -847,7 +860,7 @@ def validate_sample(sample: Sample, vocab=None, check_images: bool = True,
     if check_images:
         cache = image_cache if image_cache is not None else {}
         for j, p in enumerate(sample.images):
-            problem = _image_problem(p, cache)
+            problem = _image_problem(p, cache, image_digests)
             if problem:
                 errors.append(sample._image_error(j, problem))
     if vocab is not None:
@@ -920,10 +933,11 @@ def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Un
     all_errors = list(read_errors)
     kept: list[Sample] = []
     cache: dict = {}
+    digests: dict = {}
     if check_images:
-        _check_images_in_parallel([p for s in samples for p in s.images], cache)
+        _check_images_in_parallel([p for s in samples for p in s.images], cache, digests)
     for s in samples:
-        errs = validate_sample(s, check_vocab, check_images, cache)
+        errs = validate_sample(s, check_vocab, check_images, cache, digests)
         if hint:
             errs = [replace(e, message=e.message + hint) if e.message.startswith(_PARSER_REJECTED) else e
                     for e in errs]
@@ -932,13 +946,13 @@ def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Un
         else:
             kept.append(s)
     if not all_errors:
-        return SampleList(kept, verdict=verdict)
+        return SampleList(kept, verdict=verdict, image_sha256=digests)
     fatal = [e for e in read_errors if e.fatal]
     if not skip_invalid or fatal or not kept:
         raise DatasetInvalid(all_errors, max_listed=max_listed)
     dropped = len(samples) - len(kept) + len(read_errors)
     log.warning("dropped %d invalid sample(s) of %d (first: %s)", dropped, dropped + len(kept), all_errors[0])
-    return SampleList(kept, dropped=dropped, errors=all_errors, verdict=verdict)
+    return SampleList(kept, dropped=dropped, errors=all_errors, verdict=verdict, image_sha256=digests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -965,8 +979,20 @@ def dataset_sha256(path_or_dir: PathLike) -> str:
     else:
         raise FileNotFoundError(str(root))
     for rel, p in files:
-        h.update(rel.encode("utf-8") + b"\0" + str(p.stat().st_size).encode() + b"\0")
+        _hash_entry(h, rel, p.stat().st_size)
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_entry(h, rel: str, size: int) -> None:
+    h.update(rel.encode("utf-8") + b"\0" + str(size).encode() + b"\0")
+
+
+def _file_sha256(name: str, data: Union[bytes, memoryview]) -> str:
+    """dataset_sha256 of a file named ``name`` holding ``data``, from bytes in memory."""
+    h = hashlib.sha256()
+    _hash_entry(h, name, len(data))
+    h.update(data)
     return h.hexdigest()

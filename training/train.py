@@ -68,8 +68,9 @@ def _is_file_ref(cfg: TrainConfig, name: str) -> Path | None:
     return None
 
 
-def _digest(samples: list, files: list[Path]) -> str:
-    """sha256 over the data files and every image the samples use (so re-rendered images count)."""
+def _digest(samples: list, files: list[Path], known: dict | None = None) -> str:
+    """sha256 over the data files and every image the samples use (so re-rendered images count).
+    ``known``: str(image path) -> its dataset_sha256 where validation already hashed it."""
     import hashlib
 
     from training.sharegpt import dataset_sha256
@@ -79,10 +80,13 @@ def _digest(samples: list, files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f"{Path(f).name}:{dataset_sha256(f)}\n".encode())
+    known = known or {}
     images = list(dict.fromkeys(str(img) for s in samples for img in s.images))
+    unread = [img for img in images if img not in known]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-        for img, digest in zip(images, pool.map(dataset_sha256, images, chunksize=256)):
-            h.update(f"{Path(img).name}:{digest}\n".encode())
+        digests = {**known, **dict(zip(unread, pool.map(dataset_sha256, unread, chunksize=256)))}
+    for img in images:
+        h.update(f"{Path(img).name}:{digests[img]}\n".encode())
     return h.hexdigest()
 
 
@@ -100,6 +104,7 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
 
     per_dataset: list[list] = []
     files: list[Path] = []
+    image_sha256: dict = {}
     common = dict(vocab=vocab, skip_invalid=cfg.skip_invalid, max_listed=cfg.max_errors_shown,
                   media_dir=cfg.media_dir)
     for name in names:
@@ -116,6 +121,7 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
         if getattr(got, "dropped", 0):
             log.warning("%s dataset %r: skipped %d invalid sample(s) (skip_invalid=true)", what, name, got.dropped)
         kept = list(got)[: cfg.max_samples] if cfg.max_samples else list(got)
+        image_sha256.update(getattr(got, "image_sha256", {}))
         if got.verdict is not None:
             log.info("%s dataset %r: %d sample(s), answers: %s", what, name, len(kept), got.verdict.describe())
         per_dataset.append(kept)
@@ -125,7 +131,7 @@ def load_split(cfg: TrainConfig, names: list[str], vocab, what: str) -> tuple[li
         raise ConfigError(f"{what} datasets: {e}") from None
     if not samples:
         raise DataError(f"{what} dataset {', '.join(names)} has no samples")
-    return samples, _digest(samples, files)
+    return samples, _digest(samples, files, image_sha256)
 
 
 def answer_kinds_of(samples: list) -> list[str]:
