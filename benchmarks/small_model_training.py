@@ -10,6 +10,8 @@ initialised checkpoint of the chosen shape:
             embedded model was built with before (fp32, batch 64, 14 workers)
   fast      fast_path=true: the data encoded once and kept on the GPU, the shared prompt prefix
             computed once per batch, bf16 autocast over fp32 weights, batch 256
+  compiled  (--arms ...,compiled) the fast arm with torch_compile=true: each decoder layer and vision
+            block compiled (training/compile_layers.py); --warmup-steps must cover the compiling
 
 Shapes: `previous` = the embedded model as committed before the fast path (hidden 256, 4 layers,
 vision 192 x 4, 28 px visual tokens, 252x196 input, Qwen2.5-VL, the full system prompt);
@@ -217,7 +219,7 @@ def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
     from training.config import TrainConfig
     from training.train import train
 
-    fast = arm == "fast"
+    fast = arm in ("fast", "compiled")
     batch = args.fast_batch if fast else args.ordinary_batch
     clock = Clock(args.warmup_steps)
     run_dir = out / f"{arm}_batch{batch}"
@@ -228,7 +230,7 @@ def run_arm(arm: str, checkpoint: Path, data: Path, out: Path, args) -> dict:
                       learning_rate=1e-3, warmup_ratio=0.0, save_steps=10**6, logging_steps=10**6, report_to="none",
                       plot_loss=False, disable_tqdm=True, seed=0, fast_path="true" if fast else "false",
                       bf16="auto" if fast else "false", dataloader_num_workers=None if fast else args.workers,
-                      preprocessing_num_workers=args.workers)
+                      preprocessing_num_workers=args.workers, torch_compile=arm == "compiled")
     started = time.perf_counter()
     train(cfg, callbacks=[clock.callback()])
     step = clock.seconds_per_step()
@@ -246,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ordinary-batch", type=int, default=64)
     parser.add_argument("--fast-batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--arms", default="ordinary,fast")
+    parser.add_argument("--arms", default="ordinary,fast",
+                        help="of ordinary, fast and compiled (the fast path with torch_compile: its warm-up steps "
+                             "compile)")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args(argv)
 

@@ -323,3 +323,86 @@ def test_shared_prefix_on_cuda_equals_the_ordinary_forward(bf16, train_model_dir
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
         ordinary = float(model(**ordinary_inputs(model, **inputs)).loss)
     assert loss == pytest.approx(ordinary, rel=0.02 if bf16 else 1e-4)
+
+
+def test_torch_compile_compiles_each_layer_and_keeps_the_loss(train_model_dir, synth_dir, tmp_path, caplog):
+    """vla-train torch_compile=true (backend aot_eager here: the forward and backward graphs inductor
+    would generate code for, traced and run on the CPU): every decoder layer and vision block compiled,
+    the uncompiled run's loss at every step, the adapter saved under the same names."""
+    import torch._dynamo
+    from safetensors import safe_open
+
+    from training.config import load_config
+    from training.train import train
+
+    caplog.set_level(logging.INFO, logger="vla_train")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runs = {}
+    for choice in ("false", "true"):
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / choice, max_steps=3,
+                                                logging_steps=1, save_steps=100, group_by_length="false",
+                                                fast_path="true", torch_compile=choice,
+                                                torch_compile_backend="aot_eager"))
+        runs[choice] = train(cfg)
+    assert _losses(runs["true"]) == pytest.approx(_losses(runs["false"]), rel=1e-5)
+    config = json.loads((train_model_dir / "config.json").read_text())
+    layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["depth"]
+    assert f"torch_compile: {layers} layers compiled one by one (backend aot_eager" in caplog.text
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # text layers and vision blocks
+
+    def names(run):
+        with safe_open(str(tmp_path / run / "adapter_model.safetensors"), "pt") as f:
+            return sorted(f.keys())
+
+    assert names("true") == names("false")
+    torch._dynamo.reset()
+
+
+def test_an_unknown_torch_compile_backend_is_named_with_the_config(train_model_dir, synth_dir, tmp_path):
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"torch_compile_backend 'inductr' is not a torch.compile backend .*inductor"):
+        load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path, torch_compile="true",
+                                          torch_compile_backend="inductr"))
+
+
+def test_compiled_layers_run_the_fast_step_as_one_graph_each(tiny_checkpoints, synth_dir):
+    """With the vision attention vla-train uses on CUDA (one call a layer), no layer breaks its graph
+    (a break would leave its work to eager dispatch) and loss and gradients are the uncompiled ones."""
+    import torch._dynamo
+    from transformers import AutoModelForImageTextToText
+
+    from training.compile_layers import compile_layers, compiled_layers
+    from training.encoded_tensors import encode_samples
+    from vla_node.backends.engine.vision_attention import use_block_attention
+
+    collator = training_collator(tiny_checkpoints["qwen3_vl"])
+    encoded = encode_samples(_samples(synth_dir), collator)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints["qwen3_vl"], dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    assert use_block_attention(model)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.05)
+    fast = _fast_path(collator, encoded)
+    batch = fast.builder([("train", i) for i in BATCH])
+
+    def step():
+        model.zero_grad()
+        loss = fast.loss(model, batch)
+        loss.backward()
+        return float(loss.detach()), _gradients(model)
+
+    want_loss, want = step()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_layers(model, "aot_eager") == len(compiled_layers(model))
+    got_loss, got = step()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2
+    assert got_loss == pytest.approx(want_loss, rel=1e-5) and set(got) == set(want)
+    for name in want:
+        scale = float(want[name].abs().max()) + 1e-8
+        assert float((got[name] - want[name]).abs().max()) <= 1e-4 * scale, name
+    torch._dynamo.reset()

@@ -730,6 +730,10 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
     # 3. model (the training arguments first: with DeepSpeed ZeRO-3 they make the model load partitioned)
     args = training_args_for(cfg, bf16, eval_ds is not None, fast_path=fast is not None, fp16=fp16)
     model = build_model(cfg, bf16)
+    if cfg.torch_compile:
+        from training.compile_layers import compile_layers
+
+        compile_layers(model, cfg.torch_compile_backend)
 
     # 4. trainer
     VLATrainer, ThroughputCallback, LossProgressCallback = trainer_classes()
