@@ -34,32 +34,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from small_model_training import prepare, shape
-    from training import sharegpt
-    from training.collate import VLACollator, pixel_limits_of
     from training.compile_layers import compile_layers
-    from training.encoded_tensors import encode_samples, processor_arithmetic
-    from training.fast_path import BatchBuilder, FastPath
-    from vla_node.backends.engine.vision_attention import use_block_attention
-    from vla_node.manifest import prompt_template_of
-    from vla_node.prompt import PromptBuilder
-    from vla_node.vocabulary import Vocabulary
+    from training_step_ops import fast_step_setup
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="compiled_ops_"))
-    checkpoint, data = prepare(work, shape(args.shape), 64)
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    collator = VLACollator(processor, PromptBuilder(Vocabulary.load(), template=prompt_template_of(checkpoint)),
-                           pixel_limits_of(processor))
-    encoded = encode_samples(sharegpt.load_validated(str(data), "tabletop_train", vocab=Vocabulary.load()), collator,
-                             workers=0)
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
-    if not use_block_attention(model):
-        raise SystemExit("the vision tower did not take the one-call attention vla-train uses on CUDA")
-    builder = BatchBuilder({"train": encoded}, processor_arithmetic(processor.image_processor), torch.device("cpu"))
-    fast = FastPath(train=encoded, eval=None, builder=builder, bf16=False)
-    batch = builder([("train", i % len(encoded)) for i in range(args.batch)])
+    model, encoded, fast = fast_step_setup(work, args.shape, 64)
+    batch = fast.builder([("train", i % len(encoded)) for i in range(args.batch)])
 
     def step() -> float:
         model.zero_grad(set_to_none=True)

@@ -61,6 +61,35 @@ def count_step(step) -> tuple[int, int, int]:
     return total, kernels, counted.names["_local_scalar_dense"]
 
 
+def fast_step_setup(work: Path, shape_name: str, samples: int):
+    """(model, encoded data, training.fast_path.FastPath) of a random checkpoint of the shape, on the
+    CPU in fp32, with the vision attention vla-train uses on CUDA (one call a layer)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from small_model_training import prepare, shape
+    from training import sharegpt
+    from training.collate import VLACollator, pixel_limits_of
+    from training.encoded_tensors import encode_samples, processor_arithmetic
+    from training.fast_path import BatchBuilder, FastPath
+    from vla_node.backends.engine.vision_attention import use_block_attention
+    from vla_node.manifest import prompt_template_of
+    from vla_node.prompt import PromptBuilder
+    from vla_node.vocabulary import Vocabulary
+
+    checkpoint, data = prepare(work, shape(shape_name), samples)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    collator = VLACollator(processor, PromptBuilder(Vocabulary.load(), template=prompt_template_of(checkpoint)),
+                           pixel_limits_of(processor))
+    encoded = encode_samples(sharegpt.load_validated(str(data), "tabletop_train", vocab=Vocabulary.load()), collator,
+                             workers=0)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
+    if not use_block_attention(model):
+        raise SystemExit("the vision tower did not take the one-call attention vla-train uses on CUDA")
+    builder = BatchBuilder({"train": encoded}, processor_arithmetic(processor.image_processor), torch.device("cpu"))
+    return model, encoded, FastPath(train=encoded, eval=None, builder=builder, bf16=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=("committed", "previous"), default="committed")
@@ -73,31 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from small_model_training import prepare, shape
-    from training import sharegpt
-    from training.collate import VLACollator, pixel_limits_of
-    from training.encoded_tensors import encode_samples, processor_arithmetic
-    from training.fast_path import BatchBuilder, FastPath
     from training.shared_prefix import ordinary_inputs, shared_prefix_loss
-    from vla_node.backends.engine.vision_attention import use_block_attention
-    from vla_node.manifest import prompt_template_of
-    from vla_node.prompt import PromptBuilder
-    from vla_node.vocabulary import Vocabulary
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="step_ops_"))
-    checkpoint, data = prepare(work, shape(args.shape), args.samples)
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    collator = VLACollator(processor, PromptBuilder(Vocabulary.load(), template=prompt_template_of(checkpoint)),
-                           pixel_limits_of(processor))
-    encoded = encode_samples(sharegpt.load_validated(str(data), "tabletop_train", vocab=Vocabulary.load()), collator,
-                             workers=0)
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
-    if not use_block_attention(model):
-        raise SystemExit("the vision tower did not take the one-call attention vla-train uses on CUDA")
-    builder = BatchBuilder({"train": encoded}, processor_arithmetic(processor.image_processor), torch.device("cpu"))
-    fast = FastPath(train=encoded, eval=None, builder=builder, bf16=False)
+    model, encoded, fast = fast_step_setup(work, args.shape, args.samples)
+    builder = fast.builder
 
     ordinary_batches = {int(b) for b in args.ordinary_batches.split(",") if b}
 
