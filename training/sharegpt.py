@@ -315,7 +315,7 @@ class SampleList(list):
         self.verdict = verdict  # training.answer_kinds.Verdict, when answers were classified
         # dataset_sha256 of every image validation read (str(path) -> hex), so a digest of the
         # run's data need not read them again
-        self.image_sha256 = dict(image_sha256 or {})
+        self.image_sha256 = image_sha256 if image_sha256 is not None else {}
 
 
 # --------------------------------------------------------------------------------------------
