@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -278,8 +279,9 @@ def test_a_dead_encoding_worker_stops_the_encoding_with_a_reason(train_model_dir
 
 
 def test_too_little_scratch_space_for_the_workers_frames_is_named(train_model_dir, synth_box_dir, monkeypatch):
-    """The workers write the frames into a file mapping in TMPDIR; a disk too small would kill them
-    mid-write, so the fast path declines up front (vla-train then takes the ordinary path)."""
+    """The workers write the frames into a file mapping in TMPDIR, or /dev/shm where TMPDIR lacks room;
+    a folder too small would kill them mid-write, so with room in neither the fast path declines up
+    front (vla-train then takes the ordinary path)."""
     from training import encoded_tensors
     from training.encoded_tensors import NotEncodable, encode_samples
 
@@ -287,10 +289,57 @@ def test_too_little_scratch_space_for_the_workers_frames_is_named(train_model_di
     samples = _samples(synth_box_dir, "tabletop_val")
     monkeypatch.setattr(encoded_tensors, "CHUNK", 2)  # several chunks: the workers' path
     monkeypatch.setattr(encoded_tensors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
-    with pytest.raises(NotEncodable, match=r"data whose frames need \d+\.\d MB of scratch space in .+ for the encoding "
-                                            r"workers, with 0\.0 MB free \(point TMPDIR at a larger disk"):
+    with pytest.raises(NotEncodable, match=r"data whose frames need \d+\.\d MB of scratch space for the encoding "
+                                            r"workers, with 0\.0 MB free in [^ ]+(, 0\.0 MB free in /dev/shm)? "
+                                            r"\(point TMPDIR at a larger disk"):
         encode_samples(samples, collator, workers=2)
     assert len(encode_samples(samples, collator, workers=0)) == len(samples)  # in memory: no scratch needed
+
+
+def test_the_workers_frames_go_to_memory_where_the_temporary_disk_lacks_room(train_model_dir, synth_box_dir,
+                                                                              monkeypatch, caplog):
+    """On the GPU machines the disk under /tmp had 34 GB free for a 36 GB build's frames while
+    /dev/shm (memory) had 128 GB: the fast path stages them there instead of declining."""
+    import tempfile
+
+    from training import encoded_tensors
+    from training.encoded_tensors import encode_samples
+
+    if not encoded_tensors._memory_backed("/dev/shm"):
+        pytest.skip("no memory-backed /dev/shm here")
+    collator = training_collator(train_model_dir)
+    samples = _samples(synth_box_dir, "tabletop_val")
+    reference = encode_samples(samples, collator, workers=0)
+    monkeypatch.setattr(encoded_tensors, "CHUNK", 2)
+    real_usage, full = shutil.disk_usage, tempfile.gettempdir()
+    monkeypatch.setattr(encoded_tensors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0)
+                        if path == full else real_usage(path))
+    caplog.set_level(logging.INFO, logger="training.encoded_tensors")
+    staged = encode_samples(samples, collator, workers=2)
+    assert torch.equal(staged.frames, reference.frames) and torch.equal(staged.ids, reference.ids)
+    assert any("go to /dev/shm" in r.getMessage() and f"{full} lacks room" in r.getMessage() for r in caplog.records)
+
+
+def test_scratch_goes_to_the_first_folder_with_room_and_memory_counts_for_tmpfs(tmp_path):
+    """Real folders, real free space: the first candidate without room is passed over; a tmpfs
+    folder's room is capped by the memory available (its files take memory)."""
+    from training.encoded_tensors import NotEncodable, _memory_available, _memory_backed, scratch_folder
+
+    disk_free = shutil.disk_usage(tmp_path).free
+    assert scratch_folder(1, [str(tmp_path)]) == str(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(NotEncodable,
+                       match=rf"need {disk_free * 2 / 1e9:.1f} GB of scratch space .* free in {tmp_path}"):
+        scratch_folder(disk_free * 2, [str(tmp_path), str(other)])
+    if os.path.isdir("/dev/shm") and _memory_backed("/dev/shm"):
+        shm_room = min(shutil.disk_usage("/dev/shm").free, _memory_available())
+        if shm_room < 0.9 * disk_free:  # /dev/shm too small for what the disk holds: the disk is taken
+            assert scratch_folder(shm_room, ["/dev/shm", str(tmp_path)]) == str(tmp_path)
+        shm_free = shutil.disk_usage("/dev/shm").free
+        if shm_free > 1.2 * _memory_available():  # the mount is larger than the memory left: memory decides
+            with pytest.raises(NotEncodable, match=r"free in /dev/shm"):
+                scratch_folder(int(1.1 * _memory_available()), ["/dev/shm"])
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

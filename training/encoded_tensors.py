@@ -159,11 +159,14 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     chunks = [range(i, min(i + CHUNK, len(samples))) for i in range(0, len(samples), CHUNK)]
     parallel = workers > 0 and len(chunks) > 1
     shape = (len(samples), height, width, 3)
-    if parallel:
-        _check_scratch_space(int(np.prod(shape)))
     # Forked workers write the frames in place into a file mapping (MAP_SHARED): tens of GB would
-    # not fit a container's /dev/shm, nor cross the pool's pipes quickly.
-    spill = tempfile.TemporaryDirectory(prefix="vla_frames_") if parallel else None
+    # not cross the pool's pipes quickly. It goes to the temporary folder, or to memory where that
+    # disk lacks room (scratch_folder).
+    scratch = scratch_folder(int(np.prod(shape))) if parallel else None
+    if scratch is not None and scratch != tempfile.gettempdir():
+        log.info("fast path: the encoding workers' frames (%s) go to %s: %s lacks room", _size(int(np.prod(shape))),
+                 scratch, tempfile.gettempdir())
+    spill = tempfile.TemporaryDirectory(prefix="vla_frames_", dir=scratch) if parallel else None
     frames = (np.lib.format.open_memmap(os.path.join(spill.name, "frames.npy"), mode="w+", dtype=np.uint8,
                                         shape=shape) if spill else np.empty(shape, dtype=np.uint8))
     _WORK.update(collator=collator, samples=samples, frames=frames, image_tokens=grid[1] * grid[2] // merge ** 2,
@@ -217,15 +220,61 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     )
 
 
-def _check_scratch_space(frame_bytes: int) -> None:
-    """The workers' frame mapping lives in the temporary folder: a disk that fills while they write
-    kills them (SIGBUS), so refuse up front, naming what is needed."""
-    folder = tempfile.gettempdir()
-    free = shutil.disk_usage(folder).free
-    if frame_bytes > 0.95 * free:
-        raise NotEncodable(f"data whose frames need {_size(frame_bytes)} of scratch space in {folder} for the encoding "
-                           f"workers, with {_size(free)} free (point TMPDIR at a larger disk, or set "
-                           f"preprocessing_num_workers=0 to keep them in memory)")
+# Where the workers' frame mapping may go when the temporary folder's disk lacks room: memory-backed
+# (tmpfs) folders. On the GPU machines the disk had 34 GB free for a 36 GB build's frames, and
+# /dev/shm 128 GB of memory.
+MEMORY_SCRATCH = ("/dev/shm",)
+
+
+def scratch_folder(frame_bytes: int, candidates: Sequence[str] | None = None) -> str:
+    """The first folder of ``candidates`` (default: the temporary folder, then MEMORY_SCRATCH) with
+    room for the workers' frame mapping. A disk that fills while they write kills them (SIGBUS), so
+    the room is checked up front; a memory-backed folder's room is also capped by the memory
+    available. Raises NotEncodable naming what is needed and what each folder has."""
+    if candidates is None:
+        candidates = [tempfile.gettempdir(), *(f for f in MEMORY_SCRATCH if os.path.isdir(f))]
+    room: dict[str, int] = {}
+    for folder in dict.fromkeys(candidates):
+        free = shutil.disk_usage(folder).free
+        if _memory_backed(folder):
+            free = min(free, _memory_available())
+        if frame_bytes <= 0.95 * free:
+            return folder
+        room[folder] = free
+    have = ", ".join(f"{_size(free)} free in {folder}" for folder, free in room.items())
+    raise NotEncodable(f"data whose frames need {_size(frame_bytes)} of scratch space for the encoding workers, "
+                       f"with {have} (point TMPDIR at a larger disk, or set preprocessing_num_workers=0 to keep "
+                       f"them in memory)")
+
+
+def _memory_backed(folder: str) -> bool:
+    """Whether ``folder`` lies on a tmpfs / ramfs mount (its files take memory, not disk)."""
+    path, kind, depth = os.path.realpath(folder), "", -1
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > depth:
+                    kind, depth = fields[2], len(mount)
+    except OSError:  # not Linux: no tmpfs fallback is offered there anyway
+        return False
+    return kind in ("tmpfs", "ramfs")
+
+
+def _memory_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _size(nbytes: int) -> str:
