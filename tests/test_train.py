@@ -475,3 +475,26 @@ def test_default_batches_mix_short_and_long_answers(tiny_model_dir, tmp_path):
     assert sum(len(b) == 2 for b in mixed) >= 0.7 * len(mixed)
     grouped = _batches_by_length(tiny_model_dir, tmp_path / "grouped", ["group_by_length=true"])
     assert sum(len(b) == 1 for b in grouped) >= 0.9 * len(grouped)  # the opt-in still groups
+
+
+def test_the_ordinary_training_forward_builds_no_kv_cache(tiny_qwen3_vl, synth_box_dir, tmp_path):
+    """The text config asks for a KV cache (generation wants one); a training step must not build
+    it: wasted work, and under torch_compile each new cache made every layer recompile until
+    dynamo left it uncompiled (the ordinary path of an H100 build, session 31)."""
+    from transformers import AutoModelForImageTextToText
+
+    from tests.fixtures_train import training_collator
+    from training import sharegpt
+    from training.train import trainer_classes, training_args_for
+    from vla_node.vocabulary import Vocabulary
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen3_vl)
+    assert model.config.get_text_config().use_cache
+    samples = list(sharegpt.load_validated(str(synth_box_dir), "tabletop_val", vocab=Vocabulary.load()))[:2]
+    batch = training_collator(tiny_qwen3_vl)(samples)
+    cfg = load_config(None, [f"model_path={tiny_qwen3_vl}", "dataset=d", f"output_dir={tmp_path}", "report_to=none"])
+    trainer = trainer_classes()[0](model=model, args=training_args_for(cfg, bf16=False, has_eval=False))
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert torch.isfinite(loss) and outputs.past_key_values is None
+    cached = model(**batch)  # the same batch as the model's own default would run it
+    assert cached.past_key_values is not None and torch.allclose(cached.loss, loss)

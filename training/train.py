@@ -374,7 +374,10 @@ def trainer_classes():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.fast_path is None:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                # no KV cache in training: the model's text config asks for one (generation wants it),
+                # and building it every step is wasted work that, under torch_compile, also made
+                # every layer recompile until dynamo's limit left it uncompiled (H100, session 31)
+                return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             loss = self.fast_path.loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
