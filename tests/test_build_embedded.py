@@ -339,3 +339,48 @@ def test_a_base_trained_with_counting_questions_says_so_in_its_manifest(tmp_path
     mark_count_questions(model)
     assert answers_count_questions(model)
     assert {k: v for k, v in read_manifest(model).items() if k != "count_questions"} == before
+
+
+def test_torch_compile_reaches_the_trainings_of_the_build(tmp_path, caplog):
+    """--torch-compile BACKEND: the build's trainings run with vla-train's torch_compile (eager
+    here: dynamo traces the layers, no code is generated) and the build still exports its base."""
+    import json
+    import logging
+
+    from training.build_embedded import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="vla_train")
+    assert main(["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--base-samples", "120",
+                 "--lora-samples", "60", "--grounding-steps", "0", "--distractor-steps", "0", "--base-steps", "1",
+                 "--batch-size", "2", "--workers", "1", "--stop-after", "base", "--skip-eval",
+                 "--torch-compile", "eager"]) == 0
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch_compile:")]
+    assert len(compiled) == 1 and "(backend eager;" in compiled[0]
+    assert json.loads((work / "base_train" / "train_results.json").read_text())["global_step"] == 1
+    assert (out / "tabletop-tiny" / "config.json").is_file()
+
+
+def test_torch_compile_is_on_by_default_only_where_a_gpu_trains():
+    """On a CPU compiling costs minutes and gains nothing (benchmarks/results/compiled_step_ops_cpu.txt);
+    on a GPU the fast path's step is host-bound without it (small_model_training_h100.txt)."""
+    import torch
+
+    from training.build_embedded import compile_keys
+
+    gpu = torch.cuda.is_available()
+    assert compile_keys("auto") == ({"torch_compile": True, "torch_compile_backend": "inductor"} if gpu
+                                    else {"torch_compile": False})
+    assert compile_keys("off") == {"torch_compile": False}
+    assert compile_keys("aot_eager") == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+
+
+def test_an_unknown_torch_compile_backend_is_refused_before_any_data_is_rendered(tmp_path):
+    from training.build_embedded import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"--torch-compile inductr: torch_compile_backend 'inductr' is not a "
+                                         r"torch.compile backend \(this torch has: .*inductor"):
+        main(["--work", str(work), "--out", str(tmp_path / "out"), "--base-samples", "40", "--workers", "1",
+              "--stop-after", "base", "--torch-compile", "inductr"])
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()

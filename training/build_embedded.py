@@ -25,8 +25,9 @@
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
 interrupted training resumes from its last checkpoint. The defaults are the committed model's first
-recipe as one schedule: on one H200 about 25 minutes of training, three or four calls of the device
-tool with --deadline-minutes; the committed weights were then trained further on fresh scenes
+recipe as one schedule: on one H200 about 25 minutes of training at session 25's speed (before
+--torch-compile, on by default on a GPU since), three or four calls of the device tool with
+--deadline-minutes; the committed weights were then trained further on fresh scenes
 (--base-from, --seed 1) and the adapter with --lora-from (models/README.md lists every call, logged
 in benchmarks/results/embedded_build_*_session1[6-9]*.log); on a CPU a whole build takes days.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
@@ -123,6 +124,19 @@ def initial_weights(init: str, family: str) -> dict:
     if init == "random":
         return {}
     return {"sincos_numbers": 1, "sincos_positions": int(family == "qwen3_vl")}
+
+
+def compile_keys(choice: str) -> dict:
+    """vla-train's torch_compile keys for a --torch-compile choice. On a GPU the fast path's step is
+    otherwise host-bound (H100, session 31: 12.6x the ordinary path's samples/s with it); on a CPU
+    compiling costs minutes and gains nothing, so 'auto' leaves it off there."""
+    if choice == "auto":
+        import torch
+
+        choice = "inductor" if torch.cuda.is_available() else "off"
+    if choice == "off":
+        return {"torch_compile": False}
+    return {"torch_compile": True, "torch_compile_backend": choice}
 
 
 def log(message: str) -> None:
@@ -536,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(training.deepen: zero-effect copies of the last ones) (default: %(default)s)")
     parser.add_argument("--lora-steps", type=int, default=1200, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
+    parser.add_argument("--torch-compile", nargs="?", const="inductor", default="auto", metavar="BACKEND",
+                        help="vla-train's torch_compile in every training of the build, with BACKEND (inductor if "
+                             "none is named; 'off': none): each decoder layer and vision block compiled "
+                             "(training/compile_layers.py). Default: inductor on a GPU, off on a CPU")
     parser.add_argument("--base-lr", type=float, default=1.5e-3, help="full fine-tuning peak learning rate (default: %(default)s)")
     parser.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA peak learning rate (default: %(default)s)")
     parser.add_argument("--lora-from", default=None,
@@ -591,6 +609,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.add_layers and not args.base_from:
         raise SystemExit("--add-layers deepens a trained base: give it with --base-from (a new model's depth is "
                          "training.tiny_models')")
+    compiling = compile_keys(args.torch_compile)
+    if compiling["torch_compile"]:
+        from training.compile_layers import backend_problem
+
+        problem = backend_problem(compiling["torch_compile_backend"])
+        if problem:
+            raise SystemExit(f"--torch-compile {args.torch_compile}: {problem}")
     if not 0 <= args.seed < min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET:
         raise SystemExit(f"--seed {args.seed}: must be >= 0 and below {min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET} "
                          "(the seeds above are the held-out sets')")
@@ -604,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                   preprocessing_num_workers=args.workers, seed=args.seed, logging_steps=25,
                   save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
                   bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
-                  image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"])
+                  image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"],
+                  **compiling)
     histories: dict[str, list[dict]] = {}
     adapter_data = None
     base_run = work / "base_train"
