@@ -115,13 +115,16 @@ def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it
     args = ["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--init", "sincos",
             "--base-samples", "120", "--lora-samples", "60", "--grounding-samples", "60", "--grounding-steps", "3",
             "--distractor-steps", "0", "--base-steps", "2", "--batch-size", "2", "--workers", "1",
-            "--stop-after", "base", "--skip-eval", "--base-keeps-grounding"]
+            "--stop-after", "base", "--skip-eval", "--base-keeps-grounding", "--count-samples", "0",
+            "--calibrate-samples", "3"]
     assert main(args + ["--deadline-minutes", "1e-9"]) == 0
     stage = work / "grounding_train"
     assert (stage / "checkpoint-1").is_dir() and not finished(stage, 3)
     assert not (work / "base_train").exists() and not (out / "tabletop-tiny").exists()
     assert main(args) == 0
     assert finished(stage, 3) and finished(work / "base_train", 2)
+    manifest = json.loads((out / "tabletop-tiny" / "vla_manifest.json").read_text())
+    assert 0 < manifest["clarify_threshold"] <= 0.5  # the finished base is calibrated (--calibrate-samples)
     config = json.loads((out / "tabletop-tiny" / "config.json").read_text())
     assert config["model_type"] == "qwen3_vl"
     scenes = json.loads((work / "data_grounding" / "train.json").read_text())
@@ -157,9 +160,9 @@ def test_the_held_out_sets_draw_from_seeds_no_training_uses(tmp_path):
     import json
     from pathlib import Path
 
-    from training.build_embedded import (HELDOUT_SEEDS, LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET, SEED_COUNT_OFFSET,
-                                         SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET, SEED_ZH_OFFSET,
-                                         heldout_configs, main)
+    from training.build_embedded import (CALIBRATION_SEED, HELDOUT_SEEDS, LAST_SEED_OFFSET, SEED_CLARIFY_OFFSET,
+                                         SEED_COUNT_OFFSET, SEED_DISTRACTORS_OFFSET, SEED_GROUNDING_OFFSET,
+                                         SEED_ZH_OFFSET, heldout_configs, main)
 
     for seed in (0, 1, 7):
         trained = {seed + offset for offset in (0, SEED_ZH_OFFSET, SEED_GROUNDING_OFFSET, SEED_DISTRACTORS_OFFSET,
@@ -168,6 +171,9 @@ def test_the_held_out_sets_draw_from_seeds_no_training_uses(tmp_path):
         assert len(trained) == 7 and max(trained) == seed + LAST_SEED_OFFSET
         held = {cfg.seed for cfg in heldout_configs(140000, 30000, seed).values()}
         assert len(held) == 2 and not held & trained
+        assert CALIBRATION_SEED + seed not in held | trained  # the CLARIFY threshold's scenes: neither
+    # --seed stays below test_en's seed, so every held-out set's seed stays below the calibration's
+    assert CALIBRATION_SEED >= max(HELDOUT_SEEDS.values()) + min(HELDOUT_SEEDS.values())
     models = Path(__file__).resolve().parents[1] / "models" / "heldout"
     for name, seed in HELDOUT_SEEDS.items():
         assert json.loads((models / f"{name}.json").read_text())["config"]["seed"] == seed
@@ -232,7 +238,8 @@ def test_a_base_from_a_coarser_merge_is_widened_once_and_trained_on_data_for_fin
     merge2 = _fake_base(tmp_path / "merge2", 2)
     work = tmp_path / "work"
     common = ["--out", str(tmp_path / "out"), "--base-samples", "40", "--grounding-steps", "0",
-              "--distractor-steps", "0", "--base-steps", "2", "--workers", "1", "--stop-after", "base"]
+              "--distractor-steps", "0", "--base-steps", "2", "--workers", "1", "--stop-after", "base",
+              "--count-samples", "0"]
     args = common + ["--work", str(work), "--base-from", str(merge2), "--merge-size", "1"]
     assert build.main(args) == 0
     assert widened == [(merge2, work / "base_widened", 1)]
@@ -354,7 +361,7 @@ def test_torch_compile_reaches_the_trainings_of_the_build(tmp_path, caplog):
     assert main(["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--base-samples", "120",
                  "--lora-samples", "60", "--grounding-steps", "0", "--distractor-steps", "0", "--base-steps", "1",
                  "--batch-size", "2", "--workers", "1", "--stop-after", "base", "--skip-eval",
-                 "--torch-compile", "eager"]) == 0
+                 "--count-samples", "0", "--calibrate-samples", "0", "--torch-compile", "eager"]) == 0
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch_compile:")]
     assert len(compiled) == 1 and "(backend eager;" in compiled[0]
     assert json.loads((work / "base_train" / "train_results.json").read_text())["global_step"] == 1

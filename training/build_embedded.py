@@ -17,19 +17,25 @@
 4. full fine-tuning of every weight on the English set with `vla-train`'s fast path (data encoded
    once and kept on the GPU, the shared prompt prefix computed once per batch, bf16 autocast over
    fp32 weights), prompted with the compact template (the system prompt's first sentence: the
-   model learns verbs, names and rules from the data) -> tabletop-tiny;
+   model learns verbs, names and rules from the data), with counting questions mixed in
+   (--count-samples) and each layer compiled on a GPU (--torch-compile) -> tabletop-tiny, whose CLARIFY
+   threshold is then calibrated on scenes of a seed of their own (--calibrate-samples);
 5. a LoRA adapter (rank 8, alpha 16, all language-model linears, plus the token embedding trained
    in full: the base never read Chinese) on the Chinese+English set -> tabletop-tiny-zh-lora;
 6. the held-out recipes, the learning curve (learning_curve.png: eval loss, and plan exact match
    and box IoU@0.5 of greedy answers, against steps) and, unless --skip-eval, the CPU metrics.
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
-interrupted training resumes from its last checkpoint. The defaults are the committed model's first
-recipe as one schedule: on one H200 about 25 minutes of training at session 25's speed (before
---torch-compile, on by default on a GPU since), three or four calls of the device tool with
---deadline-minutes; the committed weights were then trained further on fresh scenes
-(--base-from, --seed 1) and the adapter with --lora-from (models/README.md lists every call, logged
-in benchmarks/results/embedded_build_*_session1[6-9]*.log); on a CPU a whole build takes days.
+interrupted training resumes from its last checkpoint. The defaults (since session 31) are the
+committed model's architecture and data mix as one schedule: 6 decoder layers from the start,
+grounding 2,400 and distractors 1,500 steps, the base 10,000 steps on 140,000 scenes + the distractor
+scenes + 40,000 counting questions, the adapter 2,400 steps on 60,000 zh+en scenes, batch 256 (a
+larger batch with fewer steps did not learn the grounding: session 31). Not run end to end yet; on
+an H100 with --torch-compile the fast path trained 3,400-9,900 samples/s at batch 1,024 (at 256 not
+timed yet), so about 15 minutes of training, two or three calls of the device tool with
+--deadline-minutes. The committed weights came
+from a lineage of calls instead (models/README.md lists every one, logged in
+benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
 not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
 first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
@@ -63,7 +69,7 @@ MODEL_SIZES = dict(
     vocab_size=4096,
     hidden_size=384,
     intermediate_size=1152,
-    num_hidden_layers=4,
+    num_hidden_layers=6,  # the committed model's depth (session 22 deepened a 4-layer base by 2)
     num_attention_heads=6,
     num_key_value_heads=2,
     vision_hidden_size=256,
@@ -117,6 +123,8 @@ LAST_SEED_OFFSET = SEED_COUNT_OFFSET
 # not enough, since another build with another --base-samples splits the same seed otherwise, and
 # one build's English seed can be another's Chinese one.
 HELDOUT_SEEDS = {"test_en": 1_000_000, "test_zh": 2_000_000}
+# The scenes the base's CLARIFY threshold is calibrated on (test_en's options): neither trained nor tested on.
+CALIBRATION_SEED = 3_000_000
 
 
 def initial_weights(init: str, family: str) -> dict:
@@ -518,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="out/embedded", help="data, checkpoints and logs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
     parser.add_argument("--base-samples", type=int, default=140000, help="English synthetic samples (default: %(default)s)")
-    parser.add_argument("--lora-samples", type=int, default=30000, help="Chinese+English samples (default: %(default)s)")
-    parser.add_argument("--base-steps", default="5800",
+    parser.add_argument("--lora-samples", type=int, default=60000, help="Chinese+English samples (default: %(default)s)")
+    parser.add_argument("--base-steps", default="10000",
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
@@ -541,14 +549,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clarify-samples", type=int, default=0,
                         help="CLARIFY-rich scenes (CLARIFY_RICH) mixed into the base's data (English) and the "
                              "adapter's (Chinese and English); 0: none (default: %(default)s)")
-    parser.add_argument("--count-samples", type=int, default=0,
+    parser.add_argument("--count-samples", type=int, default=40000,
                         help="counting questions (training.synth_count: how many of a named thing are on the "
-                             "table, and where) on scenes of their own, mixed into the base's data (default: "
-                             "%(default)s: none)")
+                             "table, and where) on scenes of their own, mixed into the base's data; the node's "
+                             "presence check asks them (default: %(default)s; 0: none)")
+    parser.add_argument("--calibrate-samples", type=int, default=800,
+                        help="scenes of a seed of their own on which the finished base's CLARIFY threshold is "
+                             "calibrated (training.calibrate_clarify, written to its manifest); 0: none "
+                             "(default: %(default)s)")
     parser.add_argument("--add-layers", type=int, default=0,
                         help="with --base-from: decoder layers appended to its language model before training "
                              "(training.deepen: zero-effect copies of the last ones) (default: %(default)s)")
-    parser.add_argument("--lora-steps", type=int, default=1200, help="LoRA steps (default: %(default)s)")
+    parser.add_argument("--lora-steps", type=int, default=2400, help="LoRA steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: %(default)s)")
     parser.add_argument("--torch-compile", nargs="?", const="inductor", default="auto", metavar="BACKEND",
                         help="vla-train's torch_compile in every training of the build, with BACKEND (inductor if "
@@ -676,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         export_model(base, out / EMBEDDED_MODEL)
         if args.count_samples:
             mark_count_questions(out / EMBEDDED_MODEL)
+        if args.calibrate_samples and finished(base, steps):
+            calibrate(out / EMBEDDED_MODEL, heldout["test_en"], args, work)
     histories["base (tabletop-tiny)"] = _history(base_run)
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
@@ -707,6 +721,20 @@ def main(argv: list[str] | None = None) -> int:
 
         evaluate_embedded(out, limit=args.eval_limit)
     return 0
+
+
+def calibrate(model: Path, options, args, work: Path) -> None:
+    """The finished base's CLARIFY threshold (training.calibrate_clarify --write) on --calibrate-samples
+    scenes of test_en's options drawn on CALIBRATION_SEED + --seed, on the GPU where there is one."""
+    import torch
+
+    from training.calibrate_clarify import main as calibrate_main
+    from training.heldout import write_heldout_spec
+
+    recipe = write_heldout_spec(work / "calibration_options.json", options)
+    calibrate_main(["--model", str(model), "--recipe", str(recipe), "--seed", str(CALIBRATION_SEED + args.seed),
+                    "--samples", str(args.calibrate_samples), "--device", "cuda" if torch.cuda.is_available() else "cpu",
+                    "--write"])
 
 
 def _stopped_early(run: Path) -> int:
