@@ -33,9 +33,8 @@ scenes + 40,000 counting questions, the adapter 2,400 steps on 60,000 zh+en scen
 larger batch with fewer steps did not learn the grounding: session 31). Not run end to end yet; on
 an H100 with --torch-compile the fast path trained 3,400-9,900 samples/s at batch 1,024 (at 256 not
 timed yet), so about 15 minutes of training, two or three calls of the device tool with
---deadline-minutes. The committed weights came
-from a lineage of calls instead (models/README.md lists every one, logged in
-benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
+--deadline-minutes. The committed weights came from a lineage of calls instead (models/README.md
+lists every one, logged in benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
 not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
 first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
@@ -688,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         export_model(base, out / EMBEDDED_MODEL)
         if args.count_samples:
             mark_count_questions(out / EMBEDDED_MODEL)
-        if args.calibrate_samples and finished(base, steps):
-            calibrate(out / EMBEDDED_MODEL, heldout["test_en"], args, work)
+    if args.calibrate_samples and needs_calibration(out / EMBEDDED_MODEL, base_run):
+        calibrate(out / EMBEDDED_MODEL, heldout["test_en"], args, work)
     histories["base (tabletop-tiny)"] = _history(base_run)
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
@@ -723,6 +722,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def needs_calibration(model: Path, run: Path) -> bool:
+    """Whether the base exported from ``run`` finished its schedule but has no CLARIFY threshold yet
+    (also when a call ended between the export and the calibration)."""
+    from vla_node.manifest import read_manifest
+
+    return finished(run, scheduled_steps(run)) and "clarify_threshold" not in read_manifest(model)
+
+
 def calibrate(model: Path, options, args, work: Path) -> None:
     """The finished base's CLARIFY threshold (training.calibrate_clarify --write) on --calibrate-samples
     scenes of test_en's options drawn on CALIBRATION_SEED + --seed, on the GPU where there is one."""
@@ -732,9 +739,9 @@ def calibrate(model: Path, options, args, work: Path) -> None:
     from training.heldout import write_heldout_spec
 
     recipe = write_heldout_spec(work / "calibration_options.json", options)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     calibrate_main(["--model", str(model), "--recipe", str(recipe), "--seed", str(CALIBRATION_SEED + args.seed),
-                    "--samples", str(args.calibrate_samples), "--device", "cuda" if torch.cuda.is_available() else "cpu",
-                    "--write"])
+                    "--samples", str(args.calibrate_samples), "--device", device, "--write"])
 
 
 def _stopped_early(run: Path) -> int:
