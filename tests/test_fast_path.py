@@ -320,9 +320,10 @@ def test_the_workers_frames_go_to_memory_where_the_temporary_disk_lacks_room(tra
     assert any("go to /dev/shm" in r.getMessage() and f"{full} lacks room" in r.getMessage() for r in caplog.records)
 
 
-def test_scratch_goes_to_the_first_folder_with_room_and_memory_counts_for_tmpfs(tmp_path):
+def test_scratch_goes_to_the_first_folder_with_room_and_memory_counts_for_tmpfs(tmp_path, monkeypatch):
     """Real folders, real free space: the first candidate without room is passed over; a tmpfs
-    folder's room is capped by the memory available (its files take memory)."""
+    folder's room is capped by the memory available (its files take memory), a disk's is not."""
+    from training import encoded_tensors
     from training.encoded_tensors import NotEncodable, _memory_available, _memory_backed, scratch_folder
 
     disk_free = shutil.disk_usage(tmp_path).free
@@ -332,14 +333,15 @@ def test_scratch_goes_to_the_first_folder_with_room_and_memory_counts_for_tmpfs(
     with pytest.raises(NotEncodable,
                        match=rf"need {disk_free * 2 / 1e9:.1f} GB of scratch space .* free in {tmp_path}"):
         scratch_folder(disk_free * 2, [str(tmp_path), str(other)])
-    if os.path.isdir("/dev/shm") and _memory_backed("/dev/shm"):
-        shm_room = min(shutil.disk_usage("/dev/shm").free, _memory_available())
-        if shm_room < 0.9 * disk_free:  # /dev/shm too small for what the disk holds: the disk is taken
-            assert scratch_folder(shm_room, ["/dev/shm", str(tmp_path)]) == str(tmp_path)
-        shm_free = shutil.disk_usage("/dev/shm").free
-        if shm_free > 1.2 * _memory_available():  # the mount is larger than the memory left: memory decides
-            with pytest.raises(NotEncodable, match=r"free in /dev/shm"):
-                scratch_folder(int(1.1 * _memory_available()), ["/dev/shm"])
+    if not (os.path.isdir("/dev/shm") and _memory_backed("/dev/shm")) or _memory_backed(str(tmp_path)):
+        pytest.skip("needs a memory-backed /dev/shm and a disk-backed temporary folder")
+    shm_room = min(shutil.disk_usage("/dev/shm").free, _memory_available())
+    if shm_room < 0.9 * disk_free:  # /dev/shm too small for what the disk holds: the disk is taken
+        assert scratch_folder(shm_room, ["/dev/shm", str(tmp_path)]) == str(tmp_path)
+    monkeypatch.setattr(encoded_tensors, "_memory_available", lambda: 10**6)  # 1 MB of memory left
+    with pytest.raises(NotEncodable, match=r"with 1\.0 MB free in /dev/shm"):
+        scratch_folder(10**7, ["/dev/shm"])
+    assert scratch_folder(10**7, ["/dev/shm", str(tmp_path)]) == str(tmp_path)  # the disk's room is its own
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
