@@ -162,10 +162,11 @@ def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int =
     # Forked workers write the frames in place into a file mapping (MAP_SHARED): tens of GB would
     # not cross the pool's pipes quickly. It goes to the temporary folder, or to memory where that
     # disk lacks room (scratch_folder).
-    scratch = scratch_folder(int(np.prod(shape))) if parallel else None
-    if scratch is not None and scratch != tempfile.gettempdir():
-        log.info("fast path: the encoding workers' frames (%s) go to %s: %s lacks room", _size(int(np.prod(shape))),
-                 scratch, tempfile.gettempdir())
+    frame_bytes, temporary = int(np.prod(shape)), tempfile.gettempdir()
+    scratch = scratch_folder(frame_bytes) if parallel else None
+    if scratch is not None and scratch != temporary:
+        log.info("fast path: the encoding workers' frames (%s) go to %s: %s lacks room", _size(frame_bytes), scratch,
+                 temporary)
     spill = tempfile.TemporaryDirectory(prefix="vla_frames_", dir=scratch) if parallel else None
     frames = (np.lib.format.open_memmap(os.path.join(spill.name, "frames.npy"), mode="w+", dtype=np.uint8,
                                         shape=shape) if spill else np.empty(shape, dtype=np.uint8))

@@ -84,9 +84,9 @@ def _digest(samples: list, files: list[Path], known: dict | None = None) -> str:
     images = list(dict.fromkeys(str(img) for s in samples for img in s.images))
     unread = [img for img in images if img not in known]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-        digests = {**known, **dict(zip(unread, pool.map(dataset_sha256, unread, chunksize=256)))}
+        fresh = dict(zip(unread, pool.map(dataset_sha256, unread, chunksize=256)))
     for img in images:
-        h.update(f"{Path(img).name}:{digests[img]}\n".encode())
+        h.update(f"{Path(img).name}:{known[img] if img in known else fresh[img]}\n".encode())
     return h.hexdigest()
 
 
