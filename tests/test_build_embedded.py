@@ -138,6 +138,25 @@ def test_a_curriculum_stage_stopped_by_the_deadline_holds_the_base_back_until_it
     assert base["train_samples"] == len(own) + len(scenes)  # --base-keeps-grounding: both sets
 
 
+def test_a_base_stopped_by_the_deadline_is_exported_but_gets_no_adapter_until_it_is_resumed(tmp_path):
+    """A whole build (--stop-after all) whose base a call's time limit cuts short: the unfinished base
+    is still exported (the call leaves a model), but no adapter is trained on weights the next call
+    changes; that call finishes the base, then trains the adapter on the finished one."""
+    from training.build_embedded import finished, main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--base-samples", "120",
+            "--lora-samples", "60", "--grounding-steps", "0", "--distractor-steps", "0", "--base-steps", "3",
+            "--lora-steps", "1", "--batch-size", "2", "--workers", "1", "--skip-eval", "--count-samples", "0",
+            "--calibrate-samples", "0", "--eval-every", "1", "--gen-eval-samples", "0"]
+    assert main(args + ["--deadline-minutes", "1e-9"]) == 0
+    assert not finished(work / "base_train", 3) and (out / "tabletop-tiny" / "config.json").is_file()
+    assert not (work / "lora_train").exists() and not (out / "tabletop-tiny-zh-lora").exists()
+    assert main(args) == 0
+    assert finished(work / "base_train", 3) and finished(work / "lora_train", 1)
+    assert (out / "tabletop-tiny-zh-lora" / "adapter_config.json").is_file()
+
+
 def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unchanged(tmp_path):
     import json
 

@@ -684,9 +684,14 @@ def main(argv: list[str] | None = None) -> int:
                             learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
                             prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
                             **common)
-        export_model(base, out / EMBEDDED_MODEL)
+        export_model(base, out / EMBEDDED_MODEL)  # also an unfinished one: a time-limited call leaves a model
         if args.count_samples:
             mark_count_questions(out / EMBEDDED_MODEL)
+        if not finished(base, steps) and args.stop_after == "all":
+            # an adapter trained on unfinished weights would be resumed later against other ones
+            log(f"{base.name} stopped before the end of its schedule: no adapter is trained on it; "
+                "run the same command again to resume")
+            return 0
     if args.calibrate_samples and needs_calibration(out / EMBEDDED_MODEL, base_run):
         calibrate(out / EMBEDDED_MODEL, heldout["test_en"], args, work)
     histories["base (tabletop-tiny)"] = _history(base_run)
