@@ -418,17 +418,28 @@ def scheduled_steps(run: Path) -> int | None:
     return int(json.loads(state.read_text())["max_steps"]) if state and state.is_file() else None
 
 
-def render_in_background(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict):
-    """synth() in another process (None when the data is there already); join() it before using the data."""
+def render_in_background(name: str, target, *args):
+    """``target(*args)`` (renderers that skip what is written already) in another process, at a lower
+    CPU priority than the training that feeds the GPU meanwhile; join() it before using the data (a
+    failed render is redone in the foreground by the same calls)."""
     import multiprocessing
 
-    if (out / "dataset_info.json").is_file():
-        return None
-    process = multiprocessing.get_context("spawn").Process(target=synth, args=(out, num, seed, languages, workers, sizes),
-                                                           name=f"render {out.name}")
+    process = multiprocessing.get_context("spawn").Process(target=_niced, args=(target, *args), name=f"render {name}")
     process.start()
-    log(f"rendering {out.name} in the background (pid {process.pid}) while the base trains")
+    log(f"rendering {name} in the background (pid {process.pid}) while the GPU trains")
     return process
+
+
+def _niced(target, *args) -> None:
+    os.nice(10)
+    target(*args)
+
+
+def _render_base_data(data_en: tuple, count: tuple | None) -> None:
+    """The base's own scenes, then its counting questions: rendered while the curriculum trains."""
+    synth(*data_en)
+    if count:
+        counting(*count)
 
 
 def probe_rate(init: Path, data: Path, common: dict, batch: int, work: Path) -> float:
@@ -651,12 +662,16 @@ def main(argv: list[str] | None = None) -> int:
         # --base-from is checked (and widened) before any data is rendered
         init = base_start(Path(args.base_from), work, sizes["merge_size"], args.seed, args.add_layers) \
             if args.base_from else None
-        data_en = synth(work / "data_en", *en_data, args.workers, sizes)
+        en_job = (work / "data_en", *en_data, args.workers, sizes)
+        count_job = (work / "data_count_en", args, sizes) if args.count_samples else None
+        stages = curriculum(args, work, sizes)
+        base_data = render_in_background("the base's scenes", _render_base_data, en_job, count_job) \
+            if stages and not args.base_from and not (work / "data_en" / "dataset_info.json").is_file() else None
         if init is None:
             init = base_init(work / "base_init", corpus(training_text, args.workers), args.seed,
                              {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
         base_datasets = ["tabletop_train"]
-        for name, title, steps, data, answers in curriculum(args, work, sizes):
+        for name, title, steps, data, answers in stages:
             if args.base_from and not (args.base_keeps_grounding and name != "text"):
                 continue  # --base-from: the stages were trained before; only the scenes the base keeps are needed
             stage_data = data()
@@ -667,12 +682,16 @@ def main(argv: list[str] | None = None) -> int:
                     return _stopped_early(init)
             if args.base_keeps_grounding and name != "text":  # the last grounding stage's scenes win
                 base_datasets[1:] = [str((stage_data / "train.json").resolve())]
+        if base_data is not None:
+            base_data.join()
+        data_en = synth(*en_job)
         if args.clarify_samples:
             base_datasets.append(clarify_rich(work / "data_clarify_en", args, ("en",), sizes))
-        if args.count_samples:
-            base_datasets.append(counting(work / "data_count_en", args, sizes))
-        if args.stop_after == "all":  # the GPU trains the base meanwhile; the CPUs are free for this
-            adapter_data = render_in_background(work / "data_zh", *zh_data, args.workers, sizes)
+        if count_job:
+            base_datasets.append(counting(*count_job))
+        if args.stop_after == "all" and not (work / "data_zh" / "dataset_info.json").is_file():
+            adapter_data = render_in_background("the adapter's scenes", synth, work / "data_zh", *zh_data,
+                                                args.workers, sizes)
         steps = int(args.base_steps) if args.base_steps != "auto" else scheduled_steps(base_run)
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
