@@ -426,7 +426,7 @@ def render_in_background(name: str, target, *args):
 
     process = multiprocessing.get_context("spawn").Process(target=_niced, args=(target, *args), name=f"render {name}")
     process.start()
-    log(f"rendering {name} in the background (pid {process.pid}) while the GPU trains")
+    log(f"rendering {name} in the background (pid {process.pid}) while training runs")
     return process
 
 
