@@ -410,6 +410,56 @@ def test_torch_compile_compiles_each_layer_and_keeps_the_loss(train_model_dir, s
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("free_gb, total_gb, data_gb, where", [
+    (79, 80, 44.9, "cuda"),   # the embedded base on an H100: 34 GB left, the reserve is 20
+    (79, 80, 60, "cpu"),      # 19 GB left: under the reserve
+    (23, 24, 10, "cuda"),     # at most half the free memory: kept as before
+    (23, 24, 12, "cpu"),      # 11 GB left, the reserve is 16
+])
+def test_the_encoded_data_stays_on_the_gpu_while_training_keeps_its_reserve(monkeypatch, caplog, free_gb, total_gb,
+                                                                           data_gb, where):
+    """Where prepare_fast_path keeps the encoded data: on the GPU when it leaves training the larger of
+    a quarter of the card and 16 GB free (or takes at most half the free memory); else in host memory,
+    saying how much was free."""
+    import torch
+
+    from training import fast_path
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(free_gb * 1e9), int(total_gb * 1e9)))
+    caplog.set_level(logging.INFO, logger="vla_train")
+    assert fast_path._storage_device(int(data_gb * 1e9)).type == where
+    assert emptied  # an earlier stage's cached blocks count as free
+    assert (f"the GPU has {free_gb:.1f} GB free" in caplog.text) == (where == "cpu")
+
+
+def test_evaluation_compiles_nothing_under_torch_compile(train_model_dir, synth_dir, tmp_path):
+    """torch_compile with an evaluation after every step (eval loss and the greedy answers a build logs):
+    the evaluations run the compiled layers eagerly, so the run compiles exactly the graphs that the
+    same training compiles without evaluating (generation's cache lengths would each add one)."""
+    import torch._dynamo
+
+    from training.build_embedded import generation_evaluator
+    from training.config import load_config
+    from training.train import train
+
+    graphs, evaluated = {}, {}
+    for name, extra in (("plain", {}), ("evaluated", {"eval_dataset": "tabletop_val", "eval_steps": 1})):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / name, max_steps=2,
+                                                save_steps=100, fast_path="true", torch_compile="true",
+                                                torch_compile_backend="eager", **extra))
+        result = train(cfg, on_data=generation_evaluator(4))
+        graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        evaluated[name] = [h["step"] for h in result.log_history if "gen_parse_valid_rate" in h]
+    torch._dynamo.reset()
+    assert not evaluated["plain"] and set(evaluated["evaluated"]) == {1, 2}  # greedy answers after each step
+    assert graphs["evaluated"] == graphs["plain"] >= 2
+
+
 def test_an_unknown_torch_compile_backend_is_named_with_the_config(train_model_dir, synth_dir, tmp_path):
     from training.config import ConfigError, load_config
 

@@ -59,3 +59,16 @@ def compile_layers(model, backend: str = "inductor") -> int:
     log.info("torch_compile: %d layers compiled one by one (backend %s; the first steps compile)", len(layers),
              backend)
     return len(layers)
+
+
+def uncompiled():
+    """A context in which compiled layers run eagerly. Evaluation is a few batches without gradients,
+    and generation's key/value caches give every layer call new guards (lengths, strides): compiled,
+    each would recompile once more up to RECOMPILE_LIMIT, over a minute of compiling in an H100 build
+    (session 32, benchmarks/results), and every training call would then check all those entries."""
+    import contextlib
+
+    import torch
+
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()

@@ -6,7 +6,8 @@ run the processor, tokenise the whole prompt, in DataLoader workers) and the ~40
 system-prompt tokens at the head of every sample are most of the cost. Here:
 
 1. training.encoded_tensors encodes each sample once (in parallel processes) into token ids and
-   the fitted uint8 frame, held on the training device;
+   the fitted uint8 frame, held on the training device (in host memory where they would leave
+   training too little of the GPU: _storage_device);
 2. a batch is assembled there (gathers, the processor's rescale/normalise/patchify as tensor ops);
 3. training.shared_prefix computes the loss with the prefix's keys and values computed once, and
    hands the vision tower the batch's images (all of one size) as the frames of one clip, so its
@@ -223,13 +224,27 @@ def prepare_fast_path(cfg, collator: VLACollator, train_samples: Sequence[Any], 
     return None
 
 
+# What training needs on the GPU beside its data (weights, optimizer state, activations): the larger
+# of a quarter of the card and 16 GB. A batch of 256 of the embedded model's shape needs about a
+# quarter of batch 1,024's, which trained on an 80 GB H100 beside 3.7 GB of data. Data kept in host
+# memory is gathered and copied by the host every step: the embedded base trained at 2,350 samples/s
+# that way, where the stages before it, GPU-resident, trained at 5,000-5,400 (H100, session 32,
+# benchmarks/results/embedded_build_h100_session32_not_kept.log).
+TRAINING_RESERVE_FRACTION = 0.25
+TRAINING_RESERVE_MIN_BYTES = 16 * 10**9
+
+
 def _storage_device(nbytes: int) -> torch.device:
-    """The GPU when the encoded data takes at most half of its free memory, else host memory."""
+    """The GPU when the encoded data leaves training its reserve of the free memory (or takes at most
+    half of it), else host memory."""
     if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        if nbytes <= free // 2:
+        torch.cuda.empty_cache()  # an earlier training's cached blocks are free for this one
+        free, total = torch.cuda.mem_get_info()
+        reserve = max(int(total * TRAINING_RESERVE_FRACTION), TRAINING_RESERVE_MIN_BYTES)
+        if nbytes <= free // 2 or nbytes <= free - reserve:
             return torch.device("cuda")
-        log.info("encoded data (%.1f GB) kept in host memory: more than half the GPU's free memory", nbytes / 1e9)
+        log.info("encoded data (%.1f GB) kept in host memory: the GPU has %.1f GB free, and training keeps "
+                 "%.1f GB of it", nbytes / 1e9, free / 1e9, reserve / 1e9)
     return torch.device("cpu")
 
 

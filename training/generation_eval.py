@@ -50,9 +50,13 @@ class GenerationEval:
     @torch.no_grad()
     def answers(self, model) -> list[str]:
         """The greedy answer to every encoded prompt, decoded."""
+        from training.compile_layers import uncompiled
         from training.shared_prefix import hf_model_of
 
-        hf = hf_model_of(model)
+        with uncompiled():  # every cache length would be a new compile
+            return self._answers(hf_model_of(model))
+
+    def _answers(self, hf) -> list[str]:
         device = next(hf.parameters()).device
         image_token = hf.config.image_token_id
         was_training = hf.training

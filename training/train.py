@@ -382,6 +382,12 @@ def trainer_classes():
             loss = self.fast_path.loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def evaluate(self, *args, **kwargs):
+            from training.compile_layers import uncompiled
+
+            with uncompiled():  # with the greedy answers of on_evaluate: a few batches, not worth compiling
+                return super().evaluate(*args, **kwargs)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             from training.shared_prefix import is_peft_model
 
