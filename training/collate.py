@@ -192,10 +192,10 @@ class VLACollator:
     def prompt_text(self, chat: list[dict]) -> str:
         return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
-    def target_text(self, chat: list[dict], answer: str) -> str:
+    def target_text(self, chat: list[dict], answer: str, prompt: str | None = None) -> str:
         """What follows the generation prompt in the template, cut after the first <|im_end|>:
-        normally ``answer + "<|im_end|>"``."""
-        prompt = self.prompt_text(chat)
+        normally ``answer + "<|im_end|>"``. ``prompt``: prompt_text(chat), where the caller has it."""
+        prompt = self.prompt_text(chat) if prompt is None else prompt
         full = self.processor.apply_chat_template(
             chat + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False
         )
@@ -223,7 +223,7 @@ class VLACollator:
     def encode(self, sample: Any) -> dict[str, torch.Tensor]:
         chat, answer = self.split_chat(sample)
         prompt = self.prompt_text(chat)
-        target = self.target_text(chat, answer)
+        target = self.target_text(chat, answer, prompt)
         images = [fit_to_limits(load_rgb(p) if not isinstance(p, np.ndarray) else p, self.limits)
                   for p in _images_of(sample)]
         n_tags = prompt.count("<|image_pad|>")

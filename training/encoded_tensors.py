@@ -88,7 +88,7 @@ def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[l
     built without the processor's image work (its one <|image_pad|> repeated image_tokens times)."""
     chat, answer = collator.split_chat(sample)
     prompt = collator.prompt_text(chat)
-    target = collator.target_text(chat, answer)
+    target = collator.target_text(chat, answer, prompt)
     if prompt.count("<|image_pad|>") != 1:
         raise NotEncodable("a prompt without exactly one image")
     tok = collator.tokenizer
