@@ -208,6 +208,11 @@ def mark_count_questions(model: Path) -> None:
     write_manifest(model, {**read_manifest(model), "count_questions": True})
 
 
+def rendered(out: Path) -> bool:
+    """Whether synth() finished ``out``: its dataset_info.json marks a finished render."""
+    return (out / "dataset_info.json").is_file()
+
+
 def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: int, sizes: dict = MODEL_SIZES,
           **changes) -> Path:
     """Render synth_config(...) (with SynthConfig ``changes``, e.g. GROUNDING) to ``out`` unless done."""
@@ -215,7 +220,7 @@ def synth(out: Path, num: int, seed: int, languages: tuple[str, ...], workers: i
 
     from training.synth import generate_dataset
 
-    if (out / "dataset_info.json").is_file():
+    if rendered(out):
         return out
     report = generate_dataset(out, replace(synth_config(num, seed, languages, sizes), **changes), workers=workers,
                               overwrite=True)
@@ -665,8 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         en_job = (work / "data_en", *en_data, args.workers, sizes)
         count_job = (work / "data_count_en", args, sizes) if args.count_samples else None
         stages = curriculum(args, work, sizes)
-        base_data = render_in_background("the base's scenes", _render_base_data, en_job, count_job) \
-            if stages and not args.base_from and not (work / "data_en" / "dataset_info.json").is_file() else None
+        base_data = None
+        if stages and not args.base_from and not rendered(work / "data_en"):
+            base_data = render_in_background("the base's scenes", _render_base_data, en_job, count_job)
         if init is None:
             init = base_init(work / "base_init", corpus(training_text, args.workers), args.seed,
                              {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
@@ -689,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             base_datasets.append(clarify_rich(work / "data_clarify_en", args, ("en",), sizes))
         if count_job:
             base_datasets.append(counting(*count_job))
-        if args.stop_after == "all" and not (work / "data_zh" / "dataset_info.json").is_file():
+        if args.stop_after == "all" and not rendered(work / "data_zh"):
             adapter_data = render_in_background("the adapter's scenes", synth, work / "data_zh", *zh_data,
                                                 args.workers, sizes)
         steps = int(args.base_steps) if args.base_steps != "auto" else scheduled_steps(base_run)
