@@ -81,6 +81,74 @@ def test_encoded_tensors_hold_what_the_collator_makes(train_model_dir, synth_box
     assert image not in encoded.ids[:, :encoded.prefix_length]
 
 
+def test_encodings_in_two_threads_each_hold_their_own_samples(train_model_dir, synth_dir, synth_box_dir):
+    """A build encodes the next training's data in a thread while another encoding may run: the
+    encodings take turns (the workers' shared state is one per process), each gets its own samples."""
+    import threading
+
+    from training.encoded_tensors import encode_samples
+
+    collator = training_collator(train_model_dir)
+    sets = {"a": _samples(synth_dir), "b": _samples(synth_box_dir, "tabletop_val")}
+    alone = {name: encode_samples(samples, collator) for name, samples in sets.items()}
+    together: dict = {}
+    threads = [threading.Thread(target=lambda n=name: together.__setitem__(n, encode_samples(sets[n], collator)))
+               for name in sets for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in sets:
+        assert torch.equal(together[name].ids, alone[name].ids)
+        assert torch.equal(together[name].frames, alone[name].frames)
+
+
+def test_data_prepared_ahead_in_a_thread_trains_as_train_prepares_it(train_model_dir, synth_dir, tmp_path):
+    """prepare_data(place=False) in a thread, from another folder holding the same processor (a build
+    prepares the base's data from the stage before it): train() with it logs the losses of a run
+    that prepared its own data."""
+    import threading
+
+    from training.config import load_config
+    from training.train import prepare_data, train
+
+    same_processor = tmp_path / "earlier_stage"
+    shutil.copytree(train_model_dir, same_processor)
+    runs = {}
+    for name in ("own", "ahead"):
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / name, max_steps=3,
+                                                logging_steps=1, fast_path="true"))
+        prepared = None
+        if name == "ahead":
+            ahead = load_config(None, train_overrides(same_processor, synth_dir, tmp_path / "unused", fast_path="true"))
+            made: dict = {}
+            thread = threading.Thread(target=lambda: made.setdefault("data", prepare_data(ahead, place=False)))
+            thread.start()
+            thread.join()
+            prepared = made["data"]
+        result = train(cfg, prepared=prepared)
+        runs[name] = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(runs["own"]) == 3 and runs["ahead"] == runs["own"]
+
+
+def test_data_prepared_for_other_settings_or_another_processor_is_refused(train_model_dir, tiny_checkpoints,
+                                                                          synth_dir, tmp_path):
+    from training.config import ConfigError, load_config
+    from training.train import prepare_data, train
+
+    prepared = prepare_data(load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / "a",
+                                                              fast_path="true")), place=False)
+    other_seed = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / "b", seed=1,
+                                                   fast_path="true"))
+    with pytest.raises(ConfigError, match=r"prepared ahead was made for other settings .*seed: 0 prepared, 1 here"):
+        train(other_seed, prepared=prepared)
+    other_model = load_config(None, train_overrides(tiny_checkpoints["qwen3_vl"], synth_dir, tmp_path / "c",
+                                                    fast_path="true"))
+    with pytest.raises(ConfigError, match=r"the processor of .*qwen3"):
+        train(other_model, prepared=prepared)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before any training
+
+
 @pytest.mark.parametrize("block_attention", [False, True], ids=["per_image_attention", "block_attention"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_shared_prefix_loss_and_gradients_equal_the_ordinary_forward(family, block_attention, tiny_checkpoints,
@@ -458,6 +526,58 @@ def test_evaluation_compiles_nothing_under_torch_compile(train_model_dir, synth_
     torch._dynamo.reset()
     assert not evaluated["plain"] and set(evaluated["evaluated"]) == {1, 2}  # greedy answers after each step
     assert graphs["evaluated"] == graphs["plain"] >= 2
+
+
+def test_the_first_batch_check_compiles_nothing_under_torch_compile(train_model_dir, synth_dir, tmp_path,
+                                                                   monkeypatch, caplog):
+    """The check of the shared-prefix loss against the ordinary forward (a few rows of the first batch,
+    without gradients) runs the compiled layers eagerly: a run compiles exactly the graphs of the same
+    run with the check skipped (compiled, it added graphs training never reuses: 71-81 s an H100 stage)."""
+    import torch._dynamo
+
+    from training.config import load_config
+    from training.fast_path import FastPath
+    from training.train import train
+
+    graphs = {}
+    for name in ("checked", "unchecked"):
+        if name == "unchecked":
+            monkeypatch.setattr(FastPath, "_agrees_with_ordinary", lambda self, model, inputs, autocast: True)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / name, max_steps=2,
+                                                save_steps=100, fast_path="true", torch_compile="true",
+                                                torch_compile_backend="eager"))
+        with caplog.at_level(logging.INFO, logger="vla_train"):
+            train(cfg)
+        graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert "the shared-prefix loss equals the ordinary forward's" in caplog.text  # the check ran
+    assert graphs["checked"] == graphs["unchecked"] >= 2
+
+
+def test_dropping_the_last_batch_keeps_every_step_one_shape_under_torch_compile(train_model_dir, synth_dir,
+                                                                               tmp_path):
+    """dataloader_drop_last: 28 training samples at batch 5 are 5 full steps an epoch (not 5 and a step
+    of 3), and two epochs compile no graph for a smaller batch (an H100 build stage lost 50 s to one)."""
+    import torch._dynamo
+
+    from training.config import load_config
+    from training.train import train
+
+    steps, graphs = {}, {}
+    for drop in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = load_config(None, train_overrides(train_model_dir, synth_dir, tmp_path / str(drop), max_steps=-1,
+                                                num_train_epochs=2, per_device_train_batch_size=5, save_steps=100,
+                                                fast_path="true", torch_compile="true", torch_compile_backend="eager",
+                                                dataloader_drop_last=str(drop).lower()))
+        result = train(cfg)
+        steps[drop], graphs[drop] = result.global_step, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert steps == {False: 12, True: 10}
+    assert graphs[True] < graphs[False]
 
 
 def test_an_unknown_torch_compile_backend_is_named_with_the_config(train_model_dir, synth_dir, tmp_path):

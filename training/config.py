@@ -174,6 +174,11 @@ class TrainConfig:
         metadata={"help": "DataLoader worker processes (default: 0 on CPU; on a GPU min(4, cores - 1), so image "
                           "preprocessing overlaps the GPU step)"},
     )
+    dataloader_drop_last: bool = field(
+        default=False,
+        metadata={"help": "drop each epoch's last, incomplete batch: every step has the same shape, so a "
+                          "torch_compile run never compiles again for a smaller batch"},
+    )
     # --- optimisation --------------------------------------------------------------------------
     output_dir: str = field(default="out/vla_lora", metadata={"help": "checkpoints, logs, final adapter/model"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -81,6 +82,8 @@ class EncodedTensors:
 # What forked workers inherit: the collator, the samples, the shared frames, and the token ids of
 # the prompt text before the image per distinct text (one call's tokenizer: cleared with the rest).
 _WORK: dict[str, Any] = {}
+# one encoding at a time fills _WORK: a build encodes the next training's data in a thread of its own
+_ENCODING = threading.Lock()
 
 
 def _tokens_of(collator: VLACollator, sample: Any, image_tokens: int) -> tuple[list[int], int]:
@@ -149,9 +152,15 @@ def _frame_shape(collator: VLACollator, sample: Any) -> tuple[int, int]:
 def encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int = 0,
                    device: torch.device | str = "cpu") -> EncodedTensors:
     """Encode every sample (``workers`` forked processes; 0 = in this process) into tensors on
-    ``device``. Raises NotEncodable."""
+    ``device``. Raises NotEncodable. Encodings in several threads run one after the other."""
     if not samples:
         raise NotEncodable("no samples")
+    with _ENCODING:
+        return _encode_samples(samples, collator, workers, device)
+
+
+def _encode_samples(samples: Sequence[Any], collator: VLACollator, workers: int,
+                    device: torch.device | str) -> EncodedTensors:
     processor = collator.processor.image_processor
     patch, merge = int(processor.patch_size), int(processor.merge_size)
     height, width = _frame_shape(collator, samples[0])

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from training.collate import IGNORE_INDEX, VLACollator
+from training.compile_layers import uncompiled
 from training.config import ConfigError
 from training.encoded_tensors import (EncodedTensors, NotEncodable, ProcessorArithmetic, default_workers,
                                       encode_samples, pixel_values_of, processor_arithmetic)
@@ -182,7 +183,9 @@ class FastPath:
                    pixel_values=inputs["pixel_values"][: int(inputs["image_grid_thw"][:rows].prod(dim=-1).sum())],
                    image_grid_thw=inputs["image_grid_thw"][:rows])
         total = few["prefix_ids"].shape[1] + few["input_ids"].shape[1]
-        with torch.no_grad(), autocast:
+        # eagerly: compiled, these few rows without gradients would be graphs of their own that training
+        # never reuses (71-81 s of cold compiling before a stage's first step on the H100, session 33)
+        with torch.no_grad(), autocast, uncompiled():
             ordinary = float(model(**ordinary_inputs(model, **few)).loss)
             shared = float(shared_prefix_loss(model, position_ids=self.positions(model, total), same_size_images=True,
                                               image_grid=self.train.grid_thw, **few))
@@ -207,15 +210,18 @@ def _why_not(cfg, world_size: int) -> str | None:
 
 
 def prepare_fast_path(cfg, collator: VLACollator, train_samples: Sequence[Any], eval_samples: Sequence[Any] | None,
-                      bf16: bool, world_size: int = 1) -> FastPath | None:
-    """The fast path's data for this run, or None (ordinary path) with one log line saying why."""
+                      bf16: bool, world_size: int = 1, place: bool = True) -> FastPath | None:
+    """The fast path's data for this run, or None (ordinary path) with one log line saying why.
+    ``place=False`` leaves the data in host memory (placed() puts it where training will read it):
+    data encoded ahead, while another training holds the GPU, cannot yet know its free memory."""
     choice = str(getattr(cfg, "fast_path", "auto")).lower()
     if choice == "false":
         return None
     reason = _why_not(cfg, world_size)
     if reason is None:
         try:
-            return _encode(cfg, collator, train_samples, eval_samples, bf16)
+            fast = _encode(cfg, collator, train_samples, eval_samples, bf16)
+            return placed(fast) if place else fast
         except NotEncodable as e:
             reason = str(e)
     if choice == "true":
@@ -249,12 +255,12 @@ def _storage_device(nbytes: int) -> torch.device:
 
 
 def _encode(cfg, collator: VLACollator, train_samples, eval_samples, bf16: bool) -> FastPath:
+    """The data encoded into host memory (placed() moves it)."""
     import time
 
     workers = getattr(cfg, "preprocessing_num_workers", None)
     workers = default_workers() if workers is None else int(workers)
     started = time.perf_counter()
-    # the frames dominate the size: one fitted frame of the first sample tells it
     train = encode_samples(train_samples, collator, workers=workers, device="cpu")
     evaluation = encode_samples(eval_samples, collator, workers=workers, device="cpu") if eval_samples else None
     if evaluation is not None and (evaluation.prefix_length != train.prefix_length
@@ -262,16 +268,28 @@ def _encode(cfg, collator: VLACollator, train_samples, eval_samples, bf16: bool)
                                    or not torch.equal(evaluation.ids[0, :train.prefix_length],
                                                       train.ids[0, :train.prefix_length])):
         raise NotEncodable("the eval data's prompts or frame size differ from the training data's")
-    compute = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    storage = _storage_device(train.nbytes + (evaluation.nbytes if evaluation is not None else 0))
-    train = train.to(storage)
-    evaluation = evaluation.to(storage) if evaluation is not None else None
+    log.info("fast path: %d training%s samples encoded once in %.1f s (%d workers; %.2f GB); the %d prompt tokens "
+             "every sample shares are computed once per batch", len(train),
+             f" + {len(evaluation)} eval" if evaluation is not None else "", time.perf_counter() - started, workers,
+             (train.nbytes + (evaluation.nbytes if evaluation is not None else 0)) / 1e9, train.prefix_length)
     arithmetic = processor_arithmetic(collator.processor.image_processor)
-    seconds = time.perf_counter() - started
-    log.info("fast path: %d training%s samples encoded once in %.1f s (%d workers; %.2f GB on %s); "
-             "the %d prompt tokens every sample shares are computed once per batch",
-             len(train), f" + {len(evaluation)} eval" if evaluation is not None else "", seconds, workers,
-             (train.nbytes + (evaluation.nbytes if evaluation is not None else 0)) / 1e9, storage.type,
-             train.prefix_length)
+    return _fast_path_on(train, evaluation, arithmetic, torch.device("cpu"), bf16)
+
+
+def placed(fast: FastPath) -> FastPath:
+    """``fast`` with its data where training reads it: on the GPU when it leaves training its reserve
+    (_storage_device), else in host memory; batches are built on the GPU when there is one."""
+    compute = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    storage = _storage_device(fast.train.nbytes + (fast.eval.nbytes if fast.eval is not None else 0))
+    if storage.type == fast.train.frames.device.type and compute == fast.builder.device:
+        return fast
+    train = fast.train.to(storage)
+    evaluation = fast.eval.to(storage) if fast.eval is not None else None
+    log.info("fast path: the encoded data is kept on %s", storage.type)
+    return _fast_path_on(train, evaluation, fast.builder.arithmetic, compute, fast.bf16)
+
+
+def _fast_path_on(train: EncodedTensors, evaluation: EncodedTensors | None, arithmetic: ProcessorArithmetic,
+                  compute: torch.device, bf16: bool) -> FastPath:
     splits = {"train": train, **({"eval": evaluation} if evaluation is not None else {})}
     return FastPath(train=train, eval=evaluation, builder=BatchBuilder(splits, arithmetic, compute), bf16=bf16)

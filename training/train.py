@@ -501,6 +501,7 @@ def training_args_for(cfg: TrainConfig, bf16: bool, has_eval: bool, fast_path: b
         **_sampling_kwargs(TrainingArguments, cfg.group_by_length),
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,  # no re-fork per epoch / eval
+        dataloader_drop_last=cfg.dataloader_drop_last,
         dataloader_pin_memory=torch.cuda.is_available() and not fast_path,
         # the filter reads every step's loss back from the GPU (a sync a step): a small model's host
         # could then never queue the next step while the GPU works; a NaN loss shows in the log instead
@@ -669,26 +670,58 @@ def check_template(cfg: TrainConfig) -> None:
 
 
 
-def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
-    """Run vla-train's training for ``cfg``. ``callbacks``: extra transformers TrainerCallbacks;
-    ``on_data(processor, fast_path)``, if given, is called once the data is encoded and may return
-    more callbacks (a build's own evaluations)."""
-    from training.distributed import deepspeed_config
+# The settings the data train() reads and encodes depends on (besides the processor): a PreparedData
+# made for other values than a run's own is refused.
+DATA_SETTINGS = ("template", "vocabulary", "dataset_dir", "dataset", "eval_dataset", "media_dir", "max_samples",
+                 "mix_strategy", "interleave_probs", "val_size", "seed", "cutoff_len", "skip_invalid",
+                 "keep_dataset_system", "prompt_template", "image_min_pixels", "image_max_pixels", "fast_path",
+                 "gradient_checkpointing", "deepspeed")
 
-    cfg.check_runnable()
-    check_template(cfg)
-    deepspeed_config(cfg.deepspeed)  # a missing file or package fails now, not after the data
-    resume = resume_point(cfg)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoProcessor, set_seed
 
-    from training.collate import EncodedDataset, VLACollator, pixel_limits_of, set_pixel_limits, system_differs
+@dataclass
+class PreparedData:
+    """What train() reads and encodes before it loads a model (prepare_data). Made ahead, in a thread
+    of its own, it lets a build encode the next training's data while the current one trains."""
+
+    settings: dict  # DATA_SETTINGS' values it was made for
+    processor_digest: str
+    vocab: Any
+    prompt: Any
+    train_samples: list
+    eval_samples: list | None
+    dataset_sha: str
+    processor: Any
+    limits: Any
+    collator: Any
+    fast: Any  # training.fast_path.FastPath, or None: the ordinary path
+
+
+def data_settings(cfg: TrainConfig) -> dict:
+    return {key: getattr(cfg, key) for key in DATA_SETTINGS}
+
+
+def processor_digest(processor) -> str:
+    """What of a processor makes the encoded data: its tokenizer, image processing and chat template."""
+    import hashlib
+
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+             processor.image_processor.to_json_string(), str(getattr(processor, "chat_template", None))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def prepare_data(cfg: TrainConfig, place: bool = True) -> PreparedData:
+    """train()'s data for ``cfg``: read, validated and (fast path) encoded. ``place=False`` keeps the
+    encoded data in host memory (train() places it): what a thread beside another training makes.
+    Sets no random seed, so such a thread leaves the other training's random streams alone."""
+    from transformers import AutoProcessor
+
+    from training.collate import VLACollator, pixel_limits_of, set_pixel_limits, system_differs
     from training.fast_path import prepare_fast_path
-    from vla_node.manifest import make_manifest, write_manifest
     from vla_node.prompt import PromptBuilder
     from vla_node.vocabulary import Vocabulary
 
-    set_seed(cfg.seed)
     vocab = Vocabulary.load(cfg.vocabulary)
     prompt = PromptBuilder(vocab, template=prompt_template_for(cfg))
 
@@ -708,7 +741,6 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
              f", eval samples: {len(eval_samples)}" if eval_samples else "")
 
     # 2. processor (pixel limits fixed here, saved with the adapter) + collator
-    convention = coordinate_convention_for_run(cfg)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     limits = pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels)
     set_pixel_limits(processor, limits)
@@ -723,10 +755,63 @@ def train(cfg: TrainConfig, callbacks=(), on_data=None) -> TrainResult:
         log.info("%d of %d training samples carry no or another system message: replaced by vla_node.prompt's "
                  "(the one the robot sends); free-form samples keep their own", differ, len(train_samples))
     check_cutoff(cfg, collator, train_samples + (eval_samples or []))
+    fast = prepare_fast_path(cfg, collator, train_samples, eval_samples, use_bf16(cfg),
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")), place=place)
+    return PreparedData(data_settings(cfg), processor_digest(processor), vocab, prompt, train_samples, eval_samples,
+                        dataset_sha, processor, limits, collator, fast)
+
+
+def prepared_for(cfg: TrainConfig, prepared: PreparedData) -> PreparedData:
+    """``prepared`` checked against ``cfg`` (its data settings, and the processor of cfg.model_path,
+    which may be another folder holding the same processor), with its encoded data placed for training.
+    Raises ConfigError naming what differs."""
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    from training.collate import pixel_limits_of, set_pixel_limits
+    from training.fast_path import placed
+
+    own = data_settings(cfg)
+    differing = [f"{key}: {prepared.settings[key]!r} prepared, {own[key]!r} here" for key in DATA_SETTINGS
+                 if prepared.settings[key] != own[key]]
+    if not differing:
+        processor = AutoProcessor.from_pretrained(cfg.model_path)
+        set_pixel_limits(processor, pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels))
+        if processor_digest(processor) != prepared.processor_digest:
+            differing.append(f"the processor of {cfg.model_path}")
+    if differing:
+        raise ConfigError("the data prepared ahead was made for other settings than this run's: "
+                          + "; ".join(differing))
+    if prepared.fast is not None:
+        prepared.fast = replace(placed(prepared.fast), bf16=use_bf16(cfg))  # the host copy is let go
+    return prepared
+
+
+def train(cfg: TrainConfig, callbacks=(), on_data=None, prepared: PreparedData | None = None) -> TrainResult:
+    """Run vla-train's training for ``cfg``. ``callbacks``: extra transformers TrainerCallbacks;
+    ``on_data(processor, fast_path)``, if given, is called once the data is encoded and may return
+    more callbacks (a build's own evaluations); ``prepared``: the data made ahead by prepare_data for
+    the same data settings (checked)."""
+    from training.distributed import deepspeed_config
+
+    cfg.check_runnable()
+    check_template(cfg)
+    deepspeed_config(cfg.deepspeed)  # a missing file or package fails now, not after the data
+    resume = resume_point(cfg)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import set_seed
+
+    from training.collate import EncodedDataset
+    from vla_node.manifest import make_manifest, write_manifest
+
+    set_seed(cfg.seed)
+    data = prepared_for(cfg, prepared) if prepared is not None else prepare_data(cfg)
+    vocab, prompt, processor, limits, collator = data.vocab, data.prompt, data.processor, data.limits, data.collator
+    train_samples, eval_samples, dataset_sha, fast = data.train_samples, data.eval_samples, data.dataset_sha, data.fast
+    convention = coordinate_convention_for_run(cfg)
     bf16 = use_bf16(cfg)
     fp16 = use_fp16(cfg)
-    fast = prepare_fast_path(cfg, collator, train_samples, eval_samples, bf16,
-                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if fast is not None:
         train_ds, eval_ds, data_collator = fast.train_dataset, fast.eval_dataset, fast.builder
     else:
