@@ -157,6 +157,52 @@ def test_a_base_stopped_by_the_deadline_is_exported_but_gets_no_adapter_until_it
     assert (out / "tabletop-tiny-zh-lora" / "adapter_config.json").is_file()
 
 
+def test_the_base_and_the_adapter_train_on_data_prepared_while_the_training_before_them_ran(tmp_path, caplog,
+                                                                                              capsys):
+    """The base's data is read and encoded in a thread while the last curriculum stage trains, the
+    adapter's while the base trains (training.data_ahead): each training takes that data (it reads
+    and encodes nothing itself) and trains on every sample of its datasets."""
+    import json
+    import logging
+
+    from training.build_embedded import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    caplog.set_level(logging.INFO)
+    assert main(["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--base-samples", "120",
+                 "--lora-samples", "90", "--grounding-samples", "60", "--grounding-steps", "2",
+                 "--distractor-steps", "0", "--base-steps", "2", "--lora-steps", "1", "--batch-size", "2",
+                 "--workers", "2", "--skip-eval", "--count-samples", "0", "--calibrate-samples", "0",
+                 "--gen-eval-samples", "0", "--base-keeps-grounding"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    printed = capsys.readouterr().out
+    own = len(json.loads((work / "data_en" / "train.json").read_text()))
+    grounding = len(json.loads((work / "data_grounding" / "train.json").read_text()))
+    adapter = len(json.loads((work / "data_zh" / "train.json").read_text()))
+    for name, samples in (("base", own + grounding), ("adapter", adapter)):
+        assert f"] the {name}'s data prepared ahead in " in printed, name
+        assert sum(m.startswith(f"training samples: {samples},") for m in messages) == 1, name  # read once
+    assert json.loads((work / "base_train" / "train_results.json").read_text())["train_samples"] == own + grounding
+    assert json.loads((work / "lora_train" / "train_results.json").read_text())["train_samples"] == adapter
+    assert (out / "tabletop-tiny-zh-lora" / "adapter_config.json").is_file()
+
+
+def test_data_prepared_ahead_that_fails_says_why_and_gives_nothing():
+    """A thread that could not prepare the data says why and hands back nothing: the build then has
+    the training prepare its own (which meets the error itself, with its file and line)."""
+    from training.data_ahead import DataAhead
+
+    messages: list[str] = []
+
+    def ready():
+        raise FileNotFoundError("data_en/train.json")
+
+    ahead = DataAhead("the base", ready, messages.append)
+    assert ahead.result() == (None, None)
+    assert messages == ["the base's data prepared ahead failed (FileNotFoundError: data_en/train.json): its "
+                        "training prepares its own"]
+
+
 def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unchanged(tmp_path):
     import json
 

@@ -26,15 +26,18 @@
    and box IoU@0.5 of greedy answers, against steps) and, unless --skip-eval, the CPU metrics.
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
-interrupted training resumes from its last checkpoint. The defaults (since session 31) are the
-committed model's architecture and data mix as one schedule: 6 decoder layers from the start,
-grounding 2,400 and distractors 1,500 steps, the base 10,000 steps on 140,000 scenes + the distractor
-scenes + 40,000 counting questions, the adapter 2,400 steps on 60,000 zh+en scenes, batch 256 (a
-larger batch with fewer steps did not learn the grounding: session 31). Not run end to end yet; on
-an H100 with --torch-compile the fast path trained 3,400-9,900 samples/s at batch 1,024 (at 256 not
-timed yet), so about 15 minutes of training, two or three calls of the device tool with
---deadline-minutes. The committed weights came from a lineage of calls instead (models/README.md
-lists every one, logged in benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
+interrupted training resumes from its last checkpoint. Each training's data is read and encoded in
+a thread while the training before it runs (training.data_ahead). The defaults are the committed
+model's architecture and data mix as one schedule: 6 decoder layers from the start, grounding 2,400
+and distractors 1,500 steps, the base 5,000 steps on 140,000 scenes + the distractor scenes + 40,000
+counting questions, the adapter 2,400 steps on 60,000 zh+en scenes, batch 256 (a larger batch with
+fewer steps did not learn the grounding: session 31), an evaluation every 500 steps. Timed on an H100
+(session 33, benchmarks/results/embedded_build_h100_session33_not_kept.log, the base then 10,000
+steps): the curriculum ~10 minutes, the base 2,700-3,600 samples/s (at step 3,840 held-out plan exact
+match was 0.95 already), the adapter's stage ~5 minutes; with the fixes since, about 24 minutes in
+all are projected, one session of the device tool (scripts/device_build_models.sh). Not yet run to
+the end. The committed weights came from a lineage of calls instead (models/README.md lists every
+one, logged in benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
 not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
 first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
@@ -56,6 +59,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from training.data_ahead import DataAhead
 from training.weight_shards import shard_weights
 from vla_node.factory import EMBEDDED_ADAPTER, EMBEDDED_MODEL
 
@@ -308,7 +312,50 @@ def generation_evaluator(eval_samples: int):
     return hook
 
 
-def run_training(deadline: Deadline, eval_samples: int, **overrides) -> Path:
+def base_data_ready(render, en_job: tuple, count_job: tuple | None, datasets: list[str], args, work: Path,
+                    sizes: dict) -> tuple[Path, list[str]]:
+    """The base's data folder and dataset names, once rendered (``render``: its background render)."""
+    if render is not None:
+        render.join()  # a failed background render is redone by synth() below
+    data_en, datasets = synth(*en_job), list(datasets)
+    if args.clarify_samples:
+        datasets.append(clarify_rich(work / "data_clarify_en", args, ("en",), sizes))
+    if count_job:
+        datasets.append(counting(*count_job))
+    return data_en, datasets
+
+
+def base_overrides(init: Path, data_en: Path, datasets: list[str], steps: int, args, common: dict,
+                   run: Path) -> dict:
+    """vla-train's settings for the base: every weight of ``init`` trained on the English data."""
+    return dict(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
+                freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset=",".join(datasets),
+                eval_dataset="tabletop_val", output_dir=str(run), learning_rate=args.base_lr, weight_decay=0.05,
+                warmup_ratio=0.04, max_steps=steps, prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
+                **common)
+
+
+def adapter_data_ready(render, zh_data: tuple, args, work: Path, sizes: dict) -> tuple[Path, list[str]]:
+    """The adapter's data folder and dataset names, once rendered (``render``: its background render)."""
+    if render is not None:
+        render.join()
+    data_zh, datasets = synth(work / "data_zh", *zh_data, args.workers, sizes), ["tabletop_train"]
+    if args.clarify_samples:
+        datasets.append(clarify_rich(work / "data_clarify_zh", args, ("zh", "en"), sizes))
+    return data_zh, datasets
+
+
+def lora_overrides(base: Path, data_zh: Path, datasets: list[str], args, common: dict, work: Path) -> dict:
+    """vla-train's settings for the adapter on ``base``."""
+    return dict(model_path=str(base), finetuning_type="lora", lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                additional_target=ADAPTER_TRAINS_EMBEDDINGS, adapter_name_or_path=args.lora_from,
+                dataset_dir=str(data_zh), dataset=",".join(datasets), eval_dataset="tabletop_val",
+                output_dir=str(work / "lora_train"), learning_rate=args.lora_lr, warmup_ratio=0.05,
+                max_steps=args.lora_steps, **{**common, "eval_steps": max(50, args.lora_steps // 4)})
+
+
+def run_training(deadline: Deadline, eval_samples: int, prepared=None, **overrides) -> Path:
+    """Train ``overrides`` (resuming a stopped run) unless finished; ``prepared``: its data made ahead."""
     from training.config import TrainConfig
     from training.train import train
 
@@ -318,7 +365,8 @@ def run_training(deadline: Deadline, eval_samples: int, **overrides) -> Path:
     if any(final.glob("checkpoint-*")):  # an interrupted or deadline-stopped run continues where it stopped
         overrides["resume_from_checkpoint"] = "true"
     cfg = TrainConfig(**overrides)
-    result = train(cfg, callbacks=[deadline.callback()], on_data=generation_evaluator(eval_samples))
+    result = train(cfg, callbacks=[deadline.callback()], on_data=generation_evaluator(eval_samples),
+                   prepared=prepared)
     (final / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")
     log(f"trained {final}: step {result.global_step}, {result.metrics}")
     return final
@@ -407,6 +455,11 @@ def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args,
                         learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
                         prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
                         **{**common, "eval_steps": max(1, steps // 3)})
+
+
+def will_train(run: Path, steps) -> bool:
+    """Whether the training in ``run`` has steps left of its ``steps`` ("auto": its checkpoint's schedule)."""
+    return not finished(run, scheduled_steps(run) if steps == "auto" else int(steps))
 
 
 def resumable(run: Path) -> bool:
@@ -542,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="one seed for data, init and training (default: 0)")
     parser.add_argument("--base-samples", type=int, default=140000, help="English synthetic samples (default: %(default)s)")
     parser.add_argument("--lora-samples", type=int, default=60000, help="Chinese+English samples (default: %(default)s)")
-    parser.add_argument("--base-steps", default="10000",
+    parser.add_argument("--base-steps", default="5000",
                         help="full fine-tuning steps, or 'auto': as many as --base-minutes allow at the rate "
                              "a short probe measures (default: %(default)s)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="time for the base with --base-steps auto")
@@ -591,13 +644,14 @@ def main(argv: list[str] | None = None) -> int:
                              "a smaller --merge-size than its own widens it first into WORK/base_widened")
     parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                         help="processes for rendering and encoding the data (default: cores - 1, at most 16)")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (default: %(default)s)")
-    parser.add_argument("--gen-eval-samples", type=int, default=256,
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (default: %(default)s)")
+    parser.add_argument("--gen-eval-samples", type=int, default=128,
                         help="held-out val samples answered greedily at every evaluation (default: %(default)s)")
     parser.add_argument("--deadline-minutes", type=float, default=None,
                         help="stop each training early (it still saves) once this many minutes of the build have passed")
-    parser.add_argument("--lora-minutes", type=float, default=1.5,
-                        help="with --deadline-minutes: the base training stops this much earlier, leaving the adapter its time")
+    parser.add_argument("--lora-minutes", type=float, default=6.0,
+                        help="with --deadline-minutes: the base training stops this much earlier, leaving the "
+                             "calibration and the adapter their time (default: %(default)s, an H100's)")
     parser.add_argument("--eval-limit", type=int, default=400, help="held-out samples per split for METRICS (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="stop after exporting the models")
     parser.add_argument("--merge-size", type=int, choices=MERGE_SIZES, default=None,
@@ -656,10 +710,11 @@ def main(argv: list[str] | None = None) -> int:
                   preprocessing_num_workers=args.workers, seed=args.seed, logging_steps=25,
                   save_steps=args.eval_every * 2, save_total_limit=1, eval_steps=args.eval_every, max_grad_norm=1.0,
                   bf16="auto", report_to="tensorboard", lr_scheduler_type="cosine", fast_path="auto", disable_tqdm=True,
+                  dataloader_drop_last=True,  # one batch shape: a compiled step never compiles again
                   image_min_pixels=sizes["min_pixels"], image_max_pixels=sizes["max_pixels"],
                   **compiling)
     histories: dict[str, list[dict]] = {}
-    adapter_data = None
+    adapter_data = lora_ahead = None
     base_run = work / "base_train"
     if (out / EMBEDDED_MODEL / "config.json").is_file() and not resumable(base_run):
         log(f"base model {out / EMBEDDED_MODEL} exists: not retrained")  # exported by an earlier (maybe remote) run
@@ -677,38 +732,47 @@ def main(argv: list[str] | None = None) -> int:
             init = base_init(work / "base_init", corpus(training_text, args.workers), args.seed,
                              {**sizes, **initial_weights(args.init, args.family)}, family=args.family)
         base_datasets = ["tabletop_train"]
-        for name, title, steps, data, answers in stages:
+        base_ahead = None
+        for number, (name, title, steps, data, answers) in enumerate(stages, 1):
             if args.base_from and not (args.base_keeps_grounding and name != "text"):
                 continue  # --base-from: the stages were trained before; only the scenes the base keeps are needed
             stage_data = data()
+            if args.base_keeps_grounding and name != "text":  # the last grounding stage's scenes win
+                base_datasets[1:] = [str((stage_data / "train.json").resolve())]
             if not args.base_from:
+                if number == len(stages) and will_train(base_run, args.base_steps):
+                    def base_inputs(model=init, datasets=list(base_datasets)):
+                        ready = base_data_ready(base_data, en_job, count_job, datasets, args, work, sizes)
+                        # any earlier stage's folder serves: the processor is the same, and checked
+                        return ready, base_overrides(model, *ready, -1, args, common, base_run)
+
+                    # the base's data is read and encoded while the last stage trains
+                    base_ahead = DataAhead("the base", base_inputs, log)
                 init = first_stage(work, name, stage_data, init, steps, args, common, base_deadline, answers)
                 histories[title] = _history(init)
                 if not finished(init, steps):
                     return _stopped_early(init)
-            if args.base_keeps_grounding and name != "text":  # the last grounding stage's scenes win
-                base_datasets[1:] = [str((stage_data / "train.json").resolve())]
-        if base_data is not None:
-            base_data.join()
-        data_en = synth(*en_job)
-        if args.clarify_samples:
-            base_datasets.append(clarify_rich(work / "data_clarify_en", args, ("en",), sizes))
-        if count_job:
-            base_datasets.append(counting(*count_job))
-        if args.stop_after == "all" and not rendered(work / "data_zh"):
-            adapter_data = render_in_background("the adapter's scenes", synth, work / "data_zh", *zh_data,
-                                                args.workers, sizes)
+        made_ahead, prepared = base_ahead.result() if base_ahead is not None else (None, None)
+        data_en, base_datasets = made_ahead or base_data_ready(base_data, en_job, count_job, base_datasets, args,
+                                                               work, sizes)
+        if args.stop_after == "all":
+            if not rendered(work / "data_zh"):
+                adapter_data = render_in_background("the adapter's scenes", synth, work / "data_zh", *zh_data,
+                                                    args.workers, sizes)
+            if will_train(work / "lora_train", args.lora_steps):
+                def adapter_inputs(model=init, render=adapter_data):
+                    ready = adapter_data_ready(render, zh_data, args, work, sizes)
+                    return ready, lora_overrides(model, *ready, args, common, work)
+
+                lora_ahead = DataAhead("the adapter", adapter_inputs, log)  # encoded while the base trains
         steps = int(args.base_steps) if args.base_steps != "auto" else scheduled_steps(base_run)
         if steps is None:
             rate = probe_rate(init, data_en, common, args.batch_size, work)
             steps = int(rate * args.base_minutes * 60 / args.batch_size)
             log(f"--base-steps auto: {steps} steps ({args.base_minutes} min at {rate:.1f} samples/s)")
-        base = run_training(base_deadline, args.gen_eval_samples, model_path=str(init), finetuning_type="full",
-                            freeze_vision_tower=False, freeze_multi_modal_projector=False, dataset_dir=str(data_en),
-                            dataset=",".join(base_datasets), eval_dataset="tabletop_val", output_dir=str(base_run),
-                            learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
-                            prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
-                            **common)
+        base = run_training(base_deadline, args.gen_eval_samples, prepared=prepared,
+                            **base_overrides(init, data_en, base_datasets, steps, args, common, base_run))
+        del prepared  # its host copy of the data
         export_model(base, out / EMBEDDED_MODEL)  # also an unfinished one: a time-limited call leaves a model
         if args.count_samples:
             mark_count_questions(out / EMBEDDED_MODEL)
@@ -723,18 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after == "base":
         log(f"base model written to {out / EMBEDDED_MODEL} in {time.time() - started:.0f} s")
         return 0
-    if adapter_data is not None:
-        adapter_data.join()  # a failed background render is redone by synth() below
-    data_zh = synth(work / "data_zh", *zh_data, args.workers, sizes)
-    adapter_datasets = ["tabletop_train"]
-    if args.clarify_samples:
-        adapter_datasets.append(clarify_rich(work / "data_clarify_zh", args, ("zh", "en"), sizes))
-    lora = run_training(deadline, args.gen_eval_samples, model_path=str(out / EMBEDDED_MODEL), finetuning_type="lora",
-                        lora_rank=8, lora_alpha=16, lora_dropout=0.0, additional_target=ADAPTER_TRAINS_EMBEDDINGS,
-                        adapter_name_or_path=args.lora_from,
-                        dataset_dir=str(data_zh), dataset=",".join(adapter_datasets), eval_dataset="tabletop_val",
-                        output_dir=str(work / "lora_train"), learning_rate=args.lora_lr, warmup_ratio=0.05,
-                        max_steps=args.lora_steps, **{**common, "eval_steps": max(50, args.lora_steps // 4)})
+    made_ahead, prepared = lora_ahead.result() if lora_ahead is not None else (None, None)
+    data_zh, adapter_datasets = made_ahead or adapter_data_ready(adapter_data, zh_data, args, work, sizes)
+    lora = run_training(deadline, args.gen_eval_samples, prepared=prepared,
+                        **lora_overrides(out / EMBEDDED_MODEL, data_zh, adapter_datasets, args, common, work))
     export_model(lora, out / EMBEDDED_ADAPTER)
     histories["LoRA (tabletop-tiny-zh-lora, zh+en)"] = _history(work / "lora_train")
     # Training data stays in the work folder; the held-out test splits travel with the models
