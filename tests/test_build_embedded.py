@@ -203,6 +203,24 @@ def test_data_prepared_ahead_that_fails_says_why_and_gives_nothing():
                         "training prepares its own"]
 
 
+def test_data_prepared_ahead_for_other_settings_is_not_used_and_the_training_prepares_its_own(
+        train_model_dir, synth_dir, tmp_path, capsys):
+    """A build's training handed data made for other settings (a bug) says so and reads its own,
+    rather than losing the build to the check train() makes."""
+    from training.build_embedded import Deadline, finished, run_training
+    from training.config import TrainConfig
+    from training.train import prepare_data
+
+    overrides = dict(model_path=str(train_model_dir), dataset_dir=str(synth_dir), dataset="tabletop_train",
+                     output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, seed=0,
+                     report_to="none", save_steps=100, fast_path="true")
+    prepared = prepare_data(TrainConfig(**{**overrides, "seed": 1}), place=False)
+    run = run_training(Deadline(None), 0, prepared=prepared, **overrides)
+    assert finished(run, 1)
+    assert "the data prepared ahead for run is not its data (seed: 1 prepared, 0 here): not used" in \
+        capsys.readouterr().out
+
+
 def test_exported_weights_are_sharded_under_the_file_limit_with_every_tensor_unchanged(tmp_path):
     import json
 

@@ -364,6 +364,26 @@ def test_validation_hashes_each_image_as_dataset_sha256_would(ds, monkeypatch, p
     assert sg.load_validated(f, check_images=False).image_sha256 == {}
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_answers_are_classified_alike_by_worker_processes(ds, monkeypatch, parallel):
+    """The action parser reads a large dataset's answers in worker processes: the same verdict, and
+    the same answer named as a likely typo (file and line), as one process reading them."""
+    from vla_node.vocabulary import Vocabulary
+
+    rows = [good() for _ in range(9)] + [good(answer="MOVE_OBJECT(object=\"red cube\", destination=\"moon\")")]
+    f = write_array(ds / "many.json", rows)
+    if parallel:  # worker processes, as on a machine with cores to spare
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        real = sg._parse_in_parallel
+        monkeypatch.setattr(sg, "_parse_in_parallel", lambda texts, vocab: real(texts, vocab, chunk=3))
+    with pytest.raises(sg.DatasetInvalid) as caught:
+        sg.load_validated(f, vocab=Vocabulary.load())
+    message = str(caught.value)
+    assert f"{f}:11:" in message and "likely a typo: 9 of 10 answers of this dataset parse as actions" in message
+    got = sg.load_validated(f, vocab=Vocabulary.load(), skip_invalid=True)
+    assert len(got) == 9 and got.verdict.parsed == 9 and got.verdict.answers == 10
+
+
 # ---------------------------------------------------------------------------------------------
 # vla-data check
 # ---------------------------------------------------------------------------------------------

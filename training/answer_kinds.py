@@ -16,7 +16,7 @@ own system prompt in training (the serving prompt is for action samples).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from vla_node.dataset_format import ANSWERS_MARKER as MARKER  # the dataset_info.json entry key
 from vla_node.manifest import ANSWER_KINDS as KINDS
@@ -63,13 +63,15 @@ def parses_as_actions(text: str, vocab) -> bool:
     return True
 
 
-def classify(answers: Iterable[str], vocab, declared: Optional[str] = None) -> Verdict:
-    """The kind of a dataset from its assistant answers (or its declaration, then not parsed)."""
+def classify(answers: Iterable[str], vocab, declared: Optional[str] = None,
+             parse_all: Optional[Callable[[list[str], Any], list[bool]]] = None) -> Verdict:
+    """The kind of a dataset from its assistant answers (or its declaration, then not parsed);
+    ``parse_all(texts, vocab)``: parses_as_actions of every text, another way (in worker processes)."""
     if declared is not None:
         if declared not in KINDS:
             raise ValueError(f"\"{MARKER}\" must be {' or '.join(repr(k) for k in KINDS)}, not {declared!r}")
         return Verdict(declared, 0, 0, True)
     texts = [a for a in answers if a.strip()]
-    parsed = sum(parses_as_actions(a, vocab) for a in texts)
+    parsed = sum(parse_all(texts, vocab) if parse_all is not None else (parses_as_actions(a, vocab) for a in texts))
     kind = ACTIONS if texts and parsed * 2 > len(texts) else TEXT
     return Verdict(kind, parsed, len(texts), False)

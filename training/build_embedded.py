@@ -357,7 +357,7 @@ def lora_overrides(base: Path, data_zh: Path, datasets: list[str], args, common:
 def run_training(deadline: Deadline, eval_samples: int, prepared=None, **overrides) -> Path:
     """Train ``overrides`` (resuming a stopped run) unless finished; ``prepared``: its data made ahead."""
     from training.config import TrainConfig
-    from training.train import train
+    from training.train import data_mismatch, train
 
     final = Path(overrides["output_dir"])
     if finished(final, overrides.get("max_steps")):
@@ -365,6 +365,10 @@ def run_training(deadline: Deadline, eval_samples: int, prepared=None, **overrid
     if any(final.glob("checkpoint-*")):  # an interrupted or deadline-stopped run continues where it stopped
         overrides["resume_from_checkpoint"] = "true"
     cfg = TrainConfig(**overrides)
+    differing = data_mismatch(cfg, prepared) if prepared is not None else []
+    if differing:  # a bug, but no reason to lose the build: the training prepares its own
+        log(f"the data prepared ahead for {final.name} is not its data ({'; '.join(differing)}): not used")
+        prepared = None
     result = train(cfg, callbacks=[deadline.callback()], on_data=generation_evaluator(eval_samples),
                    prepared=prepared)
     (final / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")

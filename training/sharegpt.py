@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import threading
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from json.decoder import scanstring
@@ -826,6 +827,37 @@ def _check_images_in_parallel(paths: list[Path], cache: dict, digests: Optional[
                 digests.update(part_digests)
 
 
+# What forked parsing workers inherit (a vocabulary's pydantic models do not pickle); one parse at a time
+_PARSING: dict = {}
+_PARSING_LOCK = threading.Lock()
+
+
+def _parses_chunk(texts: list[str]) -> list[bool]:
+    from training.answer_kinds import parses_as_actions
+
+    return [parses_as_actions(text, _PARSING["vocab"]) for text in texts]
+
+
+def _parse_in_parallel(texts: list[str], vocab, chunk: int = 2048) -> list[bool]:
+    """parses_as_actions of every text, by forked worker processes for many: on one core the action
+    parser reads ~7,000 answers a second, half a minute of a 200k-sample dataset."""
+    from training.answer_kinds import parses_as_actions
+
+    workers = min(16, (os.cpu_count() or 1) - 1, len(texts) // chunk)
+    if workers < 2:
+        return [parses_as_actions(text, vocab) for text in texts]
+    import multiprocessing
+
+    with _PARSING_LOCK:
+        _PARSING["vocab"] = vocab
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_parses_chunk, [texts[i:i + chunk] for i in range(0, len(texts), chunk)])
+        finally:
+            _PARSING.clear()
+    return [flag for part in parts for flag in part]
+
+
 _PARSER_REJECTED = "answer rejected by the action parser"
 
 
@@ -922,7 +954,8 @@ def load_validated(path: PathLike, dataset: Optional[str] = None, *, mapping: Un
     verdict = None
     if vocab is not None:
         try:
-            verdict = classify((a for s in samples for a in s.answers), vocab, answers or _declared_kind(samples))
+            verdict = classify((a for s in samples for a in s.answers), vocab, answers or _declared_kind(samples),
+                               parse_all=_parse_in_parallel)
         except ValueError as e:
             where = str(Path(path) / DATASET_INFO) if Path(path).is_dir() else str(path)
             raise DatasetInvalid([DataError(where, 1, 1, f"dataset {dataset!r}: {e}")]) from None

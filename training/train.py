@@ -761,16 +761,12 @@ def prepare_data(cfg: TrainConfig, place: bool = True) -> PreparedData:
                         dataset_sha, processor, limits, collator, fast)
 
 
-def prepared_for(cfg: TrainConfig, prepared: PreparedData) -> PreparedData:
-    """``prepared`` checked against ``cfg`` (its data settings, and the processor of cfg.model_path,
-    which may be another folder holding the same processor), with its encoded data placed for training.
-    Raises ConfigError naming what differs."""
-    from dataclasses import replace
-
+def data_mismatch(cfg: TrainConfig, prepared: PreparedData) -> list[str]:
+    """What differs between the data ``prepared`` was made for and ``cfg``'s: its data settings, and
+    the processor of cfg.model_path (another folder holding the same processor is the same)."""
     from transformers import AutoProcessor
 
     from training.collate import pixel_limits_of, set_pixel_limits
-    from training.fast_path import placed
 
     own = data_settings(cfg)
     differing = [f"{key}: {prepared.settings[key]!r} prepared, {own[key]!r} here" for key in DATA_SETTINGS
@@ -780,6 +776,17 @@ def prepared_for(cfg: TrainConfig, prepared: PreparedData) -> PreparedData:
         set_pixel_limits(processor, pixel_limits_of(processor, cfg.image_min_pixels, cfg.image_max_pixels))
         if processor_digest(processor) != prepared.processor_digest:
             differing.append(f"the processor of {cfg.model_path}")
+    return differing
+
+
+def prepared_for(cfg: TrainConfig, prepared: PreparedData) -> PreparedData:
+    """``prepared`` checked against ``cfg`` (data_mismatch: a ConfigError names what differs), with its
+    encoded data placed for training."""
+    from dataclasses import replace
+
+    from training.fast_path import placed
+
+    differing = data_mismatch(cfg, prepared)
     if differing:
         raise ConfigError("the data prepared ahead was made for other settings than this run's: "
                           + "; ".join(differing))
