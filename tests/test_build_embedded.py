@@ -149,7 +149,10 @@ def test_a_base_stopped_by_the_deadline_is_exported_but_gets_no_adapter_until_it
             "--lora-samples", "60", "--grounding-steps", "0", "--distractor-steps", "0", "--base-steps", "3",
             "--lora-steps", "1", "--batch-size", "2", "--workers", "1", "--skip-eval", "--count-samples", "0",
             "--calibrate-samples", "0", "--eval-every", "1", "--gen-eval-samples", "0"]
-    assert main(args + ["--deadline-minutes", "1e-9"]) == 0
+    with pytest.raises(SystemExit, match=r"--deadline-minutes 1e-09 leaves the base no time: --lora-minutes 6 "):
+        main(args + ["--deadline-minutes", "1e-9"])  # the adapter's default time is more than the whole
+    assert not any(work.iterdir())  # refused before anything was rendered
+    assert main(args + ["--deadline-minutes", "1e-9", "--lora-minutes", "0"]) == 0
     assert not finished(work / "base_train", 3) and (out / "tabletop-tiny" / "config.json").is_file()
     assert not (work / "lora_train").exists() and not (out / "tabletop-tiny-zh-lora").exists()
     assert main(args) == 0

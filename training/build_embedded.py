@@ -691,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     base_deadline = Deadline((args.deadline_minutes - adapter_minutes) * 60 if args.deadline_minutes else None)
     if args.add_layers < 0:
         raise SystemExit(f"--add-layers {args.add_layers}: a number of decoder layers to append, 0 or more")
+    if args.deadline_minutes is not None and adapter_minutes >= args.deadline_minutes:
+        raise SystemExit(f"--deadline-minutes {args.deadline_minutes:g} leaves the base no time: --lora-minutes "
+                         f"{args.lora_minutes:g} of it are kept for the calibration and the adapter (give a smaller "
+                         "--lora-minutes, or --stop-after base)")
     if args.add_layers and not args.base_from:
         raise SystemExit("--add-layers deepens a trained base: give it with --base-from (a new model's depth is "
                          "training.tiny_models')")
