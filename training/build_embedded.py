@@ -325,14 +325,20 @@ def base_data_ready(render, en_job: tuple, count_job: tuple | None, datasets: li
     return data_en, datasets
 
 
-def base_overrides(init: Path, data_en: Path, datasets: list[str], steps: int, args, common: dict,
-                   run: Path) -> dict:
-    """vla-train's settings for the base: every weight of ``init`` trained on the English data."""
-    return dict(model_path=str(init), finetuning_type="full", freeze_vision_tower=False,
-                freeze_multi_modal_projector=False, dataset_dir=str(data_en), dataset=",".join(datasets),
+def full_overrides(init: Path, data: Path, datasets: list[str], steps: int, args, common: dict, run: Path,
+                   **extra) -> dict:
+    """vla-train's settings for a full fine-tuning of ``init`` (a curriculum stage, the base) into ``run``."""
+    return dict(model_path=str(init), finetuning_type="full", dataset_dir=str(data), dataset=",".join(datasets),
                 eval_dataset="tabletop_val", output_dir=str(run), learning_rate=args.base_lr, weight_decay=0.05,
                 warmup_ratio=0.04, max_steps=steps, prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
-                **common)
+                **extra, **common)
+
+
+def base_overrides(init: Path, data_en: Path, datasets: list[str], steps: int, args, common: dict,
+                   run: Path) -> dict:
+    """vla-train's settings for the base: every weight of ``init``, the vision tower's too."""
+    return full_overrides(init, data_en, datasets, steps, args, common, run, freeze_vision_tower=False,
+                          freeze_multi_modal_projector=False)
 
 
 def adapter_data_ready(render, zh_data: tuple, args, work: Path, sizes: dict) -> tuple[Path, list[str]]:
@@ -454,11 +460,9 @@ def first_stage(work: Path, name: str, data: Path, init: Path, steps: int, args,
     fine-tuning of ``init`` on ``data`` into work/<name>_train; returns the trained checkpoint. A stage
     stopped by ``deadline`` leaves a checkpoint (see finished()); ``eval_samples`` greedy answers at each
     evaluation."""
-    return run_training(deadline, eval_samples, model_path=str(init), finetuning_type="full", dataset_dir=str(data),
-                        dataset="tabletop_train", eval_dataset="tabletop_val", output_dir=str(work / f"{name}_train"),
-                        learning_rate=args.base_lr, weight_decay=0.05, warmup_ratio=0.04, max_steps=steps,
-                        prompt_template=PROMPT_TEMPLATE, coordinate_convention=BOXES,
-                        **{**common, "eval_steps": max(1, steps // 3)})
+    return run_training(deadline, eval_samples, **full_overrides(init, data, ["tabletop_train"], steps, args,
+                                                                 {**common, "eval_steps": max(1, steps // 3)},
+                                                                 work / f"{name}_train"))
 
 
 def will_train(run: Path, steps) -> bool:

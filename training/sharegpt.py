@@ -807,6 +807,12 @@ def _image_problems(paths: list[Path]) -> tuple[list[Optional[str]], dict]:
     return [_image_problem(p, cache, digests) for p in paths], digests
 
 
+def _fork_workers(items: int, chunk: int) -> int:
+    """Worker processes for ``items`` in chunks of ``chunk``: a core left for this one, at most 16;
+    fewer than 2 means the work is done here."""
+    return min(16, (os.cpu_count() or 1) - 1, items // chunk)
+
+
 def _check_images_in_parallel(paths: list[Path], cache: dict, digests: Optional[dict] = None,
                               chunk: int = 512) -> None:
     """Fill ``cache`` and ``digests`` (as _image_problem would) for many images with worker
@@ -814,7 +820,7 @@ def _check_images_in_parallel(paths: list[Path], cache: dict, digests: Optional[
     import os
 
     distinct = list(dict.fromkeys(str(p) for p in paths))
-    workers = min(16, (os.cpu_count() or 1) - 1, len(distinct) // chunk)
+    workers = _fork_workers(len(distinct), chunk)
     if workers < 2:
         return
     import multiprocessing
@@ -843,7 +849,7 @@ def _parse_in_parallel(texts: list[str], vocab, chunk: int = 2048) -> list[bool]
     parser reads ~7,000 answers a second, half a minute of a 200k-sample dataset."""
     from training.answer_kinds import parses_as_actions
 
-    workers = min(16, (os.cpu_count() or 1) - 1, len(texts) // chunk)
+    workers = _fork_workers(len(texts), chunk)
     if workers < 2:
         return [parses_as_actions(text, vocab) for text in texts]
     import multiprocessing
