@@ -160,6 +160,32 @@ def test_a_base_stopped_by_the_deadline_is_exported_but_gets_no_adapter_until_it
     assert (out / "tabletop-tiny-zh-lora" / "adapter_config.json").is_file()
 
 
+def test_a_build_missing_a_module_a_later_stage_needs_is_refused_before_anything_is_rendered(tmp_path, monkeypatch):
+    """xgrammar (the calibration answers through the runtime's constrained decoding) and peft (the
+    adapter) are looked for first: a machine without them must not train the base for minutes and
+    then fail. Without the calibration and the adapter, neither is needed."""
+    import importlib.util
+
+    from training.build_embedded import main
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name in ("xgrammar", "peft") else found(name, *rest))
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--work", str(work), "--out", str(out), "--family", "qwen3_vl", "--base-samples", "120",
+            "--lora-samples", "60", "--grounding-steps", "0", "--distractor-steps", "0", "--base-steps", "1",
+            "--batch-size", "2", "--workers", "1", "--skip-eval", "--count-samples", "0", "--eval-every", "1",
+            "--gen-eval-samples", "0"]
+    with pytest.raises(SystemExit, match=r"needs what does not import here: xgrammar \(the CLARIFY calibration .*; "
+                                         r"peft \(the adapter's training\)"):
+        main(args)
+    assert not work.exists() or not any(work.iterdir())
+    with pytest.raises(SystemExit, match=r"here: xgrammar \(the CLARIFY calibration [^;]*\(pip install"):
+        main(args + ["--stop-after", "base"])
+    assert not work.exists() or not any(work.iterdir())
+    assert main(args + ["--stop-after", "base", "--calibrate-samples", "0"]) == 0
+
+
 def test_the_base_and_the_adapter_train_on_data_prepared_while_the_training_before_them_ran(tmp_path, caplog,
                                                                                               capsys):
     """The base's data is read and encoded in a thread while the last curriculum stage trains, the

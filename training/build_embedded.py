@@ -27,17 +27,14 @@
 
 Every stage is skipped when its output exists (delete the work folder to start over); an
 interrupted training resumes from its last checkpoint. Each training's data is read and encoded in
-a thread while the training before it runs (training.data_ahead). The defaults are the committed
-model's architecture and data mix as one schedule: 6 decoder layers from the start, grounding 2,400
-and distractors 1,500 steps, the base 5,000 steps on 140,000 scenes + the distractor scenes + 40,000
-counting questions, the adapter 2,400 steps on 60,000 zh+en scenes, batch 256 (a larger batch with
-fewer steps did not learn the grounding: session 31), an evaluation every 500 steps. Timed on an H100
-(session 33, benchmarks/results/embedded_build_h100_session33_not_kept.log, the base then 10,000
-steps): the curriculum ~10 minutes, the base 2,700-3,600 samples/s (at step 3,840 held-out plan exact
-match was 0.95 already), the adapter's stage ~5 minutes; with the fixes since, about 24 minutes in
-all are projected, one session of the device tool (scripts/device_build_models.sh). Not yet run to
-the end. The committed weights came from a lineage of calls instead (models/README.md lists every
-one, logged in benchmarks/results/embedded_build_*.log); on a CPU a whole build takes days.
+a thread while the training before it runs (training.data_ahead). The defaults are the schedule that made the
+committed model: 6 decoder layers from the start, grounding 2,400 and distractors 1,500 steps, the
+base 5,000 steps on 140,000 scenes + the distractor scenes + 40,000 counting questions, the adapter
+2,400 steps on 60,000 zh+en scenes, batch 256 (a larger batch with fewer steps did not learn the
+grounding: session 31), an evaluation every 500 steps. On an H100 (session 34,
+benchmarks/results/embedded_build_h100_session34.log) the curriculum and the base took 17.9 minutes
+and the adapter 5.7: one session of the device tool (scripts/device_build_models.sh); on a CPU a
+whole build takes days. Every module a later stage needs is looked for before anything is rendered.
 --clarify-samples mixes CLARIFY-rich scenes into both data sets (off by default: measured, it did
 not raise the held-out CLARIFY recall). --base-from DIR --merge-size 1 with DIR built with merge 2
 first widens DIR into WORK/base_widened (training.widen_vision: finer visual tokens, the mergers
@@ -709,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = backend_problem(compiling["torch_compile_backend"])
         if problem:
             raise SystemExit(f"--torch-compile {args.torch_compile}: {problem}")
+    missing = missing_modules(args)
+    if missing:
+        raise SystemExit("a later stage of this build needs what does not import here: " + "; ".join(missing)
+                         + " (pip install them; on a device machine carry them: benchmarks/device_wheels.sh)")
     if not 0 <= args.seed < min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET:
         raise SystemExit(f"--seed {args.seed}: must be >= 0 and below {min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET} "
                          "(the seeds above are the held-out sets')")
@@ -826,6 +827,21 @@ def needs_calibration(model: Path, run: Path) -> bool:
     from vla_node.manifest import read_manifest
 
     return finished(run, scheduled_steps(run)) and "clarify_threshold" not in read_manifest(model)
+
+
+def missing_modules(args) -> list[str]:
+    """The modules a later stage needs that do not import here, each with the stage: found before the
+    first training instead of after it (session 34: a GPU machine without xgrammar trained the base for
+    20 minutes, then the calibration failed)."""
+    import importlib.util
+
+    needs = {}
+    if args.calibrate_samples:
+        needs["xgrammar"] = "the CLARIFY calibration answers through the runtime's constrained decoding " \
+                            "(--calibrate-samples 0 skips it)"
+    if args.stop_after == "all":
+        needs["peft"] = "the adapter's training"
+    return [f"{name} ({why})" for name, why in needs.items() if importlib.util.find_spec(name) is None]
 
 
 def calibrate(model: Path, options, args, work: Path) -> None:
