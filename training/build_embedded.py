@@ -123,6 +123,9 @@ LAST_SEED_OFFSET = SEED_COUNT_OFFSET
 # not enough, since another build with another --base-samples splits the same seed otherwise, and
 # one build's English seed can be another's Chinese one.
 HELDOUT_SEEDS = {"test_en": 1_000_000, "test_zh": 2_000_000}
+# ... and of fixed sizes (a recipe's test indices are its seed's split of this many scenes): a build with
+# other --base-samples / --lora-samples writes the committed recipes, so its figures compare with theirs.
+HELDOUT_SCENES = {"test_en": 140_000, "test_zh": 30_000}
 # The scenes the base's CLARIFY threshold is calibrated on (test_en's options): neither trained nor tested on.
 CALIBRATION_SEED = 3_000_000
 
@@ -175,10 +178,10 @@ DISTRACTORS = dict(skills=("pick",), max_objects=3, max_containers=0)
 CLARIFY_RICH = dict(skills=("move", "multi", "clarify"), missing_rate=0.5, missing_lookalikes=True)
 
 
-def heldout_configs(base_samples: int, lora_samples: int, seed: int, sizes: dict = MODEL_SIZES) -> dict:
-    """The held-out test sets' synth options: the build's data options on seeds of their own."""
-    return {"test_en": synth_config(base_samples, HELDOUT_SEEDS["test_en"] + seed, ("en",), sizes),
-            "test_zh": synth_config(lora_samples, HELDOUT_SEEDS["test_zh"] + seed, ("zh", "en"), sizes)}
+def heldout_configs(seed: int, sizes: dict = MODEL_SIZES) -> dict:
+    """The held-out test sets' synth options: the build's data options on seeds and sizes of their own."""
+    return {name: synth_config(HELDOUT_SCENES[name], HELDOUT_SEEDS[name] + seed, languages, sizes)
+            for name, languages in (("test_en", ("en",)), ("test_zh", ("zh", "en")))}
 
 
 def clarify_rich(out: Path, args, languages: tuple[str, ...], sizes: dict) -> str:
@@ -713,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET:
         raise SystemExit(f"--seed {args.seed}: must be >= 0 and below {min(HELDOUT_SEEDS.values()) - LAST_SEED_OFFSET} "
                          "(the seeds above are the held-out sets')")
-    heldout = heldout_configs(args.base_samples, args.lora_samples, args.seed, sizes)
+    heldout = heldout_configs(args.seed, sizes)
     # (samples, seed, languages) of the base's and the adapter's data: what is rendered and what the
     # tokenizer's corpus reads are the same options
     en_data = (args.base_samples, args.seed, ("en",))
