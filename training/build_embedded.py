@@ -834,8 +834,8 @@ def needs_calibration(model: Path, run: Path) -> bool:
 
 def missing_modules(args) -> list[str]:
     """The modules a later stage needs that do not import here, each with the stage: found before the
-    first training instead of after it (session 34: a GPU machine without xgrammar trained the base for
-    20 minutes, then the calibration failed)."""
+    first training instead of after it (session 34: a GPU machine without xgrammar trained the curriculum
+    and the base for 18 minutes, then the calibration failed)."""
     import importlib.util
 
     needs = {}
