@@ -40,7 +40,10 @@ def heldout_commands(models_dir: Path, workdir: Path, count: int) -> list[Heldou
                                   Path(workdir) / language, limit=n)
         samples = json.loads((out / "test.json").read_text(encoding="utf-8"))
         for sample in samples[:n]:
-            chat = builder.chat_from_sharegpt([m for m in sample["messages"] if m["role"] != "assistant"])
+            # the system prompt the node sends this model (its manifest's template), not the sample's own
+            # (the full one the generator writes): the model was trained on the node's
+            user = [m for m in sample["messages"] if m["role"] not in ("system", "assistant")]
+            chat = builder.chat_from_sharegpt([{"role": "system", "content": builder.system_text}, *user])
             commands.append(HeldoutCommand(language, load_rgb(out / sample["images"][0]), chat))
     return commands
 
