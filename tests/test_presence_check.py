@@ -50,10 +50,13 @@ def test_only_multi_step_plans_that_act_are_checked():
     assert named_things(steps) == ["red cube", "blue bowl", "green ball", "white plate"]
 
 
-def test_absent_answers_in_both_forms_and_nothing_else():
+def test_absent_answers_in_the_three_forms_and_nothing_else():
     vocab = Vocabulary.load()
     assert says_absent("no blue cylinder is visible", "blue cylinder", vocab)
     assert says_absent(' CLARIFY(reason="no blue cylinder is visible")\n', "blue cylinder", vocab)
+    assert says_absent('no blue cylinder is visible")', "blue cylinder", vocab)  # session 34's adapter
+    assert not says_absent('no blue cylinder is visible")x', "blue cylinder", vocab)
+    assert not says_absent('no blue cube is visible")', "blue cylinder", vocab)
     assert not says_absent("1 blue cylinder is visible: [1, 2, 3, 4]", "blue cylinder", vocab)
     assert not says_absent("no blue cube is visible", "blue cylinder", vocab)  # about another thing
     assert not says_absent("no blue cylinder is visible here", "blue cylinder", vocab)
@@ -150,7 +153,8 @@ def test_one_step_plans_and_models_without_the_skill_are_not_asked(core, scenes)
 
 
 def test_the_check_runs_with_the_chinese_adapter_active(core, scenes):
-    """The adapter answers the question as an action (CLARIFY with the same reason): still recognised."""
+    """The adapter answers the question in the action's words (the CLARIFY, or its reason and closing): still
+    recognised."""
     backend = core.backend
     backend.set_adapter("zh")
     try:

@@ -29,7 +29,7 @@ __all__ = ["ABSENT_ANSWER_TOKENS", "MIN_ACTING_STEPS", "PresenceCheck", "absent_
            "named_things", "needs_check", "says_absent"]
 
 # "no blue cylinder is visible" or, from a model whose adapter answers everything as an action,
-# 'CLARIFY(reason="no blue cylinder is visible")': well under this many tokens (a present thing's
+# 'CLARIFY(reason="no blue cylinder is visible")' (or its reason and closing only): well under this many tokens (a present thing's
 # answer ends at its first token that departs from both: GenerationRequest.answer_choices)
 ABSENT_ANSWER_TOKENS = 24
 
@@ -66,12 +66,14 @@ def named_things(steps: list[ActionStep]) -> list[str]:
     return list(seen)
 
 
-def absent_answers(noun: str, vocab: StepVocabulary) -> tuple[str, str]:
-    """The answers that say ``noun`` is not on the table: in the counting task's words, and as the
-    CLARIFY with the same reason (what an adapter trained only on actions answers), rendered by
-    vla_node.actions as every model answer is."""
+def absent_answers(noun: str, vocab: StepVocabulary) -> tuple[str, str, str]:
+    """The answers that say ``noun`` is not on the table: in the counting task's words, as the CLARIFY
+    with the same reason (what an adapter trained only on actions answers), rendered by
+    vla_node.actions as every model answer is, and as that reason with the CLARIFY's closing but not
+    its opening (session 34's adapter: ``no blue cylinder is visible")``, the two tasks' words mixed)."""
     reason = absent_reason(noun)
-    return reason, render_step(ActionStep(verb="CLARIFY", reason=reason), vocab)
+    clarify = render_step(ActionStep(verb="CLARIFY", reason=reason), vocab)
+    return reason, clarify, reason + clarify[clarify.rindex(reason) + len(reason):]
 
 
 def says_absent(answer: str, noun: str, vocab: StepVocabulary) -> bool:
