@@ -817,8 +817,6 @@ def _check_images_in_parallel(paths: list[Path], cache: dict, digests: Optional[
                               chunk: int = 512) -> None:
     """Fill ``cache`` and ``digests`` (as _image_problem would) for many images with worker
     processes: decoding every image of a 100k-sample dataset takes minutes on one core."""
-    import os
-
     distinct = list(dict.fromkeys(str(p) for p in paths))
     workers = _fork_workers(len(distinct), chunk)
     if workers < 2:

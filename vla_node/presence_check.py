@@ -78,7 +78,11 @@ def absent_answers(noun: str, vocab: StepVocabulary) -> tuple[str, str, str]:
 
 def says_absent(answer: str, noun: str, vocab: StepVocabulary) -> bool:
     """The counting answer is one of absent_answers (whitespace around it aside)."""
-    return answer.strip() in absent_answers(noun, vocab)
+    return _is_one_of(answer, absent_answers(noun, vocab))
+
+
+def _is_one_of(answer: str, choices: tuple[str, ...]) -> bool:
+    return answer.strip() in choices
 
 
 def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, steps: list[ActionStep],
@@ -90,13 +94,14 @@ def check_presence(backend: Backend, prompt: PromptBuilder, image: np.ndarray, s
     failed check means."""
     spent, asked = 0.0, 0
     for noun in named_things(steps):
+        absent = absent_answers(noun, prompt.vocab)  # made once: the request's choices and the verdict's
         request = GenerationRequest(image=image, messages=prompt.count_messages(noun),
                                     max_new_tokens=ABSENT_ANSWER_TOKENS, stop_event=stop_event, free_text=True,
-                                    answer_choices=absent_answers(noun, prompt.vocab))
+                                    answer_choices=absent)
         result = backend.generate(request)
         asked += 1
         spent += result.preprocess_ms + result.generate_ms
-        if says_absent(result.text, noun, prompt.vocab):
+        if _is_one_of(result.text, absent):
             return PresenceCheck(noun, result.confidence, asked, spent)
         if stop_event is not None and stop_event.is_set():
             break
